@@ -1,0 +1,46 @@
+"""peftkit: parameter-efficient fine-tuning for Hugging Face causal LMs, without a wrapper class.
+
+    import peftkit
+    model, tokenizer = peftkit.load_model()                  # embedded SmolLM2-135M-Instruct
+    peftkit.inject(model, peftkit.LoraConfig(r=8))           # in place; the model stays a plain HF model
+    ...train...
+    peftkit.save_adapter(model, "out/adapter")               # HF PEFT format
+    peftkit.merge(model)                                     # fold into the weights, remove the adapter modules
+"""
+
+from peftkit._version import __version__
+from peftkit.errors import PeftkitError
+from peftkit.inject import inject
+from peftkit.api import (
+    delete_adapter,
+    disable_adapters,
+    merge,
+    merge_adapter,
+    set_adapter,
+    trainable_parameters,
+    unmerge_adapter,
+)
+from peftkit.adapter_io import load_adapter, save_adapter
+from peftkit.models import load_model
+from peftkit.methods import load_builtin as _load_builtin
+
+_load_builtin()
+
+from peftkit.methods.lora_config import LoraConfig  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "PeftkitError",
+    "LoraConfig",
+    "inject",
+    "load_adapter",
+    "save_adapter",
+    "merge",
+    "merge_adapter",
+    "unmerge_adapter",
+    "set_adapter",
+    "disable_adapters",
+    "delete_adapter",
+    "trainable_parameters",
+    "load_model",
+]

@@ -1,0 +1,140 @@
+"""Save and load adapters in HF PEFT's on-disk format, with atomic writes.
+
+A saved adapter is a folder with `adapter_config.json` and `adapter_model.safetensors` exactly as HF PEFT writes
+them, plus `peftkit.json` for what PEFT has no field for (the prompt format used in training, the method name, a
+note on the base weights). Loading dispatches on the config's `peft_type` to the registered method.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftkit._version import __version__
+from peftkit.errors import PeftkitError
+from peftkit.registry import get_method, method_for_peft_type
+from peftkit.state import adapters, resolve_name
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+META_NAME = "peftkit.json"
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path` by renames, on error it is deleted.
+
+    Readers never see a half-written folder: either the old content or the complete new one.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def base_model_id(model: nn.Module) -> str | None:
+    """The base model's hub id (or path) as recorded in adapters, like PEFT's `base_model_name_or_path`."""
+    return model.__dict__.get("peftkit_base_id") or getattr(model, "name_or_path", None) or None
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, name: str | None = None, *, prompt_format: dict | None = None
+) -> Path:
+    """Write adapter `name` (default: the active one) to folder `path` in PEFT's format; returns the path.
+
+    prompt_format: how prompts were built in training, e.g. {"chat_template": "..."} or {"plain_template": "..."},
+    kept in peftkit.json so `generate` and `eval` reproduce it. The folder is written atomically.
+    """
+    name = resolve_name(model, name)
+    method = get_method(adapters(model)[name].method)
+    config_json, tensors = method.export(model, name)
+    config_json = {"base_model_name_or_path": base_model_id(model), **config_json}
+    meta = {
+        "peftkit_version": __version__,
+        "method": method.name,
+        "adapter_name": name,
+        "prompt_format": prompt_format or model.__dict__.get("peftkit_prompt_format"),
+        "base_model_note": model.__dict__.get("peftkit_base_note"),
+    }
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_dir(path) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    return Path(path)
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(config_json, tensors, peftkit metadata) of a saved adapter folder, with clear errors for broken ones."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise PeftkitError(f"adapter folder {str(folder)!r} does not exist; point --adapter at a saved adapter folder")
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise PeftkitError(f"{str(folder)!r} has no {CONFIG_NAME}; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config_json = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PeftkitError(f"{config_file} is not valid JSON ({exc})") from None
+    if not isinstance(config_json, dict) or "peft_type" not in config_json:
+        raise PeftkitError(f"{config_file} has no peft_type; it is not a PEFT adapter config")
+    tensors = _read_weights(folder)
+    meta_file = folder / META_NAME
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return config_json, tensors, meta
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Tensors of adapter_model.safetensors (or, failing that, a .bin read with weights_only=True)."""
+    weights = folder / WEIGHTS_NAME
+    legacy = folder / "adapter_model.bin"
+    loaders: list[tuple[Path, Callable[[str], Any]]] = [
+        (weights, lambda f: load_file(f)),
+        (legacy, lambda f: torch.load(f, map_location="cpu", weights_only=True)),
+    ]
+    for file, loader in loaders:
+        if file.is_file():
+            try:
+                return loader(str(file))
+            except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupted file
+                raise PeftkitError(f"{file} is corrupted or not a weights file ({type(exc).__name__}: {exc})") from None
+    raise PeftkitError(f"{str(folder)!r} has no {WEIGHTS_NAME}; the adapter folder is incomplete")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
+    """Load a saved adapter (peftkit or HF PEFT) into `model` in place as adapter `name`; it becomes active.
+
+    The method is chosen by the saved `peft_type`. Every tensor is checked against the model before anything is
+    injected: a tensor for a module the model lacks, or of the wrong shape, is an error naming it.
+    """
+    config_json, tensors, meta = read_adapter(path)
+    method = method_for_peft_type(config_json["peft_type"])
+    name = name or "default"
+    if name in adapters(model):
+        raise PeftkitError(f"the model already has an adapter named {name!r}; pass another name")
+    method.load(model, config_json, tensors, name)
+    if meta.get("prompt_format"):
+        model.__dict__["peftkit_prompt_format"] = meta["prompt_format"]
+    return model

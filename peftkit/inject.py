@@ -1,0 +1,116 @@
+"""Generic injection: target matching, module swapping, and the public `inject` entry point.
+
+Target specs follow PEFT's semantics so configs mean the same thing in both tools:
+- a list of names: a module matches when its path equals a name or ends with "." + name (suffix match);
+- a string: a regular expression that must match the full module path (`re.fullmatch`);
+- "all-linear": every nn.Linear / Conv1D except the output embedding (lm_head).
+`layers_to_transform` keeps only modules inside the listed decoder-layer indices.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+from peftkit.archs import LINEAR_TYPES, arch_spec
+from peftkit.errors import PeftkitError
+from peftkit.methods.base import AdapterLayer
+from peftkit.registry import method_for_config
+from peftkit.state import AdapterRecord, activate, adapters
+
+_LAYER_INDEX = re.compile(r"\.(\d+)(\.|$)")
+
+
+def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) for every module of the base model; an AdapterLayer stands for the module it wraps.
+
+    Modules inside an AdapterLayer (its base layer, lora_A, ...) are skipped, so a second adapter never targets the
+    weights of the first.
+    """
+    out: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, AdapterLayer):
+            inside.append(path)
+        out.append((path, module))
+    return out
+
+
+def _wrapped(module: nn.Module) -> nn.Module:
+    """The original module behind an AdapterLayer that wraps one (its `base_layer`), else the module itself."""
+    return getattr(module, "base_layer", module) if isinstance(module, AdapterLayer) else module
+
+
+def layer_index(path: str) -> int | None:
+    """Decoder-layer index in a module path ("model.layers.3.mlp" -> 3), or None outside the layer stack."""
+    match = _LAYER_INDEX.search(path)
+    return int(match.group(1)) if match else None
+
+
+def matches(path: str, targets: Sequence[str] | str) -> bool:
+    """Whether module `path` is selected by a target list (name / suffix) or a regex string (full match)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def find_targets(
+    model: nn.Module,
+    targets: Sequence[str] | str | None,
+    layers_to_transform: Sequence[int] | None = None,
+    kinds: tuple[type, ...] = LINEAR_TYPES,
+) -> list[str]:
+    """Paths of the modules of the given kinds that `targets` selects (None = the architecture's defaults).
+
+    Raises PeftkitError when nothing matches, listing the module names that exist, so a typo is easy to fix.
+    """
+    spec = arch_spec(model)
+    if targets is None:
+        targets = spec.lora_targets
+    candidates = [(p, m) for p, m in base_modules(model) if isinstance(_wrapped(m), kinds)]
+    if targets == "all-linear":
+        selected = [p for p, _ in candidates if p.rsplit(".", 1)[-1] != spec.output_embedding]
+    else:
+        selected = [p for p, _ in candidates if matches(p, targets)]
+    if layers_to_transform is not None:
+        wanted = set(layers_to_transform)
+        selected = [p for p in selected if layer_index(p) in wanted]
+    if not selected:
+        names = sorted({p.rsplit(".", 1)[-1] for p, _ in candidates if p})
+        layers = f" in layers {sorted(layers_to_transform)}" if layers_to_transform is not None else ""
+        raise PeftkitError(
+            f"target modules {targets!r} match no {'/'.join(k.__name__ for k in kinds)} module{layers}; "
+            f"the model has: {', '.join(names)}"
+        )
+    return selected
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module | None) -> None:
+    """Put `new` at dotted `path` in `model` (the parent's attribute is reassigned; None removes it)."""
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if new is None:
+        delattr(parent, leaf)
+    else:
+        setattr(parent, leaf, new)
+
+
+def inject(model: nn.Module, config: object, name: str = "default") -> nn.Module:
+    """Add adapter `name` described by `config` (LoraConfig, ...) to `model` in place and return the model.
+
+    The base weights are frozen, the new adapter becomes the active one and only its parameters are trainable.
+    At initialisation the model computes exactly what the base model did (LoRA's B starts at zero, etc.).
+    """
+    if not name or not isinstance(name, str) or "." in name:
+        raise PeftkitError(f"adapter name {name!r} is invalid; use a non-empty name without dots")
+    if name in adapters(model):
+        raise PeftkitError(f"the model already has an adapter named {name!r}; pick another name")
+    method = method_for_config(config)
+    method.inject(model, config, name)
+    adapters(model)[name] = AdapterRecord(method=method.name, config=config)
+    activate(model, name)
+    return model

@@ -1,0 +1,129 @@
+"""LoRA: config, injection and PEFT-format export / load. The module itself is in `lora_layer.py`.
+
+Trainable parameters: r * (d_in + d_out) per adapted matrix (plus d_out with `lora_bias`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from peftkit.archs import LINEAR_TYPES
+from peftkit.errors import PeftkitError
+from peftkit.inject import base_modules, find_targets, inject, replace_module
+from peftkit.methods.base import PEFT_PREFIX, Method
+from peftkit.methods.lora_config import LoraConfig
+from peftkit.methods.lora_io import config_from_peft, load_lora_tensors
+from peftkit.methods.lora_layer import LoraLayer
+from peftkit.registry import register
+from peftkit.state import adapters
+
+class LoraMethod(Method):
+    """Registry entry for LoRA (`--method lora`)."""
+
+    name = "lora"
+    peft_type = "LORA"
+    config_cls = LoraConfig
+    mergeable = True
+    cli_aliases = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+    def inject(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+        """Wrap every targeted linear layer in a LoraLayer (or add to an existing one) with a new adapter."""
+        for path in find_targets(model, config.target_modules, config.layers_to_transform):
+            module = model.get_submodule(path)
+            if not isinstance(module, LoraLayer):
+                module = LoraLayer(module)
+                replace_module(model, path, module)
+            r, alpha = config.rank_alpha(path)
+            module.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init, config.lora_bias)
+
+    def export(self, model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        """PEFT's LoRA layout; a PiSSA adapter becomes a plain rank-2r LoRA against the original weights."""
+        config: LoraConfig = adapters(model)[adapter_name].config
+        tensors: dict[str, torch.Tensor] = {}
+        paths = []
+        for path, layer in _lora_layers(model, adapter_name):
+            a = layer.lora_A[adapter_name].weight.detach()
+            b = layer.lora_B[adapter_name].weight.detach()
+            if adapter_name in layer.pissa_init:  # W_orig + s' B' A' = W_res + s (B A) with s' = s: stack [A; A0]
+                a0, b0 = layer.pissa_init[adapter_name]
+                a = torch.cat([a.float(), a0.to(a.device)], 0).to(a.dtype)
+                b = torch.cat([b.float(), -b0.to(b.device)], 1).to(b.dtype)
+            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a.contiguous()
+            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b.contiguous()
+            if layer.lora_B[adapter_name].bias is not None:
+                tensors[f"{PEFT_PREFIX}{path}.lora_B.bias"] = layer.lora_B[adapter_name].bias.detach().contiguous()
+            paths.append(path)
+        return _peft_config(model, config, paths), tensors
+
+    def load(self, model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], adapter_name: str) -> LoraConfig:
+        """Inject a LoRA adapter saved by peftkit or HF PEFT and copy its tensors in (shapes checked)."""
+        for flag in ("use_dora", "use_qalora", "use_bdlora"):
+            if config_json.get(flag):
+                raise PeftkitError(f"the adapter uses {flag}, which peftkit does not support; use a plain LoRA adapter")
+        if config_json.get("modules_to_save"):
+            raise PeftkitError(
+                f"the adapter saves full modules {config_json['modules_to_save']} (modules_to_save), "
+                "which peftkit does not load yet; re-save it without modules_to_save"
+            )
+        config, paths = config_from_peft(model, config_json, tensors)
+        inject(model, config, adapter_name)
+        load_lora_tensors(model, tensors, paths, adapter_name)
+        return config
+
+
+def _lora_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, LoraLayer]]:
+    """(path, layer) for every LoraLayer that holds `adapter_name`."""
+    return [(p, m) for p, m in base_modules(model) if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
+
+
+def _peft_config(model: nn.Module, config: LoraConfig, paths: list[str]) -> dict:
+    """adapter_config.json fields as HF PEFT 0.21 writes them for this adapter.
+
+    target_modules lists module names when every module of those names is adapted; otherwise (layers_to_transform,
+    a regex) it is a regex of the exact paths, so HF PEFT re-creates precisely the saved modules.
+    """
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    all_paths = {p for p, _ in base_modules(model)}
+    covered = {p for p in all_paths if p.rsplit(".", 1)[-1] in leaves and _is_linear(model, p)}
+    exact = covered == set(paths)
+    targets: list[str] | str = leaves if exact else "^(" + "|".join(re.escape(p) for p in paths) + ")$"
+    r, alpha = config.r, config.lora_alpha
+    rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
+    if config.init == "pissa":  # exported as rank 2r with the same scale
+        r, alpha = 2 * r, alpha * (math.sqrt(2) if config.use_rslora else 2)
+        factor = alpha / config.lora_alpha
+        rank_pattern = {k: 2 * v for k, v in rank_pattern.items()}
+        alpha_pattern = {k: v * factor for k, v in alpha_pattern.items()}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": targets,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": config.use_rslora,
+        "fan_in_fan_out": any(model.get_submodule(p).fan_in_fan_out for p in paths),
+        "bias": "none",
+        "lora_bias": config.lora_bias,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
+def _is_linear(model: nn.Module, path: str) -> bool:
+    module = model.get_submodule(path)
+    return isinstance(module, (LoraLayer, *LINEAR_TYPES))
+
+
+register(LoraMethod())

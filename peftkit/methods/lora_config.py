@@ -1,0 +1,74 @@
+"""LoRA's config dataclass and the helpers that interpret its target / pattern fields."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from peftkit.errors import PeftkitError
+
+INITS = ("default", "gaussian", "pissa")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters, named as in loralib / HF PEFT.
+
+    target_modules: None (the architecture's defaults), a list of module names / suffixes, a regex matched against
+    the full module path, or "all-linear". lora_alpha None means 2 * r. rank_pattern / alpha_pattern map a module
+    regex (matched against the end of the path) to its own rank / alpha, as in PEFT.
+    """
+
+    r: int = 8
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] | str | None = None
+    layers_to_transform: tuple[int, ...] | None = None
+    use_rslora: bool = False
+    init: str = "default"
+    lora_bias: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise PeftkitError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if self.lora_alpha is None:
+            object.__setattr__(self, "lora_alpha", 2 * self.r)
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise PeftkitError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise PeftkitError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.init not in INITS:
+            raise PeftkitError(f"unknown LoRA init {self.init!r}; choose one of {', '.join(INITS)}")
+        object.__setattr__(self, "target_modules", normalize_targets(self.target_modules))
+        if self.layers_to_transform is not None:
+            layers = self.layers_to_transform
+            object.__setattr__(self, "layers_to_transform", (layers,) if isinstance(layers, int) else tuple(layers))
+        for key, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise PeftkitError(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
+
+    def rank_alpha(self, path: str) -> tuple[int, float]:
+        """(r, alpha) for the module at `path`, after rank_pattern / alpha_pattern (PEFT's suffix-regex rule)."""
+        return _pattern_value(self.rank_pattern, path, self.r), _pattern_value(self.alpha_pattern, path, self.lora_alpha)
+
+
+def normalize_targets(targets: Any) -> tuple[str, ...] | str | None:
+    """Accept None, "all-linear", a regex, a comma list "q_proj,v_proj", or a list; lists become tuples."""
+    if targets is None or isinstance(targets, tuple):
+        return targets
+    if isinstance(targets, str):
+        if targets == "all-linear" or re.search(r"[\\^$*+?()\[\]|{}]", targets):
+            return targets
+        return tuple(t.strip() for t in targets.split(",") if t.strip())
+    return tuple(targets)
+
+
+def _pattern_value(patterns: dict, path: str, default: Any) -> Any:
+    """PEFT's rule: the first pattern key k with re.match(rf"(.*\\.)?{k}$", path) gives the value."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?{key}$", path):
+            return value
+    return default

