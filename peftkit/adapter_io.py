@@ -123,6 +123,20 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise PeftkitError(f"{str(folder)!r} has no {WEIGHTS_NAME}; the adapter folder is incomplete")
 
 
+def adapter_base_model(path: str | os.PathLike) -> str | None:
+    """The base model an adapter was trained on, as `load_model` accepts it (the embedded model maps to None)."""
+    from peftkit.models import EMBEDDED_HUB_ID
+
+    config_file = Path(path) / CONFIG_NAME
+    if not config_file.is_file():
+        return None
+    try:
+        base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError:
+        return None
+    return None if base in (None, EMBEDDED_HUB_ID) else base
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
     """Load a saved adapter (peftkit or HF PEFT) into `model` in place as adapter `name`; it becomes active.
 

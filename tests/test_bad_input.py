@@ -120,3 +120,9 @@ def test_duplicate_adapter_name_and_merge_without_adapter():
         peftkit.inject(model, LoraConfig(r=2))
     with pytest.raises(PeftkitError, match="no adapter named 'x'"):
         peftkit.set_adapter(model, "x")
+
+
+def test_hub_id_unreachable_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PeftkitError, match="could not load model 'nobody-here/no-such-model'"):
+        peftkit.load_model("nobody-here/no-such-model")

@@ -24,16 +24,16 @@ def generate_cmd(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
-    """Generate an answer to PROMPT, with an adapter if given."""
+    """Generate an answer to PROMPT, with an adapter if given (its recorded base model is used without --model)."""
     import torch
     from transformers import TextStreamer
 
-    from peftkit.adapter_io import load_adapter
+    from peftkit.adapter_io import adapter_base_model, load_adapter
     from peftkit.models import load_model
     from peftkit.prompting import render_prompt
 
     torch.manual_seed(seed)
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_model(model if model or not adapter else adapter_base_model(adapter))
     if adapter:
         load_adapter(lm, adapter)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
