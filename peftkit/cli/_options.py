@@ -62,3 +62,10 @@ def method_options(
     options = {k: v for k, v in given.items() if v is not None}
     options.update(parse_sets(sets))
     return options
+
+# Shared by merge / combine / compress.
+Base = Annotated[Optional[str], typer.Option("--base", "--model", "-m", help="Base model: folder or hub id; default: the embedded model.")]
+Adapters = Annotated[Optional[list[str]], typer.Option("--adapter", "-a", help="LoRA adapter folder (repeat to combine several).")]
+Weights = Annotated[Optional[str], typer.Option("--weights", help="Comma list, one weight per --adapter (default 1 each).")]
+Combination = Annotated[str, typer.Option("--combination", help="How several adapters combine: concat (exact) | linear | svd (needs --rank).")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="fp32 | bf16 | fp16 (default: keep the checkpoint's).")]
