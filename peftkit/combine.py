@@ -1,0 +1,196 @@
+"""LoRA adapters as per-module weight deltas, and weighted combinations of several adapters.
+
+Each adapted module's update is ΔW = s · B A (s = alpha / r, or alpha / √r with rsLoRA). A weighted combination
+Σ_i w_i s_i B_i A_i can be represented three ways:
+- concat: exactly, as one LoRA of rank Σ r_i: A = [A_1; A_2; ...], B = [w_1 s_1 B_1, w_2 s_2 B_2, ...], scale 1.
+- linear: the weighted sum of the deltas themselves; merged into weights it equals concat, and as a saved adapter it
+  *is* concat (a sum of low-rank products is a concatenation), so `combine` writes it as such.
+- svd: the best rank-R approximation of the exact sum (Eckart-Young), computed from the factors by QR (`svd.py`).
+Full tensors saved by `modules_to_save` are kept apart (`full`), since they replace a weight rather than add to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from peftkit.adapter_io import CONFIG_NAME, META_NAME, WEIGHTS_NAME, atomic_dir, read_adapter
+from peftkit.errors import PeftkitError
+from peftkit.methods.base import PEFT_PREFIX
+from peftkit.methods.lora_config import LoraConfig
+from peftkit.methods.lora_io import parse_keys
+from peftkit.registry import method_for_peft_type
+from peftkit.svd import low_rank_svd, split_factors
+
+COMBINATIONS = ("concat", "linear", "svd")
+
+
+@dataclass
+class ModuleDelta:
+    """ΔW = B @ A (scales and weights already folded into B), plus a bias delta; fp32, [out, in] convention."""
+
+    a: torch.Tensor  # [r, d_in]
+    b: torch.Tensor  # [d_out, r]
+    bias: torch.Tensor | None = None  # [d_out]
+
+    def dense(self) -> torch.Tensor:
+        return self.b @ self.a
+
+
+@dataclass
+class LoraDeltas:
+    """Everything one adapter (or a combination) changes: low-rank deltas and full replacement tensors."""
+
+    deltas: dict[str, ModuleDelta]  # module path -> delta
+    full: dict[str, list[tuple[float, torch.Tensor]]] = field(default_factory=dict)  # param key -> [(weight, tensor)]
+    base_model: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def _explain_not_lora(peft_type: str, path: str) -> PeftkitError:
+    """Why an adapter of another type cannot be merged into the weights."""
+    try:
+        method = method_for_peft_type(peft_type)
+        reason = method.why_not_mergeable or "peftkit merges LoRA adapters shard by shard only"
+    except PeftkitError:
+        reason = "peftkit does not know this adapter type"
+    return PeftkitError(
+        f"adapter {path!r} is {peft_type}, not LoRA: {reason} It changes the computation, not the weights, so there "
+        "is no weight delta to merge; load it at inference with --adapter instead"
+    )
+
+
+def read_lora(path: str | os.PathLike, weight: float = 1.0) -> LoraDeltas:
+    """Read a saved LoRA adapter (peftkit, HF PEFT, mergekit) as fp32 deltas, `weight` folded in."""
+    config_json, tensors, meta = read_adapter(path)
+    peft_type = config_json.get("peft_type")
+    if peft_type != "LORA":
+        raise _explain_not_lora(str(peft_type), str(path))
+    for flag in ("use_dora", "use_qalora", "use_bdlora"):
+        if config_json.get(flag):
+            raise PeftkitError(f"adapter {str(path)!r} uses {flag}, whose merge peftkit does not implement")
+    if any(".lora_embedding_" in k or ".lora_magnitude" in k for k in tensors):
+        raise PeftkitError(f"adapter {str(path)!r} has LoRA on embeddings or DoRA magnitudes, which peftkit cannot merge")
+    full_names = config_json.get("modules_to_save") or []
+    full, lora_tensors = _split_full(tensors, full_names)
+    config = LoraConfig(
+        r=int(config_json.get("r", 8)),
+        lora_alpha=config_json.get("lora_alpha", 8),
+        use_rslora=bool(config_json.get("use_rslora", False)),
+        rank_pattern=dict(config_json.get("rank_pattern") or {}),
+        alpha_pattern=dict(config_json.get("alpha_pattern") or {}),
+    )
+    deltas: dict[str, ModuleDelta] = {}
+    for module, slots in parse_keys(lora_tensors).items():
+        if "A" not in slots or "B" not in slots:
+            raise PeftkitError(f"adapter {str(path)!r} has only one of lora_A / lora_B for module {module!r}")
+        a, b = lora_tensors[slots["A"]].float(), lora_tensors[slots["B"]].float()
+        r, alpha = config.rank_alpha(module)
+        if a.shape[0] != r or b.shape[1] != r:
+            raise PeftkitError(f"adapter {str(path)!r}: module {module!r} has rank {a.shape[0]} but its config says r={r}")
+        scale = weight * (alpha / r**0.5 if config.use_rslora else alpha / r)
+        bias = lora_tensors[slots["bias"]].float() * scale if "bias" in slots else None
+        deltas[module] = ModuleDelta(a=a, b=b * scale, bias=bias)
+    return LoraDeltas(deltas, {k: [(weight, v)] for k, v in full.items()}, config_json.get("base_model_name_or_path"), meta)
+
+
+def _split_full(tensors: dict[str, torch.Tensor], names: list[str]) -> tuple[dict, dict]:
+    """Split PEFT's modules_to_save tensors (`base_model.model.<module>.<param>`) from the LoRA tensors."""
+    full, rest = {}, {}
+    for key, value in tensors.items():
+        bare = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        bare = re.sub(r"\.modules_to_save\.[^.]+\.", ".", bare)  # older files keep the wrapper's path
+        module = bare.rsplit(".", 1)[0]
+        if ".lora_" not in bare and any(module == n or module.endswith("." + n) for n in names):
+            full[bare] = value.float()
+        else:
+            rest[key] = value
+    return full, rest
+
+
+def combine(parts: list[LoraDeltas], how: str = "concat", rank: int | None = None) -> LoraDeltas:
+    """One LoraDeltas for the weighted sum of `parts` (weights already folded in by `read_lora`)."""
+    if how not in COMBINATIONS:
+        raise PeftkitError(f"unknown combination {how!r}; choose one of {', '.join(COMBINATIONS)}")
+    if how == "svd" and (rank is None or rank <= 0):
+        raise PeftkitError("--combination svd needs a positive --rank (the rank of the combined adapter)")
+    if len(parts) == 1 and how != "svd":
+        return parts[0]
+    modules = list(dict.fromkeys(m for p in parts for m in p.deltas))
+    deltas = {}
+    for module in modules:
+        pieces = [p.deltas[module] for p in parts if module in p.deltas]
+        delta = ModuleDelta(torch.cat([d.a for d in pieces], 0), torch.cat([d.b for d in pieces], 1))
+        biases = [d.bias for d in pieces if d.bias is not None]
+        delta.bias = torch.stack(biases).sum(0) if biases else None
+        if how == "svd":
+            a, b = split_factors(*low_rank_svd(delta.b, delta.a, rank))
+            delta = ModuleDelta(a, b, delta.bias)
+        deltas[module] = delta
+    full: dict[str, list[tuple[float, torch.Tensor]]] = {}
+    for part in parts:
+        for key, entries in part.full.items():
+            full.setdefault(key, []).extend(entries)
+    return LoraDeltas(deltas, full, parts[0].base_model, parts[0].meta)
+
+
+def parse_weights(text: str | None, count: int) -> list[float]:
+    """--weights "0.7,0.3" -> [0.7, 0.3]; default 1 for every adapter."""
+    if text is None:
+        return [1.0] * count
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise PeftkitError(f"--weights must be comma-separated numbers, got {text!r}") from None
+    if len(weights) != count:
+        raise PeftkitError(f"--weights has {len(weights)} values for {count} adapters; give one per --adapter")
+    return weights
+
+
+def write_lora(deltas: LoraDeltas, path: str | os.PathLike, *, overwrite: bool = False) -> dict:
+    """Save combined deltas as a PEFT LoRA adapter (scale 1 per module via rank_pattern / alpha_pattern)."""
+    if deltas.full:
+        raise PeftkitError("the adapters carry full modules (modules_to_save), which cannot be combined without "
+                           "the base weights; merge them into the base with `peftkit merge` instead")
+    check_output(path, overwrite)
+    ranks = {m: d.a.shape[0] for m, d in deltas.deltas.items()}
+    default = max(set(ranks.values()), key=list(ranks.values()).count)
+    tensors = {}
+    for module, d in deltas.deltas.items():
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = d.a.contiguous()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = d.b.contiguous()
+        if any(x.bias is not None for x in deltas.deltas.values()):
+            bias = d.bias if d.bias is not None else torch.zeros(d.b.shape[0])
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.bias"] = bias.contiguous()
+    config = lora_config_json(ranks, default, deltas.base_model, any(d.bias is not None for d in deltas.deltas.values()))
+    with atomic_dir(path) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / META_NAME).write_text(json.dumps({"method": "lora", **{k: v for k, v in deltas.meta.items() if k == "prompt_format"}}, indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    return config
+
+
+def lora_config_json(ranks: dict[str, int], default: int, base: str | None, lora_bias: bool = False,
+                     modules_to_save: list[str] | None = None) -> dict:
+    """adapter_config.json for per-module ranks with scale 1 everywhere (alpha = r), as HF PEFT 0.21 reads it."""
+    pattern = {m: r for m, r in ranks.items() if r != default}
+    return {
+        "base_model_name_or_path": base, "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": default,
+        "lora_alpha": default, "lora_dropout": 0.0, "target_modules": "^(" + "|".join(re.escape(m) for m in ranks) + ")$",
+        "rank_pattern": pattern, "alpha_pattern": dict(pattern), "use_rslora": False, "fan_in_fan_out": False,
+        "bias": "none", "lora_bias": lora_bias, "use_dora": False, "init_lora_weights": True,
+        "modules_to_save": modules_to_save, "inference_mode": True, "layers_to_transform": None,
+        "layers_pattern": None, "revision": None,
+    }
+
+
+def check_output(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an existing output folder unless --overwrite (checked before any work starts)."""
+    if Path(path).exists() and not overwrite:
+        raise PeftkitError(f"output {str(path)!r} already exists; pass --overwrite to replace it or choose another folder")

@@ -1,0 +1,214 @@
+"""Full fine-tune -> LoRA adapter: truncated SVD of each linear layer's weight delta (streamed, tensor by tensor).
+
+For every linear weight (nn.Linear, GPT-2 Conv1D), in fp32: Δ = W_ft − W_base ([out, in]); keep the top r singular
+triplets (`svd.py`: randomized with q ≈ 2r, niter 2, fixed seed; exact once r is a large fraction of min(m, n));
+A = √S Vᵀ, B = U √S, alpha = r (scale 1). The rank is fixed (--rank) or the smallest keeping a share `energy` of
+‖Δ‖²_F (--energy), never above --max-rank nor above m·n/(m+n), where a LoRA stops being smaller than the dense delta
+(lift that cap with size_cap=False, e.g. to reproduce a fine-tune exactly).
+
+Deltas of everything else (norms, embeddings, biases) cannot be a LoRA: they are always reported and, with
+keep_nonlinear, kept the way PEFT keeps them: whole modules in `modules_to_save`, and bias deltas as `lora_B.bias`
+(`lora_bias`) when every adapted layer has a bias (else the biased module is kept whole). Never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftkit.adapter_io import CONFIG_NAME, META_NAME, WEIGHTS_NAME, atomic_dir
+from peftkit.combine import check_output, lora_config_json
+from peftkit.errors import PeftkitError
+from peftkit.merge_io import Checkpoint, iter_tensors, open_checkpoint, resolve_base, shapes
+from peftkit.methods.base import PEFT_PREFIX
+from peftkit.models import EMBEDDED_HUB_ID, resolve_dtype
+from peftkit.svd import check_rank_energy, dense_cap, energy_svd, relative_error, split_factors, top_svd
+
+
+@dataclass
+class ModuleRow:
+    """One line of the compress table."""
+
+    module: str
+    shape: tuple[int, int]
+    rank: int
+    rel_error: float
+    energy: float
+    note: str = ""
+
+
+@dataclass
+class CompressReport:
+    rows: list[ModuleRow] = field(default_factory=list)
+    other: list[dict] = field(default_factory=list)  # non-linear deltas: {"tensor", "rel_change", "kept"}
+    total_rel_error: float = 0.0  # over the compressed modules: ‖Δ − Δ_r‖_F / ‖Δ‖_F summed over modules
+    adapter_bytes: int = 0
+    finetune_bytes: int = 0
+    seconds: float = 0.0
+
+
+def _module_of(key: str, meta: nn.Module) -> tuple[str, nn.Module | None]:
+    """(module path, module) of checkpoint key "<path>.<param>", trying without the base prefix too."""
+    path = key.rsplit(".", 1)[0]
+    prefix = getattr(meta, "base_model_prefix", "")
+    for candidate in (path, f"{prefix}.{path}"):
+        try:
+            return candidate, meta.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return path, None
+
+
+def _check_same(base: dict, ft: dict) -> None:
+    """Base and fine-tune must hold the same tensors with the same shapes (name the first that differs)."""
+    for key in sorted(set(base) | set(ft)):
+        if key not in ft or key not in base:
+            where = "fine-tune" if key not in ft else "base"
+            raise PeftkitError(f"tensor {key!r} is missing from the {where}; base and fine-tune are different architectures")
+        if base[key][0] != ft[key][0]:
+            raise PeftkitError(f"tensor {key!r} has shape {base[key][0]} in the base but {ft[key][0]} in the fine-tune; "
+                               "they are different models")
+
+
+def compress(base: str | None, finetuned: str, output: str, *, rank: int | None = None, energy: float | None = None,
+             max_rank: int | None = None, size_cap: bool = True, keep_nonlinear: bool = False,
+             dtype: str | None = None, overwrite: bool = False) -> CompressReport:
+    """Write a PEFT LoRA adapter at `output` approximating `finetuned` − `base`; see the module docstring."""
+    start = time.perf_counter()
+    check_rank_energy(rank, energy)
+    if max_rank is not None and max_rank <= 0:
+        raise PeftkitError(f"--max-rank must be a positive integer, got {max_rank}")
+    check_output(output, overwrite)
+    base_dir, ft_dir = resolve_base(base), resolve_base(finetuned)
+    base_ck, ft_ck = open_checkpoint(base_dir), open_checkpoint(ft_dir)
+    ft_shapes = shapes(ft_ck)
+    _check_same(shapes(base_ck), ft_shapes)
+    from transformers import AutoConfig
+
+    from peftkit.counting import meta_model
+
+    meta = meta_model(AutoConfig.from_pretrained(ft_dir))
+    report = CompressReport(finetune_bytes=sum((ft_dir / s).stat().st_size for s in ft_ck.shards))
+    factors = _compress_all(base_ck, ft_ck, meta, report, rank, energy, max_rank, size_cap)
+    tensors, saved, lora_bias = _kept(factors, ft_ck, meta, report, keep_nonlinear)
+    ft_dtype = resolve_dtype(dtype) or _FROM_ST.get(next(iter(ft_shapes.values()))[1], torch.float32)
+    tensors = {k: v.to(ft_dtype).contiguous() for k, v in tensors.items()}
+    ranks = {m: f[0].shape[0] for m, f in factors.items()}
+    if not ranks:
+        raise PeftkitError("no linear layer changed between base and fine-tune; there is nothing to compress")
+    default = max(set(ranks.values()), key=list(ranks.values()).count)
+    base_id = EMBEDDED_HUB_ID if base is None else base
+    config = lora_config_json(ranks, default, base_id, lora_bias, sorted(saved) or None)
+    with atomic_dir(output) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / META_NAME).write_text(json.dumps({"method": "lora", "compressed_from": str(finetuned)}, indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        report.adapter_bytes = (tmp / WEIGHTS_NAME).stat().st_size
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+_FROM_ST = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _compress_all(base_ck: Checkpoint, ft_ck: Checkpoint, meta: nn.Module, report: CompressReport, rank, energy,
+                  max_rank, size_cap) -> dict[str, list]:
+    """Stream the fine-tune; SVD every changed linear weight. Returns {module: [A, B, bias delta or None]}."""
+    factors: dict[str, list] = {}
+    bias_deltas: dict[str, torch.Tensor] = {}
+    num = den = 0.0
+    with ExitStack() as stack:
+        handles = {s: stack.enter_context(safe_open(str(base_ck.folder / s), framework="pt")) for s in base_ck.shards}
+        for shard in ft_ck.shards:
+            for key, w_ft in iter_tensors(ft_ck, shard):
+                w_base = handles[base_ck.key_to_shard[key]].get_tensor(key)
+                if not w_ft.is_floating_point() or torch.equal(w_ft, w_base):
+                    continue
+                delta = w_ft.float() - w_base.float()
+                path, module = _module_of(key, meta)
+                if isinstance(module, (nn.Linear, Conv1D)) and key.endswith(".weight"):
+                    d = delta.T if isinstance(module, Conv1D) else delta  # [out, in]
+                    a, b, row = _compress_one(path, d, rank, energy, max_rank, size_cap)
+                    factors.setdefault(path, [None, None, None])[:2] = [a, b]
+                    report.rows.append(row)
+                    sq = float(d.double().pow(2).sum())
+                    num, den = num + row.rel_error**2 * sq, den + sq
+                else:
+                    if key.endswith(".bias"):
+                        bias_deltas[key] = delta
+                    rel = float(delta.norm() / w_base.float().norm().clamp_min(1e-30))
+                    report.other.append({"tensor": key, "module": path, "rel_change": rel, "kept": False})
+    report.total_rel_error = (num / den) ** 0.5 if den else 0.0
+    for info in report.other:  # bias deltas of compressed layers travel with their LoRA
+        if info["tensor"] in bias_deltas and info["module"] in factors:
+            factors[info["module"]][2] = bias_deltas[info["tensor"]]
+    return factors
+
+
+def _read(ck: Checkpoint, key: str) -> torch.Tensor:
+    with safe_open(str(ck.folder / ck.key_to_shard[key]), framework="pt") as f:
+        return f.get_tensor(key).float()
+
+
+def _compress_one(path: str, d: torch.Tensor, rank, energy, max_rank, size_cap) -> tuple:
+    """(A, B, table row) for one [out, in] delta."""
+    m, n = d.shape
+    limit, note = min(m, n), ""
+    if size_cap and dense_cap(m, n) < limit:
+        limit = dense_cap(m, n)
+    if max_rank is not None and max_rank < limit:
+        limit, note = max_rank, f"capped by --max-rank {max_rank}"
+    if energy is not None:
+        u, s, vh = energy_svd(d, energy, limit)
+    else:
+        u, s, vh = top_svd(d, min(rank, limit))
+    if size_cap and len(s) == dense_cap(m, n) < min(m, n) and (rank is None or rank > len(s)):
+        note = f"capped at m·n/(m+n) = {len(s)}: a larger LoRA is bigger than the dense delta"
+    elif rank is not None and rank > limit and not note:
+        note = f"rank {rank} > {limit} = min(m, n)"
+    err, kept = relative_error(d, s)
+    a, b = split_factors(u, s, vh)
+    return a, b, ModuleRow(path, (m, n), len(s), err, kept, note)
+
+
+def _kept(factors: dict, ft_ck: Checkpoint, meta: nn.Module, report: CompressReport, keep: bool) -> tuple[dict, set, bool]:
+    """Adapter tensors: LoRA factors, plus (keep) lora_B.bias and whole modules for modules_to_save.
+
+    A layer with a bias delta but no way to carry it as lora_B.bias (some adapted layer has no bias, as in Qwen2)
+    is kept whole instead of as a LoRA: exact, but dense.
+    """
+    with_bias = [m for m, f in factors.items() if f[2] is not None]
+    lora_bias = keep and bool(with_bias) and all(getattr(meta.get_submodule(m), "bias", None) is not None for m in factors)
+    saved: set[str] = set()
+    if keep:
+        for info in report.other:
+            module = info["module"]
+            info["kept"] = "lora_B.bias" if module in factors and lora_bias else "modules_to_save"
+            if info["kept"] == "modules_to_save":
+                saved.add(module)
+    for module in saved & set(factors):
+        del factors[module]
+        for row in report.rows:
+            if row.module == module:
+                row.note, row.rank, row.rel_error, row.energy = "kept whole (bias delta, no lora_bias)", 0, 0.0, 1.0
+    tensors = {}
+    for module, (a, b, bias) in factors.items():
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
+        if lora_bias:
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.bias"] = bias if bias is not None else torch.zeros(b.shape[0])
+    keys = set(ft_ck.key_to_shard)
+    for module in saved:  # PEFT saves every parameter of a kept module, changed or not
+        for name, _ in meta.get_submodule(module).named_parameters(recurse=False):
+            key = f"{module}.{name}"
+            stored = key if key in keys else key.split(".", 1)[1]
+            tensors[f"{PEFT_PREFIX}{key}"] = _read(ft_ck, stored)
+    return tensors, saved, lora_bias

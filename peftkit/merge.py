@@ -1,0 +1,192 @@
+"""Streaming merge: base checkpoint + LoRA adapter(s) -> a new checkpoint, one tensor in memory at a time.
+
+    W' = round_to_dtype( float32(W) + Σ_i w_i s_i B_i A_i )          (transposed for GPT-2's Conv1D [in, out])
+
+Each shard of the base is read memory-mapped tensor by tensor; each output shard is declared up front and written
+tensor by tensor (`merge_io.ShardWriter`), so peak memory is about one tensor plus the adapter, whatever the model
+size. Deltas are computed in fp32 and rounded once. Config, tokenizer and generation config are copied; the result
+loads with `AutoModelForCausalLM.from_pretrained`. The folder appears only when everything is written and checked
+(`atomic_dir`).
+
+Self-check (bounded memory too): for every changed tensor a random probe x is drawn, y_ref = W x + B (A x) is
+computed from the *inputs* in fp32, and after the shard is written the tensor is read back from the output and
+‖W' x − y_ref‖ / ‖y_ref‖ is compared with the rounding tolerance of the output dtype. The in-memory
+`peftkit.merge(model)` (api.py) remains for users who already hold the model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from peftkit.adapter_io import atomic_dir
+from peftkit.combine import LoraDeltas, check_output, combine, parse_weights, read_lora
+from peftkit.errors import PeftkitError
+from peftkit.merge_io import (SINGLE_NAME, ShardWriter, copy_aux_files, iter_tensors, open_checkpoint, resolve_base,
+                              shapes, write_index)
+from peftkit.merge_plan import MergePlan, Target, plan_merge
+from peftkit.models import resolve_dtype
+
+
+@dataclass
+class MergeReport:
+    """What `merge_to_disk` did, for the CLI and tests."""
+
+    output: str
+    base_folder: str
+    changed: int = 0  # tensors changed (weights, biases, replacements)
+    worst_relative_error: float = 0.0  # self-check, worst over changed tensors
+    worst_tensor: str | None = None
+    tolerance: float = 0.0
+    untied_lm_head: bool = False
+    shards: int = 0
+    bytes_written: int = 0
+    copied: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    logits_max_abs_diff: float | None = None
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Accepted relative probe error: two roundings' worth of the dtype's epsilon, at least 1e-5."""
+    return max(2 * torch.finfo(dtype).eps, 1e-5)
+
+
+def merge_to_disk(base: str | None, adapters: list[str], output: str, *, weights: str | list[float] | None = None,
+                  combination: str = "concat", rank: int | None = None, dtype: str | None = None,
+                  overwrite: bool = False, seed: int = 0) -> MergeReport:
+    """Merge LoRA `adapters` (weighted, combined by `combination`) into `base`, writing a model folder at `output`."""
+    start = time.perf_counter()
+    if not adapters:
+        raise PeftkitError("give at least one --adapter to merge")
+    check_output(output, overwrite)
+    out_dtype = resolve_dtype(dtype)
+    folder = resolve_base(base)
+    if Path(output).resolve() == folder.resolve():
+        raise PeftkitError("--output is the base model's folder; write the merged model to a new folder")
+    ckpt = open_checkpoint(folder)
+    weight_list = weights if isinstance(weights, list) else parse_weights(weights, len(adapters))
+    deltas = combine([read_lora(a, w) for a, w in zip(adapters, weight_list)], combination, rank)
+    from transformers import AutoConfig
+
+    from peftkit.counting import meta_model
+
+    config = AutoConfig.from_pretrained(folder)
+    header = shapes(ckpt)
+    plan = plan_merge(deltas, meta_model(config), header)
+    report = MergeReport(output=str(output), base_folder=str(folder), untied_lm_head=plan.untie)
+    with atomic_dir(output) as tmp:
+        weight_map: dict[str, str] = {}
+        for shard in ckpt.shards:
+            layout = _layout(ckpt.keys_of(shard), header, plan, out_dtype)
+            probes = _write_shard(ckpt, shard, tmp / shard, layout, plan, deltas, seed)
+            report.bytes_written += (tmp / shard).stat().st_size
+            _verify(tmp / shard, probes, report)
+            weight_map.update({k: shard for k in layout})
+        if ckpt.shards != [SINGLE_NAME]:
+            write_index(tmp, weight_map, report.bytes_written)
+        report.copied = copy_aux_files(folder, tmp)
+        _fix_config(tmp, plan, out_dtype)
+        report.shards = len(ckpt.shards)
+        report.tolerance = tolerance(out_dtype or torch.float32)
+        if report.worst_relative_error > report.tolerance:
+            raise PeftkitError(f"self-check failed: {report.worst_tensor} differs from W + s·B·A by "
+                               f"{report.worst_relative_error:.2e} (tolerance {report.tolerance:.0e}); nothing written")
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _layout(keys: list[str], header: dict, plan: MergePlan, out_dtype: torch.dtype | None) -> dict:
+    """{output key: (shape, dtype)} of one output shard, with an untied lm_head placed after its source."""
+    layout = {}
+    for key in keys:
+        layout[key] = _out_spec(header[key], out_dtype)
+        for new, after in plan.added.items():
+            if after == key:
+                layout[new] = _out_spec(header[key], out_dtype)
+    return layout
+
+
+_FROM_ST = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _out_spec(spec: tuple, out_dtype: torch.dtype | None) -> tuple:
+    shape, st_dtype = spec
+    dtype = _FROM_ST[st_dtype]
+    return tuple(shape), (out_dtype if out_dtype is not None and dtype.is_floating_point else dtype)
+
+
+def _write_shard(ckpt, shard: str, path: Path, layout: dict, plan: MergePlan, deltas: LoraDeltas, seed: int) -> dict:
+    """Write one output shard; returns {key: (probe x or None, expected)} for the self-check."""
+    writer = ShardWriter(path, layout)
+    probes = {}
+    try:
+        for key, tensor in iter_tensors(ckpt, shard):
+            for out_key in [key, *[n for n, a in plan.added.items() if a == key]]:
+                target = plan.targets.get(out_key)
+                if target is None:
+                    writer.write(out_key, tensor.to(layout[out_key][1]))
+                    continue
+                merged, probes[out_key] = _apply(target, tensor, deltas, seed)
+                writer.write(out_key, merged.to(layout[out_key][1]))
+    finally:
+        writer.close()
+    return probes
+
+
+def _apply(target: Target, tensor: torch.Tensor, deltas: LoraDeltas, seed: int) -> tuple[torch.Tensor, tuple]:
+    """(merged fp32 tensor, probe) for one target. The probe's expectation never uses the dense merged tensor."""
+    w = tensor.float()
+    if target.module is not None:
+        d = deltas.deltas[target.module]
+        x = _probe(d.a.shape[1], target.key, seed)
+        base_w = w.T if target.transpose else w  # [out, in]
+        expected = base_w @ x + d.b @ (d.a @ x)
+        delta = d.dense()
+        return w + (delta.T if target.transpose else delta), (x, expected, target.transpose)
+    if target.bias_of is not None:
+        merged = w + deltas.deltas[target.bias_of].bias
+        return merged, (None, merged.clone(), False)
+    merged = w.clone()
+    for weight, full in deltas.full[target.full]:  # W + Σ w_i (F_i − W): a single adapter at weight 1 gives F
+        merged += weight * (full - w)
+    if merged.dim() != 2:
+        return merged, (None, merged.clone(), False)
+    x = _probe(merged.shape[1], target.key, seed)
+    return merged, (x, merged @ x, False)
+
+
+def _probe(n: int, key: str, seed: int) -> torch.Tensor:
+    """A reproducible random probe vector for tensor `key` (crc32, not hash(): that changes per process)."""
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode())))
+
+
+def _verify(path: Path, probes: dict, report: MergeReport) -> None:
+    """Read each changed tensor back from the written shard and record the worst relative probe error."""
+    with safe_open(str(path), framework="pt") as f:
+        for key, (x, expected, transpose) in probes.items():
+            report.changed += 1
+            got = f.get_tensor(key).float()
+            if x is not None:
+                got = (got.T if transpose else got) @ x
+            err = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
+            if err > report.worst_relative_error:
+                report.worst_relative_error, report.worst_tensor = err, key
+
+
+def _fix_config(folder: Path, plan: MergePlan, out_dtype: torch.dtype | None) -> None:
+    """Break the embedding tie when lm_head got its own tensor; record the new dtype."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if plan.untie:
+        config["tie_word_embeddings"] = False
+    if out_dtype is not None:
+        name = str(out_dtype).removeprefix("torch.")
+        config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
