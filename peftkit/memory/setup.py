@@ -1,0 +1,104 @@
+"""`TrainingSetup`: everything about a run that decides its memory, validated once.
+
+Precision regimes (DESIGN.md contracts):
+- fp32: weights, gradients, optimizer states and activations in fp32;
+- bf16: "pure" bf16: weights, gradients, optimizer states and activations in bf16;
+- amp:  trainable weights kept in fp32 ("master" weights, fp32 gradients and states) and the forward/backward run
+        under bf16 autocast. Frozen base weights are held in bf16: they are never updated, so an fp32 copy would buy
+        nothing (this is what PEFT recipes and LLaMA-Factory do). Under `full`, every weight is trainable, so fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from peftkit.errors import PeftkitError
+
+METHODS = ("full", "freeze", "lora", "qlora", "adapter", "prefix")
+PRECISIONS = ("fp32", "bf16", "amp")
+OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
+QUANT_BITS = (4, 8)
+
+# Options that mean something only for some methods: option -> the methods it applies to.
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "r": ("lora", "qlora"),
+    "lora_alpha": ("lora", "qlora"),
+    "target_modules": ("lora", "qlora"),
+    "bits": ("qlora",),
+    "reduction_factor": ("adapter",),
+    "variant": ("adapter",),
+    "num_virtual_tokens": ("prefix",),
+    "trainable_layers": ("freeze",),
+}
+ADAPTER_VARIANTS = ("houlsby", "pfeiffer", "parallel")
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """One training configuration. `method_options` holds method fields (r, target_modules, bits, ...).
+
+    Sharding: `zero` is the DeepSpeed ZeRO stage (0 = plain DDP; 1 shards optimizer states, 2 also gradients,
+    3 also weights); `fsdp=True` is FSDP full sharding, which shards like ZeRO-3. `offload` moves optimizer states
+    (and, at stage 3, weights) to CPU memory.
+    """
+
+    method: str = "full"
+    precision: str = "amp"
+    optimizer: str = "adamw"
+    batch_size: int = 1
+    seq_len: int = 2048
+    gradient_checkpointing: bool = False
+    gpus: int = 1
+    zero: int = 0
+    fsdp: bool = False
+    offload: bool = False
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", self.method.lower())
+        object.__setattr__(self, "precision", self.precision.lower())
+        object.__setattr__(self, "optimizer", self.optimizer.lower())
+        _choice("method", self.method, METHODS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        for name in ("batch_size", "seq_len", "gpus"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise PeftkitError(f"{name.replace('_', '-')} must be a positive whole number, got {value!r}")
+        if self.zero not in (0, 1, 2, 3):
+            raise PeftkitError(f"zero must be 0, 1, 2 or 3, got {self.zero!r}")
+        if self.fsdp and self.zero:
+            raise PeftkitError("choose either --fsdp or --zero N, not both (FSDP full sharding is like ZeRO-3)")
+        if self.offload and not (self.zero or self.fsdp):
+            raise PeftkitError("--offload needs sharding: pass --zero 1/2/3 or --fsdp (offload is a ZeRO/FSDP feature)")
+        for key, value in self.method_options.items():
+            applies = METHOD_OPTIONS.get(key)
+            if applies is None:
+                raise PeftkitError(f"unknown method option {key!r}; known: {', '.join(METHOD_OPTIONS)}")
+            if self.method not in applies:
+                raise PeftkitError(f"option {key!r} does not apply to method {self.method!r} (only {', '.join(applies)})")
+            self._check_option(key, value)
+
+    def _check_option(self, key: str, value: Any) -> None:
+        if key in ("r", "reduction_factor", "num_virtual_tokens", "trainable_layers"):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise PeftkitError(f"{key} must be a positive whole number, got {value!r}")
+        elif key == "bits" and value not in QUANT_BITS:
+            raise PeftkitError(f"qlora bits must be 4 (NF4) or 8, got {value!r}")
+        elif key == "variant" and value not in ADAPTER_VARIANTS:
+            raise PeftkitError(f"unknown adapter variant {value!r}; variants: {', '.join(ADAPTER_VARIANTS)}")
+
+    def option(self, key: str, default: Any) -> Any:
+        """A method option, or `default` when it was not given."""
+        return self.method_options.get(key, default)
+
+    @property
+    def shard_stage(self) -> int:
+        """What is sharded across GPUs: 0 nothing, 1 optimizer states, 2 + gradients, 3 + weights (FSDP = 3)."""
+        return 3 if self.fsdp else self.zero
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise PeftkitError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")

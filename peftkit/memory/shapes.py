@@ -1,0 +1,113 @@
+"""The shapes of a Llama-style decoder (Llama, Qwen2, Mistral, ...) read from its config, and its parameter counts.
+
+Everything the analytic estimator needs is here: hidden size h, MLP size i, layers L, query heads n_h, key/value
+heads n_kv, head_dim d, vocabulary V, whether the embeddings are tied, and the linear layers of one decoder layer
+with their (d_in, d_out, bias). Parameter count (checked against the released models in the tests):
+
+    total = V*h (embedding) + [V*h (lm_head) unless tied] + h (final norm)
+          + L * (sum of the layer's linear weights and biases + 2*h (two RMSNorms))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PretrainedConfig
+
+from peftkit.errors import PeftkitError
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One linear layer of a decoder layer: its module name, input and output sizes, and whether it has a bias."""
+
+    name: str
+    d_in: int
+    d_out: int
+    bias: bool
+
+    @property
+    def params(self) -> int:
+        return self.d_in * self.d_out + (self.d_out if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Sizes of a decoder-only LM (see module docstring for the letters)."""
+
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    linears: tuple[Linear, ...]
+
+    @property
+    def kv_dim(self) -> int:
+        """n_kv * d: the width of K and V (smaller than h under grouped-query attention)."""
+        return self.kv_heads * self.head_dim
+
+    @property
+    def layer_params(self) -> int:
+        return sum(lin.params for lin in self.linears) + 2 * self.hidden
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def total_params(self) -> int:
+        head = 0 if self.tied else self.embedding_params
+        return self.embedding_params + head + self.hidden + self.layers * self.layer_params
+
+    def linear(self, name: str) -> Linear:
+        for lin in self.linears:
+            if lin.name == name:
+                return lin
+        raise KeyError(name)
+
+
+def _field(config: PretrainedConfig, name: str, source: str) -> int:
+    value = getattr(config, name, None)
+    if value is None:
+        raise PeftkitError(f"{source} config lacks the field {name!r} that the estimate needs")
+    if not isinstance(value, int) or value <= 0:
+        raise PeftkitError(f"{source} config field {name!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def model_shape(config: PretrainedConfig) -> ModelShape:
+    """Read a `ModelShape` from a Llama-style config; missing or invalid fields are named in the error."""
+    source = getattr(config, "model_type", "model")
+    h = _field(config, "hidden_size", source)
+    i = _field(config, "intermediate_size", source)
+    n_h = _field(config, "num_attention_heads", source)
+    n_kv = getattr(config, "num_key_value_heads", None) or n_h
+    d = getattr(config, "head_dim", None) or h // n_h
+    qkv_bias = bool(getattr(config, "attention_bias", False)) or source == "qwen2"
+    mlp_bias = bool(getattr(config, "mlp_bias", False))
+    linears = (
+        Linear("q_proj", h, n_h * d, qkv_bias),
+        Linear("k_proj", h, n_kv * d, qkv_bias),
+        Linear("v_proj", h, n_kv * d, qkv_bias),
+        Linear("o_proj", n_h * d, h, bool(getattr(config, "attention_bias", False))),
+        Linear("gate_proj", h, i, mlp_bias),
+        Linear("up_proj", h, i, mlp_bias),
+        Linear("down_proj", i, h, mlp_bias),
+    )
+    return ModelShape(
+        model_type=source,
+        hidden=h,
+        intermediate=i,
+        layers=_field(config, "num_hidden_layers", source),
+        heads=n_h,
+        kv_heads=n_kv,
+        head_dim=d,
+        vocab=_field(config, "vocab_size", source),
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+        linears=linears,
+    )

@@ -1,0 +1,164 @@
+"""Exact mode: trace one real training step on fake tensors and report the peak of live tensor bytes.
+
+The step is the trainer's: forward with labels (HF's loss upcasts logits to fp32), backward, gradient clipping,
+AdamW step, zero_grad(set_to_none). It runs the real HF architecture and the real method modules under
+`FakeTensorMode`: shapes, dtypes and storages are real, data is not, so a 72B step costs no memory and seconds.
+A `LiveBytes` tracker (tracker.py) counts live storages; the same tracker on real tensors is the ground truth
+the tests compare against.
+
+How the trace is made faithful to a GPU run:
+- Optimizer state exists before the traced step (a warm-up step creates it untracked): the peak of a long run
+  is the steady state, not the first step where `exp_avg` / `exp_avg_sq` do not exist yet.
+- AdamW is traced with `foreach=True`, which is what CUDA uses by default: it holds one more copy of the
+  trainable parameters during the step (`_foreach_sqrt(exp_avg_sq)`), which the CPU default (for-loop) does not.
+  So this is traced, not added as a correction.
+- HF cannot tell under fake tensors that an unpadded batch needs no attention mask, and would build an S x S mask
+  and `repeat_kv` copies of K/V that a real run does not make. The trace registers an attention-mask function
+  that returns no mask when the real run would have none (full, unpadded rows without a cache), so SDPA takes
+  the same `is_causal` path, with GQA inside the kernel, as on a GPU.
+
+Corrections the CPU trace cannot see are added afterwards and listed (`TraceResult.corrections`): the CUDA
+context and the caching allocator's overhead (overhead.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch._subclasses import FakeTensorMode
+from transformers import PretrainedConfig
+
+from peftkit.errors import PeftkitError
+from peftkit.memory.attention import trace_attention
+from peftkit.memory.building import build_meta_model, parameter_counts
+from peftkit.memory.setup import TrainingSetup
+from peftkit.memory.tracker import LiveBytes, StorageTracker
+
+
+@dataclass
+class TraceResult:
+    """What the traced step measured. Bytes are exact tensor bytes of one device (no allocator overhead)."""
+
+    peak_bytes: int
+    peak_phase: str
+    phases: dict[str, dict[str, int]]
+    state_bytes: int  # weights + optimizer states + inputs before the step (what lives between steps)
+    trainable_params: int
+    total_params: int
+    seconds: float
+    assumptions: list[str] = field(default_factory=list)
+
+
+def materialize_fake(model: nn.Module) -> None:
+    """Replace meta parameters and buffers by fake CPU tensors (call inside FakeTensorMode; ties preserved).
+
+    `model.to_empty()` cannot be used: inside FakeTensorMode it would call `empty_like` on a real meta tensor,
+    which the mode refuses, and outside it would allocate real memory.
+    """
+    new: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in new:
+                    new[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                module._parameters[name] = new[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                if id(b) not in new:
+                    new[id(b)] = torch.empty(b.shape, dtype=b.dtype)
+                module._buffers[name] = new[id(b)]
+
+
+def make_optimizer(params: list[nn.Parameter], setup: TrainingSetup, foreach: bool) -> torch.optim.Optimizer:
+    """The trainer's optimizer for `setup` (AdamW or SGD with momentum)."""
+    if setup.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=foreach)
+    if setup.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=foreach)
+    raise PeftkitError(f"--trace supports optimizers adamw and sgd, not {setup.optimizer!r} (its kernels are GPU-only)")
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, setup: TrainingSetup,
+               counter: LiveBytes) -> None:  # fmt: skip
+    """One training step, phases named for the tracker: forward, logits and loss, backward, optimizer step."""
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.precision == "amp")
+    head = model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda *_: counter.set_phase("logits and loss"))
+    try:
+        counter.set_phase("forward")
+        with amp:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    finally:
+        hook.remove()
+    counter.set_phase("backward")
+    loss.backward()
+    del loss
+    counter.set_phase("optimizer step")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    counter.set_phase("after step")
+
+
+def _check_traceable(setup: TrainingSetup) -> None:
+    if setup.method == "qlora":
+        raise PeftkitError("--trace cannot run qlora: bitsandbytes' 4/8-bit kernels do not run on fake CPU tensors")
+    if setup.gpus > 1 or setup.shard_stage or setup.offload:
+        raise PeftkitError("--trace traces one unsharded device; drop --gpus/--zero/--fsdp/--offload to trace")
+
+
+def trace_memory(config: PretrainedConfig, setup: TrainingSetup, foreach: bool = True) -> TraceResult:
+    """Trace one steady-state training step of `config` under `setup` on fake tensors (see the module doc)."""
+    _check_traceable(setup)
+    start = time.perf_counter()
+    model = build_meta_model(config, setup)
+    trainable, total = parameter_counts(model)
+    if trainable == 0:
+        raise PeftkitError(f"method {setup.method!r} leaves no trainable parameter on this model")
+    counter = LiveBytes()
+    with FakeTensorMode(), _quiet(), trace_attention(model):
+        materialize_fake(model)
+        if setup.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, setup, foreach)
+        _warm_up(opt, params)
+        ids = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long)
+        counter.add([*model.parameters(), *model.buffers(), ids, *_state_tensors(opt)])
+        state = counter.current
+        with StorageTracker(counter):
+            train_step(model, opt, ids, setup, counter)
+    phases = {k: {"start": v.start, "peak": v.peak, "end": v.end} for k, v in counter.phases.items()}
+    notes = [f"optimizer {type(opt).__name__}(foreach={foreach}) with its state already created (steady state)"]
+    return TraceResult(counter.peak, counter.peak_phase, phases, state, trainable, total,
+                       time.perf_counter() - start, notes)  # fmt: skip
+
+
+def _warm_up(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    """Create the optimizer state with one step on zero gradients (not tracked)."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _state_tensors(opt: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    for state in opt.state.values():
+        yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence transformers' one-time warnings (deprecations) during the trace."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
