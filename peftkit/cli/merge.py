@@ -12,7 +12,7 @@ from peftkit.cli._app import app
 from peftkit.cli._options import Adapters, Base, Combination, Dtype, Json, Output, Overwrite, Weights
 from peftkit.combine import parse_weights
 from peftkit.errors import PeftkitError
-from peftkit.merge import merge_to_disk
+from peftkit.merge_stream import merge_to_disk
 
 
 @app.command("merge")
