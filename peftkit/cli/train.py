@@ -1,0 +1,86 @@
+"""`peftkit train`: fine-tune a model with any registered method (or full / freeze) on accelerate.
+
+    peftkit train --method lora --rank 8                    # embedded SmolLM2-135M on the bundled task
+    peftkit train --config recipes/lora.yaml --lr 1e-4      # a recipe; flags override its keys
+    torchrun --nproc_per_node 2 cli.py train ...            # the same command on several processes
+
+Flags left unset do not override the recipe; every flag is also a recipe key (dashes become underscores).
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Annotated, Optional
+
+import typer
+
+from peftkit.cli._app import app
+from peftkit.cli._options import (Alpha, Dropout, Method, Model, NumVirtualTokens, Output, Overwrite, Rank,
+                                  ReductionFactor, Set, TargetModules, Variant, parse_sets)
+
+Opt = typer.Option
+
+
+@app.command("train")
+def train_cmd(
+    config: Annotated[Optional[str], Opt("--config", "-c", help="YAML recipe; flags override its keys.")] = None,
+    model: Model = None,
+    method: Method = None,
+    rank: Rank = None,
+    alpha: Alpha = None,
+    dropout: Dropout = None,
+    target_modules: TargetModules = None,
+    variant: Variant = None,
+    reduction_factor: ReductionFactor = None,
+    num_virtual_tokens: NumVirtualTokens = None,
+    sets: Set = None,
+    data: Annotated[Optional[str], Opt("--data", "-d", help="json/jsonl/csv/parquet file, datasets folder or hub name; default: the bundled task.")] = None,
+    format: Annotated[Optional[str], Opt("--format", help="auto | alpaca | messages | text.")] = None,
+    eval_data: Annotated[Optional[str], Opt("--eval-data", help="Held-out data file.")] = None,
+    eval_split: Annotated[Optional[str], Opt("--eval-split", help="A split name of --data, or a share (0.05) / count of rows to hold out.")] = None,
+    lr: Annotated[Optional[float], Opt("--lr", help="Peak learning rate.")] = None,
+    epochs: Annotated[Optional[float], Opt("--epochs")] = None,
+    max_steps: Annotated[Optional[int], Opt("--max-steps", help="Optimizer steps (overrides --epochs).")] = None,
+    batch_size: Annotated[Optional[int], Opt("--batch-size", help="Examples per micro-batch per process.")] = None,
+    grad_accum: Annotated[Optional[int], Opt("--grad-accum", help="Micro-batches per optimizer step.")] = None,
+    max_length: Annotated[Optional[int], Opt("--max-length", help="Tokens per example (packed row).")] = None,
+    packing: Annotated[Optional[bool], Opt("--packing/--no-packing", help="Pack examples into rows (padding-free).")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], Opt("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
+    precision: Annotated[Optional[str], Opt("--precision", help="auto | fp32 | bf16 | fp16 | amp.")] = None,
+    warmup: Annotated[Optional[float], Opt("--warmup", help="Warmup steps, or a fraction < 1 of the steps.")] = None,
+    scheduler: Annotated[Optional[str], Opt("--scheduler", help="cosine | linear | constant.")] = None,
+    seed: Annotated[Optional[int], Opt("--seed", help="Set before the adapter is initialised.")] = None,
+    train_on_prompt: Annotated[Optional[bool], Opt("--train-on-prompt/--no-train-on-prompt")] = None,
+    output: Output = None,
+    overwrite: Overwrite = False,
+    save_steps: Annotated[Optional[int], Opt("--save-steps", help="Checkpoint every N steps.")] = None,
+    eval_steps: Annotated[Optional[int], Opt("--eval-steps", help="Eval loss every N steps.")] = None,
+    resume: Annotated[bool, Opt("--resume", help="Continue the run in --output from its last checkpoint.")] = False,
+    dry_run: Annotated[bool, Opt("--dry-run", help="Build everything, print counts and memory, train nothing.")] = False,
+    quiet: Annotated[bool, Opt("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Fine-tune a model; with no options, LoRA on the embedded model and the bundled task."""
+    from peftkit.train.config import load_config
+    from peftkit.train.run import train
+
+    flags = {k: v for k, v in locals().items() if k not in ("config", "sets", "quiet", "overwrite", "resume", "dry_run")}
+    flags.update(set=parse_sets(sets) or None, overwrite=overwrite or None, resume=resume or None,
+                 dry_run=dry_run or None)
+    cfg = load_config(config, flags)
+    result = train(cfg, progress=not quiet)
+    if result.run_dir is None:
+        return
+    saved = result.saved
+    print(f"\nrun folder: {result.run_dir}  ({result.wall_s:.0f} s)")
+    print(f"  {'model' if cfg.method in ('full', 'freeze') else 'adapter'}: {saved}")
+    print(f"  config: {result.run_dir / 'run_config.yaml'}\n  metrics: {result.run_dir / 'metrics.jsonl'}")
+    print(f"  loss curve: {result.run_dir / 'loss_curve.png'}")
+    flag = f"--model {shlex.quote(str(saved))}" if cfg.method in ("full", "freeze") else f"--adapter {shlex.quote(str(saved))}"
+    print(f"chat with it:\n  peftkit generate {flag} \"{_example_prompt(result)}\"")
+
+
+def _example_prompt(result) -> str:
+    """A prompt for the closing hint: the first eval sample's user message when there is one."""
+    samples = (result.after or {}).get("samples") or []
+    text = samples[0]["prompt"] if samples else "Hello!"
+    return text.replace('"', '\\"').replace("\n", " ")

@@ -1,0 +1,157 @@
+"""The training configuration: one dataclass, filled from defaults, then a YAML recipe, then command-line flags.
+
+    cfg = load_config(recipe="recipes/lora.yaml", overrides={"lr": 1e-4})   # flags override the file
+
+Every key of a recipe is a field of `TrainConfig` (the same names as the CLI flags, with `_` for `-`), except
+`set`, a mapping of extra method-config fields (`--set key=value`). An unknown key is an error listing the valid
+ones, so a typo in a recipe never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftkit.errors import PeftkitError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "amp")
+SCHEDULERS = ("cosine", "linear", "constant")
+FORMATS = ("auto", "alpaca", "messages", "text")
+METHOD_OPTION_KEYS = ("rank", "alpha", "dropout", "target_modules", "variant", "reduction_factor", "num_virtual_tokens")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. `None` means "the default for this model / data" (resolved later).
+
+    Optimisation: AdamW(lr, weight_decay) with `warmup` steps (an int, or a float < 1 = fraction of the steps)
+    then a cosine / linear / constant schedule; gradients clipped to `max_grad_norm`. One optimizer step sees
+    `batch_size * grad_accum * world_size` examples (batch_size is per process).
+    """
+
+    # what to train
+    model: str | None = None
+    method: str = "lora"
+    rank: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    target_modules: str | None = None
+    variant: str | None = None
+    reduction_factor: int | None = None
+    num_virtual_tokens: int | None = None
+    set: dict[str, Any] = field(default_factory=dict)
+    # data
+    data: str | None = None
+    format: str = "auto"
+    eval_data: str | None = None
+    eval_split: str | float | None = None
+    eval_examples: int = 50
+    max_length: int | None = None
+    packing: bool = False
+    train_on_prompt: bool = False
+    # optimisation
+    lr: float | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int | None = None
+    grad_accum: int = 1
+    warmup: float = 0.1
+    scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # run folder
+    output: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+    save_steps: int | None = None
+    eval_steps: int | None = None
+    log_steps: int = 1
+    keep_checkpoints: int = 2
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("scheduler", self.scheduler, SCHEDULERS)
+        _check_choice("format", self.format, FORMATS)
+        for name in ("batch_size", "grad_accum", "max_steps", "max_length", "save_steps", "eval_steps", "log_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise PeftkitError(f"{name} must be a positive integer, got {value!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise PeftkitError(f"lr must be > 0, got {self.lr}")
+        if not self.epochs > 0:
+            raise PeftkitError(f"epochs must be > 0, got {self.epochs}")
+        if self.warmup < 0:
+            raise PeftkitError(f"warmup must be >= 0 (steps, or a fraction < 1 of the steps), got {self.warmup}")
+        if self.overwrite and self.resume:
+            raise PeftkitError("--overwrite and --resume contradict each other; pick one")
+        if not isinstance(self.set, dict):
+            raise PeftkitError(f"'set' must be a mapping of method-config fields, got {self.set!r}")
+
+    def method_options(self) -> dict[str, Any]:
+        """The method's options (shared names + `set` fields), unset ones left out, for `Method.build_config`."""
+        options = {k: getattr(self, k) for k in METHOD_OPTION_KEYS if getattr(self, k) is not None}
+        options.update(self.set)
+        return options
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML / JSON friendly), in field order."""
+        return dataclasses.asdict(self)
+
+
+def valid_keys() -> list[str]:
+    """The keys a recipe may use."""
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise PeftkitError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML recipe, with unknown keys rejected (the message lists the valid keys)."""
+    file = Path(path)
+    if not file.is_file():
+        raise PeftkitError(f"recipe {str(file)!r} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PeftkitError(f"recipe {file} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise PeftkitError(f"recipe {file} must be a mapping of option: value")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(valid_keys()))
+    if unknown:
+        raise PeftkitError(f"recipe {file} has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid_keys())}")
+    return data
+
+
+def load_config(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """TrainConfig from defaults <- recipe file <- overrides (flags; `None` values mean "not given")."""
+    values: dict[str, Any] = read_recipe(recipe) if recipe else {}
+    for key, value in (overrides or {}).items():
+        if key not in valid_keys():
+            raise PeftkitError(f"unknown option {key!r}; valid: {', '.join(valid_keys())}")
+        if value is None:
+            continue
+        if key == "set":
+            values["set"] = {**values.get("set", {}), **value}
+        else:
+            values[key] = value
+    try:
+        return TrainConfig(**values)
+    except TypeError as exc:
+        raise PeftkitError(f"invalid training options: {exc}") from None
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with `--config`)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

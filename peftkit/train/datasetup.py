@@ -1,0 +1,123 @@
+"""From the config's data options to what the loop and the evaluation consume, through `peftkit.data`.
+
+Which data is used:
+- no `--data`: the bundled task (peftkit/data/task_train.jsonl) with its disjoint eval split (task_eval.jsonl);
+- `--eval-data FILE`: that file is the eval set;
+- `--eval-split NAME`: that split of a hub / `datasets` source; `--eval-split 0.1` (a number): a seeded random
+  share of the training rows (an integer >= 1: that many rows);
+- neither: 5% of the training rows, at most `eval_examples`, are held out (none when fewer than 20 rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftkit.errors import PeftkitError
+from peftkit.train.config import TrainConfig
+
+BUNDLED = Path(__file__).resolve().parent.parent / "data"
+BUNDLED_TRAIN = BUNDLED / "task_train.jsonl"
+BUNDLED_EVAL = BUNDLED / "task_eval.jsonl"
+
+
+@dataclass
+class Split:
+    """A tokenized split as plain lists (fast indexing), plus the raw rows' (messages, reference) for exact match."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    lengths: list[int]
+    references: list[tuple[list[dict], str]]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def _tokenized(rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict, fmt: str, what: str) -> Split:
+    from peftkit import data
+
+    if len(rows) == 0:
+        raise PeftkitError(f"the {what} data has no rows")
+    ds = data.tokenize(rows, tokenizer, fmt=fmt, max_length=cfg.max_length, prompt_format=prompt_format,
+                       train_on_prompt=cfg.train_on_prompt)
+    if len(ds) == 0:
+        raise PeftkitError(f"no {what} example has a target token left after truncation to --max-length "
+                           f"{cfg.max_length}; raise --max-length")
+    refs = []
+    if fmt in ("alpaca", "messages"):
+        from peftkit.train.evaluate import row_to_chat
+
+        refs = [pair for pair in (row_to_chat(row, fmt, i) for i, row in enumerate(rows)) if pair[1] is not None]
+    return Split(ds["input_ids"], ds["labels"], ds["length"], refs)
+
+
+def load_splits(cfg: TrainConfig, tokenizer: Any, prompt_format: dict) -> tuple[Split, Split | None, str]:
+    """(train split, eval split or None, detected format); every data error is raised here, before any write."""
+    from peftkit import data
+
+    source = cfg.data or str(BUNDLED_TRAIN)
+    rows = data.load_rows(source)
+    if len(rows) == 0:
+        raise PeftkitError(f"the data {source!r} has no rows")
+    fmt = data.detect_format(rows.column_names) if cfg.format == "auto" else cfg.format
+    eval_rows = None
+    if cfg.eval_data or (cfg.data is None and cfg.eval_split is None):
+        eval_rows = data.load_rows(cfg.eval_data or str(BUNDLED_EVAL))
+    elif isinstance(cfg.eval_split, str) and not _is_number(cfg.eval_split):
+        eval_rows = data.load_rows(source, split=cfg.eval_split)
+    else:
+        size = float(cfg.eval_split) if cfg.eval_split is not None else _default_holdout(len(rows), cfg)
+        if size:
+            parts = rows.train_test_split(test_size=int(size) if size >= 1 else size, seed=cfg.seed)
+            rows, eval_rows = parts["train"], parts["test"]
+    train = _tokenized(rows, tokenizer, cfg, prompt_format, fmt, "training")
+    held = None
+    if eval_rows is not None and len(eval_rows):
+        eval_rows = eval_rows.select(range(min(len(eval_rows), cfg.eval_examples)))
+        held = _tokenized(eval_rows, tokenizer, cfg, prompt_format, fmt, "eval")
+    return train, held, fmt
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _default_holdout(n_rows: int, cfg: TrainConfig) -> int:
+    return 0 if n_rows < 20 else min(cfg.eval_examples, max(1, n_rows // 20))
+
+
+def plan_fn(split: Split, cfg: TrainConfig, shuffle: bool = True) -> Callable[[int], list[list[int]]]:
+    """epoch -> that epoch's micro-batches (deterministic in seed and epoch, identical on every process)."""
+    from peftkit import data
+
+    cache: dict[int, list[list[int]]] = {}
+
+    def plan(epoch: int) -> list[list[int]]:
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = data.batches(split.lengths, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                        packing=cfg.packing, shuffle=shuffle, seed=cfg.seed, epoch=epoch)
+        return cache[epoch]
+
+    return plan
+
+
+def collate_fn(split: Split, pad_token_id: int, packing: bool, device: Any) -> Callable[[list[int]], dict]:
+    """indices -> a model batch (input_ids, labels, attention_mask or position_ids) on `device`."""
+    from peftkit import data
+
+    def collate(indices: list[int]) -> dict[str, torch.Tensor]:
+        examples = [{"input_ids": split.input_ids[i], "labels": split.labels[i]} for i in indices]
+        batch = data.collate(examples, pad_token_id, packing)
+        return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    return collate

@@ -1,0 +1,95 @@
+"""What a run shows and leaves behind: the progress bar, metrics.jsonl and loss_curve.png.
+
+metrics.jsonl has one JSON object per line: {"kind": "train", "step", "loss", "lr", ...} per optimizer step,
+{"kind": "eval", "step", "loss", "exact_match", ...} per evaluation. On resume the lines after the checkpoint's
+step are dropped first, so the file always describes one consistent run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.jsonl"
+CURVE = "loss_curve.png"
+
+
+class Metrics:
+    """Append-only metrics.jsonl (main process only; other processes get a writer that does nothing)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None) -> None:
+        self.path = Path(run_dir) / METRICS
+        self.enabled = enabled
+        if enabled and resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif enabled and resume_step is None and self.path.exists():
+            self.path.unlink()
+
+    def write(self, kind: str, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"kind": kind, **record}) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Training loss per step (and eval loss points) as a PNG, drawn with matplotlib's headless Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    evals = [(r["step"], r["loss"]) for r in records if r["kind"] == "eval" and r.get("loss") is not None]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class Progress:
+    """A rich progress bar: step, loss, useful tokens/s, ETA. Disabled on non-main processes or when quiet."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.bar = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+        self.bar = Bar(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                       TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA"), TimeRemainingColumn())
+        self.task = self.bar.add_task("train", total=total, completed=start, loss="-", tps="-")
+        self.bar.start()
+        self._t0, self._tokens0, self._start = None, 0, start
+
+    def update(self, record: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        if self._t0 is None:  # measure speed from the first finished step (it includes warm-up costs otherwise)
+            self._t0, self._tokens0 = record["elapsed_s"], record["tokens"]
+            tps = record["step_tokens"] / max(record["elapsed_s"], 1e-9)
+        else:
+            tps = (record["tokens"] - self._tokens0) / max(record["elapsed_s"] - self._t0, 1e-9)
+        self.bar.update(self.task, completed=record["step"], loss=f"{record['loss']:.4f}", tps=f"{tps:,.0f}")
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,201 @@
+"""One training run from a TrainConfig: validate everything, evaluate, train, evaluate, save, report.
+
+Order matters: the seed is set before the model is built and the adapter injected (DESIGN.md trap: seeding after
+init makes runs irreproducible), and every input is validated before the run folder is touched, so bad input
+leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftkit.errors import PeftkitError
+from peftkit.train import datasetup
+from peftkit.train.checkpoint import Position, load_checkpoint
+from peftkit.train.config import TrainConfig, save_config
+from peftkit.train.evaluate import eval_loss, exact_match
+from peftkit.train.fullft import is_full, prepare_full, save_full
+from peftkit.train.loop import Loop, fit
+from peftkit.train.loss import supports_logits_to_keep
+from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
+from peftkit.train.setup import (RUN_CONFIG, check_run_dir, make_accelerator, optimizer_and_schedule,
+                                 resolve_defaults, start_run_dir, total_steps)
+
+
+@dataclass
+class RunResult:
+    """Where a run's outputs are and how evaluation changed."""
+
+    run_dir: Path | None
+    saved: Path | None = None
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    steps: int = 0
+    wall_s: float = 0.0
+    summary: dict = field(default_factory=dict)
+
+
+def prepare_model(model: Any, cfg: TrainConfig) -> None:
+    """Make the right parameters trainable: inject the registered method, or set up full / freeze."""
+    if is_full(cfg.method):
+        prepare_full(model, cfg.method, cfg.method_options())
+        return
+    from peftkit.inject import inject
+    from peftkit.registry import get_method
+
+    inject(model, get_method(cfg.method).build_config(cfg.method_options()))
+
+
+def memory_estimate(cfg: TrainConfig, model: Any) -> Any | None:
+    """peftkit.memory's estimate for this run (per process), or None when the estimator is unavailable or declines
+    the setup (e.g. a method it does not model). The one place the trainer talks to the estimator."""
+    try:
+        from peftkit.memory import estimate_memory
+    except ImportError:
+        return None
+    import torch
+
+    options = {"r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": cfg.target_modules, "variant": cfg.variant,
+               "reduction_factor": cfg.reduction_factor, "num_virtual_tokens": cfg.num_virtual_tokens,
+               "trainable_layers": cfg.set.get("layers") if cfg.method == "freeze" else None}
+    gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else None
+    precision = "fp32" if cfg.precision in ("auto", "fp16") and gpu_gb is None else cfg.precision
+    try:
+        return estimate_memory(model.config, cfg.method, precision="amp" if precision in ("auto", "fp16") else precision,
+                               batch_size=cfg.batch_size, seq_len=cfg.max_length, gpu_memory_gb=gpu_gb,
+                               gradient_checkpointing=cfg.gradient_checkpointing, **options)
+    except Exception:  # noqa: BLE001 - an estimate is advisory; training must not fail because of it
+        return None
+
+
+def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool = True,
+          on_checkpoint: Callable[[int], None] | None = None) -> RunResult:
+    """Run `cfg` end to end (see the module docstring); raises PeftkitError on bad input."""
+    import torch
+    from accelerate.utils import set_seed
+
+    from peftkit.api import trainable_parameters
+    from peftkit.models import load_model
+    from peftkit.prompting import default_prompt_format
+
+    t0 = time.perf_counter()
+    cfg = resolve_defaults(cfg)
+    acc, dtype, precision = make_accelerator(cfg.precision)
+    main = acc.is_main_process
+    say = echo if main else (lambda _msg: None)
+    run_dir, resume_from = check_run_dir(cfg) if not cfg.dry_run else (None, None)
+    set_seed(cfg.seed)                                        # before the model and the adapter are initialised
+    model, tokenizer = load_model(cfg.model, dtype=dtype)
+    prompt_format = model.__dict__.get("peftkit_prompt_format") or default_prompt_format(tokenizer)
+    train_split, eval_split, fmt = datasetup.load_splits(cfg, tokenizer, prompt_format)
+    set_seed(cfg.seed)
+    prepare_model(model, cfg)
+    trainable, total = trainable_parameters(model)
+    say(f"model {cfg.model or 'embedded SmolLM2-135M-Instruct'} | method {cfg.method} | trainable {trainable:,} of "
+        f"{total:,} parameters ({100 * trainable / total:.3f}%) | precision {precision}")
+    say(f"data: {len(train_split)} training examples ({fmt}), {len(eval_split) if eval_split else 0} eval")
+    estimate = memory_estimate(cfg, model)
+    _report_memory(estimate, say)
+    plan = datasetup.plan_fn(train_split, cfg)
+    steps = total_steps(cfg, len(plan(0)), acc.num_processes)
+    say(f"{steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} x {acc.num_processes} examples, lr {cfg.lr}")
+    if cfg.dry_run:
+        return RunResult(None, summary={"trainable": trainable, "total": total, "steps": steps})
+    if main:
+        start_run_dir(run_dir, cfg)
+        save_config(cfg, run_dir / RUN_CONFIG)
+    acc.wait_for_everyone()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(acc.device)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, steps)
+    keep = supports_logits_to_keep(model)
+    collate = datasetup.collate_fn(train_split, tokenizer.pad_token_id, cfg.packing, acc.device)
+    eval_collate = datasetup.collate_fn(eval_split, tokenizer.pad_token_id, cfg.packing, acc.device) if eval_split else None
+    eval_plan = datasetup.plan_fn(eval_split, cfg, shuffle=False)(0) if eval_split else []
+    prepared, optimizer = acc.prepare(model, optimizer)
+    pos = Position()
+    if resume_from is not None:
+        pos = load_checkpoint(resume_from, model, optimizer, scheduler, acc.process_index)
+        say(f"resuming from {resume_from} (step {pos.step}, epoch {pos.epoch}, micro-batch {pos.micro})")
+    metrics = Metrics(run_dir, main, resume_step=pos.step if resume_from else None)
+
+    def evaluate(step: int, generate: bool) -> dict:
+        result: dict[str, Any] = {}
+        if main and eval_split:
+            result = eval_loss(model, eval_collate, eval_plan, keep)
+            if generate and eval_split.references:
+                result.update(exact_match(model, tokenizer, eval_split.references, prompt_format))
+            metrics.write("eval", {"step": step, **result})
+        acc.wait_for_everyone()
+        return result
+
+    before = _earlier_eval(metrics, 0) if resume_from else evaluate(0, generate=True)
+    _say_eval("before", before, say)
+    bar = Progress(steps, pos.step, enabled=main and progress)
+
+    def log(record: dict) -> None:
+        metrics.write("train", record)
+        bar.update(record)
+
+    loop = Loop(prepared, optimizer, scheduler, acc, plan, collate, train_split.lengths, steps, cfg.grad_accum,
+                cfg.max_grad_norm, cfg.save_steps, cfg.eval_steps, cfg.keep_checkpoints, run_dir, keep, log,
+                lambda step: evaluate(step, generate=False), on_checkpoint or (lambda step: None))
+    try:
+        pos = fit(loop, pos)
+    finally:
+        bar.stop()
+    after = evaluate(pos.step, generate=True)
+    _say_eval("after", after, say)
+    result = RunResult(run_dir, before=before, after=after, steps=pos.step)
+    if main:
+        result.saved = _save(model, tokenizer, run_dir, cfg, prompt_format)
+        plot_loss(metrics.read(), run_dir / CURVE, f"{cfg.method} on {cfg.model or 'SmolLM2-135M-Instruct'}")
+        result.wall_s = time.perf_counter() - t0
+        summary = {"steps": pos.step, "tokens": pos.tokens, "wall_s": round(result.wall_s, 1), "before": before,
+                   "after": after, "saved": str(result.saved)}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        result.summary = summary
+    acc.wait_for_everyone()
+    return result
+
+
+def _save(model: Any, tokenizer: Any, run_dir: Path, cfg: TrainConfig, prompt_format: dict) -> Path:
+    """The trained result: a full model folder (full / freeze) or the adapter in PEFT format."""
+    if is_full(cfg.method):
+        return save_full(model, tokenizer, run_dir / "model", prompt_format, cfg.method)
+    from peftkit.adapter_io import save_adapter
+
+    return save_adapter(model, run_dir / "adapter", prompt_format=prompt_format)
+
+
+def _earlier_eval(metrics: Metrics, step: int) -> dict:
+    """The evaluation recorded at `step` before an interruption (resume does not evaluate the base model again)."""
+    found = [r for r in metrics.read() if r["kind"] == "eval" and r["step"] == step]
+    return {k: v for k, v in found[-1].items() if k not in ("kind", "step")} if found else {}
+
+
+def _say_eval(when: str, result: dict, say: Callable[[str], None]) -> None:
+    if not result:
+        return
+    em = result.get("exact_match")
+    em_text = f", exact match {em:.0%} of {result['n']}" if em is not None else ""
+    say(f"eval {when}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}{em_text}")
+
+
+def _report_memory(estimate: Any | None, say: Callable[[str], None]) -> None:
+    """Print the estimate's total and largest parts; warn when it exceeds this GPU's memory."""
+    if estimate is None:
+        say("memory estimate: unavailable for this setup")
+        return
+    parts = sorted(estimate.breakdown.items(), key=lambda kv: -kv[1])[:3]
+    shown = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f}" for k, v in parts)
+    say(f"memory estimate: {estimate.total_bytes / 1e9:.2f} GB per device (GB = 1e9 bytes; largest: {shown})")
+    if estimate.fits is False:
+        say(f"warning: the estimate exceeds this GPU's {estimate.gpu_memory_gb:.1f} GB; lower --batch-size or "
+            "--max-length, or use --gradient-checkpointing")
