@@ -18,6 +18,7 @@ from peftkit.methods.base import PEFT_PREFIX, Method
 from peftkit.methods.lora_config import LoraConfig
 from peftkit.methods.lora_io import config_from_peft, load_lora_tensors
 from peftkit.methods.lora_layer import LoraLayer
+from peftkit.methods.lora_saved import export_saved, load_saved_modules, split_saved
 from peftkit.registry import register
 from peftkit.state import adapters
 
@@ -57,19 +58,22 @@ class LoraMethod(Method):
             if layer.lora_B[adapter_name].bias is not None:
                 tensors[f"{PEFT_PREFIX}{path}.lora_B.bias"] = layer.lora_B[adapter_name].bias.detach().contiguous()
             paths.append(path)
-        return _peft_config(model, config, paths), tensors
+        saved, saved_tensors = export_saved(model, adapter_name)
+        config_json = _peft_config(model, config, paths)
+        config_json["modules_to_save"] = saved or None
+        return config_json, {**tensors, **saved_tensors}
 
     def load(self, model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], adapter_name: str) -> LoraConfig:
         """Inject a LoRA adapter saved by peftkit or HF PEFT and copy its tensors in (shapes checked)."""
         for flag in ("use_dora", "use_qalora", "use_bdlora"):
             if config_json.get(flag):
                 raise PeftkitError(f"the adapter uses {flag}, which peftkit does not support; use a plain LoRA adapter")
-        if config_json.get("modules_to_save"):
-            raise PeftkitError(
-                f"the adapter saves full modules {config_json['modules_to_save']} (modules_to_save), "
-                "which peftkit does not load yet; re-save it without modules_to_save"
-            )
+        saved, tensors = split_saved(tensors, list(config_json.get("modules_to_save") or []))
         config, paths = config_from_peft(model, config_json, tensors)
+        overlap = set(saved) & set(paths)
+        if overlap:
+            raise PeftkitError(f"module {sorted(overlap)[0]!r} is both LoRA-adapted and saved in full; the file is inconsistent")
+        load_saved_modules(model, saved, adapter_name)  # before inject, which activates the adapter everywhere
         inject(model, config, adapter_name)
         load_lora_tensors(model, tensors, paths, adapter_name)
         return config
