@@ -25,6 +25,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.base import PEFT_PREFIX
 from peftkit.methods.lora_config import LoraConfig
 from peftkit.methods.lora_io import parse_keys
+from peftkit.methods.lora_saved import split_saved
 from peftkit.registry import method_for_peft_type
 from peftkit.svd import low_rank_svd, split_factors
 
@@ -78,7 +79,8 @@ def read_lora(path: str | os.PathLike, weight: float = 1.0) -> LoraDeltas:
     if any(".lora_embedding_" in k or ".lora_magnitude" in k for k in tensors):
         raise PeftkitError(f"adapter {str(path)!r} has LoRA on embeddings or DoRA magnitudes, which peftkit cannot merge")
     full_names = config_json.get("modules_to_save") or []
-    full, lora_tensors = _split_full(tensors, full_names)
+    saved, lora_tensors = split_saved(tensors, list(full_names))
+    full = {f"{module}.{param}": v.float() for module, state in saved.items() for param, v in state.items()}
     config = LoraConfig(
         r=int(config_json.get("r", 8)),
         lora_alpha=config_json.get("lora_alpha", 8),
@@ -98,20 +100,6 @@ def read_lora(path: str | os.PathLike, weight: float = 1.0) -> LoraDeltas:
         bias = lora_tensors[slots["bias"]].float() * scale if "bias" in slots else None
         deltas[module] = ModuleDelta(a=a, b=b * scale, bias=bias)
     return LoraDeltas(deltas, {k: [(weight, v)] for k, v in full.items()}, config_json.get("base_model_name_or_path"), meta)
-
-
-def _split_full(tensors: dict[str, torch.Tensor], names: list[str]) -> tuple[dict, dict]:
-    """Split PEFT's modules_to_save tensors (`base_model.model.<module>.<param>`) from the LoRA tensors."""
-    full, rest = {}, {}
-    for key, value in tensors.items():
-        bare = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        bare = re.sub(r"\.modules_to_save\.[^.]+\.", ".", bare)  # older files keep the wrapper's path
-        module = bare.rsplit(".", 1)[0]
-        if ".lora_" not in bare and any(module == n or module.endswith("." + n) for n in names):
-            full[bare] = value.float()
-        else:
-            rest[key] = value
-    return full, rest
 
 
 def combine(parts: list[LoraDeltas], how: str = "concat", rank: int | None = None) -> LoraDeltas:
