@@ -30,7 +30,7 @@ model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 model = PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload()
 model.save_pretrained(sys.argv[3], max_shard_size=sys.argv[4])
 """
-OURS_SIDE = "import sys; from peftkit.cli import main\ntry:\n    main(['merge', '--base', sys.argv[1], '-a', sys.argv[2], '-o', sys.argv[3]])\nexcept SystemExit:\n    pass\n"
+OURS_SIDE = "import sys; from peftkit.cli import main\nmain(['merge', '--base', sys.argv[1], '-a', sys.argv[2], '-o', sys.argv[3]])\n"
 
 
 def build(work: Path, hidden: int, layers: int, shard: str) -> tuple[Path, Path]:

@@ -161,20 +161,16 @@ def _read(ck: Checkpoint, key: str) -> torch.Tensor:
 def _compress_one(path: str, d: torch.Tensor, rank, energy, max_rank, size_cap) -> tuple:
     """(A, B, table row) for one [out, in] delta."""
     m, n = d.shape
-    limit, note = min(m, n), ""
-    if size_cap and dense_cap(m, n) < limit:
-        limit = dense_cap(m, n)
-    if max_rank is not None and max_rank < limit:
-        limit, note = max_rank, f"capped by --max-rank {max_rank}"
-    if energy is not None:
-        u, s, vh = energy_svd(d, energy, limit)
-    else:
-        u, s, vh = top_svd(d, min(rank, limit))
-    if size_cap and len(s) == dense_cap(m, n) < min(m, n) and (rank is None or rank > len(s)):
-        note = f"capped at m·n/(m+n) = {len(s)}: a larger LoRA is bigger than the dense delta"
-    elif rank is not None and rank > limit and not note:
-        note = f"rank {rank} > {limit} = min(m, n)"
+    limits = {"min(m, n)": min(m, n)}
+    if size_cap:
+        limits["m·n/(m+n), past which a LoRA is bigger than the dense delta"] = dense_cap(m, n)
+    if max_rank is not None:
+        limits["--max-rank"] = max_rank
+    why, limit = min(limits.items(), key=lambda kv: kv[1])
+    u, s, vh = energy_svd(d, energy, limit) if energy is not None else top_svd(d, min(rank, limit))
     err, kept = relative_error(d, s)
+    wanted_more = (rank is not None and rank > limit) or (energy is not None and kept < energy - 1e-9)
+    note = f"capped at {limit} by {why}" if wanted_more and len(s) == limit else ""
     a, b = split_factors(u, s, vh)
     return a, b, ModuleRow(path, (m, n), len(s), err, kept, note)
 

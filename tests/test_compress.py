@@ -91,6 +91,8 @@ def test_caps_are_applied_and_said(pair):
     assert o_proj.rank == 16 and "m·n/(m+n)" in o_proj.note
     report = compress(*paths["llama"], str(tmp / "cap"), energy=1.0, max_rank=3, overwrite=True)
     assert all(r.rank <= 3 for r in report.rows) and any("--max-rank" in r.note for r in report.rows)
+    report = compress(*paths["llama"], str(tmp / "cap"), rank=2, max_rank=8, overwrite=True)
+    assert all(r.rank == 2 and not r.note for r in report.rows)  # no cap reached, none claimed
 
 
 def test_dropped_nonlinear_is_reported_and_peft_loads_the_adapter(pair):

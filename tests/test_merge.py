@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 import peftkit
 from merge_fixtures import load, max_param_diff, save_base, save_lora
@@ -59,3 +60,24 @@ def test_bf16_output_is_rounded_once(tmp_path):
     got, want = merged.model.layers[0].self_attn.q_proj.weight, fp32.model.layers[0].self_attn.q_proj.weight
     ulp = want.abs() * 2**-8  # one bf16 rounding of the fp32 sum (not two)
     assert ((got - want.to(torch.bfloat16).float()).abs() <= ulp + 1e-12).all()
+
+
+def test_bf16_checkpoint_keeps_its_dtype_and_passes_the_self_check(tmp_path):
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    adapter = save_lora("llama", tmp_path / "adapter")
+    report = merge_to_disk(str(tmp_path / "base"), [str(adapter)], str(tmp_path / "merged"))
+    assert report.tolerance > 1e-3 and report.worst_relative_error <= report.tolerance
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_self_check_catches_a_wrong_merge(tmp_path, monkeypatch):
+    import peftkit.merge_stream as ms
+
+    base = save_base("llama", tmp_path / "base")
+    adapter = save_lora("llama", tmp_path / "adapter")
+    real = ms._apply
+    monkeypatch.setattr(ms, "_apply", lambda t, w, d, s: (lambda m, p: (m * 1.001, p))(*real(t, w, d, s)))
+    with pytest.raises(peftkit.PeftkitError, match="self-check failed"):
+        merge_to_disk(str(base), [str(adapter)], str(tmp_path / "merged"))
+    assert not (tmp_path / "merged").exists()
