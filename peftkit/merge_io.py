@@ -91,10 +91,16 @@ def shapes(checkpoint: Checkpoint) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def iter_tensors(checkpoint: Checkpoint, shard: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) of one shard, read one at a time from the memory-mapped file."""
-    with safe_open(str(checkpoint.folder / shard), framework="pt") as f:
-        for key in checkpoint.keys_of(shard):
-            yield key, f.get_tensor(key)
+    """(key, tensor) of one shard, read one at a time from the memory-mapped file.
+
+    The file is mapped anew for each tensor: pages of a mapping count in the process's resident memory until it is
+    unmapped, so keeping one mapping open over a whole shard would hold the shard's size in RSS by the end.
+    Re-opening costs only a header parse.
+    """
+    for key in checkpoint.keys_of(shard):
+        with safe_open(str(checkpoint.folder / shard), framework="pt") as f:
+            tensor = f.get_tensor(key)
+        yield key, tensor
 
 
 class ShardWriter:

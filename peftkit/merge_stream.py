@@ -168,17 +168,17 @@ def _probe(n: int, key: str, seed: int) -> torch.Tensor:
 
 def _verify(path: Path, probes: dict, report: MergeReport) -> None:
     """Read each changed tensor back from the written shard; keep the worst probe error relative to its tolerance."""
-    with safe_open(str(path), framework="pt") as f:
-        for key, (x, expected, transpose) in probes.items():
-            report.changed += 1
+    for key, (x, expected, transpose) in probes.items():  # one mapping per tensor, as in merge_io.iter_tensors
+        report.changed += 1
+        with safe_open(str(path), framework="pt") as f:
             stored = f.get_tensor(key)
-            got = stored.float()
-            if x is not None:
-                got = (got.T if transpose else got) @ x
-            err = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
-            tol = tolerance(stored.dtype)
-            if report.worst_tensor is None or err / tol > report.worst_relative_error / report.tolerance:
-                report.worst_relative_error, report.worst_tensor, report.tolerance = err, key, tol
+        got = stored.float()
+        if x is not None:
+            got = (got.T if transpose else got) @ x
+        err = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
+        tol = tolerance(stored.dtype)
+        if report.worst_tensor is None or err / tol > report.worst_relative_error / report.tolerance:
+            report.worst_relative_error, report.worst_tensor, report.tolerance = err, key, tol
 
 
 def _fix_config(folder: Path, plan: MergePlan, out_dtype: torch.dtype | None) -> None:
