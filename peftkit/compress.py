@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -27,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from peftkit.adapter_io import CONFIG_NAME, META_NAME, WEIGHTS_NAME, atomic_dir
 from peftkit.combine import check_output, lora_config_json
 from peftkit.errors import PeftkitError
-from peftkit.merge_io import Checkpoint, iter_tensors, open_checkpoint, resolve_base, shapes
+from peftkit.merge_io import Checkpoint, iter_tensors, open_checkpoint, read_tensor, resolve_base, shapes
 from peftkit.methods.base import PEFT_PREFIX
 from peftkit.models import EMBEDDED_HUB_ID, resolve_dtype
 from peftkit.svd import check_rank_energy, dense_cap, energy_svd, relative_error, split_factors, top_svd
@@ -125,27 +123,25 @@ def _compress_all(base_ck: Checkpoint, ft_ck: Checkpoint, meta: nn.Module, repor
     factors: dict[str, list] = {}
     bias_deltas: dict[str, torch.Tensor] = {}
     num = den = 0.0
-    with ExitStack() as stack:
-        handles = {s: stack.enter_context(safe_open(str(base_ck.folder / s), framework="pt")) for s in base_ck.shards}
-        for shard in ft_ck.shards:
-            for key, w_ft in iter_tensors(ft_ck, shard):
-                w_base = handles[base_ck.key_to_shard[key]].get_tensor(key)
-                if not w_ft.is_floating_point() or torch.equal(w_ft, w_base):
-                    continue
-                delta = w_ft.float() - w_base.float()
-                path, module = _module_of(key, meta)
-                if isinstance(module, (nn.Linear, Conv1D)) and key.endswith(".weight"):
-                    d = delta.T if isinstance(module, Conv1D) else delta  # [out, in]
-                    a, b, row = _compress_one(path, d, rank, energy, max_rank, size_cap)
-                    factors.setdefault(path, [None, None, None])[:2] = [a, b]
-                    report.rows.append(row)
-                    sq = float(d.double().pow(2).sum())
-                    num, den = num + row.rel_error**2 * sq, den + sq
-                else:
-                    if key.endswith(".bias"):
-                        bias_deltas[key] = delta
-                    rel = float(delta.norm() / w_base.float().norm().clamp_min(1e-30))
-                    report.other.append({"tensor": key, "module": path, "rel_change": rel, "kept": False})
+    for shard in ft_ck.shards:
+        for key, w_ft in iter_tensors(ft_ck, shard):
+            w_base = read_tensor(base_ck, key)  # one mapping per tensor: see merge_io.iter_tensors
+            if not w_ft.is_floating_point() or torch.equal(w_ft, w_base):
+                continue
+            delta = w_ft.float() - w_base.float()
+            path, module = _module_of(key, meta)
+            if isinstance(module, (nn.Linear, Conv1D)) and key.endswith(".weight"):
+                d = delta.T if isinstance(module, Conv1D) else delta  # [out, in]
+                a, b, row = _compress_one(path, d, rank, energy, max_rank, size_cap)
+                factors.setdefault(path, [None, None, None])[:2] = [a, b]
+                report.rows.append(row)
+                sq = float(d.double().pow(2).sum())
+                num, den = num + row.rel_error**2 * sq, den + sq
+            else:
+                if key.endswith(".bias"):
+                    bias_deltas[key] = delta
+                rel = float(delta.norm() / w_base.float().norm().clamp_min(1e-30))
+                report.other.append({"tensor": key, "module": path, "rel_change": rel, "kept": False})
     report.total_rel_error = (num / den) ** 0.5 if den else 0.0
     for info in report.other:  # bias deltas of compressed layers travel with their LoRA
         if info["tensor"] in bias_deltas and info["module"] in factors:
@@ -154,8 +150,7 @@ def _compress_all(base_ck: Checkpoint, ft_ck: Checkpoint, meta: nn.Module, repor
 
 
 def _read(ck: Checkpoint, key: str) -> torch.Tensor:
-    with safe_open(str(ck.folder / ck.key_to_shard[key]), framework="pt") as f:
-        return f.get_tensor(key).float()
+    return read_tensor(ck, key).float()
 
 
 def _compress_one(path: str, d: torch.Tensor, rank, energy, max_rank, size_cap) -> tuple:

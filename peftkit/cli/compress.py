@@ -14,6 +14,7 @@ from peftkit.cli._app import app
 from peftkit.cli._options import Base, Dtype, Json, Output, Overwrite
 from peftkit.compress import CompressReport, compress
 from peftkit.errors import PeftkitError
+from peftkit.merge_io import limit_heap_growth
 
 
 @app.command("compress")
@@ -33,6 +34,7 @@ def compress_cmd(
     """Compress FT - BASE into a LoRA adapter (per-module ranks), with a per-module error table."""
     if not output:
         raise PeftkitError("give --output DIR for the adapter")
+    limit_heap_growth()
     report = compress(base, finetuned, output, rank=rank, energy=energy, max_rank=max_rank, size_cap=not no_size_cap,
                       keep_nonlinear=keep_nonlinear, dtype=dtype, overwrite=overwrite)
     if as_json:

@@ -12,6 +12,7 @@ from peftkit.cli._app import app
 from peftkit.cli._options import Adapters, Base, Combination, Dtype, Json, Output, Overwrite, Weights
 from peftkit.combine import parse_weights
 from peftkit.errors import PeftkitError
+from peftkit.merge_io import limit_heap_growth
 from peftkit.merge_stream import merge_to_disk
 
 
@@ -31,6 +32,7 @@ def merge_cmd(
     """Merge LoRA adapters into the base weights and write a new model folder (loads with from_pretrained)."""
     if not output:
         raise PeftkitError("give --output DIR for the merged model")
+    limit_heap_growth()
     adapters = adapter or []
     report = merge_to_disk(base, adapters, output, weights=weights, combination=combination, rank=rank,
                            dtype=dtype, overwrite=overwrite)
