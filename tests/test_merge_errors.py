@@ -44,7 +44,9 @@ def test_existing_output_needs_overwrite(files, tmp_path, capsys):
     args = ["merge", "--base", str(files["base"]), "-a", str(files["adapter"]), "--out", str(out)]
     code, err = run(args, capsys)
     assert code == 2 and "--overwrite" in err and (out / "keep.txt").read_text() == "mine"
-    main([*args, "--overwrite", "--json"])
+    main([*args, "--overwrite", "--json", "--check-logits"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["logits_max_abs_diff"] is not None and report["logits_max_abs_diff"] <= 1e-4
     assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
 
 
