@@ -60,15 +60,15 @@ def train_cmd(
     quiet: Annotated[bool, Opt("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Fine-tune a model; with no options, LoRA on the embedded model and the bundled task."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "sets", "quiet", "overwrite", "resume", "dry_run")}
     from peftkit.train.config import load_config
     from peftkit.train.run import train
 
-    flags = {k: v for k, v in locals().items() if k not in ("config", "sets", "quiet", "overwrite", "resume", "dry_run")}
     flags.update(set=parse_sets(sets) or None, overwrite=overwrite or None, resume=resume or None,
                  dry_run=dry_run or None)
     cfg = load_config(config, flags)
     result = train(cfg, progress=not quiet)
-    if result.run_dir is None:
+    if result.run_dir is None or not result.main:
         return
     saved = result.saved
     print(f"\nrun folder: {result.run_dir}  ({result.wall_s:.0f} s)")

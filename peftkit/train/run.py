@@ -38,6 +38,7 @@ class RunResult:
     steps: int = 0
     wall_s: float = 0.0
     summary: dict = field(default_factory=dict)
+    main: bool = True               # False on the other processes of a distributed run (they print nothing)
 
 
 def prepare_model(model: Any, cfg: TrainConfig) -> None:
@@ -152,7 +153,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool 
         bar.stop()
     after = evaluate(pos.step, generate=True)
     _say_eval("after", after, say)
-    result = RunResult(run_dir, before=before, after=after, steps=pos.step)
+    result = RunResult(run_dir, before=before, after=after, steps=pos.step, main=main)
     if main:
         result.saved = _save(model, tokenizer, run_dir, cfg, prompt_format)
         plot_loss(metrics.read(), run_dir / CURVE, f"{cfg.method} on {cfg.model or 'SmolLM2-135M-Instruct'}")
