@@ -81,3 +81,42 @@ def exact_match(model: nn.Module, tokenizer: Any, examples: list[tuple[list[dict
     samples = [{"prompt": m[-1]["content"], "answer": a.strip(), "reference": r}
                for a, (m, r) in list(zip(answers, examples))[:3]]
     return {"exact_match": sum(hits) / len(hits), "n": len(hits), "samples": samples}
+
+
+def evaluate_data(model_name: str | None, adapter: str | None, source: str, *, fmt: str = "auto",
+                  split: str | None = None, max_examples: int = 50, max_length: int = 512,
+                  batch_size: int = 8) -> dict[str, Any]:
+    """`peftkit eval`: load the model (and adapter), then loss / perplexity and, with references, exact match."""
+    from peftkit import data
+    from peftkit.adapter_io import load_adapter
+    from peftkit.errors import PeftkitError
+    from peftkit.models import load_model
+    from peftkit.prompting import default_prompt_format
+
+    rows = data.load_rows(source, split=split)
+    if len(rows) == 0:
+        raise PeftkitError(f"the data {source!r} has no rows")
+    rows = rows.select(range(min(len(rows), max_examples)))
+    fmt = data.detect_format(rows.column_names) if fmt == "auto" else fmt
+    lm, tokenizer = load_model(model_name)
+    if adapter:
+        load_adapter(lm, adapter)
+    prompt_format = lm.__dict__.get("peftkit_prompt_format") or default_prompt_format(tokenizer)
+    ds = data.tokenize(rows, tokenizer, fmt=fmt, max_length=max_length, prompt_format=prompt_format)
+    if len(ds) == 0:
+        raise PeftkitError(f"no example has an answer token within --max-length {max_length}")
+    ids, labels = ds["input_ids"], ds["labels"]
+
+    def collate(indices: list[int]) -> dict:
+        batch = data.collate([{"input_ids": ids[i], "labels": labels[i]} for i in indices], tokenizer.pad_token_id, False)
+        return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    plan = [list(range(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
+    from peftkit.train.loss import supports_logits_to_keep
+
+    result: dict[str, Any] = {"format": fmt, "n_examples": len(ds), **eval_loss(lm, collate, plan,
+                                                                                 supports_logits_to_keep(lm))}
+    if fmt in ("alpaca", "messages"):
+        refs = [row_to_chat(row, fmt, i) for i, row in enumerate(rows)]
+        result.update(exact_match(lm, tokenizer, [r for r in refs if r[1] is not None], prompt_format, batch_size))
+    return result

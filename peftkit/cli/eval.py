@@ -1,0 +1,41 @@
+"""`peftkit eval [--model M] [--adapter DIR] --data D`: loss, perplexity, and exact match where rows have answers.
+
+Prompts are rendered with the adapter's saved prompt format (else the tokenizer's chat template, else the plain
+template), exactly as in training; loss counts only the answer tokens, like the training loss.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from peftkit.cli._app import app
+from peftkit.cli._options import Adapter, Json, Model
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Annotated[str, typer.Option("--data", "-d", help="Data file / folder / hub name (alpaca, messages or text).")],
+    model: Model = None,
+    adapter: Adapter = None,
+    format: Annotated[str, typer.Option("--format", help="auto | alpaca | messages | text.")] = "auto",
+    split: Annotated[Optional[str], typer.Option("--split", help="Split of a hub dataset.")] = None,
+    max_examples: Annotated[int, typer.Option("--max-examples", min=1, help="Evaluate at most this many rows.")] = 50,
+    max_length: Annotated[int, typer.Option("--max-length", min=8)] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    json_out: Json = False,
+) -> None:
+    """Evaluate a base model or an adapter on held-out data."""
+    from peftkit.train.evaluate import evaluate_data
+
+    result = evaluate_data(model, adapter, data, fmt=format, split=split, max_examples=max_examples,
+                           max_length=max_length, batch_size=batch_size)
+    if json_out:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"examples: {result['n_examples']} ({result['format']}), target tokens: {result['targets']}")
+    print(f"loss: {result['loss']:.4f}  perplexity: {result['perplexity']:.2f}")
+    if result.get("exact_match") is not None:
+        print(f"exact match: {result['exact_match']:.1%} of {result['n']}")
