@@ -24,7 +24,7 @@ from peftkit.train.loop import Loop, fit
 from peftkit.train.loss import supports_logits_to_keep
 from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
 from peftkit.train.setup import (RUN_CONFIG, check_run_dir, make_accelerator, optimizer_and_schedule,
-                                 resolve_defaults, start_run_dir, total_steps)
+                                 resolve_defaults, start_run_dir, total_steps, upcast_trainable)
 
 
 @dataclass
@@ -86,7 +86,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool 
 
     t0 = time.perf_counter()
     cfg = resolve_defaults(cfg)
-    acc, dtype, precision = make_accelerator(cfg.precision)
+    acc, dtype, precision = make_accelerator(cfg.precision, cfg.method)
     main = acc.is_main_process
     say = echo if main else (lambda _msg: None)
     run_dir, resume_from = check_run_dir(cfg) if not cfg.dry_run else (None, None)
@@ -96,6 +96,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool 
     train_split, eval_split, fmt = datasetup.load_splits(cfg, tokenizer, prompt_format)
     set_seed(cfg.seed)
     prepare_model(model, cfg)
+    upcast_trainable(model, precision)
     trainable, total = trainable_parameters(model)
     say(f"model {cfg.model or 'embedded SmolLM2-135M-Instruct'} | method {cfg.method} | trainable {trainable:,} of "
         f"{total:,} parameters ({100 * trainable / total:.3f}%) | precision {precision}")
@@ -129,9 +130,10 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool 
     def evaluate(step: int, generate: bool) -> dict:
         result: dict[str, Any] = {}
         if main and eval_split:
-            result = eval_loss(model, eval_collate, eval_plan, keep)
-            if generate and eval_split.references:
-                result.update(exact_match(model, tokenizer, eval_split.references, prompt_format))
+            with acc.autocast():  # under amp: half-precision base weights meet fp32 adapter weights
+                result = eval_loss(model, eval_collate, eval_plan, keep)
+                if generate and eval_split.references:
+                    result.update(exact_match(model, tokenizer, eval_split.references, prompt_format))
             metrics.write("eval", {"step": step, **result})
         acc.wait_for_everyone()
         return result

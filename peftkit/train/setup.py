@@ -39,8 +39,12 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **fill)
 
 
-def make_accelerator(precision: str) -> tuple[Any, torch.dtype, str]:
-    """(Accelerator, dtype to load weights in, resolved precision name)."""
+def make_accelerator(precision: str, method: str = "lora") -> tuple[Any, torch.dtype, str]:
+    """(Accelerator, dtype to load the base weights in, resolved precision name).
+
+    Under amp the frozen base weights are loaded in bf16 (they are never updated, so an fp32 copy buys nothing)
+    and `upcast_trainable` keeps the trained parameters in fp32; a full fine-tune loads everything in fp32.
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -52,8 +56,17 @@ def make_accelerator(precision: str) -> tuple[Any, torch.dtype, str]:
     mixed = {"amp": "bf16", "fp16": "fp16"}.get(precision, "no")
     AcceleratorState._reset_state()  # a fresh precision setting per run when several runs share one process
     acc = Accelerator(cpu=not gpu, mixed_precision=mixed)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    half_base = precision == "bf16" or (precision in ("amp", "fp16") and not is_full(method))
+    dtype = {"fp16": torch.float16}.get(precision, torch.bfloat16) if half_base else torch.float32
     return acc, dtype, precision
+
+
+def upcast_trainable(model: torch.nn.Module, precision: str) -> None:
+    """Under amp / fp16 the trainable parameters are fp32 master weights (autocast runs the matmuls in half)."""
+    if precision in ("amp", "fp16"):
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
 
 
 def default_run_dir(method: str) -> Path:
