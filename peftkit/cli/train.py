@@ -76,11 +76,17 @@ def train_cmd(
     print(f"  config: {result.run_dir / 'run_config.yaml'}\n  metrics: {result.run_dir / 'metrics.jsonl'}")
     print(f"  loss curve: {result.run_dir / 'loss_curve.png'}")
     flag = f"--model {shlex.quote(str(saved))}" if cfg.method in ("full", "freeze") else f"--adapter {shlex.quote(str(saved))}"
-    print(f"chat with it:\n  peftkit generate {flag} \"{_example_prompt(result)}\"")
+    print(f"chat with it:\n  peftkit generate {flag} {_shell_quote(_example_prompt(result))}")
 
 
 def _example_prompt(result) -> str:
     """A prompt for the closing hint: the first eval sample's user message when there is one."""
     samples = (result.after or {}).get("samples") or []
-    text = samples[0]["prompt"] if samples else "Hello!"
-    return text.replace('"', '\\"').replace("\n", " ")
+    return samples[0]["prompt"] if samples else "Hello!"
+
+
+def _shell_quote(text: str) -> str:
+    """Quote for bash; newlines (alpaca prompts have a blank line) use $'...' so the prompt is exactly as trained."""
+    if "\n" not in text:
+        return shlex.quote(text)
+    return "$'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
