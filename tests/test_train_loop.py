@@ -61,3 +61,30 @@ def test_logits_to_keep_matches_full_logits(tmp_path):
     model, _ = peftkit.load_model(str(folder))
     batch = _collate([0, 2, 3])
     assert torch.allclose(micro_loss(model, batch, True), micro_loss(model, batch, False), atol=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import pytest
+
+    import peftkit.train.loop as loop_module
+    from peftkit.errors import PeftkitError
+    from peftkit.train.config import load_config
+    from peftkit.train.run import train
+    from test_train_support import write_rows
+
+    folder = make_tiny_model(tmp_path / "tiny")
+    real = loop_module.micro_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, keep=True):
+        calls["n"] += 1
+        loss = real(model, batch, keep)
+        return loss * float("nan") if calls["n"] == 3 else loss  # step 3 (one micro-batch per step)
+
+    monkeypatch.setattr(loop_module, "micro_loss", poisoned)
+    cfg = load_config(None, dict(model=str(folder), data=str(write_rows(tmp_path / "d.jsonl", 12)), eval_split="0",
+                                 max_steps=5, batch_size=2, save_steps=2, precision="fp32", output=str(tmp_path / "run")))
+    with pytest.raises(PeftkitError, match=r"nan at step 3.*step-000002"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run" / "adapter").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "trainable.safetensors").is_file()
