@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
 def _options(root, model, output):
     return dict(model=str(model), data=str(root / "train.jsonl"), eval_data=str(root / "eval.jsonl"), max_steps=8,
                 batch_size=3, max_length=64, lr=2e-2, warmup=2, scheduler="cosine", dropout=0.1, rank=4,
-                precision="fp32", save_steps=3, seed=7, output=str(output), eval_examples=2)
+                precision="fp32", save_steps=3, eval_steps=4, seed=7, output=str(output), eval_examples=2)
 
 
 def test_sigkill_then_resume_equals_uninterrupted(setup):
@@ -63,6 +63,8 @@ def test_sigkill_then_resume_equals_uninterrupted(setup):
         assert (want[key] - got[key]).abs().max() <= 1e-6, key
     steps = [r["step"] for r in resumed_metrics(killed) if r["kind"] == "train"]
     assert steps == list(range(1, 9))  # the steps after the checkpoint were dropped and redone once
+    evals = [r["step"] for r in resumed_metrics(killed) if r["kind"] == "eval"]
+    assert evals == [0, 4, 8]  # before, --eval-steps 4, after
 
 
 def resumed_metrics(run_dir):
