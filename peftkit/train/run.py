@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import PeftkitError
 from peftkit.train import datasetup
 from peftkit.train.checkpoint import Position, load_checkpoint
 from peftkit.train.config import TrainConfig, save_config
@@ -90,11 +89,10 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool 
     main = acc.is_main_process
     say = echo if main else (lambda _msg: None)
     run_dir, resume_from = check_run_dir(cfg) if not cfg.dry_run else (None, None)
-    set_seed(cfg.seed)                                        # before the model and the adapter are initialised
     model, tokenizer = load_model(cfg.model, dtype=dtype)
     prompt_format = model.__dict__.get("peftkit_prompt_format") or default_prompt_format(tokenizer)
     train_split, eval_split, fmt = datasetup.load_splits(cfg, tokenizer, prompt_format)
-    set_seed(cfg.seed)
+    set_seed(cfg.seed)                    # before the adapter is initialised: same command, same adapter
     prepare_model(model, cfg)
     upcast_trainable(model, precision)
     trainable, total = trainable_parameters(model)
