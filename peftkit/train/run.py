@@ -76,7 +76,6 @@ def memory_estimate(cfg: TrainConfig, model: Any) -> Any | None:
 def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool = True,
           on_checkpoint: Callable[[int], None] | None = None) -> RunResult:
     """Run `cfg` end to end (see the module docstring); raises PeftkitError on bad input."""
-    import torch
     from accelerate.utils import set_seed
 
     from peftkit.api import trainable_parameters
