@@ -38,3 +38,11 @@ def render_prompt(
         )
     parts = [m["content"] for m in messages if m["role"] in ("system", "user")]
     return prompt_format["plain_template"].format(prompt="\n\n".join(parts))
+
+
+def alpaca_prompt(instruction: str, input: str | None = None) -> str:
+    """The user turn of an alpaca row: the instruction, then a blank line and the input when there is one.
+
+    Training (peftkit.data) and `eval` / `generate` both build alpaca prompts with this, so they match.
+    """
+    return f"{instruction}\n\n{input}" if input else instruction

@@ -1,0 +1,192 @@
+"""Rows -> `input_ids` + `labels` (+ `length`), cached on disk through `datasets`.
+
+labels[t] is the token the model must predict at position t (HF shifts by one inside the loss), or -100 where no
+loss is taken: the prompt, the first token of every example (nothing precedes it, and in a packed row it would be
+predicted from the previous example), and, later, padding. So `(labels != -100).sum()` is exactly the number of
+predicted tokens, which the training loop uses to normalise the loss across gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets.fingerprint import Hasher
+
+from peftkit.data.formats import check_format, to_example
+from peftkit.data.rendering import Segment, render_segments, uses_special_prefix
+from peftkit.errors import PeftkitError
+from peftkit.prompting import default_prompt_format
+
+IGNORE_INDEX = -100
+PIPELINE_VERSION = 1  # bump when the encoding changes, to invalidate cached tokenized datasets
+FEATURES = datasets.Features({
+    "input_ids": datasets.Sequence(datasets.Value("int32")),
+    "labels": datasets.Sequence(datasets.Value("int32")),
+    "length": datasets.Value("int32"),
+})
+log = logging.getLogger("peftkit.data")
+
+
+def encode_segments(tokenizer: Any, segments: list[Segment], special_prefix: bool) -> tuple[list[int], list[bool]]:
+    """Token ids of the segments and, per token, whether it belongs to a target segment.
+
+    Consecutive text segments are tokenized together (so tokens merge exactly as in the full text) and each token
+    is assigned to the segment in which it starts, using the fast tokenizer's character offsets. Slow tokenizers
+    (no offsets) tokenize each segment on its own.
+    """
+    ids: list[int] = _prefix_ids(tokenizer) if special_prefix else []
+    targets: list[bool] = [False] * len(ids)
+    run: list[tuple[str, bool]] = []
+    for piece, target in [*segments, (None, False)]:
+        if isinstance(piece, str):
+            run.append((piece, target))
+            continue
+        if run:
+            run_ids, run_targets = _encode_run(tokenizer, run)
+            ids += run_ids
+            targets += run_targets
+            run = []
+        if isinstance(piece, int):
+            ids.append(piece)
+            targets.append(target)
+    return ids, targets
+
+
+def _encode_run(tokenizer: Any, run: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    text = "".join(piece for piece, _ in run)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # slow tokenizer
+        ids: list[int] = []
+        targets: list[bool] = []
+        for piece, target in run:
+            piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+            ids += piece_ids
+            targets += [target] * len(piece_ids)
+        return ids, targets
+    ends, flags, position = [], [], 0
+    for piece, target in run:
+        position += len(piece)
+        ends.append(position)
+        flags.append(target)
+    targets, segment = [], 0
+    for start, _ in enc["offset_mapping"]:
+        while segment < len(ends) - 1 and start >= ends[segment]:
+            segment += 1
+        targets.append(flags[segment])
+    return list(enc["input_ids"]), targets
+
+
+def _prefix_ids(tokenizer: Any) -> list[int]:
+    """[bos] when the tokenizer puts a BOS in front of plain text (Llama), else [] (GPT-2, Qwen)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
+
+
+def encode_example(
+    example: Any, tokenizer: Any, prompt_format: dict[str, str], train_on_prompt: bool
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one validated example, untruncated; labels[0] is always -100."""
+    segments = render_segments(example, tokenizer, prompt_format, train_on_prompt)
+    ids, targets = encode_segments(tokenizer, segments, uses_special_prefix(example, prompt_format))
+    labels = [tok if target else IGNORE_INDEX for tok, target in zip(ids, targets)]
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return ids, labels
+
+
+def tokenize(
+    dataset: datasets.Dataset,
+    tokenizer: Any,
+    *,
+    fmt: str = "auto",
+    max_length: int,
+    prompt_format: dict[str, str] | None = None,
+    train_on_prompt: bool = False,
+) -> datasets.Dataset:
+    """A dataset with columns `input_ids`, `labels` and `length`, one row per example that keeps a target.
+
+    fmt: "auto" | "alpaca" | "messages" | "text". prompt_format: {"chat_template": ...} or {"plain_template": ...}
+    (default: `prompting.default_prompt_format(tokenizer)`). Examples are truncated to max_length tokens; one whose
+    targets are all cut is dropped (logged), and an error is raised when that drops every example.
+
+    The result is written to `<cache>/datasets/tokenized-<key>.arrow` (cache = $PEFTKIT_CACHE or ~/.cache/peftkit)
+    where key hashes the data's `datasets` fingerprint (content of in-memory data; path + mtime of files), the
+    tokenizer, the format, max_length, the prompt format and train_on_prompt; a second call with the same inputs
+    reads that file instead of tokenizing again.
+    """
+    if max_length < 2:
+        raise PeftkitError(f"--max-length must be at least 2 tokens, got {max_length}")
+    fmt = check_format(fmt, dataset.column_names)
+    prompt_format = prompt_format or default_prompt_format(tokenizer)
+    key = Hasher.hash([PIPELINE_VERSION, dataset._fingerprint, tokenizer_key(tokenizer), fmt, max_length,
+                       sorted(prompt_format.items()), train_on_prompt])
+
+    def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
+        for values, index in zip(zip(*batch.values()), indices):
+            example = to_example(dict(zip(batch, values)), fmt, index)
+            ids, labels = encode_example(example, tokenizer, prompt_format, train_on_prompt)
+            ids, labels = ids[:max_length], labels[:max_length]
+            if any(label != IGNORE_INDEX for label in labels):
+                out["input_ids"].append(ids)
+                out["labels"].append(labels)
+                out["length"].append(len(ids))
+        return out
+
+    folder = _cache_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenized = dataset.map(
+        encode_batch, batched=True, with_indices=True, remove_columns=dataset.column_names, features=FEATURES,
+        cache_file_name=str(folder / f"tokenized-{key}.arrow"), new_fingerprint=key, desc="tokenizing",
+    )
+    dropped = len(dataset) - len(tokenized)
+    if len(tokenized) == 0:
+        shortest = _shortest_prompt(dataset, tokenizer, fmt, prompt_format, train_on_prompt)
+        raise PeftkitError(
+            f"--max-length {max_length} cuts every target token of every example: the shortest prompt is "
+            f"{shortest} tokens; use a --max-length well above {shortest}"
+        )
+    if dropped:
+        log.warning("%d of %d examples dropped: --max-length %d cut all their target tokens",
+                    dropped, len(dataset), max_length)
+    return tokenized
+
+
+def tokenizer_key(tokenizer: Any) -> str:
+    """A hash of what decides the token ids: the backend's vocabulary, merges, normalizer and post-processor
+    (not its mutable truncation / padding state), the special tokens and the chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        core: Any = spec
+    else:
+        core = Hasher.hash(tokenizer)
+    return Hasher.hash([type(tokenizer).__name__, core, tokenizer.all_special_tokens,
+                        getattr(tokenizer, "chat_template", None)])
+
+
+def _shortest_prompt(dataset: datasets.Dataset, tokenizer: Any, fmt: str, prompt_format: dict[str, str],
+                     train_on_prompt: bool, limit: int = 1000) -> int:
+    """Fewest tokens before the first target, over the first `limit` rows (for the error message)."""
+    shortest = None
+    for index, row in enumerate(dataset.select(range(min(limit, len(dataset))))):
+        _, labels = encode_example(to_example(row, fmt, index), tokenizer, prompt_format, train_on_prompt)
+        first = next((t for t, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+        shortest = first if shortest is None else min(shortest, first)
+    return shortest or 0
+
+
+def _cache_folder() -> Path:
+    from peftkit.models import cache_dir
+
+    return cache_dir() / "datasets"
