@@ -3,7 +3,7 @@
 Without packing, a micro-batch is `batch_size` examples padded to the longest, so padding is wasted compute.
 Grouping by length (as HF's `group_by_length`) cuts it: shuffle, cut into mega-chunks of 50 batches, sort each
 chunk by length, and slice it into batches; batches are then shuffled, with the one holding the longest example
-first so an out-of-memory error shows at step one, not hours in.
+first so an out-of-memory error shows at step one, not hours in; only the last batch can be short.
 
 With packing, examples are concatenated into one row with no padding (see collator.py). A micro-batch takes
 examples up to a budget of `batch_size * max_length` tokens, filled first-fit (each example goes into the first
@@ -49,11 +49,19 @@ def batches(
     else:
         result = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if shuffle and len(result) > 1:
+        _shuffle_batches(result, lengths, rng, keep_last=not packing and len(result[-1]) < batch_size)
+    return result
+
+
+def _shuffle_batches(result: list[list[int]], lengths: list[int], rng: random.Random, keep_last: bool) -> None:
+    """Shuffle the batch order in place, the longest batch first; a short last batch (unpacked) stays last."""
+    last = [result.pop()] if keep_last else []
+    if result:
         longest = max(range(len(result)), key=lambda b: max(lengths[i] for i in result[b]))
         first = result.pop(longest)
         rng.shuffle(result)
         result.insert(0, first)
-    return result
+    result += last
 
 
 def _grouped(order: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:

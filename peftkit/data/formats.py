@@ -74,6 +74,9 @@ def to_example(row: dict[str, Any], fmt: str, index: int) -> Example:
 
 
 def _string(value: Any, where: str, field: str) -> str:
+    """The field as text; numbers (a CSV column of answers is read as ints) become their decimal text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
     if value is None:
         raise PeftkitError(f"{where}: the field {field!r} is missing")
     if not isinstance(value, str):

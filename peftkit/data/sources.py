@@ -65,6 +65,8 @@ def _load_file(path: Path, split: str | None) -> datasets.Dataset:
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # noqa: BLE001 - any reader failure is the user's file; say which and why
+        if "corresponds to no data" in str(exc):  # datasets' words for a file with a header / blank lines only
+            raise PeftkitError(f"data file {str(path)!r} is empty: it has no rows") from None
         raise PeftkitError(f"could not read {str(path)!r} as {path.suffix}: {_first_line(exc)}") from None
 
 
