@@ -84,6 +84,32 @@ def test_every_assistant_turn_is_a_target(smol):
     assert _target_runs(tokenize(rows, smol, max_length=256)[0], smol) == ["3<|im_end|>"]
 
 
+# Llama 3's layout (BOS written by the template, header, end-of-turn with no newline after it), with markers that are
+# special tokens of SmolLM2's vocabulary so they stay single tokens as in the real Llama 3 tokenizer
+LLAMA3_LIKE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<filename>' + m['role'] + '<file_sep>\n\n' "
+    "+ m['content'] + '<|endoftext|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<filename>assistant<file_sep>\n\n' }}{% endif %}"
+)
+
+
+def test_other_templates_and_templates_we_refuse(smol):
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+    rows = datasets.Dataset.from_list([{"messages": chat}])
+    row = tokenize(rows, smol, max_length=256, prompt_format={"chat_template": LLAMA3_LIKE})[0]
+    assert _target_runs(row, smol) == ["A1<|endoftext|>", "A2<|endoftext|>"]
+    assert row["input_ids"][0] == smol.bos_token_id and smol.bos_token_id not in row["input_ids"][1:]
+    refuses_system = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    with pytest.raises(PeftkitError, match="row 1: the chat template cannot render .*System role not supported"):
+        tokenize(rows, smol, max_length=256, prompt_format={"chat_template": refuses_system})
+    # renders only the last answer, so earlier answers vanish from longer renderings: cannot be masked reliably
+    forgetful = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}{{ m['content'] }}|{% endif %}"
+                 "{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
+    with pytest.raises(PeftkitError, match="row 1: the chat template renders a conversation differently"):
+        tokenize(rows, smol, max_length=256, prompt_format={"chat_template": forgetful})
+
+
 def test_plain_template_without_chat_template(plain):
     row = tokenize(datasets.Dataset.from_list(ALPACA[:1]), plain, max_length=256)[0]
     assert row["input_ids"][0] == plain.bos_token_id

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import jinja2
 from datasets.fingerprint import Hasher
 
 from peftkit.data.formats import check_format, to_example
@@ -133,7 +134,7 @@ def tokenize(
         out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
         for values, index in zip(zip(*batch.values()), indices):
             example = to_example(dict(zip(batch, values)), fmt, index)
-            ids, labels = encode_example(example, tokenizer, prompt_format, train_on_prompt)
+            ids, labels = _encode_row(example, index, tokenizer, prompt_format, train_on_prompt)
             ids, labels = ids[:max_length], labels[:max_length]
             if any(label != IGNORE_INDEX for label in labels):
                 out["input_ids"].append(ids)
@@ -158,6 +159,17 @@ def tokenize(
         log.warning("%d of %d examples dropped: --max-length %d cut all their target tokens",
                     dropped, len(dataset), max_length)
     return tokenized
+
+
+def _encode_row(example: Any, index: int, tokenizer: Any, prompt_format: dict[str, str],
+                train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    """encode_example, with template failures reported as errors naming the row."""
+    try:
+        return encode_example(example, tokenizer, prompt_format, train_on_prompt)
+    except jinja2.TemplateError as exc:  # e.g. a template that refuses a system turn
+        raise PeftkitError(f"row {index + 1}: the chat template cannot render this conversation: {exc}") from None
+    except PeftkitError as exc:
+        raise PeftkitError(f"row {index + 1}: {exc}") from None
 
 
 def tokenizer_key(tokenizer: Any) -> str:
