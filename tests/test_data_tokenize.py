@@ -119,6 +119,29 @@ def test_plain_template_without_chat_template(plain):
     assert _target_runs(row, plain) == ["apple apple</s>"]
 
 
+class _Slow:
+    """The plain tokenizer seen as a Python tokenizer (no character offsets)."""
+
+    is_fast = False
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, text, **kwargs):
+        kwargs.pop("return_offsets_mapping", None)
+        return self.inner(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_tokenizers_without_offsets_tokenize_piece_by_piece(plain):
+    example = [{"role": "user", "content": "say hello"}, {"role": "assistant", "content": "hello world"}]
+    fast = tokenizing.encode_example(example, plain, {"plain_template": PLAIN_TEMPLATE}, False)
+    slow = tokenizing.encode_example(example, _Slow(plain), {"plain_template": PLAIN_TEMPLATE}, False)
+    assert slow == fast  # the plain template's pieces meet at a newline, so both ways agree
+
+
 def test_text_format_and_train_on_prompt(plain):
     row = tokenize(datasets.Dataset.from_list([{"text": "hello world"}]), plain, max_length=64)[0]
     assert plain.decode(row["input_ids"]) == "<s>hello world</s>"

@@ -59,9 +59,8 @@ def encode_segments(tokenizer: Any, segments: list[Segment], special_prefix: boo
 
 def _encode_run(tokenizer: Any, run: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
     text = "".join(piece for piece, _ in run)
-    try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError:  # slow tokenizer
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True) if tokenizer.is_fast else {}
+    if "offset_mapping" not in enc:  # a Python ("slow") tokenizer has no character offsets
         ids: list[int] = []
         targets: list[bool] = []
         for piece, target in run:
