@@ -80,6 +80,10 @@ def test_every_assistant_turn_is_a_target(smol):
     sharegpt = [{"from": "human", "value": "Three?"}, {"from": "gpt", "value": "3"}]
     rows = datasets.Dataset.from_list([{"messages": chat}])
     assert _target_runs(tokenize(rows, smol, max_length=256)[0], smol) == ["1<|im_end|>", "2<|im_end|>"]
+    opening = [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Q"},
+               {"role": "assistant", "content": "A"}]  # SmolLM2's template still writes its default system turn
+    rows = datasets.Dataset.from_list([{"messages": opening}])
+    assert _target_runs(tokenize(rows, smol, max_length=256)[0], smol) == ["Hello!<|im_end|>", "A<|im_end|>"]
     rows = datasets.Dataset.from_list([{"conversations": sharegpt}])
     assert _target_runs(tokenize(rows, smol, max_length=256)[0], smol) == ["3<|im_end|>"]
 

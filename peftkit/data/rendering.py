@@ -59,10 +59,14 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer: Any, template: str
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render(messages[:i], True) if i else ""
         through = render(messages[: i + 1], False)
-        start, end = len(prompt), len(through.rstrip())
-        if not (full.startswith(through) and through.startswith(prompt)) or start < done or start > end:
+        end = len(through.rstrip())
+        if i:
+            prompt = render(messages[:i], True)
+            start = len(prompt) if through.startswith(prompt) else -1
+        else:  # an opening assistant turn: the template may still write a default system turn before it
+            start = through.rfind(message["content"]) if message["content"] else -1
+        if not full.startswith(through) or start < done or start > end:
             raise PeftkitError(
                 "the chat template renders a conversation differently from its beginning, so the answer tokens "
                 "cannot be located; pass a prompt_format with another chat_template, or use the plain template"
