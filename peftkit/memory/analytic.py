@@ -10,7 +10,7 @@ Model states (bytes per parameter; Ψ_t trainable, Ψ_f frozen, N GPUs), followi
 Sharding: ZeRO-1 divides optimizer states by N, ZeRO-2 also gradients, ZeRO-3 / FSDP also weights (plus the
 gathered weights of the running and the prefetched layer). DeepSpeed's bf16 mixed precision keeps bf16 working
 weights and gradients and puts the fp32 master copy with the sharded optimizer states (12 bytes: K = 12), and
-casts the gradient partition to fp32 for its fused step (4/N). Offload moves optimizer states, master weights and
+casts the gradient partition to fp32 for its fused step (4/N; stage 3 one 1e9-element sub-group at a time). Offload moves optimizer states, master weights and
 step temporaries (and at stage 3 the weights) to CPU memory.
 
 The step's peak is the largest of: the end of the forward (saved activations + logits and loss), the loss's
@@ -30,6 +30,7 @@ from peftkit.memory.shapes import ModelShape
 CUDA_CONTEXT = 0.75e9  # CUDA context + cuBLAS workspaces of a PyTorch process (typical on A100/H100)
 ALLOCATOR_SLACK = 0.05  # caching-allocator rounding and fragmentation, as a fraction of live tensor bytes
 ZERO_BUCKET = 5e8  # DeepSpeed's default reduce/all-gather bucket, in elements
+ZERO3_SUB_GROUP = 1e9  # DeepSpeed stage 3 default sub_group_size, in elements
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 ROWS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_states", "activations", "logits_and_loss",
@@ -77,8 +78,11 @@ def _state(s: ModelShape, setup: TrainingSetup, trainable: int, total: int) -> d
         out["gradients"] /= n
     if stage >= 3:
         gathered = 2 * s.layer_params * (2 if prec != "fp32" else 4)  # running + prefetched layer, unsharded
-        out["frozen_weights"] = out["frozen_weights"] / n + gathered
+        out["frozen_weights"] /= n
         out["trainable_weights"] /= n
+        out["trainable_weights" if trainable > frozen else "frozen_weights"] += gathered
+        if deepspeed_amp:  # stage 3 casts the gradients to fp32 one sub-group (1e9 elements) at a time
+            out["step_temporaries"] = min(out["step_temporaries"], 4 * ZERO3_SUB_GROUP)
     return out
 
 

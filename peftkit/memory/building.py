@@ -56,7 +56,6 @@ def build_meta_model(config: PretrainedConfig, setup: TrainingSetup) -> nn.Modul
 
 def _train_config(config: PretrainedConfig) -> PretrainedConfig:
     config = copy.deepcopy(config)
-    config.use_cache = False
     return config
 
 

@@ -15,7 +15,7 @@ from peftkit.errors import PeftkitError
 from peftkit.memory.analytic import ROWS, estimate_rows
 from peftkit.memory.building import build_meta_model, parameter_counts, registered_method
 from peftkit.memory.presets import resolve_config
-from peftkit.memory.setup import TrainingSetup
+from peftkit.memory.setup import METHOD_OPTIONS, TrainingSetup
 from peftkit.memory.shapes import ModelShape, model_shape
 from peftkit.memory.trainable import analytic_trainable
 
@@ -62,6 +62,9 @@ def trainable_count(config: PretrainedConfig, shape: ModelShape, setup: Training
     if registered_method(setup.method) is not None and setup.method not in ("full", "freeze"):
         trainable, total = parameter_counts(build_meta_model(config, setup))
         return trainable, total, "registry"
+    unknown = [k for k in setup.method_options if k not in METHOD_OPTIONS]
+    if unknown:
+        raise PeftkitError(f"options {unknown} need the registered {setup.method!r} method, not in this build")
     return analytic_trainable(shape, setup), shape.total_params, "formula"
 
 

@@ -19,6 +19,7 @@ METHODS = ("full", "freeze", "lora", "qlora", "adapter", "prefix")
 PRECISIONS = ("fp32", "bf16", "amp")
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
 QUANT_BITS = (4, 8)
+PEFT_METHODS = ("lora", "qlora", "adapter", "prefix")
 
 # Options that mean something only for some methods: option -> the methods it applies to.
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -75,7 +76,9 @@ class TrainingSetup:
         for key, value in self.method_options.items():
             applies = METHOD_OPTIONS.get(key)
             if applies is None:
-                raise PeftkitError(f"unknown method option {key!r}; known: {', '.join(METHOD_OPTIONS)}")
+                if self.method in PEFT_METHODS:
+                    continue  # another field of the method's config: the registry's build_config checks it
+                raise PeftkitError(f"method {self.method!r} takes no option {key!r}; known: {', '.join(METHOD_OPTIONS)}")
             if self.method not in applies:
                 raise PeftkitError(f"option {key!r} does not apply to method {self.method!r} (only {', '.join(applies)})")
             self._check_option(key, value)

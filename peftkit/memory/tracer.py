@@ -122,7 +122,8 @@ def trace_memory(config: PretrainedConfig, setup: TrainingSetup, foreach: bool =
     if trainable == 0:
         raise PeftkitError(f"method {setup.method!r} leaves no trainable parameter on this model")
     counter = LiveBytes()
-    with FakeTensorMode(), _quiet(), trace_attention(model):
+    attention = contextlib.nullcontext() if setup.method == "prefix" else trace_attention(model)
+    with FakeTensorMode(), _quiet(), attention:
         materialize_fake(model)
         if setup.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -139,6 +140,42 @@ def trace_memory(config: PretrainedConfig, setup: TrainingSetup, foreach: bool =
     notes = [f"optimizer {type(opt).__name__}(foreach={foreach}) with its state already created (steady state)"]
     return TraceResult(counter.peak, counter.peak_phase, phases, state, trainable, total,
                        time.perf_counter() - start, notes)  # fmt: skip
+
+
+def measure_real_step(config: PretrainedConfig, setup: TrainingSetup, foreach: bool = True) -> TraceResult:
+    """The same step on real CPU tensors with the same tracker: the ground truth the trace is tested against.
+
+    Uses transformers' default attention (no `peftkit_trace` override), so it also checks that the override makes
+    the fake step allocate what a real step does. Only for models that fit in RAM.
+    """
+    _check_traceable(setup)
+    start = time.perf_counter()
+    meta = build_meta_model(config, setup)
+    model = meta.to_empty(device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    model.tie_weights()
+    for module in model.modules():  # rotary inv_freq and similar buffers were left empty by to_empty
+        if hasattr(module, "original_inv_freq"):
+            module.inv_freq.copy_(module.original_inv_freq)
+    if setup.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, setup, foreach)
+    _warm_up(opt, params)
+    ids = torch.randint(0, config.vocab_size, (setup.batch_size, setup.seq_len))
+    counter = LiveBytes()
+    counter.add([*model.parameters(), *model.buffers(), ids, *_state_tensors(opt)])
+    state = counter.current
+    with _quiet(), StorageTracker(counter):
+        train_step(model, opt, ids, setup, counter)
+    trainable, total = parameter_counts(model)
+    phases = {k: {"start": v.start, "peak": v.peak, "end": v.end} for k, v in counter.phases.items()}
+    return TraceResult(counter.peak, counter.peak_phase, phases, state, trainable, total,
+                       time.perf_counter() - start)  # fmt: skip
 
 
 def _warm_up(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:

@@ -1,0 +1,130 @@
+"""`peftkit estimate`: GPU memory of a training run before launch (analytic; `--trace` for the exact tensor peak).
+
+    peftkit estimate --model qwen1.5-7b --method lora --rank 8 --seq-len 2048 --precision bf16 \
+        --gradient-checkpointing --gpus 1 --gpu-memory 80
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from peftkit.cli._app import app
+from peftkit.cli._options import Alpha, Json, NumVirtualTokens, Rank, ReductionFactor, Set, TargetModules, Variant
+from peftkit.cli._options import parse_sets
+from peftkit.errors import PeftkitError
+from peftkit.memory.estimate import GB, MemoryEstimate, estimate_memory
+from peftkit.memory.presets import PRESETS
+from peftkit.memory.traced import traced_estimate
+
+ROW_LABELS = {
+    "frozen_weights": "frozen weights",
+    "trainable_weights": "trainable weights",
+    "gradients": "gradients",
+    "optimizer_states": "optimizer states",
+    "activations": "activations",
+    "logits_and_loss": "logits and loss",
+    "step_temporaries": "optimizer-step temporaries",
+    "overhead": "framework overhead",
+}
+
+
+def _print_presets(as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({name: hub for name, (hub, _) in PRESETS.items()}, indent=2))
+        return
+    table = Table(title="model presets (offline, exact configs; names are case-insensitive)")
+    for col in ("preset", "mirrors", "layers", "hidden", "heads / kv"):
+        table.add_column(col)
+    for name, (hub, f) in PRESETS.items():
+        heads = f"{f['num_attention_heads']} / {f['num_key_value_heads']}"
+        table.add_row(name, hub, str(f["num_hidden_layers"]), str(f["hidden_size"]), heads)
+    Console().print(table)
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:,.2f}"
+
+
+def _print(est: MemoryEstimate) -> None:
+    s = est.setup
+    console = Console()
+    title = (f"{est.model}: {s['method']}, {s['precision']}, {s['optimizer']}, batch {s['batch_size']} x "
+             f"{s['seq_len']} tokens{', checkpointing' if s['gradient_checkpointing'] else ''}, {s['gpus']} GPU(s)")
+    table = Table(title=title, caption="GB = 10^9 bytes, per GPU")
+    table.add_column("component")
+    table.add_column("GB", justify="right")
+    for key, label in ROW_LABELS.items():
+        table.add_row(label, _gb(est.breakdown[key]))
+    table.add_row("[bold]total per GPU[/bold]", f"[bold]{_gb(est.total_bytes)}[/bold]")
+    console.print(table)
+    console.print(f"parameters: {est.total_params:,} total, {est.trainable_params:,} trainable "
+                  f"({est.trainable_source}); peak during: {est.peak_phase}")  # fmt: skip
+    if est.cpu_offload_bytes:
+        console.print(f"offloaded to CPU memory: {_gb(est.cpu_offload_bytes)} GB")
+    if est.trace:
+        t = est.trace
+        console.print(f"traced tensor peak {_gb(t['peak_bytes'])} GB in {t['peak_phase']} ({t['seconds']:.1f} s); "
+                      f"corrections: {'; '.join(t['corrections'])}")  # fmt: skip
+    if est.gpu_memory_gb is not None:
+        verdict = "fits" if est.fits else "does NOT fit"
+        console.print(f"{verdict} on one {est.gpu_memory_gb:g} GB GPU with this sharding; GPUs needed: "
+                      f"{est.gpus_needed if est.gpus_needed else 'none (plain data parallel does not shard; try --zero 3 or --fsdp)'}; "
+                      f"largest batch at this length: {est.max_batch_size}; largest length at this batch: {est.max_seq_len}")  # fmt: skip
+    for line in est.assumptions:
+        console.print(f"[dim]assumes: {line}[/dim]")
+
+
+def _set_options(pairs: list[str] | None) -> dict:
+    import yaml
+
+    return {k: yaml.safe_load(v) for k, v in parse_sets(pairs).items()}
+
+
+@app.command("estimate")
+def estimate_cmd(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Preset (see --list), config.json, model folder or cached hub id.")] = None,
+    method: Annotated[str, typer.Option("--method", help="full | freeze | lora | qlora | adapter | prefix")] = "lora",
+    rank: Rank = None,
+    alpha: Alpha = None,
+    target_modules: TargetModules = None,
+    num_virtual_tokens: NumVirtualTokens = None,
+    reduction_factor: ReductionFactor = None,
+    variant: Variant = None,
+    sets: Set = None,
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | bf16 | amp | auto (= amp: the target is a GPU)")] = "auto",
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw | adamw-8bit | sgd")] = "adamw",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Micro-batch per GPU.")] = 1,
+    seq_len: Annotated[int, typer.Option("--seq-len", "--max-length", help="Tokens per row.")] = 2048,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = False,
+    gpus: Annotated[int, typer.Option("--gpus", help="Data-parallel GPU count.")] = 1,
+    gpu_memory: Annotated[Optional[float], typer.Option("--gpu-memory", help="Memory of one GPU in GB (10^9 bytes).")] = None,
+    zero: Annotated[int, typer.Option("--zero", help="DeepSpeed ZeRO stage 0-3.")] = 0,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="FSDP full sharding.")] = False,
+    offload: Annotated[bool, typer.Option("--offload", help="Offload optimizer states (and ZeRO-3 weights) to CPU.")] = False,
+    trace: Annotated[bool, typer.Option("--trace", help="Also trace one real step on fake tensors (exact tensor peak).")] = False,
+    list_presets: Annotated[bool, typer.Option("--list", help="List the model presets and exit.")] = False,
+    as_json: Json = False,
+) -> None:
+    """Estimate the GPU memory of a training run: breakdown, total per GPU, GPUs needed, largest batch / length."""
+    if list_presets:
+        _print_presets(as_json)
+        return
+    if model is None:
+        raise PeftkitError(f"--model is required: a preset ({', '.join(PRESETS)}), a config.json, folder or hub id")
+    options = {"r": rank, "lora_alpha": alpha, "target_modules": target_modules, "num_virtual_tokens": num_virtual_tokens,
+               "reduction_factor": reduction_factor, "variant": variant, **_set_options(sets)}  # fmt: skip
+    kwargs = dict(precision="amp" if precision.lower() == "auto" else precision, optimizer=optimizer,
+                  batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing, gpus=gpus,
+                  zero=zero, fsdp=fsdp, offload=offload, gpu_memory_gb=gpu_memory)  # fmt: skip
+    est = estimate_memory(model, method, **kwargs, **options)
+    if trace:
+        est = traced_estimate(model, method, est, **{k: v for k, v in options.items() if v is not None})
+    if as_json:
+        print(json.dumps(est.to_dict(), indent=2))
+    else:
+        _print(est)

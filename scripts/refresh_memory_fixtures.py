@@ -1,0 +1,53 @@
+"""Re-record the traced peaks the memory tests compare the analytic model against (tests/fixtures/memory/).
+
+    python scripts/refresh_memory_fixtures.py            # every preset x method x checkpointing x seq (~10 min)
+    python scripts/refresh_memory_fixtures.py qwen1.5-7b # one preset
+
+Each record is one fake-tensor trace (peftkit.memory.tracer.trace_memory) of batch 1. Methods that are not
+registered in this build (or whose step fails) are recorded with an "error" so the tests can say why.
+Run it after changing the tracer, transformers, torch, or a method's modules.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from peftkit.memory.presets import PRESETS, resolve_config
+from peftkit.memory.setup import TrainingSetup
+from peftkit.memory.tracer import trace_memory
+
+OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "memory" / "traces.json"
+CASES = [("full", "amp"), ("full", "bf16"), ("lora", "amp"), ("prefix", "amp"), ("adapter", "amp")]
+SEQS = (512, 2048)
+
+
+def key(preset: str, method: str, precision: str, ckpt: bool, seq: int) -> str:
+    return f"{preset}|{method}|{precision}|ckpt={int(ckpt)}|seq={seq}"
+
+
+def main(presets: list[str]) -> None:
+    records = json.loads(OUT.read_text()) if OUT.exists() else {}
+    warnings.simplefilter("ignore")
+    for preset in presets:
+        config, _ = resolve_config(preset)
+        for method, precision in CASES:
+            for ckpt in (False, True):
+                for seq in SEQS:
+                    setup = TrainingSetup(method, precision, seq_len=seq, gradient_checkpointing=ckpt)
+                    k = key(preset, method, precision, ckpt, seq)
+                    try:
+                        r = trace_memory(config, setup)
+                        records[k] = {"peak_bytes": r.peak_bytes, "peak_phase": r.peak_phase,
+                                      "seconds": round(r.seconds, 1)}  # fmt: skip
+                    except Exception as exc:  # recorded, so the test can report it instead of passing silently
+                        records[k] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+                    print(k, records[k], flush=True)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(dict(sorted(records.items())), indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or list(PRESETS))
