@@ -22,8 +22,9 @@ from peftkit.train.config import TrainConfig, read_recipe
 from peftkit.train.fullft import is_full
 
 RUN_CONFIG = "run_config.yaml"
-# Measured on the bundled task (peftkit/data/README.md): the zero-argument run uses these.
-BUNDLED_DEFAULTS = {"lr": 2e-3, "max_steps": 60, "batch_size": 8, "max_length": 128}
+# From the measurements in peftkit/data/README.md (q,v LoRA r=8, lr 2e-3, batch 8: 86% exact match after 30
+# steps; the longest example is 122 tokens): the zero-argument run uses these.
+BUNDLED_DEFAULTS = {"lr": 2e-3, "max_steps": 30, "batch_size": 8, "max_length": 128}
 GENERIC_DEFAULTS = {"batch_size": 4, "max_length": 512}
 DEFAULT_LR = {"full": 2e-5, "freeze": 5e-5}
 
