@@ -27,11 +27,17 @@ from peftkit.methods import load_builtin as _load_builtin
 _load_builtin()
 
 from peftkit.methods.lora_config import LoraConfig  # noqa: E402
+from peftkit.methods.bottleneck import AdapterConfig  # noqa: E402
+from peftkit.methods.prefix import PrefixConfig  # noqa: E402
+from peftkit.methods.prompt import PromptConfig  # noqa: E402
 
 __all__ = [
     "__version__",
     "PeftkitError",
     "LoraConfig",
+    "AdapterConfig",
+    "PrefixConfig",
+    "PromptConfig",
     "inject",
     "load_adapter",
     "save_adapter",

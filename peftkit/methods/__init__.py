@@ -6,7 +6,7 @@ that `peftkit.methods.base` can be imported by the core modules before any metho
 
 import importlib
 
-BUILTIN_METHODS = ("lora",)
+BUILTIN_METHODS = ("lora", "bottleneck", "prefix", "prompt")
 
 
 def load_builtin() -> None:

@@ -1,0 +1,173 @@
+"""Prefix tuning (Li & Liang 2021, arXiv:2101.00190): learned keys and values in front of every attention layer.
+
+Each layer l attends over [prefix K_l ; real K] and [prefix V_l ; real V], with P learned vectors per layer, per
+K/V, per key-value head (grouped-query attention: kv_heads x head_dim, not heads x head_dim). The whole prefix is
+one table [P, L * 2 * kv_heads * head_dim], laid out per row as [L0.K, L0.V, L1.K, L1.V, ...]: exactly HF PEFT's
+`prompt_embeddings`. Trainable parameters: P * L * 2 * kv_heads * head_dim.
+
+With `prefix_projection` (Li & Liang's reparameterization, which they found steadier to train) the table is the
+output of an MLP  E [P, d_kv] -> Linear(d_kv, H) -> tanh -> Linear(H, L*2*d_kv). The MLP stays in the model's
+parameters during training (so a checkpoint can resume); saving folds it away into the flat table, which is all
+inference needs. The prefix reaches the model through a Cache pre-filled before the first forward
+(see `prefix_cache.py`); real tokens then take positions P, P+1, ... as in HF PEFT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Cache
+
+from peftkit.errors import PeftkitError
+from peftkit.inject import inject
+from peftkit.methods.base import Method
+from peftkit.methods.prefix_cache import (
+    VirtualTokenLayer,
+    check_peft_prompt_config,
+    check_positive,
+    install,
+    model_dims,
+    peft_prompt_config,
+)
+from peftkit.registry import register
+from peftkit.state import adapters
+
+PREFIX_INITS = ("random", "zero")
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    """Prefix tuning hyper-parameters, named as in HF PEFT's PrefixTuningConfig.
+
+    num_virtual_tokens: prefix length P. prefix_projection: train through the reparameterization MLP.
+    encoder_hidden_size: the MLP's hidden width (None: kv_heads * head_dim, PEFT's default).
+    init: "random" (N(0, 1), as PEFT's nn.Embedding) or "zero" (PEFT's init_weights="zero").
+    """
+
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = None
+    init: str = "random"
+
+    def __post_init__(self) -> None:
+        check_positive("num_virtual_tokens", self.num_virtual_tokens)
+        if self.encoder_hidden_size is not None:
+            check_positive("encoder_hidden_size", self.encoder_hidden_size)
+        if not isinstance(self.prefix_projection, bool):
+            raise PeftkitError(f"prefix_projection must be true or false, got {self.prefix_projection!r}")
+        if self.init not in PREFIX_INITS:
+            raise PeftkitError(f"unknown prefix init {self.init!r}; choose one of {', '.join(PREFIX_INITS)}")
+
+
+class PrefixEncoder(nn.Module):
+    """Produces the prefix table [P, L*2*d_kv]: a flat embedding, or an embedding [P, d_kv] through an MLP."""
+
+    def __init__(self, p: int, d_kv: int, layers: int, projection: bool, hidden: int, factory: dict) -> None:
+        super().__init__()
+        width = layers * 2 * d_kv
+        self.embedding = nn.Embedding(p, d_kv if projection else width, **factory)
+        self.transform = (
+            nn.Sequential(nn.Linear(d_kv, hidden, **factory), nn.Tanh(), nn.Linear(hidden, width, **factory))
+            if projection
+            else None
+        )
+
+    def forward(self) -> torch.Tensor:
+        """The table [P, L * 2 * kv_heads * head_dim] (the MLP applied when there is one)."""
+        table = self.embedding.weight
+        return self.transform(table) if self.transform is not None else table
+
+
+class PrefixLayer(VirtualTokenLayer):
+    """`model.peftkit_prefix`: every prefix adapter of the model, and the hooks that put the active one in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleDict()
+        self.dims: dict[str, int] = {}
+
+    def add_adapter(self, model: nn.Module, name: str, config: PrefixConfig) -> None:
+        dims = model_dims(model)
+        d_kv = dims["kv_heads"] * dims["head_dim"]
+        weight = model.get_input_embeddings().weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        hidden = config.encoder_hidden_size or d_kv
+        encoder = PrefixEncoder(config.num_virtual_tokens, d_kv, dims["num_layers"], config.prefix_projection, hidden, factory)
+        if config.init == "zero" and weight.device.type != "meta":
+            last = encoder.transform[-1] if encoder.transform is not None else encoder.embedding
+            nn.init.zeros_(last.weight)
+            if getattr(last, "bias", None) is not None:
+                nn.init.zeros_(last.bias)
+        self.encoders[name] = encoder
+        self.num_virtual[name] = config.num_virtual_tokens
+        self.dims = dims
+
+    def table(self, name: str) -> torch.Tensor:
+        """Adapter `name`'s prefix as PEFT stores it: [P, L*2*kv_heads*head_dim], rows [L0.K, L0.V, L1.K, ...]."""
+        return self.encoders[name]()
+
+    def prepare(self, model: nn.Module, kwargs: dict, cache: Cache | None, batch: int, name: str) -> None:
+        """Write the prefix K/V of every layer into the (empty, marked) cache, for a batch of `batch`."""
+        d = self.dims
+        p = self.num_virtual[name]
+        dtype = model.get_input_embeddings().weight.dtype
+        table = self.table(name).to(dtype)  # [P, L*2*kv*hd]
+        kv = table.view(p, d["num_layers"], 2, d["kv_heads"], d["head_dim"]).permute(1, 2, 3, 0, 4)  # [L, 2, kv, P, hd]
+        for layer in range(d["num_layers"]):
+            keys = kv[layer, 0].unsqueeze(0).expand(batch, -1, -1, -1)  # [B, kv_heads, P, head_dim]
+            values = kv[layer, 1].unsqueeze(0).expand(batch, -1, -1, -1)
+            cache.update(keys, values, layer)
+
+
+class PrefixMethod(Method):
+    """Registry entry for prefix tuning (`--method prefix --num-virtual-tokens 20`)."""
+
+    name = "prefix"
+    peft_type = "PREFIX_TUNING"
+    config_cls = PrefixConfig
+    mergeable = False
+    why_not_mergeable = (
+        "prefix tuning adds learned key/value vectors to every attention layer at run time; no weight matrix "
+        "absorbs them."
+    )
+    cli_aliases = {"num_virtual_tokens": "num_virtual_tokens"}
+
+    def inject(self, model: nn.Module, config: PrefixConfig, adapter_name: str) -> None:
+        """Add the prefix adapter to `model.peftkit_prefix` (created, with its hooks, on first use)."""
+        layer = install(model, "peftkit_prefix", PrefixLayer)
+        layer.add_adapter(model, adapter_name, config)
+
+    def export(self, model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        """PEFT's PREFIX_TUNING format; a reparameterized prefix is folded into its flat table first."""
+        config: PrefixConfig = adapters(model)[adapter_name].config
+        layer: PrefixLayer = model.peftkit_prefix
+        d = layer.dims
+        d_kv = d["kv_heads"] * d["head_dim"]
+        with torch.no_grad():
+            table = layer.table(adapter_name).detach().contiguous()
+        config_json = peft_prompt_config(self.peft_type, config.num_virtual_tokens, d_kv, d["kv_heads"], d["num_layers"])
+        hidden = config.encoder_hidden_size or d_kv
+        config_json.update({"encoder_hidden_size": hidden, "prefix_projection": False, "init_weights": None})
+        return config_json, {"prompt_embeddings": table}
+
+    def load(self, model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], adapter_name: str) -> PrefixConfig:
+        """Load a PREFIX_TUNING adapter saved by peftkit or HF PEFT (its flat table, whatever prefix_projection says)."""
+        d = model_dims(model)
+        d_kv = d["kv_heads"] * d["head_dim"]
+        expected = {"num_layers": d["num_layers"], "token_dim": d_kv, "num_attention_heads": d["kv_heads"]}
+        table = check_peft_prompt_config(config_json, tensors, expected, "prefix")
+        if table.shape[1] != d["num_layers"] * 2 * d_kv:
+            raise PeftkitError(
+                f"'prompt_embeddings' has shape {tuple(table.shape)}, but this model needs [P, {d['num_layers'] * 2 * d_kv}] "
+                f"(num_layers={d['num_layers']} x 2 x kv_heads={d['kv_heads']} x head_dim={d['head_dim']})"
+            )
+        config = PrefixConfig(num_virtual_tokens=table.shape[0], encoder_hidden_size=config_json.get("encoder_hidden_size"))
+        inject(model, config, adapter_name)
+        with torch.no_grad():
+            model.peftkit_prefix.encoders[adapter_name].embedding.weight.copy_(table)
+        return config
+
+
+register(PrefixMethod())
