@@ -65,3 +65,14 @@ def train_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int = 8, lr: f
         losses.append(loss.item())
     model.eval()
     return losses[0], losses[-1]
+
+
+def left_padded_matches_rows(model: torch.nn.Module, steps: int = 5) -> bool:
+    """A left-padded batch generates, row by row, what each prompt generates alone."""
+    a, b = token_batch(1, 6, seed=2), token_batch(1, 4, seed=3)
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 2, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    new = out[:, ids.shape[1]:]
+    return torch.equal(new[0], greedy_generate(model, a, steps)[0]) and torch.equal(new[1], greedy_generate(model, b, steps)[0])

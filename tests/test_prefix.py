@@ -10,6 +10,7 @@ import torch
 from _tiny_method_models import (
     greedy_by_full_forward,
     greedy_generate,
+    left_padded_matches_rows,
     tiny_config,
     tiny_model,
     token_batch,
@@ -35,6 +36,13 @@ def test_generate_keeps_prefix(arch: str) -> None:
     assert not torch.equal(generated, base)
     with peftkit.disable_adapters(model):
         assert torch.equal(greedy_generate(model, ids, 6), base)
+
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_left_padded_batch_generates_like_single_rows(arch: str) -> None:
+    model = peftkit.inject(tiny_model(arch), peftkit.PrefixConfig(num_virtual_tokens=P))
+    assert left_padded_matches_rows(model)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

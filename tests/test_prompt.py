@@ -7,6 +7,7 @@ import torch
 from _tiny_method_models import (
     greedy_by_full_forward,
     greedy_generate,
+    left_padded_matches_rows,
     tiny_config,
     tiny_model,
     token_batch,
@@ -29,6 +30,13 @@ def test_generate_keeps_prompt(arch: str) -> None:
     generated = greedy_generate(model, ids, 6)
     assert torch.equal(generated, greedy_by_full_forward(model, ids, 6))
     assert not torch.equal(generated, base)
+
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_left_padded_batch_generates_like_single_rows(arch: str) -> None:
+    model = peftkit.inject(tiny_model(arch), peftkit.PromptConfig(num_virtual_tokens=P))
+    assert left_padded_matches_rows(model)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
