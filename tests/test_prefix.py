@@ -138,3 +138,14 @@ def test_bad_init_and_foreign_adapter(tmp_path) -> None:
     peftkit.save_adapter(model, tmp_path / "a")
     with warnings.catch_warnings(), pytest.raises(PeftkitError, match="token_dim=32 but this model needs 64"):
         peftkit.load_adapter(tiny_model("gpt2"), tmp_path / "a")
+
+
+def test_gradient_checkpointing_refused_in_training() -> None:
+    """transformers drops the cache under checkpointing; training would silently ignore the prefix."""
+    model = peftkit.inject(tiny_model("llama"), peftkit.PrefixConfig(num_virtual_tokens=P))
+    model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(PeftkitError, match="gradient checkpointing"):
+        model(input_ids=token_batch(), labels=token_batch())
+    model.eval()
+    assert model(input_ids=token_batch()).logits.shape[1] == token_batch().shape[1]  # inference is unaffected

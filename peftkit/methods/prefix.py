@@ -110,6 +110,11 @@ class PrefixLayer(VirtualTokenLayer):
 
     def prepare(self, model: nn.Module, kwargs: dict, cache: Cache | None, batch: int, name: str) -> None:
         """Write the prefix K/V of every layer into the (empty, marked) cache, for a batch of `batch`."""
+        if model.training and torch.is_grad_enabled() and _checkpointing(model):
+            raise PeftkitError(
+                "prefix tuning cannot train with gradient checkpointing: transformers then runs the layers without "
+                "the KV cache that holds the prefix, so it would be silently ignored; disable gradient checkpointing"
+            )
         d = self.dims
         p = self.num_virtual[name]
         dtype = model.get_input_embeddings().weight.dtype
@@ -119,6 +124,13 @@ class PrefixLayer(VirtualTokenLayer):
             keys = kv[layer, 0].unsqueeze(0).expand(batch, -1, -1, -1)  # [B, kv_heads, P, head_dim]
             values = kv[layer, 1].unsqueeze(0).expand(batch, -1, -1, -1)
             cache.update(keys, values, layer)
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on, under either of transformers' names."""
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    name = "is_activation_checkpointing" if flag is not None else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
 
 
 class PrefixMethod(Method):
