@@ -93,3 +93,22 @@ def test_bad_inputs() -> None:
         peftkit.PromptConfig(init="text")
     with pytest.raises(PeftkitError, match="has no option 'rank'"):
         get_method("prompt").build_config({"rank": 8})
+
+
+def test_logits_to_keep_is_not_cut() -> None:
+    """A trainer asking for some logits (negative indices) gets exactly those, not a prompt-shifted slice."""
+    ids = token_batch(2, 8)
+    model = peftkit.inject(tiny_model("llama"), peftkit.PromptConfig(num_virtual_tokens=P))
+    full = model(input_ids=ids, use_cache=False).logits
+    keep = torch.tensor([-7, -5, -4, -2])
+    kept = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+    assert torch.allclose(kept, full[:, keep], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_packed_rows_refused(method: str) -> None:
+    config = peftkit.PrefixConfig(num_virtual_tokens=P) if method == "prefix" else peftkit.PromptConfig(num_virtual_tokens=P)
+    model = peftkit.inject(tiny_model("llama"), config)
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    with pytest.raises(PeftkitError, match="packed sequences"):
+        model(input_ids=token_batch(1, 6), position_ids=packed, use_cache=False)

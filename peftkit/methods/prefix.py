@@ -83,6 +83,8 @@ class PrefixEncoder(nn.Module):
 class PrefixLayer(VirtualTokenLayer):
     """`model.peftkit_prefix`: every prefix adapter of the model, and the hooks that put the active one in."""
 
+    method_name = "prefix"
+
     def __init__(self) -> None:
         super().__init__()
         self.encoders = nn.ModuleDict()

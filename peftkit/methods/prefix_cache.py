@@ -63,11 +63,14 @@ class VirtualTokenLayer(AdapterLayer):
     `prepare(model, kwargs, batch, name)` for a first (prefill) call, where the cache holds nothing yet.
     """
 
+    method_name = "virtual-token"
+
     def __init__(self) -> None:
         super().__init__()
         self.num_virtual: dict[str, int] = {}
         self._handles: list[Any] = []
         self._strip = 0  # virtual positions to cut off the logits of the current call (prompt tuning)
+        self._full = 0  # the logits length (P + T) at which they are cut; any other length (logits_to_keep) is not
 
     def attach(self, model: nn.Module) -> None:
         """Register the (removable) hooks on the CausalLM `model`."""
@@ -114,6 +117,7 @@ class VirtualTokenLayer(AdapterLayer):
             return (), kwargs
         batch, q_len = tokens.shape[0], tokens.shape[1]
         p = self.num_virtual[name]
+        _refuse_packed(kwargs, self.method_name)
         if cache is None or cache.get_seq_length() == 0:  # first call: put the virtual tokens in
             if cache is None and self.wants_cache(model, kwargs):
                 cache = DynamicCache(config=model.config)
@@ -124,6 +128,7 @@ class VirtualTokenLayer(AdapterLayer):
         elif virtual_tokens_in(cache) != p:
             return (), kwargs  # a cache peftkit did not make: it already holds whatever the caller put in it
         total = (cache.get_seq_length() if cache is not None else 0) + q_len + (p if self._strip else 0)
+        self._full = q_len + self._strip
         _extend_mask(kwargs, p, total)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = _shift_positions(kwargs["position_ids"], p, self._strip)
@@ -131,9 +136,9 @@ class VirtualTokenLayer(AdapterLayer):
 
     def _post_hook(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """Cut the prompt's positions off the logits so they line up with the caller's tokens again."""
-        p, self._strip = self._strip, 0
+        p, full, self._strip = self._strip, self._full, 0
         logits = getattr(output, "logits", None)
-        if p and logits is not None and logits.shape[1] > p:
+        if p and logits is not None and logits.shape[1] == full:
             output.logits = logits[:, p:]
         return output
 
@@ -144,6 +149,18 @@ def _as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
         return dict(kwargs)
     names = [n for n, p in inspect.signature(model.forward).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
     return {**dict(zip(names, args)), **kwargs}
+
+
+def _refuse_packed(kwargs: dict, method: str) -> None:
+    """Packed rows (positions restarting inside a row, no mask) would share one copy of the virtual tokens."""
+    pos = kwargs.get("position_ids")
+    if pos is None or kwargs.get("attention_mask") is not None or pos.shape[-1] < 2:
+        return
+    if (pos.diff(dim=-1) != 1).any():
+        raise PeftkitError(
+            f"{method} tuning cannot run on packed sequences (position_ids restart inside a row): each example needs "
+            "its own virtual tokens; train with packing off"
+        )
 
 
 def _cache_key(model: nn.Module, kwargs: dict) -> str:

@@ -51,6 +51,8 @@ class PromptConfig:
 class PromptLayer(VirtualTokenLayer):
     """`model.peftkit_prompt`: every soft prompt of the model, and the hooks that prepend the active one."""
 
+    method_name = "prompt"
+
     def __init__(self) -> None:
         super().__init__()
         self.prompts = nn.ParameterDict()
