@@ -149,3 +149,17 @@ def test_gradient_checkpointing_refused_in_training() -> None:
         model(input_ids=token_batch(), labels=token_batch())
     model.eval()
     assert model(input_ids=token_batch()).logits.shape[1] == token_batch().shape[1]  # inference is unaffected
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_vocab_init_equals_real_tokens_in_front(arch: str, monkeypatch) -> None:
+    """Li & Liang's real-word init: the prefix starts as the K/V of P real tokens, so the prefixed model equals the
+    base model run on [those tokens ; input] (checks the [L0.K, L0.V, ...] layout and positions from P)."""
+    front = torch.tensor([[5, 17, 42]])
+    monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: front)
+    model = peftkit.inject(tiny_model(arch), peftkit.PrefixConfig(num_virtual_tokens=P))
+    monkeypatch.undo()
+    ids = token_batch()
+    with peftkit.disable_adapters(model):
+        want = model(input_ids=torch.cat([front.expand(ids.shape[0], -1), ids], 1)).logits[:, P:]
+    assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5)

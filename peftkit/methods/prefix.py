@@ -34,7 +34,7 @@ from peftkit.methods.prefix_cache import (
 from peftkit.registry import register
 from peftkit.state import adapters
 
-PREFIX_INITS = ("random", "zero")
+PREFIX_INITS = ("vocab", "random", "zero")
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,15 @@ class PrefixConfig:
 
     num_virtual_tokens: prefix length P. prefix_projection: train through the reparameterization MLP.
     encoder_hidden_size: the MLP's hidden width (None: kv_heads * head_dim, PEFT's default).
-    init: "random" (N(0, 1), as PEFT's nn.Embedding) or "zero" (PEFT's init_weights="zero").
+    init: "vocab" (default: the keys / values the model itself computes for P random vocabulary tokens, Li & Liang's
+    real-word initialization, so training starts from a sensible model), "random" (N(0, 1), PEFT's default, which
+    scrambles a pretrained model's attention at first) or "zero" (PEFT's init_weights="zero").
     """
 
     num_virtual_tokens: int = 20
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
-    init: str = "random"
+    init: str = "vocab"
 
     def __post_init__(self) -> None:
         check_positive("num_virtual_tokens", self.num_virtual_tokens)
@@ -97,14 +99,30 @@ class PrefixLayer(VirtualTokenLayer):
         factory = {"device": weight.device, "dtype": weight.dtype}
         hidden = config.encoder_hidden_size or d_kv
         encoder = PrefixEncoder(config.num_virtual_tokens, d_kv, dims["num_layers"], config.prefix_projection, hidden, factory)
-        if config.init == "zero" and weight.device.type != "meta":
-            last = encoder.transform[-1] if encoder.transform is not None else encoder.embedding
-            nn.init.zeros_(last.weight)
-            if getattr(last, "bias", None) is not None:
-                nn.init.zeros_(last.bias)
+        self.dims = dims
+        if config.init != "random" and weight.device.type != "meta":
+            table = self._real_token_table(model, config.num_virtual_tokens) if config.init == "vocab" else None
+            _init_encoder(encoder, table)
         self.encoders[name] = encoder
         self.num_virtual[name] = config.num_virtual_tokens
-        self.dims = dims
+
+    @torch.no_grad()
+    def _real_token_table(self, model: nn.Module, p: int) -> torch.Tensor:
+        """[P, L*2*kv*hd]: the K/V the model (adapters off here) computes for P random vocabulary tokens."""
+        embed = model.get_input_embeddings().weight
+        ids = torch.randint(0, embed.shape[0], (1, p), device=embed.device)
+        active, self.active_adapter = self.active_adapter, None
+        training = model.training
+        model.eval()
+        try:
+            out = model(input_ids=ids, use_cache=True)
+        finally:
+            model.train(training)
+            self.active_adapter = active
+        cache = getattr(out, "cache", None) or out.past_key_values
+        layers = [torch.stack([cache.layers[i].keys[0], cache.layers[i].values[0]]) for i in range(self.dims["num_layers"])]
+        kv = torch.stack(layers)  # [L, 2, kv_heads, P, head_dim]
+        return kv.permute(3, 0, 1, 2, 4).reshape(p, -1)  # rows [L0.K, L0.V, L1.K, ...], as prepare() reads them
 
     def table(self, name: str) -> torch.Tensor:
         """Adapter `name`'s prefix as PEFT stores it: [P, L*2*kv_heads*head_dim], rows [L0.K, L0.V, L1.K, ...]."""
@@ -126,6 +144,18 @@ class PrefixLayer(VirtualTokenLayer):
             keys = kv[layer, 0].unsqueeze(0).expand(batch, -1, -1, -1)  # [B, kv_heads, P, head_dim]
             values = kv[layer, 1].unsqueeze(0).expand(batch, -1, -1, -1)
             cache.update(keys, values, layer)
+
+
+@torch.no_grad()
+def _init_encoder(encoder: PrefixEncoder, table: torch.Tensor | None) -> None:
+    """Start the prefix at `table` (None: zeros). Through the MLP, its last layer starts at weight 0 and a bias of
+    the table's mean row (a bias is shared by the P rows), so the MLP's output starts there and still trains."""
+    if encoder.transform is None:
+        encoder.embedding.weight.copy_(table if table is not None else 0)
+        return
+    last = encoder.transform[-1]
+    nn.init.zeros_(last.weight)
+    last.bias.copy_(table.mean(0) if table is not None else 0)
 
 
 def _checkpointing(model: nn.Module) -> bool:
