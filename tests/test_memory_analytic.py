@@ -7,16 +7,12 @@ import pytest
 
 from peftkit.errors import PeftkitError
 from peftkit.memory import estimate_memory
-from peftkit.memory.building import registered_method
 from peftkit.memory.presets import resolve_config
 from peftkit.memory.setup import TrainingSetup
 from peftkit.memory.tracer import trace_memory
 
 FIXTURE = Path(__file__).parent / "fixtures" / "memory" / "traces.json"
 RECORDS = json.loads(FIXTURE.read_text())
-# prefix + gradient checkpointing fails on real tensors too: HF drops the cache under checkpointing while the mask
-# still counts the prefix (reported to the prefix method's owner). The trace records the failure.
-KNOWN_BROKEN = {("prefix", "1")}
 
 
 def _parse(key):
@@ -32,13 +28,8 @@ def tensor_bytes(preset, method, precision, ckpt, seq):
 @pytest.mark.parametrize("key", sorted(RECORDS))
 def test_analytic_within_10_percent_of_trace(key):
     preset, method, precision, ckpt, seq = _parse(key)
-    if method in ("lora", "adapter", "prefix") and registered_method(method) is None:
-        pytest.skip(f"method {method!r} is not registered in this build yet")
     record = RECORDS[key]
-    if "error" in record:
-        if (method, ckpt) in KNOWN_BROKEN:
-            pytest.xfail(record["error"])
-        pytest.fail(f"the recorded trace failed: {record['error']}")
+    assert "error" not in record, f"the recorded trace failed: {record.get('error')}"
     analytic = tensor_bytes(preset, method, precision, ckpt, seq)
     assert abs(analytic / record["peak_bytes"] - 1) <= 0.10, (analytic, record)
 
@@ -47,8 +38,6 @@ def test_analytic_within_10_percent_of_trace(key):
 def test_fixture_is_current(key):
     """A recorded trace equals a fresh one (re-run scripts/refresh_memory_fixtures.py when this fails)."""
     preset, method, precision, ckpt, seq = _parse(key)
-    if method == "lora" and registered_method("lora") is None:
-        pytest.skip("lora is not registered in this build yet")
     fresh = trace_memory(resolve_config(preset)[0], TrainingSetup(method, precision, seq_len=seq,
                                                                    gradient_checkpointing=ckpt == "1"))
     assert fresh.peak_bytes == RECORDS[key]["peak_bytes"]
@@ -95,6 +84,7 @@ def test_breakdown_sums_to_total_and_sharding_lowers_it():
         (dict(zero=2, fsdp=True), "either"),
         (dict(offload=True), "sharding"),
         (dict(method="dora"), "method"),
+        (dict(method="prefix", gradient_checkpointing=True), "checkpointing"),
     ],
 )
 def test_bad_input_is_one_line_error(kwargs, message):

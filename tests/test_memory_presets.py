@@ -64,3 +64,26 @@ def test_unknown_preset_lists_presets():
 def test_uncached_hub_id_is_a_clear_offline_error():
     with pytest.raises(PeftkitError, match="does not download"):
         resolve_config("nobody-here/not-a-model-xyz")
+
+
+@pytest.mark.parametrize(
+    "preset, method, options",
+    [
+        ("llama-2-7b", "lora", {"r": 8}),
+        ("qwen2.5-7b", "lora", {"r": 16, "target_modules": "all-linear"}),
+        ("qwen1.5-7b", "adapter", {"variant": "houlsby", "reduction_factor": 16}),
+        ("mistral-7b", "adapter", {"variant": "pfeiffer", "reduction_factor": 32}),
+        ("llama-3-8b", "prefix", {"num_virtual_tokens": 20}),
+    ],
+)
+def test_method_formulas_equal_registered_methods(preset, method, options):
+    """trainable.py's textbook formulas (LoRA r(d_in+d_out), adapters 2hm+m+h, prefix P·L·2·kv_dim) agree with
+    what the registered method code creates on the meta device: each keeps the other honest."""
+    from peftkit.memory.building import build_meta_model, parameter_counts
+    from peftkit.memory.setup import TrainingSetup
+    from peftkit.memory.trainable import analytic_trainable
+
+    config, _ = resolve_config(preset)
+    setup = TrainingSetup(method, "bf16", method_options=options)
+    registered, _ = parameter_counts(build_meta_model(config, setup))
+    assert analytic_trainable(model_shape(config), setup) == registered > 0

@@ -5,7 +5,6 @@ import time
 import pytest
 from transformers import LlamaConfig, Qwen2Config
 
-from peftkit.memory.building import registered_method
 from peftkit.memory.presets import resolve_config
 from peftkit.memory.setup import TrainingSetup
 from peftkit.memory.tracer import measure_real_step, trace_memory
@@ -29,15 +28,9 @@ SETUPS = [
 ]
 
 
-def _need(method):
-    if method in ("lora", "adapter", "prefix") and registered_method(method) is None:
-        pytest.skip(f"method {method!r} is not registered in this build yet")
-
-
 @pytest.mark.parametrize("arch", sorted(TINY))
 @pytest.mark.parametrize("kw", SETUPS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
 def test_trace_equals_real_step(arch, kw):
-    _need(kw["method"])
     setup = TrainingSetup(seq_len=96, **{"batch_size": 1, **kw})
     fake, real = trace_memory(TINY[arch], setup), measure_real_step(TINY[arch], setup)
     assert fake.trainable_params == real.trainable_params

@@ -55,7 +55,8 @@ def _print(est: MemoryEstimate) -> None:
     console = Console()
     title = (f"{est.model}: {s['method']}, {s['precision']}, {s['optimizer']}, batch {s['batch_size']} x "
              f"{s['seq_len']} tokens{', checkpointing' if s['gradient_checkpointing'] else ''}, {s['gpus']} GPU(s)")
-    table = Table(title=title, caption="GB = 10^9 bytes, per GPU")
+    console.print(f"[bold]{title}[/bold]")  # a line of its own: a table title would wrap to the table's width
+    table = Table(caption="GB = 10^9 bytes, per GPU")
     table.add_column("component")
     table.add_column("GB", justify="right")
     for key, label in ROW_LABELS.items():

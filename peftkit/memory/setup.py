@@ -73,6 +73,9 @@ class TrainingSetup:
             raise PeftkitError("choose either --fsdp or --zero N, not both (FSDP full sharding is like ZeRO-3)")
         if self.offload and not (self.zero or self.fsdp):
             raise PeftkitError("--offload needs sharding: pass --zero 1/2/3 or --fsdp (offload is a ZeRO/FSDP feature)")
+        if self.method == "prefix" and self.gradient_checkpointing:
+            raise PeftkitError("prefix tuning cannot train with gradient checkpointing (transformers drops the KV cache "
+                               "that holds the prefix); drop --gradient-checkpointing or pick another method")
         for key, value in self.method_options.items():
             applies = METHOD_OPTIONS.get(key)
             if applies is None:

@@ -113,33 +113,38 @@ def _check_traceable(setup: TrainingSetup) -> None:
         raise PeftkitError("--trace traces one unsharded device; drop --gpus/--zero/--fsdp/--offload to trace")
 
 
+def _measure(model: nn.Module, setup: TrainingSetup, foreach: bool, ids: torch.Tensor, start: float) -> TraceResult:
+    """Prepare the trainer's state (checkpointing, optimizer with its state), then track one step."""
+    if setup.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PeftkitError(f"method {setup.method!r} leaves no trainable parameter on this model")
+    opt = make_optimizer(params, setup, foreach)
+    _warm_up(opt, params)
+    counter = LiveBytes()
+    counter.add([*model.parameters(), *model.buffers(), ids, *_state_tensors(opt)])
+    state = counter.current
+    with _quiet(), StorageTracker(counter):
+        train_step(model, opt, ids, setup, counter)
+    trainable, total = parameter_counts(model)
+    phases = {k: {"start": v.start, "peak": v.peak, "end": v.end} for k, v in counter.phases.items()}
+    notes = [f"optimizer {type(opt).__name__}(foreach={foreach}) with its state already created (steady state)"]
+    return TraceResult(counter.peak, counter.peak_phase, phases, state, trainable, total,
+                       time.perf_counter() - start, notes)  # fmt: skip
+
+
 def trace_memory(config: PretrainedConfig, setup: TrainingSetup, foreach: bool = True) -> TraceResult:
     """Trace one steady-state training step of `config` under `setup` on fake tensors (see the module doc)."""
     _check_traceable(setup)
     start = time.perf_counter()
     model = build_meta_model(config, setup)
-    trainable, total = parameter_counts(model)
-    if trainable == 0:
-        raise PeftkitError(f"method {setup.method!r} leaves no trainable parameter on this model")
-    counter = LiveBytes()
     attention = contextlib.nullcontext() if setup.method == "prefix" else trace_attention(model)
     with FakeTensorMode(), _quiet(), attention:
         materialize_fake(model)
-        if setup.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(params, setup, foreach)
-        _warm_up(opt, params)
         ids = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long)
-        counter.add([*model.parameters(), *model.buffers(), ids, *_state_tensors(opt)])
-        state = counter.current
-        with StorageTracker(counter):
-            train_step(model, opt, ids, setup, counter)
-    phases = {k: {"start": v.start, "peak": v.peak, "end": v.end} for k, v in counter.phases.items()}
-    notes = [f"optimizer {type(opt).__name__}(foreach={foreach}) with its state already created (steady state)"]
-    return TraceResult(counter.peak, counter.peak_phase, phases, state, trainable, total,
-                       time.perf_counter() - start, notes)  # fmt: skip
+        return _measure(model, setup, foreach, ids, start)
 
 
 def measure_real_step(config: PretrainedConfig, setup: TrainingSetup, foreach: bool = True) -> TraceResult:
@@ -150,8 +155,7 @@ def measure_real_step(config: PretrainedConfig, setup: TrainingSetup, foreach: b
     """
     _check_traceable(setup)
     start = time.perf_counter()
-    meta = build_meta_model(config, setup)
-    model = meta.to_empty(device="cpu")
+    model = build_meta_model(config, setup).to_empty(device="cpu")
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -160,22 +164,8 @@ def measure_real_step(config: PretrainedConfig, setup: TrainingSetup, foreach: b
     for module in model.modules():  # rotary inv_freq and similar buffers were left empty by to_empty
         if hasattr(module, "original_inv_freq"):
             module.inv_freq.copy_(module.original_inv_freq)
-    if setup.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, setup, foreach)
-    _warm_up(opt, params)
     ids = torch.randint(0, config.vocab_size, (setup.batch_size, setup.seq_len))
-    counter = LiveBytes()
-    counter.add([*model.parameters(), *model.buffers(), ids, *_state_tensors(opt)])
-    state = counter.current
-    with _quiet(), StorageTracker(counter):
-        train_step(model, opt, ids, setup, counter)
-    trainable, total = parameter_counts(model)
-    phases = {k: {"start": v.start, "peak": v.peak, "end": v.end} for k, v in counter.phases.items()}
-    return TraceResult(counter.peak, counter.peak_phase, phases, state, trainable, total,
-                       time.perf_counter() - start)  # fmt: skip
+    return _measure(model, setup, foreach, ids, start)
 
 
 def _warm_up(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:

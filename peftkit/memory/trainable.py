@@ -1,4 +1,4 @@
-"""Trainable-parameter counts from the methods' formulas (used when a method is not registered in this build).
+"""Trainable-parameter counts from the methods' textbook formulas (tests check them against the registered code).
 
     full     every parameter
     freeze   N * (parameters of one decoder layer)              (the last N layers train)
