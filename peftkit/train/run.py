@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftkit.errors import PeftkitError
 from peftkit.train import datasetup
 from peftkit.train.checkpoint import Position, load_checkpoint
 from peftkit.train.config import TrainConfig, save_config
@@ -51,26 +52,21 @@ def prepare_model(model: Any, cfg: TrainConfig) -> None:
     inject(model, get_method(cfg.method).build_config(cfg.method_options()))
 
 
-def memory_estimate(cfg: TrainConfig, model: Any) -> Any | None:
-    """peftkit.memory's estimate for this run (per process), or None when the estimator is unavailable or declines
-    the setup (e.g. a method it does not model). The one place the trainer talks to the estimator."""
-    try:
-        from peftkit.memory import estimate_memory
-    except ImportError:
-        return None
+def memory_estimate(cfg: TrainConfig, model: Any) -> Any:
+    """peftkit.memory's estimate for this run (per process): the one place the trainer talks to the estimator.
+    Raises PeftkitError when the estimator declines the setup; the caller reports why and trains anyway."""
     import torch
+
+    from peftkit.memory import estimate_memory
 
     options = {"r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": cfg.target_modules, "variant": cfg.variant,
                "reduction_factor": cfg.reduction_factor, "num_virtual_tokens": cfg.num_virtual_tokens,
                "trainable_layers": cfg.set.get("layers") if cfg.method == "freeze" else None}
     gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else None
     precision = "fp32" if cfg.precision in ("auto", "fp16") and gpu_gb is None else cfg.precision
-    try:
-        return estimate_memory(model.config, cfg.method, precision="amp" if precision in ("auto", "fp16") else precision,
-                               batch_size=cfg.batch_size, seq_len=cfg.max_length, gpu_memory_gb=gpu_gb,
-                               gradient_checkpointing=cfg.gradient_checkpointing, **options)
-    except Exception:  # noqa: BLE001 - an estimate is advisory; training must not fail because of it
-        return None
+    return estimate_memory(model.config, cfg.method, precision="amp" if precision in ("auto", "fp16") else precision,
+                           batch_size=cfg.batch_size, seq_len=cfg.max_length, gpu_memory_gb=gpu_gb,
+                           gradient_checkpointing=cfg.gradient_checkpointing, **options)
 
 
 def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool = True,
@@ -98,8 +94,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool 
     say(f"model {cfg.model or 'embedded SmolLM2-135M-Instruct'} | method {cfg.method} | trainable {trainable:,} of "
         f"{total:,} parameters ({100 * trainable / total:.3f}%) | precision {precision}")
     say(f"data: {len(train_split)} training examples ({fmt}), {len(eval_split) if eval_split else 0} eval")
-    estimate = memory_estimate(cfg, model)
-    _report_memory(estimate, say)
+    _report_memory(cfg, model, say)
     plan = datasetup.plan_fn(train_split, cfg)
     steps = total_steps(cfg, len(plan(0)), acc.num_processes)
     say(f"{steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} x {acc.num_processes} examples, lr {cfg.lr}")
@@ -188,10 +183,13 @@ def _say_eval(when: str, result: dict, say: Callable[[str], None]) -> None:
     say(f"eval {when}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}{em_text}")
 
 
-def _report_memory(estimate: Any | None, say: Callable[[str], None]) -> None:
-    """Print the estimate's total and largest parts; warn when it exceeds this GPU's memory."""
-    if estimate is None:
-        say("memory estimate: unavailable for this setup")
+def _report_memory(cfg: TrainConfig, model: Any, say: Callable[[str], None]) -> None:
+    """Print the estimate's total and largest parts; warn when it exceeds this GPU's memory. An estimate is
+    advisory: when the estimator declines the setup, say why and go on."""
+    try:
+        estimate = memory_estimate(cfg, model)
+    except PeftkitError as exc:
+        say(f"memory estimate: not available ({exc})")
         return
     parts = sorted(estimate.breakdown.items(), key=lambda kv: -kv[1])[:3]
     shown = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f}" for k, v in parts)
