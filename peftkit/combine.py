@@ -52,6 +52,7 @@ class LoraDeltas:
     full: dict[str, list[tuple[float, torch.Tensor]]] = field(default_factory=dict)  # param key -> [(weight, tensor)]
     base_model: str | None = None
     meta: dict = field(default_factory=dict)
+    fan_in_fan_out: bool = False  # the targets are GPT-2 Conv1D layers (PEFT records this in the config)
 
 
 def _explain_not_lora(peft_type: str, path: str) -> PeftkitError:
@@ -99,7 +100,8 @@ def read_lora(path: str | os.PathLike, weight: float = 1.0) -> LoraDeltas:
         scale = weight * (alpha / r**0.5 if config.use_rslora else alpha / r)
         bias = lora_tensors[slots["bias"]].float() * scale if "bias" in slots else None
         deltas[module] = ModuleDelta(a=a, b=b * scale, bias=bias)
-    return LoraDeltas(deltas, {k: [(weight, v)] for k, v in full.items()}, config_json.get("base_model_name_or_path"), meta)
+    return LoraDeltas(deltas, {k: [(weight, v)] for k, v in full.items()}, config_json.get("base_model_name_or_path"),
+                      meta, bool(config_json.get("fan_in_fan_out", False)))
 
 
 def combine(parts: list[LoraDeltas], how: str = "concat", rank: int | None = None) -> LoraDeltas:
@@ -125,7 +127,7 @@ def combine(parts: list[LoraDeltas], how: str = "concat", rank: int | None = Non
     for part in parts:
         for key, entries in part.full.items():
             full.setdefault(key, []).extend(entries)
-    return LoraDeltas(deltas, full, parts[0].base_model, parts[0].meta)
+    return LoraDeltas(deltas, full, parts[0].base_model, parts[0].meta, any(p.fan_in_fan_out for p in parts))
 
 
 def parse_weights(text: str | None, count: int) -> list[float]:
@@ -156,7 +158,8 @@ def write_lora(deltas: LoraDeltas, path: str | os.PathLike, *, overwrite: bool =
         if any(x.bias is not None for x in deltas.deltas.values()):
             bias = d.bias if d.bias is not None else torch.zeros(d.b.shape[0])
             tensors[f"{PEFT_PREFIX}{module}.lora_B.bias"] = bias.contiguous()
-    config = lora_config_json(ranks, default, deltas.base_model, any(d.bias is not None for d in deltas.deltas.values()))
+    config = lora_config_json(ranks, default, deltas.base_model, any(d.bias is not None for d in deltas.deltas.values()),
+                              fan_in_fan_out=deltas.fan_in_fan_out)
     with atomic_dir(path) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / META_NAME).write_text(json.dumps({"method": "lora", **{k: v for k, v in deltas.meta.items() if k == "prompt_format"}}, indent=2) + "\n")
@@ -165,13 +168,14 @@ def write_lora(deltas: LoraDeltas, path: str | os.PathLike, *, overwrite: bool =
 
 
 def lora_config_json(ranks: dict[str, int], default: int, base: str | None, lora_bias: bool = False,
-                     modules_to_save: list[str] | None = None) -> dict:
-    """adapter_config.json for per-module ranks with scale 1 everywhere (alpha = r), as HF PEFT 0.21 reads it."""
+                     modules_to_save: list[str] | None = None, fan_in_fan_out: bool = False) -> dict:
+    """adapter_config.json for per-module ranks with scale 1 everywhere (alpha = r), as HF PEFT 0.21 writes it
+    (`fan_in_fan_out` true when the targets are GPT-2 Conv1D layers, as PEFT sets it for them)."""
     pattern = {m: r for m, r in ranks.items() if r != default}
     return {
         "base_model_name_or_path": base, "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": default,
         "lora_alpha": default, "lora_dropout": 0.0, "target_modules": "^(" + "|".join(re.escape(m) for m in ranks) + ")$",
-        "rank_pattern": pattern, "alpha_pattern": dict(pattern), "use_rslora": False, "fan_in_fan_out": False,
+        "rank_pattern": pattern, "alpha_pattern": dict(pattern), "use_rslora": False, "fan_in_fan_out": fan_in_fan_out,
         "bias": "none", "lora_bias": lora_bias, "use_dora": False, "init_lora_weights": True,
         "modules_to_save": modules_to_save, "inference_mode": True, "layers_to_transform": None,
         "layers_pattern": None, "revision": None,

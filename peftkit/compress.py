@@ -104,7 +104,8 @@ def compress(base: str | None, finetuned: str, output: str, *, rank: int | None 
         raise PeftkitError("no linear layer changed between base and fine-tune; there is nothing to compress")
     default = max(set(ranks.values()), key=list(ranks.values()).count)
     base_id = EMBEDDED_HUB_ID if base is None else base
-    config = lora_config_json(ranks, default, base_id, lora_bias, sorted(saved) or None)
+    conv1d = any(isinstance(meta.get_submodule(m), Conv1D) for m in ranks)
+    config = lora_config_json(ranks, default, base_id, lora_bias, sorted(saved) or None, fan_in_fan_out=conv1d)
     with atomic_dir(output) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / META_NAME).write_text(json.dumps({"method": "lora", "compressed_from": str(finetuned)}, indent=2) + "\n")

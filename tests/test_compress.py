@@ -1,6 +1,8 @@
 """compress: full fine-tune delta -> LoRA by truncated SVD. Full rank reproduces, error falls with rank, energy rule,
 caps, non-linear deltas reported / kept, and the adapter loads in peftkit and HF PEFT with the same logits."""
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel
@@ -50,6 +52,8 @@ def test_full_rank_keep_all_then_merge_reproduces_finetune(pair, kind):
     merge_to_disk(paths[kind][0], [str(tmp / f"{kind}-full")], str(tmp / f"{kind}-rebuilt"))
     assert max_param_diff(load(tmp / f"{kind}-rebuilt"), finetune(kind)) <= 1e-4
     ids = tiny_input()
+    config = json.loads((tmp / f"{kind}-full" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is (kind == "gpt2")  # PEFT's flag for Conv1D targets, as PEFT writes it
     if kind == "gpt2":  # tied wte/lm_head saved in full: the in-memory loader refuses rather than break the tie
         with pytest.raises(PeftkitError, match="tied"):
             peftkit.load_adapter(tiny_model(kind), tmp / f"{kind}-full")
