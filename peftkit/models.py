@@ -127,3 +127,12 @@ def load_config(name_or_path: str | None = None, trust_remote_code: bool = False
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeftkitError(f"could not load the config of {name_or_path!r}: {first}") from None
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Turn on activation (gradient) checkpointing, non-reentrant, under the name this transformers has
+    (`activation_checkpointing_enable` in 5.x; the old `gradient_checkpointing_enable` is a deprecated alias)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -38,6 +38,7 @@ from peftkit.memory.attention import trace_attention
 from peftkit.memory.building import build_meta_model, parameter_counts
 from peftkit.memory.setup import TrainingSetup
 from peftkit.memory.tracker import LiveBytes, StorageTracker
+from peftkit.models import enable_checkpointing
 
 
 @dataclass
@@ -116,7 +117,7 @@ def _check_traceable(setup: TrainingSetup) -> None:
 def _measure(model: nn.Module, setup: TrainingSetup, foreach: bool, ids: torch.Tensor, start: float) -> TraceResult:
     """Prepare the trainer's state (checkpointing, optimizer with its state), then track one step."""
     if setup.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

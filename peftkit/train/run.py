@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
+from peftkit.models import enable_checkpointing
 from peftkit.train import datasetup
 from peftkit.train.checkpoint import Position, load_checkpoint
 from peftkit.train.config import TrainConfig, save_config
@@ -105,7 +106,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool 
         save_config(cfg, run_dir / RUN_CONFIG)
     acc.wait_for_everyone()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.to(acc.device)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, steps)
     keep = supports_logits_to_keep(model)
