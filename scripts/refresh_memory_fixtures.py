@@ -2,6 +2,7 @@
 
     python scripts/refresh_memory_fixtures.py            # every preset x method x checkpointing x seq (~10 min)
     python scripts/refresh_memory_fixtures.py qwen1.5-7b # one preset
+    python scripts/refresh_memory_fixtures.py --method prompt   # one method's cells, every preset
 
 Each record is one fake-tensor trace (peftkit.memory.tracer.trace_memory) of batch 1. Methods that are not
 registered in this build (or whose step fails) are recorded with an "error" so the tests can say why.
@@ -10,8 +11,8 @@ Run it after changing the tracer, transformers, torch, or a method's modules.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from peftkit.memory.setup import TrainingSetup
 from peftkit.memory.tracer import trace_memory
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "memory" / "traces.json"
-CASES = [("full", "amp"), ("full", "bf16"), ("lora", "amp"), ("prefix", "amp"), ("adapter", "amp")]
+CASES = [("full", "amp"), ("full", "bf16"), ("lora", "amp"), ("prefix", "amp"), ("adapter", "amp"), ("prompt", "amp")]
 SEQS = (512, 2048)
 
 
@@ -28,12 +29,14 @@ def key(preset: str, method: str, precision: str, ckpt: bool, seq: int) -> str:
     return f"{preset}|{method}|{precision}|ckpt={int(ckpt)}|seq={seq}"
 
 
-def main(presets: list[str]) -> None:
+def main(presets: list[str], methods: list[str] | None = None) -> None:
     records = json.loads(OUT.read_text()) if OUT.exists() else {}
     warnings.simplefilter("ignore")
     for preset in presets:
         config, _ = resolve_config(preset)
         for method, precision in CASES:
+            if methods and method not in methods:
+                continue
             for ckpt in (False, True):
                 if method == "prefix" and ckpt:
                     continue  # refused by the trainer and the estimator: transformers drops the prefix cache
@@ -52,4 +55,8 @@ def main(presets: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or list(PRESETS))
+    parser = argparse.ArgumentParser(description="Re-record the traced memory peaks the tests compare against.")
+    parser.add_argument("presets", nargs="*", help="presets to trace (default: all)")
+    parser.add_argument("--method", action="append", help="only this method's cells (repeatable)")
+    args = parser.parse_args()
+    main(args.presets or list(PRESETS), args.method)

@@ -74,10 +74,11 @@ def test_uncached_hub_id_is_a_clear_offline_error():
         ("qwen1.5-7b", "adapter", {"variant": "houlsby", "reduction_factor": 16}),
         ("mistral-7b", "adapter", {"variant": "pfeiffer", "reduction_factor": 32}),
         ("llama-3-8b", "prefix", {"num_virtual_tokens": 20}),
+        ("qwen2.5-7b", "prompt", {"num_virtual_tokens": 30}),
     ],
 )
 def test_method_formulas_equal_registered_methods(preset, method, options):
-    """trainable.py's textbook formulas (LoRA r(d_in+d_out), adapters 2hm+m+h, prefix P·L·2·kv_dim) agree with
+    """trainable.py's textbook formulas (LoRA r(d_in+d_out), adapters 2hm+m+h, prefix P·L·2·kv_dim, prompt P·h) agree with
     what the registered method code creates on the meta device: each keeps the other honest."""
     from peftkit.memory.building import build_meta_model, parameter_counts
     from peftkit.memory.setup import TrainingSetup

@@ -25,6 +25,7 @@ SETUPS = [
     dict(method="lora", precision="bf16", gradient_checkpointing=True),
     dict(method="adapter", precision="amp"),
     dict(method="prefix", precision="bf16"),
+    dict(method="prompt", precision="amp", gradient_checkpointing=True),
 ]
 
 

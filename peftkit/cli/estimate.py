@@ -89,7 +89,7 @@ def _set_options(pairs: list[str] | None) -> dict:
 @app.command("estimate")
 def estimate_cmd(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Preset (see --list), config.json, model folder or cached hub id.")] = None,
-    method: Annotated[str, typer.Option("--method", help="full | freeze | lora | qlora | adapter | prefix")] = "lora",
+    method: Annotated[str, typer.Option("--method", help="full | freeze | lora | qlora | adapter | prefix | prompt")] = "lora",
     rank: Rank = None,
     alpha: Alpha = None,
     target_modules: TargetModules = None,

@@ -13,7 +13,7 @@ Full fine-tune (every weight trainable), bytes per token per layer:
   linears' input); under autocast each linear saves its own bf16 cast of the input (q, k, v: 3 casts; gate, up: 2).
   SDPA saves q, k, v, out (2h + 2k elements) and 4 bytes per head; the MLP saves gate, silu(gate), up and their
   product (4i elements).
-Frozen base (lora, qlora, adapter, prefix): norms save only their fp32 input (4h each); linears save nothing; the
+Frozen base (lora, qlora, adapter, prefix, prompt): norms save only their fp32 input (4h each); linears save nothing; the
 MLP saves gate, silu(gate) and up (3i); SDPA as above; the method adds what its own modules save (see `peft_extra`).
 Gradient checkpointing keeps only each layer's input (residual dtype) and recomputes one layer at a time.
 """
@@ -102,10 +102,16 @@ class ActivationBytes:
     weight_cache: int  # autocast's bf16 weight copies held during the forward (amp, unsharded)
 
 
+def model_seq_len(setup: TrainingSetup) -> int:
+    """Positions the decoder layers run over: prompt tuning prepends its virtual tokens to every row (the logits
+    of those positions are cut before the loss, so `logits_bytes` keeps `seq_len`)."""
+    return setup.seq_len + (setup.option("num_virtual_tokens", 20) if setup.method == "prompt" else 0)
+
+
 def activation_bytes(s: ModelShape, setup: TrainingSetup, trainable_layers: int) -> ActivationBytes:
     """Saved activations for `setup`; `trainable_layers` is L for full, N for freeze, 0 for PEFT methods."""
     r = regime(setup)
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.batch_size * model_seq_len(setup)
     if setup.method == "freeze":
         per_layer = [full_layer(s, r)] * trainable_layers  # layers below the first trainable one save nothing
     else:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftkit.memory.activations import activation_bytes, logits_bytes, regime
+from peftkit.memory.activations import activation_bytes, logits_bytes, model_seq_len, regime
 from peftkit.memory.setup import TrainingSetup
 from peftkit.memory.shapes import ModelShape
 
@@ -99,7 +99,7 @@ def estimate_rows(s: ModelShape, setup: TrainingSetup, trainable: int, total: in
     acts = activation_bytes(s, setup, trainable_layers)
     fwd_logits, bwd_logits = logits_bytes(s, setup)
     r = regime(setup)
-    tokens = setup.batch_size * setup.seq_len
+    tokens = setup.batch_size * model_seq_len(setup)
     layer_grads = r.a * tokens * (3 * s.intermediate + 2 * s.hidden)  # a layer's activation gradients in flight
     if r.autocast_cache:
         layer_grads += 2 * s.hidden * s.intermediate  # a bf16 weight gradient before its cast to fp32

@@ -19,7 +19,7 @@ from peftkit.errors import PeftkitError
 from peftkit.memory.setup import TrainingSetup
 
 # setup.method -> registry name of the method the core/methods engineers register
-REGISTRY_NAMES = {"lora": "lora", "qlora": "lora", "adapter": "adapter", "prefix": "prefix"}
+REGISTRY_NAMES = {"lora": "lora", "qlora": "lora", "adapter": "adapter", "prefix": "prefix", "prompt": "prompt"}
 # our option names -> the names the registry's `build_config` takes
 _REGISTRY_OPTION = {"bits": None, "trainable_layers": None}
 

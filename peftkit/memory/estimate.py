@@ -107,7 +107,7 @@ def estimate_memory(
     """Estimate per-GPU memory of one training step (analytic model, analytic.py); see `MemoryEstimate`.
 
     `method_options`: r, lora_alpha, target_modules (lora/qlora), bits (qlora: 4 or 8), reduction_factor and
-    variant (adapter), num_virtual_tokens (prefix), trainable_layers (freeze). An option that does not apply to the
+    variant (adapter), num_virtual_tokens (prefix, prompt), trainable_layers (freeze). An option that does not apply to the
     method, a size <= 0 or an unknown preset raises PeftkitError.
     """
     if gpu_memory_gb is not None and not gpu_memory_gb > 0:

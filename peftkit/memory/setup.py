@@ -15,11 +15,11 @@ from typing import Any
 
 from peftkit.errors import PeftkitError
 
-METHODS = ("full", "freeze", "lora", "qlora", "adapter", "prefix")
+METHODS = ("full", "freeze", "lora", "qlora", "adapter", "prefix", "prompt")
 PRECISIONS = ("fp32", "bf16", "amp")
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
 QUANT_BITS = (4, 8)
-PEFT_METHODS = ("lora", "qlora", "adapter", "prefix")
+PEFT_METHODS = ("lora", "qlora", "adapter", "prefix", "prompt")
 
 # Options that mean something only for some methods: option -> the methods it applies to.
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -29,7 +29,7 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "bits": ("qlora",),
     "reduction_factor": ("adapter",),
     "variant": ("adapter",),
-    "num_virtual_tokens": ("prefix",),
+    "num_virtual_tokens": ("prefix", "prompt"),
     "trainable_layers": ("freeze",),
 }
 ADAPTER_VARIANTS = ("houlsby", "pfeiffer", "parallel")

@@ -18,7 +18,7 @@ How the trace is made faithful to a GPU run:
   the same `is_causal` path, with GQA inside the kernel, as on a GPU.
 
 Corrections the CPU trace cannot see are added afterwards and listed (`TraceResult.corrections`): the CUDA
-context and the caching allocator's overhead (overhead.py).
+context and the caching allocator's overhead (traced.py).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@
     adapter  per adapter 2*h*m + m + h, m = h // reduction_factor (Houlsby et al. 2019); houlsby: 2 per layer,
              pfeiffer / parallel: 1 per layer
     prefix   P * L * 2 * n_kv * d                                (Li & Liang 2021; K and V per layer, GQA-aware)
+    prompt   P * h                                               (Lester et al. 2021; one embedding per token)
 """
 
 from __future__ import annotations
@@ -53,4 +54,6 @@ def analytic_trainable(shape: ModelShape, setup: TrainingSetup) -> int:
         return shape.layers * count * (2 * shape.hidden * m + m + shape.hidden)
     if setup.method == "prefix":
         return setup.option("num_virtual_tokens", 20) * shape.layers * 2 * shape.kv_dim
+    if setup.method == "prompt":
+        return setup.option("num_virtual_tokens", 20) * shape.hidden
     raise PeftkitError(f"unknown method {setup.method!r}")
