@@ -202,3 +202,16 @@ def test_second_call_hits_the_cache(plain, monkeypatch, tmp_path):
     tokenize(datasets.load_dataset("json", data_files=str(path), split="train"), plain, max_length=64,
              train_on_prompt=True)
     assert len(calls) == 6, "another setting is another cache entry"
+
+
+def test_tokenizer_key_ignores_truncation_and_padding_but_not_the_vocabulary(plain):
+    import copy
+
+    key = tokenizing.tokenizer_key(plain)
+    assert tokenizing.tokenizer_key(copy.deepcopy(plain)) == key, "the key must not depend on the object"
+    other = copy.deepcopy(plain)
+    other.backend_tokenizer.enable_truncation(8)
+    other.backend_tokenizer.enable_padding()
+    assert tokenizing.tokenizer_key(other) == key, "truncation / padding state does not change the token ids"
+    other.add_tokens(["zebra"])
+    assert tokenizing.tokenizer_key(other) != key, "another vocabulary is another cache entry"
