@@ -4,10 +4,13 @@
 
 Both sides train LoRA r=8 (alpha 16, q_proj/v_proj, no dropout) with AdamW, lr 2e-4, cosine, no warmup, grad-norm
 clip 1.0, one epoch over the same examples, tokenized once by peftkit.data (identical input_ids and labels), fp32
-CPU. Each side runs in its own fresh process so peak RSS (ru_maxrss) is its own. Reported per side (medians over
+CPU. Defaults: 100 examples, batch 4, max_length 512 (peftkit's defaults for user data) = 25 optimizer steps.
+Each side runs in its own fresh process so peak RSS (ru_maxrss) is its own. Reported per side (medians over
 --repeats, with the min-max spread): useful tokens/s (the examples' own, non-padding tokens / training time),
 training time (first step start to last step end, measured the same way on both sides: peftkit's `fit` clock,
-the Trainer's on_train_begin .. last on_step_end), peak RSS, and the share of computed positions that are padding.
+the Trainer's on_train_begin .. last on_step_end), peak RSS, the share of computed positions that are padding, and
+the largest micro-batch in positions (activation memory, hence peak RSS, follows it). Ratios are the medians of
+the per-repeat ratios (each repeat runs every side once, one after the other), with their min-max.
 
 Data (--data):
   variable  (default) a deterministic variable-length instruction set built from the bundled rows (no network):
@@ -125,9 +128,9 @@ def peftkit_plan(args: argparse.Namespace, lengths: list[int], packing: bool = F
                         shuffle=True, seed=SEED, epoch=0)
 
 
-def padded_positions(plan: list[list[int]], lengths: list[int]) -> int:
-    """Positions computed when each micro-batch is padded to its longest example."""
-    return sum(len(b) * max(lengths[i] for i in b) for b in plan)
+def padded_positions(plan: list[list[int]], lengths: list[int]) -> list[int]:
+    """Positions computed per micro-batch when each is padded to its longest example."""
+    return [len(b) * max(lengths[i] for i in b) for b in plan]
 
 
 # ---------------------------------------------------------------------------------------------- sides
@@ -144,7 +147,8 @@ def run_peftkit(args: argparse.Namespace, rows_file: str, lengths: list[int], pa
         result = train(cfg, echo=lambda _m: None, progress=False)
         records = [json.loads(x) for x in open(f"{tmp}/run/metrics.jsonl")]
     ends = [r["elapsed_s"] for r in records if r["kind"] == "train"]
-    positions = sum(lengths) if packing else padded_positions(peftkit_plan(args, lengths), lengths)
+    plan = peftkit_plan(args, lengths, packing)
+    positions = [sum(lengths[i] for i in b) for b in plan] if packing else padded_positions(plan, lengths)
     return {"wall_s": ends[-1], "steps": result.steps, "positions": positions, "step_s": _diffs(ends)}
 
 
@@ -156,11 +160,11 @@ class _Counting:
     """Wraps a data collator and counts the positions of the batches it makes (padding included)."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner, self.positions = inner, 0
+        self.inner, self.positions = inner, []
 
     def __call__(self, features: list[dict]) -> dict:
         batch = self.inner(features)
-        self.positions += batch["input_ids"].numel()
+        self.positions.append(batch["input_ids"].numel())
         return batch
 
 
@@ -231,7 +235,7 @@ def run_fixed(args: argparse.Namespace, rows_file: str, side: str) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         ends.append(time.perf_counter() - start)
-    return {"wall_s": ends[-1], "steps": len(batches), "positions": sum(b["input_ids"].numel() for b in batches),
+    return {"wall_s": ends[-1], "steps": len(batches), "positions": [b["input_ids"].numel() for b in batches],
             "step_s": _diffs(ends)}
 
 
@@ -263,7 +267,7 @@ def one_side(args: argparse.Namespace) -> None:
         result = runners[args.side]() if args.side in runners else run_fixed(args, rows_file, args.side)
     tokens = sum(lengths)  # useful = the examples' own tokens, the same on every side
     result.update(side=args.side, tokens=tokens, tokens_per_s=tokens / result["wall_s"],
-                  padding=1 - tokens / result["positions"],
+                  padding=1 - tokens / sum(result["positions"]), largest_batch=max(result["positions"]),
                   peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     print("RESULT " + json.dumps(result))
 
@@ -274,7 +278,7 @@ def length_summary(args: argparse.Namespace) -> str:
     """The token-length distribution of the benchmark's examples (tokenized as the sides see them)."""
     with tempfile.TemporaryDirectory() as tmp:
         lengths = sorted(len(e["input_ids"]) for e in tokenized(args, write_rows(args, tmp))[1])
-    q = statistics.quantiles(lengths, n=10)
+    q = statistics.quantiles(lengths, n=10, method="inclusive")
     return (f"{len(lengths)} examples ({args.data}), {sum(lengths)} tokens; length min {lengths[0]}, p10 {q[0]:.0f}, "
             f"median {statistics.median(lengths):.0f}, mean {statistics.mean(lengths):.0f}, p90 {q[-1]:.0f}, "
             f"max {lengths[-1]}")
@@ -293,8 +297,8 @@ def run_child(args: argparse.Namespace, side: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=("variable", "bundled"), default="variable")
-    parser.add_argument("--examples", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--examples", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=1, help="Runs per side; medians and min-max are reported.")
     parser.add_argument("--sides", default=",".join(DEFAULT_SIDES), help=f"Comma list of: {', '.join(SIDES)}")
@@ -327,11 +331,13 @@ def _spread(values: list[float], fmt: str) -> str:
 def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
     """Medians with [min-max] per side, then ratios: median of the per-repeat ratios, with their min-max."""
     print(f"\nbatch {args.batch_size}, max_length {args.max_length}, medians of {args.repeats} [min-max]")
-    print(f"{'side':14} {'steps':>5} {'useful tok/s':>20} {'train s':>20} {'peak RSS GB':>18} {'padding':>8}")
+    print(f"{'side':14} {'steps':>5} {'useful tok/s':>20} {'train s':>20} {'peak RSS GB':>18} {'padding':>8} "
+          f"{'largest batch':>13}")
     for side, runs in results.items():
         print(f"{side:14} {runs[0]['steps']:5d} {_spread([r['tokens_per_s'] for r in runs], '.1f'):>20} "
               f"{_spread([r['wall_s'] for r in runs], '.1f'):>20} "
-              f"{_spread([r['peak_rss_bytes'] / 1e9 for r in runs], '.2f'):>18} {runs[0]['padding']:8.1%}")
+              f"{_spread([r['peak_rss_bytes'] / 1e9 for r in runs], '.2f'):>18} {runs[0]['padding']:8.1%} "
+              f"{runs[0]['largest_batch']:13d}")
     for ours, theirs in PAIRS:
         if ours in results and theirs in results:
             pairs = list(zip(results[ours], results[theirs]))

@@ -28,6 +28,24 @@ def test_error_is_one_line_exit_2_without_traceback(tmp_path):
     assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nosuch"], "No such command 'nosuch'"),
+        (["train", "--rank", "abc"], "'--rank'"),
+        (["train", "--no-such-flag"], "No such option: --no-such-flag"),
+        (["compress", "--rank", "4"], "Missing option"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2_without_traceback(args, message):
+    """typer/click usage errors follow the same convention as PeftkitError (typer 0.2x raises its own vendored
+    click exceptions, which once escaped as tracebacks)."""
+    out = run(*args)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and message in out.stderr and "--help" in out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1
+
+
 def test_debug_flag_shows_traceback(tmp_path):
     out = run("--debug", "inspect", str(tmp_path / "no-such-model"))
     assert out.returncode != 0 and "Traceback" in out.stderr

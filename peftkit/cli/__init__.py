@@ -8,6 +8,8 @@ import importlib
 import pkgutil
 import sys
 
+import typer
+
 from peftkit.cli._app import app, state
 from peftkit.errors import PeftkitError
 
@@ -23,25 +25,49 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: runs the app; a `PeftkitError` becomes `error: ...` on stderr and exit code 2."""
-    import click
-
+    """Console entry point. A `PeftkitError` and a usage error (missing option, bad value, unknown command)
+    become one line `error: ...` on stderr and exit code 2; `--debug` shows the traceback instead."""
     args = sys.argv[1:] if argv is None else argv
     try:
         code = app(args=args, standalone_mode=False, prog_name="peftkit")
     except PeftkitError as exc:
         if state["debug"] or "--debug" in args:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except click.exceptions.Abort:
+        _fail(str(exc))
+    except _ABORTS:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(2)
+    except _USAGE_ERRORS as exc:
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path if ctx is not None else "peftkit"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _fail(f"{message} (see '{command} --help')")
     if isinstance(code, int) and code:  # typer.Exit(code) returns its code when not standalone
         sys.exit(code)
+
+
+def _fail(message: str) -> None:
+    """The error convention: one line on stderr, exit code 2."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _error_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(abort types, usage-error types). Recent typer vendors click, its errors deriving from
+    `typer.exceptions.TyperException`; older typer raises the click package's own. Catch whichever exist, so no
+    usage error or Ctrl-C ever reaches the user as a traceback."""
+    aborts: tuple[type[BaseException], ...] = (typer.Abort, KeyboardInterrupt)
+    usage: tuple[type[BaseException], ...] = ()
+    if hasattr(typer.exceptions, "TyperException"):
+        usage += (typer.exceptions.TyperException,)
+    try:
+        import click
+    except ImportError:
+        return aborts, usage
+    return aborts + (click.exceptions.Abort,), usage + (click.ClickException,)
+
+
+_ABORTS, _USAGE_ERRORS = _error_types()
 
 
 __all__ = ["app", "main"]

@@ -1,4 +1,7 @@
-"""`peftkit eval [--model M] [--adapter DIR] --data D`: loss, perplexity, and exact match where rows have answers.
+"""`peftkit eval [--model M] [--adapter DIR] [--data D]`: loss, perplexity, and exact match where rows have answers.
+
+Without --data it evaluates on the bundled task's held-out split (peftkit/data/task_eval.jsonl), the same 50
+examples `peftkit train` reports before and after training with no arguments.
 
 Prompts are rendered with the adapter's saved prompt format (else the tokenizer's chat template, else the plain
 template), exactly as in training; loss counts only the answer tokens, like the training loss.
@@ -17,7 +20,7 @@ from peftkit.cli._options import Adapter, Json, Model
 
 @app.command("eval")
 def eval_cmd(
-    data: Annotated[str, typer.Option("--data", "-d", help="Data file / folder / hub name (alpaca, messages or text).")],
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Data file / folder / hub name (alpaca, messages or text); default: the bundled task's eval split.")] = None,
     model: Model = None,
     adapter: Adapter = None,
     format: Annotated[str, typer.Option("--format", help="auto | alpaca | messages | text.")] = "auto",
@@ -28,9 +31,10 @@ def eval_cmd(
     json_out: Json = False,
 ) -> None:
     """Evaluate a base model or an adapter on held-out data."""
+    from peftkit.train.datasetup import BUNDLED_EVAL
     from peftkit.train.evaluate import evaluate_data
 
-    result = evaluate_data(model, adapter, data, fmt=format, split=split, max_examples=max_examples,
+    result = evaluate_data(model, adapter, data or str(BUNDLED_EVAL), fmt=format, split=split, max_examples=max_examples,
                            max_length=max_length, batch_size=batch_size)
     if json_out:
         print(json.dumps(result, indent=2))
