@@ -30,6 +30,16 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 META_NAME = "peftkit.json"
 
 
+def _umask_permissions(folder: Path) -> None:
+    """Give the written files the permissions the user's umask asks for: safetensors creates its files 0600,
+    which would hide an adapter or model from a server running as another user (vLLM, TGI)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in folder.rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~mask)
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` by renames, on error it is deleted.
@@ -45,6 +55,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _umask_permissions(tmp)
     old = None
     if final.exists():
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"

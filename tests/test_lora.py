@@ -147,3 +147,19 @@ def test_training_step_changes_only_the_adapter():
         opt.zero_grad()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    """safetensors creates files 0600; saved adapters must be readable as the umask allows (a vLLM/TGI server
+    often runs as another user)."""
+    import os
+
+    model = tiny_model("llama")
+    peftkit.inject(model, LoraConfig(r=2))
+    previous = os.umask(0o022)
+    try:
+        peftkit.save_adapter(model, tmp_path / "a")
+    finally:
+        os.umask(previous)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "a" / name).stat().st_mode & 0o777 == 0o644
