@@ -100,6 +100,7 @@ def bench_rows(args: argparse.Namespace) -> list[dict]:
 
 
 def write_rows(args: argparse.Namespace, folder: str) -> str:
+    """Write the benchmark rows to <folder>/rows.jsonl (what `peftkit train --data` reads); returns the path."""
     path = os.path.join(folder, "rows.jsonl")
     with open(path, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in bench_rows(args))
@@ -136,6 +137,7 @@ def padded_positions(plan: list[list[int]], lengths: list[int]) -> list[int]:
 # ---------------------------------------------------------------------------------------------- sides
 
 def run_peftkit(args: argparse.Namespace, rows_file: str, lengths: list[int], packing: bool) -> dict:
+    """`peftkit.train.run.train` on the rows file (no eval split); times from its metrics.jsonl clock."""
     from peftkit.train.config import TrainConfig
     from peftkit.train.run import train
 
@@ -153,6 +155,7 @@ def run_peftkit(args: argparse.Namespace, rows_file: str, lengths: list[int], pa
 
 
 def _diffs(ends: list[float]) -> list[float]:
+    """Per-step seconds from cumulative step end times."""
     return [round(b - a, 3) for a, b in zip([0.0, *ends], ends)]
 
 
@@ -186,6 +189,7 @@ def _step_clock() -> Any:
 
 
 def run_hf(args: argparse.Namespace, rows_file: str, collator_kind: str) -> dict:
+    """PEFT + Trainer with collator_kind "padded" | "grouped" (length-grouped sampler) | "flatten"."""
     import datasets
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
@@ -285,6 +289,7 @@ def length_summary(args: argparse.Namespace) -> str:
 
 
 def run_child(args: argparse.Namespace, side: str) -> dict:
+    """Run one side in a fresh Python process; its parsed RESULT line."""
     cmd = [sys.executable, __file__, "--side", side, "--examples", str(args.examples), "--data", args.data,
            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
     out = subprocess.run(cmd, capture_output=True, text=True)
