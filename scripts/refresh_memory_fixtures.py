@@ -4,18 +4,20 @@
     python scripts/refresh_memory_fixtures.py qwen1.5-7b # one preset
     python scripts/refresh_memory_fixtures.py --method prompt   # one method's cells, every preset
 
-Each record is one fake-tensor trace (peftkit.memory.tracer.trace_memory) of batch 1. Methods that are not
-registered in this build (or whose step fails) are recorded with an "error" so the tests can say why.
+Each record is one fake-tensor trace (peftkit.memory.tracer.trace_memory) of batch 1. A cell whose step fails is
+recorded with an "error" so the tests can say why; combinations TrainingSetup refuses get no cell.
 Run it after changing the tracer, transformers, torch, or a method's modules.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import warnings
 from pathlib import Path
 
+from peftkit.errors import PeftkitError
 from peftkit.memory.presets import PRESETS, resolve_config
 from peftkit.memory.setup import TrainingSetup
 from peftkit.memory.tracer import trace_memory
@@ -34,22 +36,20 @@ def main(presets: list[str], methods: list[str] | None = None) -> None:
     warnings.simplefilter("ignore")
     for preset in presets:
         config, _ = resolve_config(preset)
-        for method, precision in CASES:
+        for (method, precision), ckpt, seq in itertools.product(CASES, (False, True), SEQS):
             if methods and method not in methods:
                 continue
-            for ckpt in (False, True):
-                if method == "prefix" and ckpt:
-                    continue  # refused by the trainer and the estimator: transformers drops the prefix cache
-                for seq in SEQS:
-                    setup = TrainingSetup(method, precision, seq_len=seq, gradient_checkpointing=ckpt)
-                    k = key(preset, method, precision, ckpt, seq)
-                    try:
-                        r = trace_memory(config, setup)
-                        records[k] = {"peak_bytes": r.peak_bytes, "peak_phase": r.peak_phase,
-                                      "seconds": round(r.seconds, 1)}  # fmt: skip
-                    except Exception as exc:  # recorded, so the test can report it instead of passing silently
-                        records[k] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-                    print(k, records[k], flush=True)
+            try:
+                setup = TrainingSetup(method, precision, seq_len=seq, gradient_checkpointing=ckpt)
+            except PeftkitError:
+                continue  # a combination the estimator and trainer refuse (prefix + checkpointing): no cell
+            k = key(preset, method, precision, ckpt, seq)
+            try:
+                r = trace_memory(config, setup)
+                records[k] = {"peak_bytes": r.peak_bytes, "peak_phase": r.peak_phase, "seconds": round(r.seconds, 1)}
+            except Exception as exc:  # recorded, so the test can report it instead of passing silently
+                records[k] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            print(k, records[k], flush=True)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(dict(sorted(records.items())), indent=1) + "\n")
 
