@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from peftkit.svd import EXACT_FRACTION, NITER, SEED, relative_error
+from peftkit.merging.svd import EXACT_FRACTION, NITER, SEED, relative_error
 
 
 def make_delta(m: int, n: int, alpha: float, seed: int = 0) -> torch.Tensor:

@@ -82,7 +82,7 @@ def _one_field_row(rows: list[dict], rng: random.Random) -> dict:
 
 def variable_rows(n: int, seed: int = SEED) -> list[dict]:
     """n alpaca rows of long-tailed length, built deterministically from the bundled training rows."""
-    from peftkit.train.datasetup import BUNDLED_TRAIN
+    from peftkit.train.splits import BUNDLED_TRAIN
 
     rows = [json.loads(line) for line in open(BUNDLED_TRAIN)]
     rng = random.Random(seed)
@@ -94,7 +94,7 @@ def bench_rows(args: argparse.Namespace) -> list[dict]:
     """The rows both sides train on."""
     if args.data == "variable":
         return variable_rows(args.examples)
-    from peftkit.train.datasetup import BUNDLED_TRAIN
+    from peftkit.train.splits import BUNDLED_TRAIN
 
     return [json.loads(line) for line in open(BUNDLED_TRAIN).read().splitlines()[: args.examples]]
 
@@ -112,8 +112,8 @@ def tokenized(args: argparse.Namespace, rows_file: str) -> tuple[Any, list[dict]
     from transformers import AutoTokenizer
 
     from peftkit import data
-    from peftkit.models import embedded_folder
-    from peftkit.prompting import default_prompt_format
+    from peftkit.io.models import embedded_folder
+    from peftkit.data.prompting import default_prompt_format
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_folder())
     ds = data.tokenize(data.load_rows(rows_file), tokenizer, fmt="alpaca", max_length=args.max_length,
@@ -194,7 +194,7 @@ def run_hf(args: argparse.Namespace, rows_file: str, collator_kind: str) -> dict
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
 
-    from peftkit.models import load_model
+    from peftkit.io.models import load_model
 
     tokenizer, examples = tokenized(args, rows_file)
     model, _ = load_model()
@@ -220,7 +220,7 @@ def run_fixed(args: argparse.Namespace, rows_file: str, side: str) -> dict:
     import torch
     from transformers import DataCollatorForSeq2Seq
 
-    from peftkit.models import load_model
+    from peftkit.io.models import load_model
 
     tokenizer, examples = tokenized(args, rows_file)
     plan = peftkit_plan(args, [len(e["input_ids"]) for e in examples])

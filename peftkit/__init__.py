@@ -10,8 +10,8 @@
 
 from peftkit._version import __version__
 from peftkit.errors import PeftkitError
-from peftkit.inject import inject
-from peftkit.api import (
+from peftkit.core.inject import inject
+from peftkit.core.ops import (
     delete_adapter,
     disable_adapters,
     merge,
@@ -20,14 +20,14 @@ from peftkit.api import (
     trainable_parameters,
     unmerge_adapter,
 )
-from peftkit.adapter_io import load_adapter, save_adapter
-from peftkit.models import load_model
+from peftkit.io.adapters import load_adapter, save_adapter
+from peftkit.io.models import load_model
 from peftkit.methods import load_builtin as _load_builtin
 
 _load_builtin()
 
-from peftkit.methods.lora_config import LoraConfig  # noqa: E402
-from peftkit.methods.bottleneck import AdapterConfig  # noqa: E402
+from peftkit.methods.lora.config import LoraConfig  # noqa: E402
+from peftkit.methods.bottleneck.method import AdapterConfig  # noqa: E402
 from peftkit.methods.prefix import PrefixConfig  # noqa: E402
 from peftkit.methods.prompt import PromptConfig  # noqa: E402
 

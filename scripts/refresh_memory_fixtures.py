@@ -4,7 +4,7 @@
     python scripts/refresh_memory_fixtures.py qwen1.5-7b # one preset
     python scripts/refresh_memory_fixtures.py --method prompt   # one method's cells, every preset
 
-Each record is one fake-tensor trace (peftkit.memory.tracer.trace_memory) of batch 1. A cell whose step fails is
+Each record is one fake-tensor trace (peftkit.memory.step_trace.trace_memory) of batch 1. A cell whose step fails is
 recorded with an "error" so the tests can say why; combinations TrainingSetup refuses get no cell.
 Run it after changing the tracer, transformers, torch, or a method's modules.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from peftkit.errors import PeftkitError
 from peftkit.memory.presets import PRESETS, resolve_config
-from peftkit.memory.setup import TrainingSetup
-from peftkit.memory.tracer import trace_memory
+from peftkit.memory.training_setup import TrainingSetup
+from peftkit.memory.step_trace import trace_memory
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "memory" / "traces.json"
 CASES = [("full", "amp"), ("full", "bf16"), ("lora", "amp"), ("prefix", "amp"), ("adapter", "amp"), ("prompt", "amp")]

@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 import peftkit
 from peftkit import LoraConfig, PeftkitError
-from peftkit.methods.lora_layer import LoraLayer
-from peftkit.registry import get_method
+from peftkit.methods.lora.layer import LoraLayer
+from peftkit.core.registry import get_method
 from tiny_models import perturb_adapter, tiny_model
 
 

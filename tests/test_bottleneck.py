@@ -11,9 +11,9 @@ from _tiny_method_models import tiny_config, tiny_model, token_batch, train_step
 from torch import nn
 
 import peftkit
-from peftkit.counting import count_parameters
+from peftkit.core.counting import count_parameters
 from peftkit.errors import PeftkitError
-from peftkit.registry import get_method
+from peftkit.core.registry import get_method
 
 D, LAYERS = 64, 2
 ADAPTERS_PER_LAYER = {"houlsby": 2, "pfeiffer": 1, "parallel": 1}

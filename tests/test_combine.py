@@ -6,8 +6,8 @@ from peft import PeftModel
 
 import peftkit
 from merge_fixtures import load, max_param_diff, save_base, save_lora
-from peftkit.combine import combine, read_lora, write_lora
-from peftkit.merge_stream import merge_to_disk
+from peftkit.merging.deltas import combine, read_lora, write_lora
+from peftkit.merging.stream import merge_to_disk
 from tiny_models import logits, tiny_input, tiny_model
 
 WEIGHTS = [0.7, -0.3]

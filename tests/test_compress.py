@@ -9,9 +9,9 @@ from peft import PeftModel
 
 import peftkit
 from merge_fixtures import load, max_param_diff
-from peftkit.compress import compress
+from peftkit.merging.compress import compress
 from peftkit.errors import PeftkitError
-from peftkit.merge_stream import merge_to_disk
+from peftkit.merging.stream import merge_to_disk
 from tiny_models import logits, tiny_input, tiny_model
 
 SPECTRUM = torch.tensor([3.0, 2.0, 1.5, 1.0, 0.6, 0.4, 0.2, 0.1])  # known singular values of one module's delta

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 import peftkit.data.tokenizing as tokenizing
 from peftkit.data import IGNORE_INDEX, tokenize
 from peftkit.errors import PeftkitError
-from peftkit.prompting import PLAIN_TEMPLATE, alpaca_prompt, render_prompt
+from peftkit.data.prompting import PLAIN_TEMPLATE, alpaca_prompt, render_prompt
 
 SMOL = Path.home() / ".cache" / "peftkit" / "smollm2-135m-instruct"
 ALPACA = [{"instruction": "Repeat the word", "input": "apple", "output": "apple apple"},

@@ -5,7 +5,7 @@ import torch
 
 import peftkit
 from peftkit import LoraConfig
-from peftkit.methods.lora_layer import LoraLayer
+from peftkit.methods.lora.layer import LoraLayer
 from tiny_models import logits, perturb_adapter, tiny_input, tiny_model
 
 KINDS = ["llama", "qwen2", "gpt2", "mistral", "gemma"]
@@ -99,7 +99,7 @@ def test_pissa_init_keeps_output_and_exports_plain_lora(tmp_path):
     fresh = tiny_model("llama")  # the ORIGINAL weights, not the residual
     peftkit.load_adapter(fresh, tmp_path / "pissa")
     assert (logits(fresh, ids) - tuned).abs().max() <= 1e-4
-    saved = peftkit.adapter_io.read_adapter(tmp_path / "pissa")[0]
+    saved = peftkit.io.adapters.read_adapter(tmp_path / "pissa")[0]
     assert saved["r"] == 8 and saved["lora_alpha"] == 16
 
 

@@ -8,8 +8,8 @@ import pytest
 from peftkit.errors import PeftkitError
 from peftkit.memory import estimate_memory
 from peftkit.memory.presets import resolve_config
-from peftkit.memory.setup import TrainingSetup
-from peftkit.memory.tracer import trace_memory
+from peftkit.memory.training_setup import TrainingSetup
+from peftkit.memory.step_trace import trace_memory
 
 FIXTURE = Path(__file__).parent / "fixtures" / "memory" / "traces.json"
 RECORDS = json.loads(FIXTURE.read_text())

@@ -81,7 +81,7 @@ def test_method_formulas_equal_registered_methods(preset, method, options):
     """trainable.py's textbook formulas (LoRA r(d_in+d_out), adapters 2hm+m+h, prefix P·L·2·kv_dim, prompt P·h) agree with
     what the registered method code creates on the meta device: each keeps the other honest."""
     from peftkit.memory.building import build_meta_model, parameter_counts
-    from peftkit.memory.setup import TrainingSetup
+    from peftkit.memory.training_setup import TrainingSetup
     from peftkit.memory.trainable import analytic_trainable
 
     config, _ = resolve_config(preset)

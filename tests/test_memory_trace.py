@@ -6,8 +6,8 @@ import pytest
 from transformers import LlamaConfig, Qwen2Config
 
 from peftkit.memory.presets import resolve_config
-from peftkit.memory.setup import TrainingSetup
-from peftkit.memory.tracer import measure_real_step, trace_memory
+from peftkit.memory.training_setup import TrainingSetup
+from peftkit.memory.step_trace import measure_real_step, trace_memory
 
 TINY = {
     "llama": LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=3, num_attention_heads=8,

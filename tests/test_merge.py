@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import peftkit
 from merge_fixtures import load, max_param_diff, save_base, save_lora
-from peftkit.merge_stream import merge_to_disk
+from peftkit.merging.stream import merge_to_disk
 from tiny_models import logits, tiny_input, tiny_model
 
 CASES = [  # (kind, shard size, LoRA config)
@@ -72,7 +72,7 @@ def test_bf16_checkpoint_keeps_its_dtype_and_passes_the_self_check(tmp_path):
 
 
 def test_self_check_catches_a_wrong_merge(tmp_path, monkeypatch):
-    import peftkit.merge_stream as ms
+    import peftkit.merging.stream as ms
 
     base = save_base("llama", tmp_path / "base")
     adapter = save_lora("llama", tmp_path / "adapter")

@@ -5,7 +5,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import peftkit
 from merge_fixtures import load, max_param_diff, save_base
-from peftkit.merge_stream import merge_to_disk
+from peftkit.merging.stream import merge_to_disk
 from tiny_models import logits, tiny_input, tiny_model
 
 

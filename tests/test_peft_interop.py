@@ -30,7 +30,7 @@ def test_peft_loads_peftkit_adapter(tmp_path, kind, options):
     peftkit.save_adapter(model, tmp_path / "ad")
     theirs = PeftModel.from_pretrained(tiny_model(kind), tmp_path / "ad")
     assert (logits(theirs, ids) - ours).abs().max() <= 1e-5
-    n_saved = len(peftkit.adapter_io.read_adapter(tmp_path / "ad")[1])
+    n_saved = len(peftkit.io.adapters.read_adapter(tmp_path / "ad")[1])
     n_peft = sum(1 for n, _ in theirs.named_parameters() if "lora_" in n)
     assert n_saved == n_peft  # PEFT created (and loaded) exactly the saved modules
 
@@ -66,7 +66,7 @@ def test_saved_files_follow_peft_layout(tmp_path):
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     assert config["base_model_name_or_path"] == "org/tiny-llama"
     assert config["target_modules"] == ["q_proj", "v_proj"]
-    keys = peftkit.adapter_io.read_adapter(tmp_path / "ad")[1]
+    keys = peftkit.io.adapters.read_adapter(tmp_path / "ad")[1]
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert all(k.startswith("base_model.model.") for k in keys)
     meta = json.loads((tmp_path / "ad" / "peftkit.json").read_text())

@@ -18,7 +18,7 @@ from _tiny_method_models import (
 )
 
 import peftkit
-from peftkit.counting import count_parameters
+from peftkit.core.counting import count_parameters
 from peftkit.errors import PeftkitError
 
 P, LAYERS = 3, 2
@@ -51,7 +51,7 @@ def test_counts_and_gqa_layout(arch: str) -> None:
     expected = P * LAYERS * 2 * KV_WIDTH[arch]
     assert peftkit.trainable_parameters(model)[0] == expected
     assert count_parameters(tiny_config(arch), "prefix", num_virtual_tokens=P)[0] == expected
-    _, tensors = peftkit.registry.get_method("prefix").export(model, "default")
+    _, tensors = peftkit.core.registry.get_method("prefix").export(model, "default")
     assert tuple(tensors["prompt_embeddings"].shape) == (P, LAYERS * 2 * KV_WIDTH[arch])
 
 

@@ -15,9 +15,9 @@ from _tiny_method_models import (
 )
 
 import peftkit
-from peftkit.counting import count_parameters
+from peftkit.core.counting import count_parameters
 from peftkit.errors import PeftkitError
-from peftkit.registry import get_method
+from peftkit.core.registry import get_method
 
 P, D = 3, 64
 

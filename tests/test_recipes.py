@@ -18,7 +18,7 @@ SMALL = [p for p in TRAIN_RECIPES if "model" not in yaml.safe_load(p.read_text()
 
 
 def test_there_is_a_recipe_per_method_and_the_big_ones():
-    from peftkit.registry import method_names
+    from peftkit.core.registry import method_names
 
     methods = {load_config(p).method for p in SMALL}
     assert methods >= set(method_names()) | {"full", "freeze"}

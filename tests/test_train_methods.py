@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import peftkit
-from peftkit.registry import method_names
+from peftkit.core.registry import method_names
 from peftkit.train.config import load_config
 from peftkit.train.run import train
 from test_train_support import make_tiny_model, write_rows

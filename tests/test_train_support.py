@@ -18,7 +18,7 @@ def make_tiny_model(folder: Path, seed: int = 0) -> Path:
     """Save a 2-layer Llama (hidden 32, GQA 4/2 heads) with the embedded tokenizer to `folder`; returns it."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from peftkit.models import embedded_folder
+    from peftkit.io.models import embedded_folder
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_folder())
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -9,7 +9,7 @@ import typer
 
 from peftkit.cli._app import app
 from peftkit.cli._options import Adapters, Combination, Json, Output, Overwrite, Weights
-from peftkit.combine import combine, parse_weights, read_lora, write_lora
+from peftkit.merging.deltas import combine, parse_weights, read_lora, write_lora
 from peftkit.errors import PeftkitError
 
 

@@ -12,9 +12,9 @@ from rich.table import Table
 
 from peftkit.cli._app import app
 from peftkit.cli._options import Base, Dtype, Json, Output, Overwrite
-from peftkit.compress import CompressReport, compress
+from peftkit.merging.compress import CompressReport, compress
 from peftkit.errors import PeftkitError
-from peftkit.merge_io import limit_heap_growth
+from peftkit.io.checkpoint import limit_heap_growth
 
 
 @app.command("compress")

@@ -19,7 +19,7 @@ from peftkit.cli._options import parse_sets
 from peftkit.errors import PeftkitError
 from peftkit.memory.estimate import GB, MemoryEstimate, estimate_memory
 from peftkit.memory.presets import PRESETS
-from peftkit.memory.traced import traced_estimate
+from peftkit.memory.trace_estimate import traced_estimate
 
 ROW_LABELS = {
     "frozen_weights": "frozen weights",

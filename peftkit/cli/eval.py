@@ -31,7 +31,7 @@ def eval_cmd(
     json_out: Json = False,
 ) -> None:
     """Evaluate a base model or an adapter on held-out data."""
-    from peftkit.train.datasetup import BUNDLED_EVAL
+    from peftkit.train.splits import BUNDLED_EVAL
     from peftkit.train.evaluate import evaluate_data
 
     result = evaluate_data(model, adapter, data or str(BUNDLED_EVAL), fmt=format, split=split, max_examples=max_examples,

@@ -28,9 +28,9 @@ def generate_cmd(
     import torch
     from transformers import TextStreamer
 
-    from peftkit.adapter_io import adapter_base_model, load_adapter
-    from peftkit.models import load_model
-    from peftkit.prompting import render_prompt
+    from peftkit.io.adapters import adapter_base_model, load_adapter
+    from peftkit.io.models import load_model
+    from peftkit.data.prompting import render_prompt
 
     torch.manual_seed(seed)
     lm, tokenizer = load_model(model if model or not adapter else adapter_base_model(adapter))

@@ -13,13 +13,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from peftkit.archs import ARCHS, arch_spec
+from peftkit.core.archs import ARCHS, arch_spec
 from peftkit.cli._app import app
 from peftkit.cli._options import Json, Rank, TargetModules
-from peftkit.counting import count_parameters, meta_model
+from peftkit.core.counting import count_parameters, meta_model
 from peftkit.errors import PeftkitError
-from peftkit.models import load_config
-from peftkit.registry import method_names
+from peftkit.io.models import load_config
+from peftkit.core.registry import method_names
 
 
 def _rows(model_config, rank: int, target_modules: str | None) -> list[dict]:

@@ -10,10 +10,10 @@ import typer
 
 from peftkit.cli._app import app
 from peftkit.cli._options import Adapters, Base, Combination, Dtype, Json, Output, Overwrite, Weights
-from peftkit.combine import parse_weights
+from peftkit.merging.deltas import parse_weights
 from peftkit.errors import PeftkitError
-from peftkit.merge_io import limit_heap_growth
-from peftkit.merge_stream import merge_to_disk
+from peftkit.io.checkpoint import limit_heap_growth
+from peftkit.merging.stream import merge_to_disk
 
 
 @app.command("merge")
@@ -37,7 +37,7 @@ def merge_cmd(
     report = merge_to_disk(base, adapters, output, weights=weights, combination=combination, rank=rank,
                            dtype=dtype, overwrite=overwrite)
     if check_logits:
-        from peftkit.merge_check import check_logits as run_check
+        from peftkit.merging.check import check_logits as run_check
 
         report.logits_max_abs_diff = run_check(base, adapters, output, parse_weights(weights, len(adapters)), combination, rank)
     if as_json:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from peftkit.errors import PeftkitError
-from peftkit.prompting import alpaca_prompt
+from peftkit.data.prompting import alpaca_prompt
 
 FORMATS = ("alpaca", "messages", "text")
 MESSAGE_COLUMNS = ("messages", "conversations")

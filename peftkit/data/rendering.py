@@ -13,7 +13,7 @@ raises an error rather than mask the wrong tokens.
 
 Without a chat template, each assistant turn becomes `PLAIN_TEMPLATE.format(prompt=<the system/user turns since
 the previous answer, joined by blank lines>) + answer + EOS`, with the answer and EOS as targets, which is what
-`peftkit.prompting.render_prompt` produces for a single-turn prompt at generation time.
+`peftkit.data.prompting.render_prompt` produces for a single-turn prompt at generation time.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from datasets.fingerprint import Hasher
 from peftkit.data.formats import check_format, to_example
 from peftkit.data.rendering import Segment, render_segments, uses_special_prefix
 from peftkit.errors import PeftkitError
-from peftkit.prompting import default_prompt_format
+from peftkit.data.prompting import default_prompt_format
 
 IGNORE_INDEX = -100
 PIPELINE_VERSION = 1  # bump when the encoding changes, to invalidate cached tokenized datasets
@@ -202,6 +202,6 @@ def _shortest_prompt(dataset: datasets.Dataset, tokenizer: Any, fmt: str, prompt
 
 
 def _cache_folder() -> Path:
-    from peftkit.models import cache_dir
+    from peftkit.io.models import cache_dir
 
     return cache_dir() / "datasets"

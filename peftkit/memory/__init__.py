@@ -11,6 +11,6 @@ model (analytic.py, activations.py) is tested against it.
 
 from peftkit.memory.estimate import MemoryEstimate, estimate_memory
 from peftkit.memory.presets import PRESETS, preset_names, resolve_config
-from peftkit.memory.setup import TrainingSetup
+from peftkit.memory.training_setup import TrainingSetup
 
 __all__ = ["MemoryEstimate", "estimate_memory", "PRESETS", "preset_names", "resolve_config", "TrainingSetup"]

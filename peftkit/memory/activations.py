@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftkit.memory.shapes import ModelShape
-from peftkit.memory.setup import TrainingSetup
+from peftkit.memory.training_setup import TrainingSetup
 from peftkit.memory.trainable import lora_targets
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftkit.memory.activations import activation_bytes, logits_bytes, model_seq_len, regime
-from peftkit.memory.setup import TrainingSetup
+from peftkit.memory.training_setup import TrainingSetup
 from peftkit.memory.shapes import ModelShape
 
 CUDA_CONTEXT = 0.75e9  # CUDA context + cuBLAS workspaces of a PyTorch process (typical on A100/H100)

@@ -1,7 +1,7 @@
 """Build a model for a `TrainingSetup` on the meta device: method applied, dtypes set, nothing allocated.
 
 Shared by the tracer (which then materializes the parameters as fake tensors) and by the parameter counts of the
-analytic estimator. PEFT methods are injected through the registry (`peftkit.inject`), so the counts and the
+analytic estimator. PEFT methods are injected through the registry (`peftkit.core.inject`), so the counts and the
 traced modules are those of the real method code; `full` and `freeze` inject nothing.
 """
 
@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from peftkit.errors import PeftkitError
-from peftkit.memory.setup import TrainingSetup
+from peftkit.memory.training_setup import TrainingSetup
 
 # setup.method -> registry name of the method the core/methods engineers register
 REGISTRY_NAMES = {"lora": "lora", "qlora": "lora", "adapter": "adapter", "prefix": "prefix", "prompt": "prompt"}
@@ -30,7 +30,7 @@ def registered_method(method: str):
     if name is None:
         return None
     try:
-        registry = importlib.import_module("peftkit.registry")
+        registry = importlib.import_module("peftkit.core.registry")
         importlib.import_module("peftkit.methods")
         return registry.get_method(name)
     except (ImportError, PeftkitError, AttributeError):
@@ -77,7 +77,7 @@ def apply_method(model: nn.Module, setup: TrainingSetup) -> None:
     if method is None:
         raise PeftkitError(f"method {setup.method!r} is not registered in this peftkit build; it cannot be built")
     options = {k: v for k, v in setup.method_options.items() if k not in _REGISTRY_OPTION}
-    from peftkit.inject import inject
+    from peftkit.core.inject import inject
 
     inject(model, method.build_config(options))
 

@@ -15,7 +15,7 @@ from peftkit.errors import PeftkitError
 from peftkit.memory.analytic import ROWS, estimate_rows
 from peftkit.memory.building import build_meta_model, parameter_counts, registered_method
 from peftkit.memory.presets import resolve_config
-from peftkit.memory.setup import METHOD_OPTIONS, TrainingSetup
+from peftkit.memory.training_setup import METHOD_OPTIONS, TrainingSetup
 from peftkit.memory.shapes import ModelShape, model_shape
 from peftkit.memory.trainable import analytic_trainable
 

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from peftkit.errors import PeftkitError
-from peftkit.memory.setup import TrainingSetup
+from peftkit.memory.training_setup import TrainingSetup
 from peftkit.memory.shapes import ModelShape
 
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")

@@ -1,7 +1,7 @@
 """The built-in methods, one module each. `load_builtin()` imports them, which registers each one.
 
 The import is a function (called at the end of `peftkit/__init__.py`) rather than module-level imports here, so
-that `peftkit.methods.base` can be imported by the core modules before any method module needs them.
+that `peftkit.core.method` can be imported by the core modules before any method module needs them.
 """
 
 import importlib

@@ -21,9 +21,9 @@ from torch import nn
 from transformers import Cache
 
 from peftkit.errors import PeftkitError
-from peftkit.inject import inject
-from peftkit.methods.base import Method
-from peftkit.methods.prefix_cache import (
+from peftkit.core.inject import inject
+from peftkit.core.method import Method
+from peftkit.methods.virtual_tokens import (
     VirtualTokenLayer,
     check_peft_prompt_config,
     check_positive,
@@ -31,8 +31,8 @@ from peftkit.methods.prefix_cache import (
     model_dims,
     peft_prompt_config,
 )
-from peftkit.registry import register
-from peftkit.state import adapters
+from peftkit.core.registry import register
+from peftkit.core.state import adapters
 
 PREFIX_INITS = ("vocab", "random", "zero")
 

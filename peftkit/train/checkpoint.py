@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftkit.adapter_io import atomic_dir
+from peftkit.io.adapters import atomic_dir
 from peftkit.errors import PeftkitError
 
 CHECKPOINTS = "checkpoints"

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.prompting import render_prompt
+from peftkit.data.prompting import render_prompt
 from peftkit.train.loss import count_targets, micro_loss
 
 
@@ -88,10 +88,10 @@ def evaluate_data(model_name: str | None, adapter: str | None, source: str, *, f
                   batch_size: int = 8) -> dict[str, Any]:
     """`peftkit eval`: load the model (and adapter), then loss / perplexity and, with references, exact match."""
     from peftkit import data
-    from peftkit.adapter_io import load_adapter
+    from peftkit.io.adapters import load_adapter
     from peftkit.errors import PeftkitError
-    from peftkit.models import load_model
-    from peftkit.prompting import default_prompt_format
+    from peftkit.io.models import load_model
+    from peftkit.data.prompting import default_prompt_format
 
     rows = data.load_rows(source, split=split)
     if len(rows) == 0:

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
-from peftkit.models import enable_checkpointing
-from peftkit.train import datasetup
+from peftkit.io.models import enable_checkpointing
+from peftkit.train import splits
 from peftkit.train.checkpoint import Position, load_checkpoint
 from peftkit.train.config import TrainConfig, save_config
 from peftkit.train.evaluate import eval_loss, exact_match
-from peftkit.train.fullft import is_full, prepare_full, save_full
+from peftkit.methods.whole import is_full, prepare_full, save_full
 from peftkit.train.loop import Loop, fit
 from peftkit.train.loss import supports_logits_to_keep
 from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
@@ -47,8 +47,8 @@ def prepare_model(model: Any, cfg: TrainConfig) -> None:
     if is_full(cfg.method):
         prepare_full(model, cfg.method, cfg.method_options())
         return
-    from peftkit.inject import inject
-    from peftkit.registry import get_method
+    from peftkit.core.inject import inject
+    from peftkit.core.registry import get_method
 
     inject(model, get_method(cfg.method).build_config(cfg.method_options()))
 
@@ -75,9 +75,9 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool 
     """Run `cfg` end to end (see the module docstring); raises PeftkitError on bad input."""
     from accelerate.utils import set_seed
 
-    from peftkit.api import trainable_parameters
-    from peftkit.models import load_model
-    from peftkit.prompting import default_prompt_format
+    from peftkit.core.ops import trainable_parameters
+    from peftkit.io.models import load_model
+    from peftkit.data.prompting import default_prompt_format
 
     t0 = time.perf_counter()
     cfg = resolve_defaults(cfg)
@@ -87,7 +87,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool 
     run_dir, resume_from = check_run_dir(cfg) if not cfg.dry_run else (None, None)
     model, tokenizer = load_model(cfg.model, dtype=dtype)
     prompt_format = model.__dict__.get("peftkit_prompt_format") or default_prompt_format(tokenizer)
-    train_split, eval_split, fmt = datasetup.load_splits(cfg, tokenizer, prompt_format)
+    train_split, eval_split, fmt = splits.load_splits(cfg, tokenizer, prompt_format)
     set_seed(cfg.seed)                    # before the adapter is initialised: same command, same adapter
     prepare_model(model, cfg)
     upcast_trainable(model, precision)
@@ -96,7 +96,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool 
         f"{total:,} parameters ({100 * trainable / total:.3f}%) | precision {precision}")
     say(f"data: {len(train_split)} training examples ({fmt}), {len(eval_split) if eval_split else 0} eval")
     _report_memory(cfg, model, say)
-    plan = datasetup.plan_fn(train_split, cfg)
+    plan = splits.plan_fn(train_split, cfg)
     steps = total_steps(cfg, len(plan(0)), acc.num_processes)
     say(f"{steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} x {acc.num_processes} examples, lr {cfg.lr}")
     if cfg.dry_run:
@@ -110,9 +110,9 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool 
     model.to(acc.device)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, steps)
     keep = supports_logits_to_keep(model)
-    collate = datasetup.collate_fn(train_split, tokenizer.pad_token_id, cfg.packing, acc.device)
-    eval_collate = datasetup.collate_fn(eval_split, tokenizer.pad_token_id, cfg.packing, acc.device) if eval_split else None
-    eval_plan = datasetup.plan_fn(eval_split, cfg, shuffle=False)(0) if eval_split else []
+    collate = splits.collate_fn(train_split, tokenizer.pad_token_id, cfg.packing, acc.device)
+    eval_collate = splits.collate_fn(eval_split, tokenizer.pad_token_id, cfg.packing, acc.device) if eval_split else None
+    eval_plan = splits.plan_fn(eval_split, cfg, shuffle=False)(0) if eval_split else []
     prepared, optimizer = acc.prepare(model, optimizer)
     pos = Position()
     if resume_from is not None:
@@ -165,7 +165,7 @@ def _save(model: Any, tokenizer: Any, run_dir: Path, cfg: TrainConfig, prompt_fo
     """The trained result: a full model folder (full / freeze) or the adapter in PEFT format."""
     if is_full(cfg.method):
         return save_full(model, tokenizer, run_dir / "model", prompt_format, cfg.method)
-    from peftkit.adapter_io import save_adapter
+    from peftkit.io.adapters import save_adapter
 
     return save_adapter(model, run_dir / "adapter", prompt_format=prompt_format)
 

@@ -19,7 +19,7 @@ import torch
 from peftkit.errors import PeftkitError
 from peftkit.train.checkpoint import list_checkpoints
 from peftkit.train.config import TrainConfig, read_recipe
-from peftkit.train.fullft import is_full
+from peftkit.methods.whole import is_full
 
 RUN_CONFIG = "run_config.yaml"
 # From the measurements in peftkit/data/README.md (q,v LoRA r=8, lr 2e-3, batch 8: 86% exact match after 30

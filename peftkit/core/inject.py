@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from peftkit.archs import LINEAR_TYPES, arch_spec
+from peftkit.core.archs import LINEAR_TYPES, arch_spec
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterLayer
-from peftkit.registry import method_for_config
-from peftkit.state import AdapterRecord, activate, adapters
+from peftkit.core.method import AdapterLayer
+from peftkit.core.registry import method_for_config
+from peftkit.core.state import AdapterRecord, activate, adapters
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(\.|$)")
 

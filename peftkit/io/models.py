@@ -46,7 +46,7 @@ def embedded_folder() -> Path:
     folder = cache_dir() / "smollm2-135m-instruct"
     if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
         return folder
-    from peftkit.convert import convert_gguf
+    from peftkit.io.gguf import convert_gguf
 
     convert_gguf(embedded_gguf(), folder)
     return folder

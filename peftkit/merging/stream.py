@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from peftkit.adapter_io import atomic_dir
-from peftkit.combine import LoraDeltas, check_output, combine, parse_weights, read_lora
+from peftkit.io.adapters import atomic_dir
+from peftkit.merging.deltas import LoraDeltas, check_output, combine, parse_weights, read_lora
 from peftkit.errors import PeftkitError
-from peftkit.merge_io import (SINGLE_NAME, ShardWriter, copy_aux_files, iter_tensors, open_checkpoint, resolve_base,
+from peftkit.io.checkpoint import (SINGLE_NAME, ShardWriter, copy_aux_files, iter_tensors, open_checkpoint, resolve_base,
                               shapes, write_index)
-from peftkit.merge_plan import MergePlan, Target, plan_merge
-from peftkit.models import resolve_dtype
+from peftkit.merging.plan import MergePlan, Target, plan_merge
+from peftkit.io.models import resolve_dtype
 
 
 @dataclass
@@ -74,7 +74,7 @@ def merge_to_disk(base: str | None, adapters: list[str], output: str, *, weights
     deltas = combine([read_lora(a, w) for a, w in zip(adapters, weight_list)], combination, rank)
     from transformers import AutoConfig
 
-    from peftkit.counting import meta_model
+    from peftkit.core.counting import meta_model
 
     config = AutoConfig.from_pretrained(folder)
     header = shapes(ckpt)

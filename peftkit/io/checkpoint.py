@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from peftkit.errors import PeftkitError
-from peftkit.models import EMBEDDED_NAMES, embedded_folder
+from peftkit.io.models import EMBEDDED_NAMES, embedded_folder
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import Cache, DynamicCache
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterLayer
+from peftkit.core.method import AdapterLayer
 
 _MARK = "_peftkit_virtual_tokens"  # attribute set on a Cache whose first P entries are virtual tokens
 

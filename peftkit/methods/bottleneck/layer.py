@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.methods.base import AdapterLayer
+from peftkit.core.method import AdapterLayer
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 

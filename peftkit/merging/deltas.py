@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from peftkit.adapter_io import CONFIG_NAME, META_NAME, WEIGHTS_NAME, atomic_dir, read_adapter
+from peftkit.io.adapters import CONFIG_NAME, META_NAME, WEIGHTS_NAME, atomic_dir, read_adapter
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import PEFT_PREFIX
-from peftkit.methods.lora_config import LoraConfig
-from peftkit.methods.lora_io import parse_keys
-from peftkit.methods.lora_saved import split_saved
-from peftkit.registry import method_for_peft_type
-from peftkit.svd import low_rank_svd, split_factors
+from peftkit.core.method import PEFT_PREFIX
+from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora.format import parse_keys
+from peftkit.methods.lora.saved import split_saved
+from peftkit.core.registry import method_for_peft_type
+from peftkit.merging.svd import low_rank_svd, split_factors
 
 COMBINATIONS = ("concat", "linear", "svd")
 

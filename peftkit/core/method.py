@@ -1,7 +1,7 @@
 """Base classes every method builds on: `AdapterLayer` (modules holding adapters) and `Method` (registry entry).
 
 A method is one file in this package: a frozen config dataclass, its nn.Module(s) subclassing `AdapterLayer`, and
-a `Method` subclass registered with `peftkit.registry.register`. The trainer, the CLI and adapter I/O use only the
+a `Method` subclass registered with `peftkit.core.registry.register`. The trainer, the CLI and adapter I/O use only the
 `Method` interface, so adding a method never touches them.
 """
 

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterLayer
+from peftkit.core.method import AdapterLayer
 
 
 @dataclass

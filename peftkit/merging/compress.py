@@ -22,13 +22,13 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit.adapter_io import CONFIG_NAME, META_NAME, WEIGHTS_NAME, atomic_dir
-from peftkit.combine import check_output, lora_config_json
+from peftkit.io.adapters import CONFIG_NAME, META_NAME, WEIGHTS_NAME, atomic_dir
+from peftkit.merging.deltas import check_output, lora_config_json
 from peftkit.errors import PeftkitError
-from peftkit.merge_io import Checkpoint, iter_tensors, open_checkpoint, read_tensor, resolve_base, shapes
-from peftkit.methods.base import PEFT_PREFIX
-from peftkit.models import EMBEDDED_HUB_ID, resolve_dtype
-from peftkit.svd import check_rank_energy, dense_cap, energy_svd, relative_error, split_factors, top_svd
+from peftkit.io.checkpoint import Checkpoint, iter_tensors, open_checkpoint, read_tensor, resolve_base, shapes
+from peftkit.core.method import PEFT_PREFIX
+from peftkit.io.models import EMBEDDED_HUB_ID, resolve_dtype
+from peftkit.merging.svd import check_rank_energy, dense_cap, energy_svd, relative_error, split_factors, top_svd
 
 
 @dataclass
@@ -91,7 +91,7 @@ def compress(base: str | None, finetuned: str, output: str, *, rank: int | None 
     _check_same(shapes(base_ck), ft_shapes)
     from transformers import AutoConfig
 
-    from peftkit.counting import meta_model
+    from peftkit.core.counting import meta_model
 
     meta = meta_model(AutoConfig.from_pretrained(ft_dir))
     report = CompressReport(finetune_bytes=sum((ft_dir / s).stat().st_size for s in ft_ck.shards))

@@ -22,8 +22,8 @@ from torch import nn
 
 from peftkit._version import __version__
 from peftkit.errors import PeftkitError
-from peftkit.registry import get_method, method_for_peft_type
-from peftkit.state import adapters, resolve_name
+from peftkit.core.registry import get_method, method_for_peft_type
+from peftkit.core.state import adapters, resolve_name
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -136,7 +136,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def adapter_base_model(path: str | os.PathLike) -> str | None:
     """The base model an adapter was trained on, as `load_model` accepts it (the embedded model maps to None)."""
-    from peftkit.models import EMBEDDED_HUB_ID
+    from peftkit.io.models import EMBEDDED_HUB_ID
 
     config_file = Path(path) / CONFIG_NAME
     if not config_file.is_file():

@@ -11,16 +11,16 @@ import re
 import torch
 from torch import nn
 
-from peftkit.archs import LINEAR_TYPES
+from peftkit.core.archs import LINEAR_TYPES
 from peftkit.errors import PeftkitError
-from peftkit.inject import base_modules, find_targets, inject, replace_module
-from peftkit.methods.base import PEFT_PREFIX, Method
-from peftkit.methods.lora_config import LoraConfig
-from peftkit.methods.lora_io import config_from_peft, load_lora_tensors
-from peftkit.methods.lora_layer import LoraLayer
-from peftkit.methods.lora_saved import export_saved, load_saved_modules, split_saved
-from peftkit.registry import register
-from peftkit.state import adapters
+from peftkit.core.inject import base_modules, find_targets, inject, replace_module
+from peftkit.core.method import PEFT_PREFIX, Method
+from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora.format import config_from_peft, load_lora_tensors
+from peftkit.methods.lora.layer import LoraLayer
+from peftkit.methods.lora.saved import export_saved, load_saved_modules, split_saved
+from peftkit.core.registry import register
+from peftkit.core.state import adapters
 
 class LoraMethod(Method):
     """Registry entry for LoRA (`--method lora`)."""

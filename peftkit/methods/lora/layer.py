@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterLayer
+from peftkit.core.method import AdapterLayer
 
 
 class LoraLayer(AdapterLayer):

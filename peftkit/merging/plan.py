@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit.combine import LoraDeltas
+from peftkit.merging.deltas import LoraDeltas
 from peftkit.errors import PeftkitError
 
 

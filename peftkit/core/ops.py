@@ -11,9 +11,9 @@ from contextlib import contextmanager
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.inject import replace_module
-from peftkit.registry import get_method
-from peftkit.state import activate, active_adapter, adapter_layers, adapters, resolve_name
+from peftkit.core.inject import replace_module
+from peftkit.core.registry import get_method
+from peftkit.core.state import activate, active_adapter, adapter_layers, adapters, resolve_name
 
 
 def set_adapter(model: nn.Module, name: str) -> nn.Module:

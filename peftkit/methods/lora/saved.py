@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.inject import base_modules, replace_module
-from peftkit.methods.base import PEFT_PREFIX, AdapterLayer
+from peftkit.core.inject import base_modules, replace_module
+from peftkit.core.method import PEFT_PREFIX, AdapterLayer
 
 
 class SavedModuleLayer(AdapterLayer):

@@ -2,7 +2,7 @@
 
 Both save a complete model folder (config + safetensors + tokenizer) that `AutoModelForCausalLM.from_pretrained`
 loads, so `peftkit compress` can diff it against the base model and turn the delta into a LoRA adapter.
-Every other method name goes through the registry (`peftkit.registry.get_method`).
+Every other method name goes through the registry (`peftkit.core.registry.get_method`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from peftkit.adapter_io import META_NAME, atomic_dir, base_model_id
-from peftkit.archs import decoder_layers
+from peftkit.io.adapters import META_NAME, atomic_dir, base_model_id
+from peftkit.core.archs import decoder_layers
 from peftkit.errors import PeftkitError
 
 FULL_METHODS = ("full", "freeze")

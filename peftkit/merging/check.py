@@ -10,9 +10,9 @@ import tempfile
 
 import torch
 
-from peftkit.adapter_io import load_adapter
-from peftkit.combine import combine, read_lora, write_lora
-from peftkit.merge_io import resolve_base
+from peftkit.io.adapters import load_adapter
+from peftkit.merging.deltas import combine, read_lora, write_lora
+from peftkit.io.checkpoint import resolve_base
 
 
 def check_logits(base: str | None, adapters: list[str], merged: str, weights: list[float], combination: str = "concat",

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftkit.archs import arch_spec, get_submodule
+from peftkit.core.archs import arch_spec, get_submodule
 from peftkit.errors import PeftkitError
-from peftkit.inject import inject, replace_module
-from peftkit.methods.base import PEFT_PREFIX, Method, config_fields
-from peftkit.methods.bottleneck_layer import ACTIVATIONS, BottleneckLayer
-from peftkit.registry import register
-from peftkit.state import adapters
+from peftkit.core.inject import inject, replace_module
+from peftkit.core.method import PEFT_PREFIX, Method, config_fields
+from peftkit.methods.bottleneck.layer import ACTIVATIONS, BottleneckLayer
+from peftkit.core.registry import register
+from peftkit.core.state import adapters
 
 VARIANTS: dict[str, tuple[str, ...]] = {"houlsby": ("attention", "mlp"), "pfeiffer": ("mlp",), "parallel": ("mlp",)}
 LOCATIONS = ("attention", "mlp")

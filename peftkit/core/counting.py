@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from peftkit.api import trainable_parameters
-from peftkit.inject import inject
-from peftkit.registry import get_method
+from peftkit.core.ops import trainable_parameters
+from peftkit.core.inject import inject
+from peftkit.core.registry import get_method
 
 
 def meta_model(model_config: PretrainedConfig) -> torch.nn.Module:

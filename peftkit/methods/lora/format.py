@@ -12,11 +12,11 @@ import warnings
 import torch
 from torch import nn
 
-from peftkit.archs import LINEAR_TYPES
+from peftkit.core.archs import LINEAR_TYPES
 from peftkit.errors import PeftkitError
-from peftkit.inject import base_modules
-from peftkit.methods.base import PEFT_PREFIX
-from peftkit.methods.lora_config import LoraConfig
+from peftkit.core.inject import base_modules
+from peftkit.core.method import PEFT_PREFIX
+from peftkit.methods.lora.config import LoraConfig
 
 # <path>.lora_A.weight, <path>.lora_B.weight, <path>.lora_B.bias; PEFT strips the adapter name but older files
 # may keep it (<path>.lora_A.default.weight).

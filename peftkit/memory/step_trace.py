@@ -36,9 +36,9 @@ from transformers import PretrainedConfig
 from peftkit.errors import PeftkitError
 from peftkit.memory.attention import trace_attention
 from peftkit.memory.building import build_meta_model, parameter_counts
-from peftkit.memory.setup import TrainingSetup
-from peftkit.memory.tracker import LiveBytes, StorageTracker
-from peftkit.models import enable_checkpointing
+from peftkit.memory.training_setup import TrainingSetup
+from peftkit.memory.live_bytes import LiveBytes, StorageTracker
+from peftkit.io.models import enable_checkpointing
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from peftkit.adapter_io import atomic_dir
+from peftkit.io.adapters import atomic_dir
 
 
 def convert_gguf(gguf: Path, folder: Path) -> None:

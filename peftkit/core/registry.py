@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import Method
+from peftkit.core.method import Method
 
 _METHODS: dict[str, Method] = {}
 
