@@ -82,7 +82,7 @@ def _one_field_row(rows: list[dict], rng: random.Random) -> dict:
 
 def variable_rows(n: int, seed: int = SEED) -> list[dict]:
     """n alpaca rows of long-tailed length, built deterministically from the bundled training rows."""
-    from peftkit.train.splits import BUNDLED_TRAIN
+    from peftkit.data import BUNDLED_TRAIN
 
     rows = [json.loads(line) for line in open(BUNDLED_TRAIN)]
     rng = random.Random(seed)
@@ -94,7 +94,7 @@ def bench_rows(args: argparse.Namespace) -> list[dict]:
     """The rows both sides train on."""
     if args.data == "variable":
         return variable_rows(args.examples)
-    from peftkit.train.splits import BUNDLED_TRAIN
+    from peftkit.data import BUNDLED_TRAIN
 
     return [json.loads(line) for line in open(BUNDLED_TRAIN).read().splitlines()[: args.examples]]
 

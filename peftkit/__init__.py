@@ -6,30 +6,21 @@
     ...train...
     peftkit.save_adapter(model, "out/adapter")               # HF PEFT format
     peftkit.merge(model)                                     # fold into the weights, remove the adapter modules
+
+This module only re-exports the public API; docs/architecture.md maps the packages behind it.
 """
 
 from peftkit._version import __version__
-from peftkit.errors import PeftkitError
+from peftkit.core.counting import trainable_parameters
 from peftkit.core.inject import inject
-from peftkit.core.ops import (
-    delete_adapter,
-    disable_adapters,
-    merge,
-    merge_adapter,
-    set_adapter,
-    trainable_parameters,
-    unmerge_adapter,
-)
+from peftkit.core.ops import delete_adapter, disable_adapters, merge, merge_adapter, set_adapter, unmerge_adapter
+from peftkit.errors import PeftkitError
 from peftkit.io.adapters import load_adapter, save_adapter
 from peftkit.io.models import load_model
-from peftkit.methods import load_builtin as _load_builtin
-
-_load_builtin()
-
-from peftkit.methods.lora.config import LoraConfig  # noqa: E402
-from peftkit.methods.bottleneck.method import AdapterConfig  # noqa: E402
-from peftkit.methods.prefix import PrefixConfig  # noqa: E402
-from peftkit.methods.prompt import PromptConfig  # noqa: E402
+from peftkit.methods.bottleneck import AdapterConfig
+from peftkit.methods.lora import LoraConfig
+from peftkit.methods.prefix import PrefixConfig
+from peftkit.methods.prompt import PromptConfig
 
 __all__ = [
     "__version__",

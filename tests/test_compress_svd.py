@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from peftkit.cli import main
-from peftkit.merging.svd import EXACT_FRACTION, low_rank_svd, relative_error, split_factors, top_svd
+from peftkit.merging.svd import EXACT_FRACTION, low_rank_svd, relative_error, top_svd
+from peftkit.methods.lora.layer import split_factors
 from tiny_models import tiny_model
 
 

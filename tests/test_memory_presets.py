@@ -80,11 +80,12 @@ def test_uncached_hub_id_is_a_clear_offline_error():
 def test_method_formulas_equal_registered_methods(preset, method, options):
     """trainable.py's textbook formulas (LoRA r(d_in+d_out), adapters 2hm+m+h, prefix P·L·2·kv_dim, prompt P·h) agree with
     what the registered method code creates on the meta device: each keeps the other honest."""
-    from peftkit.memory.building import build_meta_model, parameter_counts
+    from peftkit.core.counting import trainable_parameters
+    from peftkit.memory.building import build_meta_model
     from peftkit.memory.training_setup import TrainingSetup
     from peftkit.memory.trainable import analytic_trainable
 
     config, _ = resolve_config(preset)
     setup = TrainingSetup(method, "bf16", method_options=options)
-    registered, _ = parameter_counts(build_meta_model(config, setup))
+    registered, _ = trainable_parameters(build_meta_model(config, setup))
     assert analytic_trainable(model_shape(config), setup) == registered > 0

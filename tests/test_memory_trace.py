@@ -20,7 +20,7 @@ SETUPS = [
     dict(method="full", precision="bf16", batch_size=2),
     dict(method="full", precision="amp", gradient_checkpointing=True),
     dict(method="full", precision="fp32", optimizer="sgd"),
-    dict(method="freeze", precision="amp", method_options={"trainable_layers": 1}),
+    dict(method="freeze", precision="amp", method_options={"layers": 1}),
     dict(method="lora", precision="amp", method_options={"r": 4}),
     dict(method="lora", precision="bf16", gradient_checkpointing=True),
     dict(method="adapter", precision="amp"),

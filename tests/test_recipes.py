@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from peftkit.cli import main
-from peftkit.train.config import load_config
+from peftkit.train.config import load_train_config
 from test_train_support import make_tiny_model, write_rows
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -20,7 +20,7 @@ SMALL = [p for p in TRAIN_RECIPES if "model" not in yaml.safe_load(p.read_text()
 def test_there_is_a_recipe_per_method_and_the_big_ones():
     from peftkit.core.registry import method_names
 
-    methods = {load_config(p).method for p in SMALL}
+    methods = {load_train_config(p).method for p in SMALL}
     assert methods >= set(method_names()) | {"full", "freeze"}
     assert {p.name for p in TRAIN_RECIPES} >= {"qwen1.5-7b-lora.yaml", "qwen1.5-72b-lora-fsdp.yaml"}
 
@@ -29,7 +29,7 @@ def test_there_is_a_recipe_per_method_and_the_big_ones():
 def test_recipe_parses_and_names_its_command(recipe):
     first = recipe.read_text().splitlines()[0]
     assert first.startswith("# ") and f"train --config recipes/{recipe.name}" in first
-    cfg = load_config(recipe)
+    cfg = load_train_config(recipe)
     if "--config_file" in first:
         accel = RECIPES / first.split("--config_file ")[1].split()[0].removeprefix("recipes/")
         assert yaml.safe_load(accel.read_text())["distributed_type"] == "FSDP"
@@ -45,7 +45,7 @@ def tiny(tmp_path_factory):
 def test_small_recipe_dry_run(recipe, tiny, tmp_path, monkeypatch, capsys):
     model, data = tiny
     monkeypatch.chdir(tmp_path)
-    extra = ["--set", "layers=1"] if load_config(recipe).method == "freeze" else []  # the tiny model has 2 layers
+    extra = ["--set", "layers=1"] if load_train_config(recipe).method == "freeze" else []  # the tiny model has 2 layers
     main(["train", "--config", str(recipe), "--model", str(model), "--data", str(data), "--dry-run", "--quiet", *extra])
     out = capsys.readouterr().out
     assert "trainable" in out and "optimizer steps" in out

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from peftkit.train.config import load_config
+from peftkit.train.config import load_train_config
 from peftkit.train.run import train
 from test_train_support import make_tiny_model, write_rows
 
@@ -37,7 +37,7 @@ def test_two_processes_equal_one(tmp_path):
     write_rows(tmp_path / "train.jsonl", 16)
     common = dict(model=str(model), data=str(tmp_path / "train.jsonl"), eval_split="0", max_steps=4, batch_size=2,
                   max_length=64, lr=1e-2, rank=4, dropout=0.0, precision="fp32", seed=3)
-    one = train(load_config(None, {**common, "grad_accum": 2, "output": str(tmp_path / "one")}), progress=False)
+    one = train(load_train_config(None, {**common, "grad_accum": 2, "output": str(tmp_path / "one")}), progress=False)
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(REPO / "cli.py"), "train", "--model", str(model), "--data", str(tmp_path / "train.jsonl"),

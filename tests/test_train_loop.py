@@ -68,7 +68,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
     import peftkit.train.loop as loop_module
     from peftkit.errors import PeftkitError
-    from peftkit.train.config import load_config
+    from peftkit.train.config import load_train_config
     from peftkit.train.run import train
     from test_train_support import write_rows
 
@@ -82,7 +82,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return loss * float("nan") if calls["n"] == 3 else loss  # step 3 (one micro-batch per step)
 
     monkeypatch.setattr(loop_module, "micro_loss", poisoned)
-    cfg = load_config(None, dict(model=str(folder), data=str(write_rows(tmp_path / "d.jsonl", 12)), eval_split="0",
+    cfg = load_train_config(None, dict(model=str(folder), data=str(write_rows(tmp_path / "d.jsonl", 12)), eval_split="0",
                                  max_steps=5, batch_size=2, save_steps=2, precision="fp32", output=str(tmp_path / "run")))
     with pytest.raises(PeftkitError, match=r"nan at step 3.*step-000002"):
         train(cfg, progress=False)

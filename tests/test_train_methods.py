@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import peftkit
 from peftkit.core.registry import method_names
-from peftkit.train.config import load_config
+from peftkit.train.config import load_train_config
 from peftkit.train.run import train
 from test_train_support import make_tiny_model, write_rows
 
@@ -27,7 +27,7 @@ def tiny(tmp_path_factory):
 @pytest.mark.parametrize("method", method_names() + ["full", "freeze"])
 def test_method_trains_and_saves(method, tiny, tmp_path):
     model_dir, data, eval_data = tiny
-    cfg = load_config(None, dict(model=str(model_dir), data=str(data), eval_data=str(eval_data), method=method,
+    cfg = load_train_config(None, dict(model=str(model_dir), data=str(data), eval_data=str(eval_data), method=method,
                                  max_steps=2, batch_size=4, max_length=64, lr=1e-2, precision="fp32",
                                  output=str(tmp_path / "run"), **OPTIONS.get(method, {})))
     result = train(cfg, progress=False)

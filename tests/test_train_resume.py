@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from peftkit.train.checkpoint import list_checkpoints
-from peftkit.train.config import load_config
+from peftkit.train.config import load_train_config
 from peftkit.train.run import train
 from test_train_support import make_tiny_model, write_rows
 
@@ -34,25 +34,25 @@ def _options(root, model, output):
 
 def test_sigkill_then_resume_equals_uninterrupted(setup):
     root, model = setup
-    straight = train(load_config(None, _options(root, model, root / "straight")), progress=False)
+    straight = train(load_train_config(None, _options(root, model, root / "straight")), progress=False)
     assert straight.steps == 8
 
     killed = root / "killed"
     script = textwrap.dedent(f"""
         import os, signal
-        from peftkit.train.config import load_config
+        from peftkit.train.config import load_train_config
         from peftkit.train.run import train
         def die(step):
             if step == 6:
                 os.kill(os.getpid(), signal.SIGKILL)
-        train(load_config(None, {_options(root, model, killed)!r}), progress=False, on_checkpoint=die)
+        train(load_train_config(None, {_options(root, model, killed)!r}), progress=False, on_checkpoint=die)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy())
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert [p.name for p in list_checkpoints(killed)] == ["step-000003", "step-000006"]
     assert not (killed / "adapter").exists()
 
-    resumed = train(load_config(None, {**_options(root, model, killed), "resume": True}), progress=False)
+    resumed = train(load_train_config(None, {**_options(root, model, killed), "resume": True}), progress=False)
     assert resumed.steps == 8
     want = load_file(str(straight.saved / "adapter_model.safetensors"))
     got = load_file(str(resumed.saved / "adapter_model.safetensors"))

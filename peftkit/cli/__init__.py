@@ -5,6 +5,7 @@ command on `peftkit.cli._app.app` with `@app.command(...)`. Adding a command mea
 """
 
 import importlib
+import logging
 import pkgutil
 import sys
 
@@ -24,10 +25,32 @@ def _register_commands() -> None:
 _register_commands()
 
 
+class _ConsoleHandler(logging.Handler):
+    """The library's diagnostics channel shown on the terminal: the `peftkit` loggers' INFO records are progress
+    lines on stdout, WARNING and above go to stderr as `warning: ...`. The streams are looked up at each record,
+    so redirected or captured streams (pytest's capsys) see them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        else:
+            print(message, file=sys.stdout, flush=True)
+
+
+def _show_library_logs() -> None:
+    """Route the `peftkit` loggers to the terminal once (the library itself never prints)."""
+    logger = logging.getLogger("peftkit")
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. A `PeftkitError` and a usage error (missing option, bad value, unknown command)
     become one line `error: ...` on stderr and exit code 2; `--debug` shows the traceback instead."""
     args = sys.argv[1:] if argv is None else argv
+    _show_library_logs()
     try:
         code = app(args=args, standalone_mode=False, prog_name="peftkit")
     except PeftkitError as exc:

@@ -1,12 +1,12 @@
 """Option declarations shared by several commands, so every command spells them the same way.
 
-Use them as parameter annotations: `def train(rank: Rank = None, ...)`. `method_options()` turns the method flags
-and `--set key=value` pairs into the dict that `Method.build_config` takes.
+Use them as parameter annotations: `def train(rank: Rank = None, ...)`. `parse_sets` turns `--set key=value`
+pairs into a dict (values stay text; `Method.field_options` parses them as YAML scalars).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -38,30 +38,6 @@ def parse_sets(pairs: list[str] | None) -> dict[str, str]:
         out[key.strip()] = value.strip()
     return out
 
-
-def method_options(
-    rank: int | None = None,
-    alpha: float | None = None,
-    dropout: float | None = None,
-    target_modules: str | None = None,
-    variant: str | None = None,
-    reduction_factor: int | None = None,
-    num_virtual_tokens: int | None = None,
-    sets: list[str] | None = None,
-) -> dict[str, Any]:
-    """The options given on the command line (unset ones left out), for `Method.build_config`."""
-    given = {
-        "rank": rank,
-        "alpha": alpha,
-        "dropout": dropout,
-        "target_modules": target_modules,
-        "variant": variant,
-        "reduction_factor": reduction_factor,
-        "num_virtual_tokens": num_virtual_tokens,
-    }
-    options = {k: v for k, v in given.items() if v is not None}
-    options.update(parse_sets(sets))
-    return options
 
 # Shared by merge / combine / compress.
 Base = Annotated[Optional[str], typer.Option("--base", "--model", "-m", help="Base model: folder or hub id; default: the embedded model.")]

@@ -20,6 +20,7 @@ from peftkit.errors import PeftkitError
 from peftkit.memory.estimate import GB, MemoryEstimate, estimate_memory
 from peftkit.memory.presets import PRESETS
 from peftkit.memory.trace_estimate import traced_estimate
+from peftkit.memory.training_setup import field_options
 
 ROW_LABELS = {
     "frozen_weights": "frozen weights",
@@ -64,7 +65,7 @@ def _print(est: MemoryEstimate) -> None:
     table.add_row("[bold]total per GPU[/bold]", f"[bold]{_gb(est.total_bytes)}[/bold]")
     console.print(table)
     console.print(f"parameters: {est.total_params:,} total, {est.trainable_params:,} trainable "
-                  f"({est.trainable_source}); peak during: {est.peak_phase}")  # fmt: skip
+                  f"(the registered method's modules on the meta device); peak during: {est.peak_phase}")  # fmt: skip
     if est.cpu_offload_bytes:
         console.print(f"offloaded to CPU memory: {_gb(est.cpu_offload_bytes)} GB")
     if est.trace:
@@ -78,12 +79,6 @@ def _print(est: MemoryEstimate) -> None:
                       f"largest batch at this length: {est.max_batch_size}; largest length at this batch: {est.max_seq_len}")  # fmt: skip
     for line in est.assumptions:
         console.print(f"[dim]assumes: {line}[/dim]")
-
-
-def _set_options(pairs: list[str] | None) -> dict:
-    import yaml
-
-    return {k: yaml.safe_load(v) for k, v in parse_sets(pairs).items()}
 
 
 @app.command("estimate")
@@ -117,14 +112,15 @@ def estimate_cmd(
         return
     if model is None:
         raise PeftkitError(f"--model is required: a preset ({', '.join(PRESETS)}), a config.json, folder or hub id")
-    options = {"r": rank, "lora_alpha": alpha, "target_modules": target_modules, "num_virtual_tokens": num_virtual_tokens,
-               "reduction_factor": reduction_factor, "variant": variant, **_set_options(sets)}  # fmt: skip
+    given = {"rank": rank, "alpha": alpha, "target_modules": target_modules, "num_virtual_tokens": num_virtual_tokens,
+             "reduction_factor": reduction_factor, "variant": variant, **parse_sets(sets)}  # fmt: skip
+    options = field_options(method, given)
     kwargs = dict(precision="amp" if precision.lower() == "auto" else precision, optimizer=optimizer,
                   batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing, gpus=gpus,
                   zero=zero, fsdp=fsdp, offload=offload, gpu_memory_gb=gpu_memory)  # fmt: skip
     est = estimate_memory(model, method, **kwargs, **options)
     if trace:
-        est = traced_estimate(model, method, est, **{k: v for k, v in options.items() if v is not None})
+        est = traced_estimate(model, est)
     if as_json:
         print(json.dumps(est.to_dict(), indent=2))
     else:

@@ -31,10 +31,9 @@ def eval_cmd(
     json_out: Json = False,
 ) -> None:
     """Evaluate a base model or an adapter on held-out data."""
-    from peftkit.train.splits import BUNDLED_EVAL
-    from peftkit.train.evaluate import evaluate_data
+    from peftkit.evaluate import evaluate
 
-    result = evaluate_data(model, adapter, data or str(BUNDLED_EVAL), fmt=format, split=split, max_examples=max_examples,
+    result = evaluate(model, adapter, data, fmt=format, split=split, max_examples=max_examples,
                            max_length=max_length, batch_size=batch_size)
     if json_out:
         print(json.dumps(result, indent=2))

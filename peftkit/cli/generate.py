@@ -30,6 +30,7 @@ def generate_cmd(
 
     from peftkit.io.adapters import adapter_base_model, load_adapter
     from peftkit.io.models import load_model
+    from peftkit.core.state import prompt_format as prompt_format_of
     from peftkit.data.prompting import render_prompt
 
     torch.manual_seed(seed)
@@ -37,7 +38,7 @@ def generate_cmd(
     if adapter:
         load_adapter(lm, adapter)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    text = render_prompt(tokenizer, messages, lm.__dict__.get("peftkit_prompt_format"))
+    text = render_prompt(tokenizer, messages, prompt_format_of(lm))
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}

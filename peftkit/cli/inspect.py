@@ -18,7 +18,7 @@ from peftkit.cli._app import app
 from peftkit.cli._options import Json, Rank, TargetModules
 from peftkit.core.counting import count_parameters, meta_model
 from peftkit.errors import PeftkitError
-from peftkit.io.models import load_config
+from peftkit.io.models import load_model_config
 from peftkit.core.registry import method_names
 
 
@@ -46,7 +46,7 @@ def inspect_cmd(
     as_json: Json = False,
 ) -> None:
     """Show the architecture, default targets and trainable-parameter counts per method."""
-    config = load_config(model)
+    config = load_model_config(model)
     meta = meta_model(config)
     spec = arch_spec(meta)
     info = {

@@ -61,21 +61,23 @@ def train_cmd(
 ) -> None:
     """Fine-tune a model; with no options, LoRA on the embedded model and the bundled task."""
     flags = {k: v for k, v in locals().items() if k not in ("config", "sets", "quiet", "overwrite", "resume", "dry_run")}
-    from peftkit.train.config import load_config
+    from peftkit.core.registry import get_method
+    from peftkit.train.config import load_train_config
     from peftkit.train.run import train
 
     flags.update(set=parse_sets(sets) or None, overwrite=overwrite or None, resume=resume or None,
                  dry_run=dry_run or None)
-    cfg = load_config(config, flags)
+    cfg = load_train_config(config, flags)
     result = train(cfg, progress=not quiet)
     if result.run_dir is None or not result.main:
         return
     saved = result.saved
+    whole_model = get_method(cfg.method).trains_base
     print(f"\nrun folder: {result.run_dir}  ({result.wall_s:.0f} s)")
-    print(f"  {'model' if cfg.method in ('full', 'freeze') else 'adapter'}: {saved}")
+    print(f"  {'model' if whole_model else 'adapter'}: {saved}")
     print(f"  config: {result.run_dir / 'run_config.yaml'}\n  metrics: {result.run_dir / 'metrics.jsonl'}")
     print(f"  loss curve: {result.run_dir / 'loss_curve.png'}")
-    flag = f"--model {shlex.quote(str(saved))}" if cfg.method in ("full", "freeze") else f"--adapter {shlex.quote(str(saved))}"
+    flag = f"--model {shlex.quote(str(saved))}" if whole_model else f"--adapter {shlex.quote(str(saved))}"
     print(f"chat with it:\n  peftkit generate {flag} {_shell_quote(_example_prompt(result))}")
 
 

@@ -1,4 +1,5 @@
-"""Per-architecture defaults: which modules LoRA targets, where the decoder layers, attention and MLP live.
+"""Per-architecture facts: which modules LoRA targets, where the decoder layers, attention and MLP live, and the
+attention shape read from the config.
 
 Methods look these up by the model's `config.model_type` instead of hard-coding module names. An architecture that
 is not listed falls back to discovery: the decoder layers are the largest `nn.ModuleList` of the model, and the
@@ -7,11 +8,16 @@ default LoRA targets are the linear layers found inside them (a warning says so)
 
 from __future__ import annotations
 
-import warnings
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from peftkit.errors import PeftkitError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,6 @@ class ArchSpec:
     layers: dotted path from the CausalLM model to the `nn.ModuleList` of decoder layers.
     lora_targets: PEFT's default LoRA target module names for this architecture.
     attention / mlp: the attention and MLP submodules of one decoder layer (bottleneck adapters wrap these).
-    attention_out: the attention output projection of one decoder layer.
     output_embedding: name of the LM head ("all-linear" never targets it, as in PEFT).
     """
 
@@ -29,9 +34,7 @@ class ArchSpec:
     lora_targets: tuple[str, ...]
     attention: str
     mlp: str
-    attention_out: str
     output_embedding: str = "lm_head"
-    discovered: bool = False
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -39,7 +42,6 @@ _LLAMA_LIKE = ArchSpec(
     lora_targets=("q_proj", "v_proj"),
     attention="self_attn",
     mlp="mlp",
-    attention_out="self_attn.o_proj",
 )
 
 ARCHS: dict[str, ArchSpec] = {
@@ -57,14 +59,12 @@ ARCHS: dict[str, ArchSpec] = {
         lora_targets=("qkv_proj",),
         attention="self_attn",
         mlp="mlp",
-        attention_out="self_attn.o_proj",
     ),
     "gpt2": ArchSpec(
         layers="transformer.h",
         lora_targets=("c_attn",),
         attention="attn",
         mlp="mlp",
-        attention_out="attn.c_proj",
     ),
 }
 
@@ -93,7 +93,7 @@ def _discover_spec(model: nn.Module) -> ArchSpec:
     layers = _discover_layers(model)
     first = get_submodule(model, f"{layers}.0") if layers else None
     names: list[str] = []
-    attention = mlp = attention_out = ""
+    attention = mlp = ""
     if first is not None:
         for name, module in first.named_modules():
             leaf = name.rsplit(".", 1)[-1]
@@ -108,8 +108,6 @@ def _discover_spec(model: nn.Module) -> ArchSpec:
         lora_targets=tuple(names),
         attention=attention,
         mlp=mlp,
-        attention_out=attention_out,
-        discovered=True,
     )
 
 
@@ -119,10 +117,9 @@ def arch_spec(model: nn.Module) -> ArchSpec:
     if model_type in ARCHS:
         return ARCHS[model_type]
     spec = _discover_spec(model)
-    warnings.warn(
-        f"peftkit has no defaults for model_type {model_type!r}; discovered decoder layers at {spec.layers!r} "
-        f"and linear layers {list(spec.lora_targets)} inside them (pass --target-modules to choose)",
-        stacklevel=2,
+    log.warning(
+        "peftkit has no defaults for model_type %r; discovered decoder layers at %r and linear layers %s inside them "
+        "(pass --target-modules to choose)", model_type, spec.layers, list(spec.lora_targets),
     )
     return spec
 
@@ -130,3 +127,43 @@ def arch_spec(model: nn.Module) -> ArchSpec:
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of `model` (raises AttributeError if the spec's path does not exist)."""
     return model.get_submodule(arch_spec(model).layers)
+
+
+def text_config(model_or_config: Any) -> Any:
+    """The config of a model (or the config itself), its text part for a multimodal one."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def hidden_size(model_or_config: Any) -> int:
+    """The residual-stream width d."""
+    return text_config(model_or_config).hidden_size
+
+
+def model_dims(model_or_config: Any) -> dict[str, int]:
+    """num_layers, hidden, heads, kv_heads, head_dim of a decoder-only model or its config (GQA-aware: kv_heads
+    <= heads). The one reader of the attention-shape fields."""
+    config = text_config(model_or_config)
+    try:
+        hidden, heads, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
+    except AttributeError as exc:
+        raise PeftkitError(f"model_type {config.model_type!r}: cannot read the attention shape from its config ({exc})") from None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return {"num_layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Turn on activation (gradient) checkpointing, non-reentrant, under the name this transformers has
+    (`activation_checkpointing_enable` in 5.x; the old `gradient_checkpointing_enable` is a deprecated alias)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on, under either of transformers' names."""
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    name = "is_activation_checkpointing" if flag is not None else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))

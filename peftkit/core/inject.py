@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
 from peftkit.core.archs import LINEAR_TYPES, arch_spec
 from peftkit.errors import PeftkitError
 from peftkit.core.method import AdapterLayer
-from peftkit.core.registry import method_for_config
+from peftkit.core.registry import get_method, method_for_config
 from peftkit.core.state import AdapterRecord, activate, adapters
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(\.|$)")
@@ -110,7 +111,23 @@ def inject(model: nn.Module, config: object, name: str = "default") -> nn.Module
     if name in adapters(model):
         raise PeftkitError(f"the model already has an adapter named {name!r}; pick another name")
     method = method_for_config(config)
+    if method.trains_base:
+        raise PeftkitError(f"method {method.name!r} trains the model's own weights and injects no adapter; "
+                           "use apply_method (as the trainer does) instead of inject")
     method.inject(model, config, name)
     adapters(model)[name] = AdapterRecord(method=method.name, config=config)
     activate(model, name)
     return model
+
+
+def apply_method(model: nn.Module, method_name: str, options: dict[str, Any]) -> Any:
+    """Make the parameters `method_name` trains trainable, the one way the trainer, the estimator and the counts
+    set a model up: an adapter method is injected (see `inject`); a `trains_base` method (full, freeze) marks base
+    weights trainable. options: shared CLI names or config fields (`Method.field_options`). Returns the config."""
+    method = get_method(method_name)
+    config = method.build_config(options)
+    if method.trains_base:
+        method.make_trainable(model, config)
+    else:
+        inject(model, config)
+    return config

@@ -1,8 +1,8 @@
 """Base classes every method builds on: `AdapterLayer` (modules holding adapters) and `Method` (registry entry).
 
-A method is one file in this package: a frozen config dataclass, its nn.Module(s) subclassing `AdapterLayer`, and
-a `Method` subclass registered with `peftkit.core.registry.register`. The trainer, the CLI and adapter I/O use only the
-`Method` interface, so adding a method never touches them.
+A method is a module (or a folder) in `peftkit.methods`: a frozen config dataclass, its nn.Module(s) subclassing
+`AdapterLayer`, and a `Method` subclass registered with `peftkit.core.registry.register`. The trainer, the CLI
+and adapter I/O use only the `Method` interface, so adding a method never touches them.
 """
 
 from __future__ import annotations
@@ -17,17 +17,22 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 
-PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."  # HF PEFT's prefix of every saved tensor key
 
 
 class AdapterLayer(nn.Module):
     """A module that holds the weights of one method for one or more named adapters.
 
     Subclasses keep per-adapter weights in `nn.ModuleDict` / `nn.ParameterDict` children keyed by adapter name, so
-    `adapter_parameters(name)` finds them generically. `active_adapter` is the name used in forward (None = off).
+    `adapter_parameters(name)` finds them generically. `active_adapter` is the name used in forward (None = off);
+    `merged_adapters` lists the adapters currently folded into the wrapped weights (only mergeable layers fill it).
     """
 
     active_adapter: str | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.merged_adapters: list[str] = []
 
     def set_active(self, name: str | None) -> None:
         """Use adapter `name` in forward (None, or a name this layer does not hold, turns the layer off)."""
@@ -57,6 +62,13 @@ class AdapterLayer(nn.Module):
         if self.active_adapter == name:
             self.active_adapter = None
 
+    def merge(self) -> None:
+        """Fold the active adapter into the wrapped weights, reversibly. Layers that cannot merge refuse."""
+        raise PeftkitError(f"{type(self).__name__} cannot be merged into base weights")
+
+    def unmerge(self) -> None:
+        """Take every merged adapter out of the wrapped weights again (nothing to do when none is merged)."""
+
     def unload(self, names: list[str]) -> nn.Module | None:
         """Fold adapters `names` into the wrapped module and return what replaces this layer (None: remove it).
 
@@ -68,21 +80,29 @@ class AdapterLayer(nn.Module):
 
 
 class Method:
-    """A registered PEFT method: how to build its config, inject it, and move it to and from PEFT's format.
+    """A registered method: how to build its config, apply it to a model, and move it to and from PEFT's format.
 
-    Class attributes: `name` (CLI / registry name), `peft_type` (on-disk type), `config_cls` (frozen dataclass),
-    `mergeable` (can be folded into the base weights; else `why_not_mergeable` explains), `cli_aliases` (shared CLI option -> config field).
+    Class attributes: `name` (CLI / registry name), `peft_type` (on-disk type; None for methods that save a whole
+    model), `config_cls` (frozen dataclass), `mergeable` (can be folded into the base weights; else
+    `why_not_mergeable` explains), `cli_aliases` (shared CLI option -> config field), `trains_base` (the method
+    trains the model's own weights, as full and freeze fine-tunes do, instead of injecting an adapter), `default_lr`.
     """
 
     name: ClassVar[str]
-    peft_type: ClassVar[str]
+    peft_type: ClassVar[str | None] = None
     config_cls: ClassVar[type]
     mergeable: ClassVar[bool] = False
     why_not_mergeable: ClassVar[str] = ""
     cli_aliases: ClassVar[dict[str, str]] = {}
+    trains_base: ClassVar[bool] = False
+    default_lr: ClassVar[float] = 2e-4  # the trainer's learning rate when none is given for the user's data
 
     def inject(self, model: nn.Module, config: Any, adapter_name: str) -> None:
         """Add adapter `adapter_name` described by `config` to `model` in place."""
+        raise NotImplementedError
+
+    def make_trainable(self, model: nn.Module, config: Any) -> None:
+        """For `trains_base` methods: set `requires_grad` on the base weights this method trains."""
         raise NotImplementedError
 
     def export(self, model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -93,32 +113,37 @@ class Method:
         """Inject the adapter saved as (config_json, tensors) and load its weights; returns its config."""
         raise NotImplementedError
 
-    def build_config(self, options: dict[str, Any]) -> Any:
-        """Config from CLI-style options: shared option names (`rank`, `alpha`, ...) or config field names.
+    def field_options(self, options: dict[str, Any], check: bool = True) -> dict[str, Any]:
+        """Options keyed by config field: shared CLI names (`rank`, `alpha`, ...) become field names (`r`,
+        `lora_alpha`), unset (None) ones are dropped, and an unknown key is an error listing the valid ones.
 
         Values given as strings (from `--set key=value`) are parsed as YAML scalars, so `true`, `4` and `[a, b]`
-        become bool, int and list. Unknown keys are an error listing the valid ones.
+        become bool, int and list. This is the one place where option vocabularies are translated. With
+        check=False unknown keys pass through (for callers that validate them with their own message).
         """
         fields = {f.name for f in dataclasses.fields(self.config_cls)}
-        kwargs: dict[str, Any] = {}
+        out: dict[str, Any] = {}
         for key, value in options.items():
             if value is None:
                 continue
             field = self.cli_aliases.get(key, key).replace("-", "_")
-            if field not in fields:
-                valid = sorted(fields | set(self.cli_aliases))
+            if check and field not in fields:
+                valid = sorted(fields | set(self.cli_aliases)) or ["none"]
                 raise PeftkitError(f"method {self.name!r} has no option {key!r}; valid options: {', '.join(valid)}")
-            if isinstance(value, str):
-                value = _parse_scalar(value)
-            kwargs[field] = value
+            out[field] = parse_scalar(value) if isinstance(value, str) else value
+        return out
+
+    def build_config(self, options: dict[str, Any]) -> Any:
+        """The config from options named as in `field_options`; invalid values are errors naming the field."""
         try:
-            return self.config_cls(**kwargs)
+            return self.config_cls(**self.field_options(options))
         except TypeError as exc:
             raise PeftkitError(f"invalid options for method {self.name!r}: {exc}") from None
 
 
-def _parse_scalar(text: str) -> Any:
-    """Parse a command-line value as a YAML scalar ("4" -> 4, "true" -> True); fall back to the raw string."""
+def parse_scalar(text: str) -> Any:
+    """Parse a command-line value as a YAML scalar ("4" -> 4, "true" -> True, "[a, b]" -> a list); a value YAML
+    cannot parse stays the raw string."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -131,3 +156,9 @@ def config_fields(config: Any) -> dict[str, Any]:
     for key, value in dataclasses.asdict(config).items():
         out[key] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def check_positive(field: str, value: object) -> None:
+    """Raise PeftkitError unless `value` is a positive int (bools are not ints here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise PeftkitError(f"{field} must be a positive integer, got {value!r}")

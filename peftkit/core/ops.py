@@ -1,4 +1,4 @@
-"""Model-level operations on injected adapters: switch, disable, merge, unmerge, count.
+"""Model-level operations on injected adapters: switch, disable, merge, unmerge, delete.
 
 All functions act in place on the user's HF model; there is no wrapper class.
 """
@@ -40,16 +40,6 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             merge_adapter(model)
 
 
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, shared (tied) tensors counted once, as PEFT prints them."""
-    trainable = total = 0
-    for param in model.parameters():
-        total += param.numel()
-        if param.requires_grad:
-            trainable += param.numel()
-    return trainable, total
-
-
 def _require_mergeable(model: nn.Module, names: Sequence[str]) -> None:
     """Refuse, with the method's reason, when one of the adapters cannot be folded into the weights."""
     for name in names:
@@ -62,7 +52,7 @@ def _require_mergeable(model: nn.Module, names: Sequence[str]) -> None:
 
 
 def _is_merged(model: nn.Module) -> bool:
-    return any(getattr(layer, "merged_adapters", None) for _, layer in adapter_layers(model))
+    return any(layer.merged_adapters for _, layer in adapter_layers(model))
 
 
 def merge_adapter(model: nn.Module) -> nn.Module:
@@ -78,7 +68,7 @@ def merge_adapter(model: nn.Module) -> nn.Module:
 def unmerge_adapter(model: nn.Module) -> nn.Module:
     """Take merged adapters back out of the base weights."""
     for _, layer in adapter_layers(model):
-        if getattr(layer, "merged_adapters", None):
+        if layer.merged_adapters:
             layer.unmerge()
     return model
 

@@ -40,7 +40,7 @@ def method_for_peft_type(peft_type: str) -> Method:
     for method in _METHODS.values():
         if method.peft_type == peft_type:
             return method
-    known = sorted(m.peft_type for m in _METHODS.values())
+    known = sorted(m.peft_type for m in _METHODS.values() if m.peft_type)
     raise PeftkitError(f"peftkit cannot load adapters of peft_type {peft_type!r}; it loads {', '.join(known)}")
 
 

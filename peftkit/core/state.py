@@ -1,7 +1,14 @@
-"""Per-model adapter bookkeeping, kept on the HF model itself (no wrapper class).
+"""Everything peftkit keeps on a HF model (no wrapper class), in one place: these functions are the only readers
+and writers of the `peftkit_*` entries of `model.__dict__`.
 
-`model.peftkit_adapters` maps adapter name -> AdapterRecord(method, config); `model.peftkit_active` is the active
-adapter's name. The adapter weights themselves live in `AdapterLayer` submodules of the model, so the optimizer,
+    peftkit_adapters       adapter name -> AdapterRecord(method, config)
+    peftkit_active         the active adapter's name
+    peftkit_base_id        the hub id adapters record as base_model_name_or_path (set when loading the embedded model)
+    peftkit_base_note      a note on the base weights (the embedded model's were de-quantized from GGUF)
+    peftkit_prompt_format  how prompts were rendered in training (set by load_adapter from peftkit.json)
+
+They live in `__dict__`, not as module attributes, so nn.Module never sees them (no state_dict entry, no
+registration). The adapter weights themselves live in `AdapterLayer` submodules of the model, so the optimizer,
 accelerate and DDP see them as ordinary parameters.
 """
 
@@ -30,6 +37,33 @@ def adapters(model: nn.Module) -> dict[str, AdapterRecord]:
     if "peftkit_adapters" not in model.__dict__:
         model.__dict__["peftkit_adapters"] = {}
     return model.__dict__["peftkit_adapters"]
+
+
+def base_model_id(model: nn.Module) -> str | None:
+    """The base model's hub id (or path) as adapters record it, like PEFT's `base_model_name_or_path`."""
+    return model.__dict__.get("peftkit_base_id") or getattr(model, "name_or_path", None) or None
+
+
+def base_model_note(model: nn.Module) -> str | None:
+    """A note on where the base weights came from, or None."""
+    return model.__dict__.get("peftkit_base_note")
+
+
+def set_base_model(model: nn.Module, hub_id: str, note: str | None) -> None:
+    """Record the hub id adapters of `model` name as their base (and a note on its weights)."""
+    model.__dict__["peftkit_base_id"] = hub_id
+    model.__dict__["peftkit_base_note"] = note
+
+
+def prompt_format(model: nn.Module) -> dict | None:
+    """The prompt format an adapter loaded into `model` was trained with ({"chat_template": ...} or
+    {"plain_template": ...}), or None."""
+    return model.__dict__.get("peftkit_prompt_format")
+
+
+def set_prompt_format(model: nn.Module, value: dict) -> None:
+    """Record the prompt format that `generate`, `eval` and `save_adapter` reuse."""
+    model.__dict__["peftkit_prompt_format"] = value
 
 
 def active_adapter(model: nn.Module) -> str | None:

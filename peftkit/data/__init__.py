@@ -7,7 +7,7 @@
         loss = model(**batch_without_num_targets, use_cache=False).loss ...
 
 See docs/data.md for the formats, the plain template, masking and packing. This folder also holds the bundled
-task (task_train.jsonl, task_eval.jsonl), found with `bundled_task()`.
+task: BUNDLED_TRAIN and BUNDLED_EVAL (task_train.jsonl, task_eval.jsonl; README.md says how they were made).
 """
 
 from __future__ import annotations
@@ -20,13 +20,9 @@ from peftkit.data.formats import FORMATS, detect_format
 from peftkit.data.sources import load_rows
 from peftkit.data.tokenizing import tokenize
 
-DATA_DIR = Path(__file__).parent
+BUNDLED_TRAIN = Path(__file__).parent / "task_train.jsonl"
+BUNDLED_EVAL = Path(__file__).parent / "task_eval.jsonl"
 
 
-def bundled_task(split: str = "train") -> Path:
-    """Path of the bundled task's JSONL file for split "train" or "eval"."""
-    return DATA_DIR / f"task_{split}.jsonl"
-
-
-__all__ = ["FORMATS", "IGNORE_INDEX", "batches", "bundled_task", "collate", "detect_format", "load_rows",
+__all__ = ["BUNDLED_EVAL", "BUNDLED_TRAIN", "FORMATS", "IGNORE_INDEX", "batches", "collate", "detect_format", "load_rows",
            "tokenize"]

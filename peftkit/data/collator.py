@@ -9,7 +9,7 @@ Packed (packing=True): the examples are concatenated into one row [1, total_toke
 at 0 for each example and NO attention_mask. transformers (>= 4.44; measured on 5.x) then detects the restarts and
 builds a block-diagonal causal mask, so no token attends across an example boundary. This holds only when the
 model is called with `use_cache=False`: with a KV cache (the default in training mode) the packed examples attend
-to each other (DESIGN.md, "packing trap"). Every example's first label is already -100 (tokenizing.py), so no
+to each other: the mask is then built from the cache and ignores the restarts. Every example's first label is already -100 (tokenizing.py), so no
 token is trained to predict the next example's first token.
 
 Both return `num_targets`: the number of labels != -100, i.e. the tokens that the (shifted) loss counts, so the
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from peftkit.core.labels import IGNORE_INDEX
 
 
 def collate(examples: list[dict[str, Any]], pad_token_id: int, packing: bool) -> dict[str, torch.Tensor]:

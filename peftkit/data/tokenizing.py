@@ -18,12 +18,12 @@ import datasets
 import jinja2
 from datasets.fingerprint import Hasher
 
+from peftkit.core.labels import IGNORE_INDEX
 from peftkit.data.formats import check_format, to_example
 from peftkit.data.rendering import Segment, render_segments, uses_special_prefix
 from peftkit.errors import PeftkitError
 from peftkit.data.prompting import default_prompt_format
 
-IGNORE_INDEX = -100
 PIPELINE_VERSION = 1  # bump when the encoding changes, to invalidate cached tokenized datasets
 FEATURES = datasets.Features({
     "input_ids": datasets.Sequence(datasets.Value("int32")),

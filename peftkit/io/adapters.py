@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,51 +20,14 @@ from torch import nn
 from peftkit._version import __version__
 from peftkit.errors import PeftkitError
 from peftkit.core.registry import get_method, method_for_peft_type
-from peftkit.core.state import adapters, resolve_name
+from peftkit.core.state import adapters, base_model_id, base_model_note, resolve_name, set_prompt_format
+from peftkit.core.state import prompt_format as prompt_format_of
+from peftkit.io.fs import atomic_dir
+from peftkit.io.models import EMBEDDED_HUB_ID
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 META_NAME = "peftkit.json"
-
-
-def _umask_permissions(folder: Path) -> None:
-    """Give the written files the permissions the user's umask asks for: safetensors creates its files 0600,
-    which would hide an adapter or model from a server running as another user (vLLM, TGI)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for file in folder.rglob("*"):
-        if file.is_file():
-            file.chmod(0o666 & ~mask)
-
-
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path` by renames, on error it is deleted.
-
-    Readers never see a half-written folder: either the old content or the complete new one.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _umask_permissions(tmp)
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def base_model_id(model: nn.Module) -> str | None:
-    """The base model's hub id (or path) as recorded in adapters, like PEFT's `base_model_name_or_path`."""
-    return model.__dict__.get("peftkit_base_id") or getattr(model, "name_or_path", None) or None
 
 
 def save_adapter(
@@ -81,15 +41,22 @@ def save_adapter(
     name = resolve_name(model, name)
     method = get_method(adapters(model)[name].method)
     config_json, tensors = method.export(model, name)
-    config_json = {"base_model_name_or_path": base_model_id(model), **config_json}
+    config_json = {**config_json, "base_model_name_or_path": base_model_id(model)}
     meta = {
-        "peftkit_version": __version__,
         "method": method.name,
         "adapter_name": name,
-        "prompt_format": prompt_format or model.__dict__.get("peftkit_prompt_format"),
-        "base_model_note": model.__dict__.get("peftkit_base_note"),
+        "prompt_format": prompt_format or prompt_format_of(model),
+        "base_model_note": base_model_note(model),
     }
+    return write_adapter_folder(path, config_json, tensors, meta)
+
+
+def write_adapter_folder(path: str | os.PathLike, config_json: dict, tensors: dict[str, torch.Tensor],
+                         meta: dict[str, Any]) -> Path:
+    """The one writer of an adapter folder: adapter_config.json, adapter_model.safetensors and peftkit.json
+    (`meta`, stamped with the peftkit version), written atomically (`atomic_dir`). Returns the path."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    meta = {"peftkit_version": __version__, **meta}
     with atomic_dir(path) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
@@ -136,8 +103,6 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def adapter_base_model(path: str | os.PathLike) -> str | None:
     """The base model an adapter was trained on, as `load_model` accepts it (the embedded model maps to None)."""
-    from peftkit.io.models import EMBEDDED_HUB_ID
-
     config_file = Path(path) / CONFIG_NAME
     if not config_file.is_file():
         return None
@@ -161,5 +126,5 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         raise PeftkitError(f"the model already has an adapter named {name!r}; pass another name")
     method.load(model, config_json, tensors, name)
     if meta.get("prompt_format"):
-        model.__dict__["peftkit_prompt_format"] = meta["prompt_format"]
+        set_prompt_format(model, meta["prompt_format"])
     return model

@@ -1,4 +1,4 @@
-"""Checkpoint I/O for the streaming merge and compress: find the shards, read tensors lazily, write shards.
+"""Safetensors checkpoints for the streaming merge and compress: find the shards, read tensors lazily, write shards.
 
 Reading uses `safetensors.safe_open` (memory-mapped, one tensor at a time); writing uses `ShardWriter`, which
 writes the safetensors header first (shapes and dtypes are known in advance) and then each tensor's bytes as it is
@@ -23,9 +23,11 @@ from peftkit.io.models import EMBEDDED_NAMES, embedded_folder
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
+# torch dtype <-> the dtype names of safetensors headers (the one map; both directions)
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+TORCH_DTYPES = {name: dtype for dtype, name in ST_DTYPES.items()}
 # Files copied next to the merged weights so the folder is a complete model (weights and indices are rewritten).
 _SKIP_COPY = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", INDEX_NAME, "pytorch_model.bin.index.json")
 
@@ -112,7 +114,7 @@ class ShardWriter:
         self.expected: list[tuple[str, int]] = []
         for name, (shape, dtype) in layout.items():
             nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self.expected.append((name, nbytes))
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()

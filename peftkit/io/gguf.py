@@ -7,13 +7,16 @@ stored twice), generation_config.json and the tokenizer files. The folder appear
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from peftkit.io.adapters import atomic_dir
+from peftkit.io.fs import atomic_dir
+
+log = logging.getLogger(__name__)
 
 
 def convert_gguf(gguf: Path, folder: Path) -> None:
@@ -21,7 +24,7 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
-    print(f"converting {gguf.name} to a Hugging Face folder in {folder} (once; later loads are fast)...", flush=True)
+    log.info("converting %s to a Hugging Face folder in %s (once; later loads are fast)...", gguf.name, folder)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     state = model.state_dict()
@@ -42,4 +45,4 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    print(f"converted in {time.perf_counter() - start:.1f} s", flush=True)
+    log.info("converted in %.1f s", time.perf_counter() - start)

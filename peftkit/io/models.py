@@ -8,13 +8,18 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from peftkit.core.state import base_model_id, base_model_note, set_base_model
 from peftkit.errors import PeftkitError
+from peftkit.io.fs import atomic_dir
+from peftkit.io.gguf import convert_gguf
 
 EMBEDDED_NAMES = ("smollm2-135m", "smollm2-135m-instruct", "embedded")
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -46,8 +51,6 @@ def embedded_folder() -> Path:
     folder = cache_dir() / "smollm2-135m-instruct"
     if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
         return folder
-    from peftkit.io.gguf import convert_gguf
-
     convert_gguf(embedded_gguf(), folder)
     return folder
 
@@ -111,13 +114,12 @@ def load_model(
     if device is not None:
         model.to(device)
     if hub_id is not None:
-        model.__dict__["peftkit_base_id"] = hub_id
-        model.__dict__["peftkit_base_note"] = EMBEDDED_NOTE
+        set_base_model(model, hub_id, EMBEDDED_NOTE)
     model.eval()
     return model, tokenizer
 
 
-def load_config(name_or_path: str | None = None, trust_remote_code: bool = False):
+def load_model_config(name_or_path: str | None = None, trust_remote_code: bool = False):
     """Only the model's config (no weights): same sources as `load_model`."""
     from transformers import AutoConfig
 
@@ -129,10 +131,12 @@ def load_config(name_or_path: str | None = None, trust_remote_code: bool = False
         raise PeftkitError(f"could not load the config of {name_or_path!r}: {first}") from None
 
 
-def enable_checkpointing(model: nn.Module) -> None:
-    """Turn on activation (gradient) checkpointing, non-reentrant, under the name this transformers has
-    (`activation_checkpointing_enable` in 5.x; the old `gradient_checkpointing_enable` is a deprecated alias)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def save_model_folder(model: nn.Module, tokenizer: Any, path: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Write a whole model as an HF folder (safetensors + config + tokenizer) plus peftkit.json (`meta` and the base
+    model's id and note), atomically: what full and freeze fine-tunes leave behind."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        meta = {**meta, "base_model_name_or_path": base_model_id(model), "base_model_note": base_model_note(model)}
+        (tmp / "peftkit.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(path)

@@ -13,11 +13,11 @@ from transformers import PretrainedConfig
 
 from peftkit.errors import PeftkitError
 from peftkit.memory.analytic import ROWS, estimate_rows
-from peftkit.memory.building import build_meta_model, parameter_counts, registered_method
+from peftkit.core.counting import trainable_parameters
+from peftkit.memory.building import build_meta_model
 from peftkit.memory.presets import resolve_config
-from peftkit.memory.training_setup import METHOD_OPTIONS, TrainingSetup
 from peftkit.memory.shapes import ModelShape, model_shape
-from peftkit.memory.trainable import analytic_trainable
+from peftkit.memory.training_setup import TrainingSetup
 
 GB = 1e9
 MAX_GPUS = 4096
@@ -37,7 +37,6 @@ class MemoryEstimate:
     model: str
     total_params: int
     trainable_params: int
-    trainable_source: str
     setup: dict[str, Any]
     breakdown: dict[str, int]
     total_bytes: int
@@ -56,20 +55,8 @@ class MemoryEstimate:
         return asdict(self)
 
 
-def trainable_count(config: PretrainedConfig, shape: ModelShape, setup: TrainingSetup) -> tuple[int, int, str]:
-    """(trainable, total, source): from the registered method code on the meta device when the method is
-    registered, else from the formulas in trainable.py."""
-    if registered_method(setup.method) is not None and setup.method not in ("full", "freeze"):
-        trainable, total = parameter_counts(build_meta_model(config, setup))
-        return trainable, total, "registry"
-    unknown = [k for k in setup.method_options if k not in METHOD_OPTIONS]
-    if unknown:
-        raise PeftkitError(f"options {unknown} need the registered {setup.method!r} method, not in this build")
-    return analytic_trainable(shape, setup), shape.total_params, "formula"
-
-
 def _rows(shape: ModelShape, setup: TrainingSetup, trainable: int, total: int):
-    layers = shape.layers if setup.method == "full" else setup.option("trainable_layers", 2)
+    layers = shape.layers if setup.method == "full" else setup.option("layers", 2)
     return estimate_rows(shape, setup, trainable, total, layers if setup.method in ("full", "freeze") else 0)
 
 
@@ -107,7 +94,7 @@ def estimate_memory(
     """Estimate per-GPU memory of one training step (analytic model, analytic.py); see `MemoryEstimate`.
 
     `method_options`: r, lora_alpha, target_modules (lora/qlora), bits (qlora: 4 or 8), reduction_factor and
-    variant (adapter), num_virtual_tokens (prefix, prompt), trainable_layers (freeze). An option that does not apply to the
+    variant (adapter), num_virtual_tokens (prefix, prompt), layers (freeze). An option that does not apply to the
     method, a size <= 0 or an unknown preset raises PeftkitError.
     """
     if gpu_memory_gb is not None and not gpu_memory_gb > 0:
@@ -117,9 +104,9 @@ def estimate_memory(
                           fsdp, offload, opts)  # fmt: skip
     config, label = resolve_config(model)
     shape = model_shape(config)
-    trainable, total, source = trainable_count(config, shape, setup)
+    trainable, total = trainable_parameters(build_meta_model(config, setup))
     result = _rows(shape, setup, trainable, total)
-    est = MemoryEstimate(label, total, trainable, source, asdict(setup), result.rows, result.total,
+    est = MemoryEstimate(label, total, trainable, asdict(setup), result.rows, result.total,
                          result.peak_phase, result.cpu_offload, gpu_memory_gb)  # fmt: skip
     est.assumptions = assumptions(setup)
     if gpu_memory_gb is not None:

@@ -3,7 +3,7 @@
 The step is the trainer's: forward with labels (HF's loss upcasts logits to fp32), backward, gradient clipping,
 AdamW step, zero_grad(set_to_none). It runs the real HF architecture and the real method modules under
 `FakeTensorMode`: shapes, dtypes and storages are real, data is not, so a 72B step costs no memory and seconds.
-A `LiveBytes` tracker (tracker.py) counts live storages; the same tracker on real tensors is the ground truth
+A `LiveBytes` tracker (live_bytes.py) counts live storages; the same tracker on real tensors is the ground truth
 the tests compare against.
 
 How the trace is made faithful to a GPU run:
@@ -18,7 +18,7 @@ How the trace is made faithful to a GPU run:
   the same `is_causal` path, with GQA inside the kernel, as on a GPU.
 
 Corrections the CPU trace cannot see are added afterwards and listed (`TraceResult.corrections`): the CUDA
-context and the caching allocator's overhead (traced.py).
+context and the caching allocator's overhead (trace_estimate.py).
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ from transformers import PretrainedConfig
 
 from peftkit.errors import PeftkitError
 from peftkit.memory.attention import trace_attention
-from peftkit.memory.building import build_meta_model, parameter_counts
+from peftkit.core.counting import trainable_parameters
+from peftkit.memory.building import build_meta_model
 from peftkit.memory.training_setup import TrainingSetup
 from peftkit.memory.live_bytes import LiveBytes, StorageTracker
-from peftkit.io.models import enable_checkpointing
+from peftkit.core.archs import enable_checkpointing
 
 
 @dataclass
@@ -129,7 +130,7 @@ def _measure(model: nn.Module, setup: TrainingSetup, foreach: bool, ids: torch.T
     state = counter.current
     with _quiet(), StorageTracker(counter):
         train_step(model, opt, ids, setup, counter)
-    trainable, total = parameter_counts(model)
+    trainable, total = trainable_parameters(model)
     phases = {k: {"start": v.start, "peak": v.peak, "end": v.end} for k, v in counter.phases.items()}
     notes = [f"optimizer {type(opt).__name__}(foreach={foreach}) with its state already created (steady state)"]
     return TraceResult(counter.peak, counter.peak_phase, phases, state, trainable, total,

@@ -27,14 +27,11 @@ def corrections(result: TraceResult) -> tuple[int, list[str]]:
     return int(CUDA_CONTEXT + slack), lines
 
 
-def traced_estimate(model: Any, method: str, est: MemoryEstimate, **method_options: Any) -> MemoryEstimate:
-    """`est` with a `trace` entry: the traced peak, its phase, per-phase figures and the corrected total."""
+def traced_estimate(model: Any, est: MemoryEstimate) -> MemoryEstimate:
+    """`est` (of `model`) with a `trace` entry: the traced peak, its phase, per-phase figures and the corrected
+    total, for exactly the setup `est` was computed for."""
     config, _ = resolve_config(model)
-    s = est.setup
-    setup = TrainingSetup(method, s["precision"], s["optimizer"], s["batch_size"], s["seq_len"],
-                          s["gradient_checkpointing"], s["gpus"], s["zero"], s["fsdp"], s["offload"],
-                          {k: v for k, v in method_options.items() if v is not None})  # fmt: skip
-    result = trace_memory(config, setup)
+    result = trace_memory(config, TrainingSetup(**est.setup))
     extra, lines = corrections(result)
     trace = {"peak_bytes": result.peak_bytes, "peak_phase": result.peak_phase, "phases": result.phases,
              "state_bytes": result.state_bytes, "seconds": round(result.seconds, 2), "corrections": lines,

@@ -37,9 +37,9 @@ def analytic_trainable(shape: ModelShape, setup: TrainingSetup) -> int:
     if setup.method == "full":
         return shape.total_params
     if setup.method == "freeze":
-        n = setup.option("trainable_layers", 2)
+        n = setup.option("layers", 2)
         if n > shape.layers:
-            raise PeftkitError(f"trainable_layers={n} but the model has {shape.layers} decoder layers")
+            raise PeftkitError(f"freeze layers={n} but the model has {shape.layers} decoder layers")
         return n * shape.layer_params
     if setup.method in ("lora", "qlora"):
         r = setup.option("r", 8)

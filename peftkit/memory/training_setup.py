@@ -1,6 +1,9 @@
 """`TrainingSetup`: everything about a run that decides its memory, validated once.
 
-Precision regimes (DESIGN.md contracts):
+Method options are named as the methods' config fields (r, lora_alpha, target_modules, layers, ...: the
+vocabulary of `Method.field_options`), plus `bits` for qlora, which only the estimator knows so far.
+
+Precision regimes (the trainer's, see peftkit/train/precision.py):
 - fp32: weights, gradients, optimizer states and activations in fp32;
 - bf16: "pure" bf16: weights, gradients, optimizer states and activations in bf16;
 - amp:  trainable weights kept in fp32 ("master" weights, fp32 gradients and states) and the forward/backward run
@@ -13,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from peftkit.core.method import parse_scalar
+from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
 
 METHODS = ("full", "freeze", "lora", "qlora", "adapter", "prefix", "prompt")
@@ -30,9 +35,10 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "reduction_factor": ("adapter",),
     "variant": ("adapter",),
     "num_virtual_tokens": ("prefix", "prompt"),
-    "trainable_layers": ("freeze",),
+    "layers": ("freeze",),
 }
 ADAPTER_VARIANTS = ("houlsby", "pfeiffer", "parallel")
+ESTIMATOR_ONLY_OPTIONS = ("bits",)  # options of estimator-only methods (qlora), not of a registered config
 
 
 @dataclass(frozen=True)
@@ -81,13 +87,15 @@ class TrainingSetup:
             if applies is None:
                 if self.method in PEFT_METHODS:
                     continue  # another field of the method's config: the registry's build_config checks it
-                raise PeftkitError(f"method {self.method!r} takes no option {key!r}; known: {', '.join(METHOD_OPTIONS)}")
+                own = [k for k, methods in METHOD_OPTIONS.items() if self.method in methods]
+                raise PeftkitError(f"option {key!r} does not apply to method {self.method!r} (its options: "
+                                   f"{', '.join(own) or 'none'})")
             if self.method not in applies:
                 raise PeftkitError(f"option {key!r} does not apply to method {self.method!r} (only {', '.join(applies)})")
             self._check_option(key, value)
 
     def _check_option(self, key: str, value: Any) -> None:
-        if key in ("r", "reduction_factor", "num_virtual_tokens", "trainable_layers"):
+        if key in ("r", "reduction_factor", "num_virtual_tokens", "layers"):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise PeftkitError(f"{key} must be a positive whole number, got {value!r}")
         elif key == "bits" and value not in QUANT_BITS:
@@ -100,9 +108,29 @@ class TrainingSetup:
         return self.method_options.get(key, default)
 
     @property
+    def registry_method(self) -> str:
+        """The registered method this setup builds (qlora is LoRA over a quantized base)."""
+        return registry_method(self.method)
+
+    @property
     def shard_stage(self) -> int:
         """What is sharded across GPUs: 0 nothing, 1 optimizer states, 2 + gradients, 3 + weights (FSDP = 3)."""
         return 3 if self.fsdp else self.zero
+
+
+def registry_method(method: str) -> str:
+    """The registered method an estimator method builds: qlora is LoRA over a quantized base."""
+    return "lora" if method.lower() == "qlora" else method.lower()
+
+
+def field_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Options named as on the command line (rank, alpha, --set fields) in the estimator's vocabulary: the
+    registered method's config fields (`Method.field_options`), plus the estimator-only ones (bits) as given.
+    Whether each option applies to the method is checked by `TrainingSetup`."""
+    _choice("method", method.lower(), METHODS)
+    own = {k: parse_scalar(v) if isinstance(v, str) else v for k, v in options.items() if k in ESTIMATOR_ONLY_OPTIONS}
+    rest = {k: v for k, v in options.items() if k not in ESTIMATOR_ONLY_OPTIONS}
+    return {**get_method(registry_method(method)).field_options(rest, check=False), **own}
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -13,22 +13,22 @@ keep_nonlinear, kept the way PEFT keeps them: whole modules in `modules_to_save`
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit.io.adapters import CONFIG_NAME, META_NAME, WEIGHTS_NAME, atomic_dir
-from peftkit.merging.deltas import check_output, lora_config_json
-from peftkit.errors import PeftkitError
-from peftkit.io.checkpoint import Checkpoint, iter_tensors, open_checkpoint, read_tensor, resolve_base, shapes
 from peftkit.core.method import PEFT_PREFIX
+from peftkit.errors import PeftkitError
+from peftkit.io.adapters import WEIGHTS_NAME, write_adapter_folder
+from peftkit.io.checkpoint import TORCH_DTYPES, Checkpoint, iter_tensors, open_checkpoint, read_tensor, resolve_base, shapes
+from peftkit.io.fs import check_output
 from peftkit.io.models import EMBEDDED_HUB_ID, resolve_dtype
-from peftkit.merging.svd import check_rank_energy, dense_cap, energy_svd, relative_error, split_factors, top_svd
+from peftkit.merging.svd import check_rank_energy, dense_cap, energy_svd, relative_error, top_svd
+from peftkit.methods.lora.format import lora_tensors, scale_one_config
+from peftkit.methods.lora.layer import split_factors
 
 
 @dataclass
@@ -97,25 +97,19 @@ def compress(base: str | None, finetuned: str, output: str, *, rank: int | None 
     report = CompressReport(finetune_bytes=sum((ft_dir / s).stat().st_size for s in ft_ck.shards))
     factors = _compress_all(base_ck, ft_ck, meta, report, rank, energy, max_rank, size_cap)
     tensors, saved, lora_bias = _kept(factors, ft_ck, meta, report, keep_nonlinear)
-    ft_dtype = resolve_dtype(dtype) or _FROM_ST.get(next(iter(ft_shapes.values()))[1], torch.float32)
+    ft_dtype = resolve_dtype(dtype) or TORCH_DTYPES.get(next(iter(ft_shapes.values()))[1], torch.float32)
     tensors = {k: v.to(ft_dtype).contiguous() for k, v in tensors.items()}
     ranks = {m: f[0].shape[0] for m, f in factors.items()}
     if not ranks:
         raise PeftkitError("no linear layer changed between base and fine-tune; there is nothing to compress")
-    default = max(set(ranks.values()), key=list(ranks.values()).count)
     base_id = EMBEDDED_HUB_ID if base is None else base
     conv1d = any(isinstance(meta.get_submodule(m), Conv1D) for m in ranks)
-    config = lora_config_json(ranks, default, base_id, lora_bias, sorted(saved) or None, fan_in_fan_out=conv1d)
-    with atomic_dir(output) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / META_NAME).write_text(json.dumps({"method": "lora", "compressed_from": str(finetuned)}, indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        report.adapter_bytes = (tmp / WEIGHTS_NAME).stat().st_size
+    config = scale_one_config(ranks, base_model=base_id, lora_bias=lora_bias, modules_to_save=sorted(saved) or None,
+                              fan_in_fan_out=conv1d)
+    folder = write_adapter_folder(output, config, tensors, {"method": "lora", "compressed_from": str(finetuned)})
+    report.adapter_bytes = (folder / WEIGHTS_NAME).stat().st_size
     report.seconds = time.perf_counter() - start
     return report
-
-
-_FROM_ST = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _compress_all(base_ck: Checkpoint, ft_ck: Checkpoint, meta: nn.Module, report: CompressReport, rank, energy,
@@ -191,12 +185,7 @@ def _kept(factors: dict, ft_ck: Checkpoint, meta: nn.Module, report: CompressRep
         for row in report.rows:
             if row.module == module:
                 row.note, row.rank, row.rel_error, row.energy = "kept whole (bias delta, no lora_bias)", 0, 0.0, 1.0
-    tensors = {}
-    for module, (a, b, bias) in factors.items():
-        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
-        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
-        if lora_bias:
-            tensors[f"{PEFT_PREFIX}{module}.lora_B.bias"] = bias if bias is not None else torch.zeros(b.shape[0])
+    tensors = lora_tensors({m: (a, b, bias if lora_bias else None) for m, (a, b, bias) in factors.items()}, lora_bias)
     keys = set(ft_ck.key_to_shard)
     for module in saved:  # PEFT saves every parameter of a kept module, changed or not
         for name, _ in meta.get_submodule(module).named_parameters(recurse=False):

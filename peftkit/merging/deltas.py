@@ -11,23 +11,19 @@ Full tensors saved by `modules_to_save` are kept apart (`full`), since they repl
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from peftkit.io.adapters import CONFIG_NAME, META_NAME, WEIGHTS_NAME, atomic_dir, read_adapter
-from peftkit.errors import PeftkitError
-from peftkit.core.method import PEFT_PREFIX
-from peftkit.methods.lora.config import LoraConfig
-from peftkit.methods.lora.format import parse_keys
-from peftkit.methods.lora.saved import split_saved
 from peftkit.core.registry import method_for_peft_type
-from peftkit.merging.svd import low_rank_svd, split_factors
+from peftkit.errors import PeftkitError
+from peftkit.io.adapters import read_adapter, write_adapter_folder
+from peftkit.io.fs import check_output
+from peftkit.merging.svd import low_rank_svd
+from peftkit.methods.lora.format import lora_config_from_json, lora_tensors, parse_keys, scale_one_config
+from peftkit.methods.lora.layer import split_factors
+from peftkit.methods.lora.saved import split_saved
 
 COMBINATIONS = ("concat", "linear", "svd")
 
@@ -74,23 +70,14 @@ def read_lora(path: str | os.PathLike, weight: float = 1.0) -> LoraDeltas:
     peft_type = config_json.get("peft_type")
     if peft_type != "LORA":
         raise _explain_not_lora(str(peft_type), str(path))
-    for flag in ("use_dora", "use_qalora", "use_bdlora"):
-        if config_json.get(flag):
-            raise PeftkitError(f"adapter {str(path)!r} uses {flag}, whose merge peftkit does not implement")
     if any(".lora_embedding_" in k or ".lora_magnitude" in k for k in tensors):
         raise PeftkitError(f"adapter {str(path)!r} has LoRA on embeddings or DoRA magnitudes, which peftkit cannot merge")
-    full_names = config_json.get("modules_to_save") or []
-    saved, lora_tensors = split_saved(tensors, list(full_names))
+    saved, lora_tensors = split_saved(tensors, list(config_json.get("modules_to_save") or []))
     full = {f"{module}.{param}": v.float() for module, state in saved.items() for param, v in state.items()}
-    config = LoraConfig(
-        r=int(config_json.get("r", 8)),
-        lora_alpha=config_json.get("lora_alpha", 8),
-        use_rslora=bool(config_json.get("use_rslora", False)),
-        rank_pattern=dict(config_json.get("rank_pattern") or {}),
-        alpha_pattern=dict(config_json.get("alpha_pattern") or {}),
-    )
+    keys = parse_keys(lora_tensors)
+    config = lora_config_from_json(config_json, keys, where=f"adapter {str(path)!r}")
     deltas: dict[str, ModuleDelta] = {}
-    for module, slots in parse_keys(lora_tensors).items():
+    for module, slots in keys.items():
         if "A" not in slots or "B" not in slots:
             raise PeftkitError(f"adapter {str(path)!r} has only one of lora_A / lora_B for module {module!r}")
         a, b = lora_tensors[slots["A"]].float(), lora_tensors[slots["B"]].float()
@@ -149,40 +136,11 @@ def write_lora(deltas: LoraDeltas, path: str | os.PathLike, *, overwrite: bool =
         raise PeftkitError("the adapters carry full modules (modules_to_save), which cannot be combined without "
                            "the base weights; merge them into the base with `peftkit merge` instead")
     check_output(path, overwrite)
+    with_bias = any(d.bias is not None for d in deltas.deltas.values())
+    factors = {m: (d.a, d.b, d.bias) for m, d in deltas.deltas.items()}
     ranks = {m: d.a.shape[0] for m, d in deltas.deltas.items()}
-    default = max(set(ranks.values()), key=list(ranks.values()).count)
-    tensors = {}
-    for module, d in deltas.deltas.items():
-        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = d.a.contiguous()
-        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = d.b.contiguous()
-        if any(x.bias is not None for x in deltas.deltas.values()):
-            bias = d.bias if d.bias is not None else torch.zeros(d.b.shape[0])
-            tensors[f"{PEFT_PREFIX}{module}.lora_B.bias"] = bias.contiguous()
-    config = lora_config_json(ranks, default, deltas.base_model, any(d.bias is not None for d in deltas.deltas.values()),
+    config = scale_one_config(ranks, base_model=deltas.base_model, lora_bias=with_bias,
                               fan_in_fan_out=deltas.fan_in_fan_out)
-    with atomic_dir(path) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / META_NAME).write_text(json.dumps({"method": "lora", **{k: v for k, v in deltas.meta.items() if k == "prompt_format"}}, indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    meta = {"method": "lora", **{k: v for k, v in deltas.meta.items() if k == "prompt_format"}}
+    write_adapter_folder(path, config, lora_tensors(factors, with_bias), meta)
     return config
-
-
-def lora_config_json(ranks: dict[str, int], default: int, base: str | None, lora_bias: bool = False,
-                     modules_to_save: list[str] | None = None, fan_in_fan_out: bool = False) -> dict:
-    """adapter_config.json for per-module ranks with scale 1 everywhere (alpha = r), as HF PEFT 0.21 writes it
-    (`fan_in_fan_out` true when the targets are GPT-2 Conv1D layers, as PEFT sets it for them)."""
-    pattern = {m: r for m, r in ranks.items() if r != default}
-    return {
-        "base_model_name_or_path": base, "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": default,
-        "lora_alpha": default, "lora_dropout": 0.0, "target_modules": "^(" + "|".join(re.escape(m) for m in ranks) + ")$",
-        "rank_pattern": pattern, "alpha_pattern": dict(pattern), "use_rslora": False, "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none", "lora_bias": lora_bias, "use_dora": False, "init_lora_weights": True,
-        "modules_to_save": modules_to_save, "inference_mode": True, "layers_to_transform": None,
-        "layers_pattern": None, "revision": None,
-    }
-
-
-def check_output(path: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse an existing output folder unless --overwrite (checked before any work starts)."""
-    if Path(path).exists() and not overwrite:
-        raise PeftkitError(f"output {str(path)!r} already exists; pass --overwrite to replace it or choose another folder")

@@ -3,7 +3,7 @@
     W' = round_to_dtype( float32(W) + Σ_i w_i s_i B_i A_i )          (transposed for GPT-2's Conv1D [in, out])
 
 Each shard of the base is read memory-mapped tensor by tensor; each output shard is declared up front and written
-tensor by tensor (`merge_io.ShardWriter`), so peak memory is about one tensor plus the adapter, whatever the model
+tensor by tensor (`peftkit.io.checkpoint.ShardWriter`), so peak memory is about one tensor plus the adapter, whatever the model
 size. Deltas are computed in fp32 and rounded once. Config, tokenizer and generation config are copied; the result
 loads with `AutoModelForCausalLM.from_pretrained`. The folder appears only when everything is written and checked
 (`atomic_dir`).
@@ -11,7 +11,7 @@ loads with `AutoModelForCausalLM.from_pretrained`. The folder appears only when 
 Self-check (bounded memory too): for every changed tensor a random probe x is drawn, y_ref = W x + B (A x) is
 computed from the *inputs* in fp32, and after the shard is written the tensor is read back from the output and
 ‖W' x − y_ref‖ / ‖y_ref‖ is compared with the rounding tolerance of the output dtype. The in-memory
-`peftkit.merge(model)` (api.py) remains for users who already hold the model.
+`peftkit.merge(model)` (core/ops.py) remains for users who already hold the model.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from peftkit.io.adapters import atomic_dir
-from peftkit.merging.deltas import LoraDeltas, check_output, combine, parse_weights, read_lora
+from peftkit.io.fs import atomic_dir, check_output
+from peftkit.merging.deltas import LoraDeltas, combine, parse_weights, read_lora
 from peftkit.errors import PeftkitError
-from peftkit.io.checkpoint import (SINGLE_NAME, ShardWriter, copy_aux_files, iter_tensors, open_checkpoint, resolve_base,
+from peftkit.io.checkpoint import (SINGLE_NAME, TORCH_DTYPES, ShardWriter, copy_aux_files, iter_tensors, open_checkpoint, resolve_base,
                               shapes, write_index)
 from peftkit.merging.plan import MergePlan, Target, plan_merge
 from peftkit.io.models import resolve_dtype
@@ -111,13 +111,9 @@ def _layout(keys: list[str], header: dict, plan: MergePlan, out_dtype: torch.dty
     return layout
 
 
-_FROM_ST = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
 def _out_spec(spec: tuple, out_dtype: torch.dtype | None) -> tuple:
     shape, st_dtype = spec
-    dtype = _FROM_ST[st_dtype]
+    dtype = TORCH_DTYPES[st_dtype]
     return tuple(shape), (out_dtype if out_dtype is not None and dtype.is_floating_point else dtype)
 
 
@@ -168,7 +164,7 @@ def _probe(n: int, key: str, seed: int) -> torch.Tensor:
 
 def _verify(path: Path, probes: dict, report: MergeReport) -> None:
     """Read each changed tensor back from the written shard; keep the worst probe error relative to its tolerance."""
-    for key, (x, expected, transpose) in probes.items():  # one mapping per tensor, as in merge_io.iter_tensors
+    for key, (x, expected, transpose) in probes.items():  # one mapping per tensor, as in peftkit.io.checkpoint.iter_tensors
         report.changed += 1
         with safe_open(str(path), framework="pt") as f:
             stored = f.get_tensor(key)

@@ -83,12 +83,6 @@ def energy_svd(delta: torch.Tensor, energy: float, limit: int) -> tuple[torch.Te
         k = min(2 * k, limit)
 
 
-def split_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA factors with scale·B·A = U diag(S) Vh, the root of S on each side (balanced, as PiSSA does)."""
-    root = torch.sqrt(s / scale)
-    return root[:, None] * vh, u * root[None, :]  # A [r, n], B [m, r]
-
-
 def low_rank_svd(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
     """Exact top-`rank` SVD of the product B @ A ([m, k] @ [k, n]) without forming it: QR of both factors, then
     the SVD of the small k x k core (B = Q_b R_b, Aᵀ = Q_a R_a, B A = Q_b (R_b R_aᵀ) Q_aᵀ)."""

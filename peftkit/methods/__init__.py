@@ -1,15 +1,12 @@
-"""The built-in methods, one module each. `load_builtin()` imports them, which registers each one.
+"""The built-in methods, one module (or folder) each; importing this package registers every one of them.
 
-The import is a function (called at the end of `peftkit/__init__.py`) rather than module-level imports here, so
-that `peftkit.core.method` can be imported by the core modules before any method module needs them.
+    lora        LoRA (methods/lora/)                    adapter       bottleneck adapters (methods/bottleneck/)
+    prefix      prefix tuning                           prompt        prompt tuning (both on virtual_tokens.py)
+    full        full fine-tune (whole.py)               freeze        last N layers (whole.py)
+
+A method imports only `peftkit.core` (and `peftkit.errors`); nothing outside this package names a method.
 """
 
-import importlib
+from peftkit.methods import bottleneck, lora, prefix, prompt, whole
 
-BUILTIN_METHODS = ("lora", "bottleneck", "prefix", "prompt")
-
-
-def load_builtin() -> None:
-    """Import every built-in method module (idempotent)."""
-    for name in BUILTIN_METHODS:
-        importlib.import_module(f"peftkit.methods.{name}")
+__all__ = ["bottleneck", "lora", "prefix", "prompt", "whole"]

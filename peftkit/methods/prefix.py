@@ -9,7 +9,7 @@ With `prefix_projection` (Li & Liang's reparameterization, which they found stea
 output of an MLP  E [P, d_kv] -> Linear(d_kv, H) -> tanh -> Linear(H, L*2*d_kv). The MLP stays in the model's
 parameters during training (so a checkpoint can resume); saving folds it away into the flat table, which is all
 inference needs. The prefix reaches the model through a Cache pre-filled before the first forward
-(see `prefix_cache.py`); real tokens then take positions P, P+1, ... as in HF PEFT.
+(see `virtual_tokens.py`); real tokens then take positions P, P+1, ... as in HF PEFT.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from transformers import Cache
 
 from peftkit.errors import PeftkitError
 from peftkit.core.inject import inject
-from peftkit.core.method import Method
+from peftkit.core.archs import checkpointing_enabled, model_dims
+from peftkit.core.method import Method, check_positive
 from peftkit.methods.virtual_tokens import (
     VirtualTokenLayer,
     check_peft_prompt_config,
-    check_positive,
     install,
-    model_dims,
     peft_prompt_config,
 )
 from peftkit.core.registry import register
@@ -130,7 +129,7 @@ class PrefixLayer(VirtualTokenLayer):
 
     def prepare(self, model: nn.Module, kwargs: dict, cache: Cache | None, batch: int, name: str) -> None:
         """Write the prefix K/V of every layer into the (empty, marked) cache, for a batch of `batch`."""
-        if model.training and torch.is_grad_enabled() and _checkpointing(model):
+        if model.training and torch.is_grad_enabled() and checkpointing_enabled(model):
             raise PeftkitError(
                 "prefix tuning cannot train with gradient checkpointing: transformers then runs the layers without "
                 "the KV cache that holds the prefix, so it would be silently ignored; disable gradient checkpointing"
@@ -156,13 +155,6 @@ def _init_encoder(encoder: PrefixEncoder, table: torch.Tensor | None) -> None:
     last = encoder.transform[-1]
     nn.init.zeros_(last.weight)
     last.bias.copy_(table.mean(0) if table is not None else 0)
-
-
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether activation (gradient) checkpointing is on, under either of transformers' names."""
-    flag = getattr(type(model), "is_activation_checkpointing", None)
-    name = "is_activation_checkpointing" if flag is not None else "is_gradient_checkpointing"
-    return bool(getattr(model, name, False))
 
 
 class PrefixMethod(Method):

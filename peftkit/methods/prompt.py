@@ -3,8 +3,8 @@
     inputs_embeds = [prompt (P x d) ; embed(input_ids) (T x d)]          trainable parameters: P * d
 
 Only the first call of a sequence (no cache yet) gets the prompt; its keys and values then sit in the cache, and
-later decoding steps are fixed up like prefix tuning's (mask + positions, see `prefix_cache.py`). Labels get P
-leading -100s (as in HF PEFT, so the last prompt position learns to predict the first real token), and the P
+later decoding steps are fixed up like prefix tuning's (mask + positions, see `virtual_tokens.py`). Labels get P
+leading IGNORE_INDEX (-100) (as in HF PEFT, so the last prompt position learns to predict the first real token), and the P
 prompt positions are cut off the returned logits, so `logits[:, i]` still belongs to the caller's token i.
 Lester et al. found initialising the prompt from real token embeddings better than random: `init="sample_vocab"`
 (the default) copies the embeddings of P random vocabulary tokens (PEFT's SAMPLE_VOCAB).
@@ -20,13 +20,13 @@ from transformers import Cache
 
 from peftkit.errors import PeftkitError
 from peftkit.core.inject import inject
-from peftkit.core.method import Method
+from peftkit.core.archs import model_dims
+from peftkit.core.labels import IGNORE_INDEX
+from peftkit.core.method import Method, check_positive
 from peftkit.methods.virtual_tokens import (
     VirtualTokenLayer,
     check_peft_prompt_config,
-    check_positive,
     install,
-    model_dims,
     peft_prompt_config,
 )
 from peftkit.core.registry import register
@@ -86,7 +86,7 @@ class PromptLayer(VirtualTokenLayer):
         p = prompt.shape[1]
         labels = kwargs.get("labels")
         if labels is not None:
-            pad = torch.full((batch, p), -100, dtype=labels.dtype, device=labels.device)
+            pad = torch.full((batch, p), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
             kwargs["labels"] = torch.cat([pad, labels], dim=1)
         self._strip = p
 

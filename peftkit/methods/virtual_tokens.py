@@ -27,28 +27,10 @@ import torch
 from torch import nn
 from transformers import Cache, DynamicCache
 
-from peftkit.errors import PeftkitError
 from peftkit.core.method import AdapterLayer
+from peftkit.errors import PeftkitError
 
 _MARK = "_peftkit_virtual_tokens"  # attribute set on a Cache whose first P entries are virtual tokens
-
-
-def model_dims(model: nn.Module) -> dict[str, int]:
-    """num_layers, hidden, heads, kv_heads, head_dim of a decoder-only model (GQA-aware: kv_heads <= heads)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    try:
-        hidden, heads, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
-    except AttributeError as exc:
-        raise PeftkitError(f"model_type {config.model_type!r}: cannot read the attention shape from its config ({exc})") from None
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return {"num_layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
-
-
-def check_positive(field: str, value: object) -> None:
-    """Raise PeftkitError unless `value` is a positive int (bools are not ints here)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise PeftkitError(f"{field} must be a positive integer, got {value!r}")
 
 
 def virtual_tokens_in(cache: Any) -> int:

@@ -1,67 +1,69 @@
-"""The two trainer methods that inject nothing: `full` (every weight trainable) and `freeze` (last N layers).
+"""The two methods that train the model's own weights and inject nothing: `full` (every weight trainable) and
+`freeze` (only the last N decoder layers trainable).
 
-Both save a complete model folder (config + safetensors + tokenizer) that `AutoModelForCausalLM.from_pretrained`
-loads, so `peftkit compress` can diff it against the base model and turn the delta into a LoRA adapter.
-Every other method name goes through the registry (`peftkit.core.registry.get_method`).
+They are registered like every other method (`trains_base = True`), so the trainer, the estimator and the counts
+set them up through the registry. Their result is a whole model folder (`peftkit.io.models.save_model_folder`),
+which `from_pretrained` loads and `peftkit compress` can diff against the base to turn the delta into a LoRA.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 from torch import nn
 
-from peftkit.io.adapters import META_NAME, atomic_dir, base_model_id
 from peftkit.core.archs import decoder_layers
+from peftkit.core.method import Method, check_positive
+from peftkit.core.registry import register
 from peftkit.errors import PeftkitError
 
-FULL_METHODS = ("full", "freeze")
-DEFAULT_FREEZE_LAYERS = 2
+
+@dataclass(frozen=True)
+class FullConfig:
+    """A full fine-tune has no options: every parameter trains."""
 
 
-def is_full(method: str) -> bool:
-    """Whether `method` trains base weights (no adapter modules)."""
-    return method.lower() in FULL_METHODS
+@dataclass(frozen=True)
+class FreezeConfig:
+    """Freeze fine-tune: only the last `layers` decoder layers train (`--set layers=N`)."""
+
+    layers: int = 2
+
+    def __post_init__(self) -> None:
+        check_positive("layers", self.layers)
 
 
-def prepare_full(model: nn.Module, method: str, options: dict[str, Any]) -> None:
-    """Set `requires_grad`: all parameters for `full`; only the last `layers` decoder layers for `freeze`.
+class FullMethod(Method):
+    """Registry entry for full fine-tuning (`--method full`)."""
 
-    `freeze` takes one option, `layers` (`--set layers=N`, default 2); `full` takes none.
-    """
-    method = method.lower()
-    allowed = {"layers"} if method == "freeze" else set()
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        valid = ", ".join(sorted(allowed)) or "none"
-        raise PeftkitError(f"method {method!r} has no option {', '.join(unknown)}; valid options: {valid}")
-    if method == "full":
-        for param in model.parameters():
-            param.requires_grad_(True)
-        return
-    stack = decoder_layers(model)
-    n = int(options.get("layers", DEFAULT_FREEZE_LAYERS))
-    if not 1 <= n <= len(stack):
-        raise PeftkitError(f"freeze: layers must be between 1 and {len(stack)} (the model's decoder layers), got {n}")
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for layer in list(stack)[-n:]:
-        for param in layer.parameters():
-            param.requires_grad_(True)
+    name = "full"
+    config_cls = FullConfig
+    trains_base = True
+    default_lr = 2e-5
+
+    def make_trainable(self, model: nn.Module, config: FullConfig) -> None:
+        """Every parameter trains."""
+        model.requires_grad_(True)
 
 
-def save_full(model: nn.Module, tokenizer: Any, path: str | Path, prompt_format: dict | None, method: str) -> Path:
-    """Write the whole model as an HF folder (safetensors + config + tokenizer + peftkit.json), atomically."""
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        meta = {
-            "method": method,
-            "base_model_name_or_path": base_model_id(model),
-            "prompt_format": prompt_format,
-            "base_model_note": model.__dict__.get("peftkit_base_note"),
-        }
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    return Path(path)
+class FreezeMethod(Method):
+    """Registry entry for freeze fine-tuning (`--method freeze --set layers=2`)."""
+
+    name = "freeze"
+    config_cls = FreezeConfig
+    trains_base = True
+    default_lr = 5e-5
+
+    def make_trainable(self, model: nn.Module, config: FreezeConfig) -> None:
+        """Only the last `config.layers` decoder layers train."""
+        stack = decoder_layers(model)
+        if config.layers > len(stack):
+            raise PeftkitError(f"freeze: layers must be between 1 and {len(stack)} (the model's decoder layers), "
+                               f"got {config.layers}")
+        model.requires_grad_(False)
+        for layer in list(stack)[-config.layers:]:
+            layer.requires_grad_(True)
+
+
+register(FullMethod())
+register(FreezeMethod())

@@ -8,7 +8,7 @@ The loss is normalised by the number of target tokens of the *whole step* (all m
 
 DDP averages gradients over the world_size processes, so the update is the gradient of
 sum(all token losses) / targets_in_step: the same as one process running all the micro-batches, and independent
-of how tokens fall into micro-batches (DESIGN.md trap: loss not normalised across gradient accumulation).
+of how tokens fall into micro-batches (a per-micro-batch mean would over-weight the tokens of short micro-batches).
 """
 
 from __future__ import annotations

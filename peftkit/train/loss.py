@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from peftkit.core.labels import IGNORE_INDEX
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
     """Number of predicted tokens in a micro-batch (labels after the first position that are not -100)."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def supports_logits_to_keep(model: nn.Module) -> bool:
@@ -41,10 +42,10 @@ def micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], keep_logits: bo
     targets = labels[:, 1:]                                   # [B, T-1]: the token predicted at position t
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if keep_logits:
-        keep = (targets != IGNORE).any(0).nonzero().squeeze(1)  # [K] positions some row needs a logit at
+        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # [K] positions some row needs a logit at
         # Negative indices count from the end, so they stay right if a method prepends virtual tokens.
         logits = model(**inputs, use_cache=False, logits_to_keep=keep - labels.shape[1]).logits  # [B, K, V]
         targets = targets[:, keep]                            # [B, K]
     else:
         logits = model(**inputs, use_cache=False).logits[:, -labels.shape[1]:-1]  # [B, T-1, V]
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")

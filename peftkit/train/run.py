@@ -1,31 +1,42 @@
 """One training run from a TrainConfig: validate everything, evaluate, train, evaluate, save, report.
 
-Order matters: the seed is set before the model is built and the adapter injected (DESIGN.md trap: seeding after
-init makes runs irreproducible), and every input is validated before the run folder is touched, so bad input
+Order matters: the seed is set right before the adapter is initialised (seeding after the init would make two
+runs of the same command differ), and every input is validated before the run folder is touched, so bad input
 leaves nothing half-written.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftkit.core.archs import enable_checkpointing
+from peftkit.core.counting import trainable_parameters
+from peftkit.core.inject import apply_method
+from peftkit.core.method import Method
+from peftkit.core.registry import get_method
+from peftkit.core.state import prompt_format as prompt_format_of
+from peftkit.data.prompting import default_prompt_format
 from peftkit.errors import PeftkitError
-from peftkit.io.models import enable_checkpointing
+from peftkit.io.adapters import save_adapter
+from peftkit.io.models import load_model, save_model_folder
 from peftkit.train import splits
 from peftkit.train.checkpoint import Position, load_checkpoint
-from peftkit.train.config import TrainConfig, save_config
+from peftkit.train.config import TrainConfig, resolve_defaults, save_config
 from peftkit.train.evaluate import eval_loss, exact_match
-from peftkit.methods.whole import is_full, prepare_full, save_full
 from peftkit.train.loop import Loop, fit
 from peftkit.train.loss import supports_logits_to_keep
+from peftkit.train.optim import optimizer_and_schedule, total_steps
+from peftkit.train.precision import make_accelerator, upcast_trainable
 from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
-from peftkit.train.setup import (RUN_CONFIG, check_run_dir, make_accelerator, optimizer_and_schedule,
-                                 resolve_defaults, start_run_dir, total_steps, upcast_trainable)
+from peftkit.train.rundir import RUN_CONFIG, check_run_dir, start_run_dir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,27 +53,15 @@ class RunResult:
     main: bool = True               # False on the other processes of a distributed run (they print nothing)
 
 
-def prepare_model(model: Any, cfg: TrainConfig) -> None:
-    """Make the right parameters trainable: inject the registered method, or set up full / freeze."""
-    if is_full(cfg.method):
-        prepare_full(model, cfg.method, cfg.method_options())
-        return
-    from peftkit.core.inject import inject
-    from peftkit.core.registry import get_method
-
-    inject(model, get_method(cfg.method).build_config(cfg.method_options()))
-
-
 def memory_estimate(cfg: TrainConfig, model: Any) -> Any:
     """peftkit.memory's estimate for this run (per process): the one place the trainer talks to the estimator.
     Raises PeftkitError when the estimator declines the setup; the caller reports why and trains anyway."""
     import torch
 
     from peftkit.memory import estimate_memory
+    from peftkit.memory.training_setup import field_options
 
-    options = {"r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": cfg.target_modules, "variant": cfg.variant,
-               "reduction_factor": cfg.reduction_factor, "num_virtual_tokens": cfg.num_virtual_tokens,
-               "trainable_layers": cfg.set.get("layers") if cfg.method == "freeze" else None}
+    options = field_options(cfg.method, cfg.method_options())
     gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else None
     precision = "fp32" if cfg.precision in ("auto", "fp16") and gpu_gb is None else cfg.precision
     return estimate_memory(model.config, cfg.method, precision="amp" if precision in ("auto", "fp16") else precision,
@@ -70,26 +69,26 @@ def memory_estimate(cfg: TrainConfig, model: Any) -> Any:
                            gradient_checkpointing=cfg.gradient_checkpointing, **options)
 
 
-def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool = True,
-          on_checkpoint: Callable[[int], None] | None = None) -> RunResult:
-    """Run `cfg` end to end (see the module docstring); raises PeftkitError on bad input."""
-    from accelerate.utils import set_seed
+def train(cfg: TrainConfig, progress: bool = True, on_checkpoint: Callable[[int], None] | None = None) -> RunResult:
+    """Run `cfg` end to end (see the module docstring); raises PeftkitError on bad input.
 
-    from peftkit.core.ops import trainable_parameters
-    from peftkit.io.models import load_model
-    from peftkit.data.prompting import default_prompt_format
+    Progress lines go to the `peftkit.train` logger (the CLI prints them); `progress` shows a progress bar;
+    `on_checkpoint(step)` is called after each checkpoint is written (tests use it to interrupt a run).
+    """
+    from accelerate.utils import set_seed
 
     t0 = time.perf_counter()
     cfg = resolve_defaults(cfg)
-    acc, dtype, precision = make_accelerator(cfg.precision, cfg.method)
+    method = get_method(cfg.method)
+    acc, dtype, precision = make_accelerator(cfg.precision, method.trains_base)
     main = acc.is_main_process
-    say = echo if main else (lambda _msg: None)
+    say = log.info if main else (lambda *_args: None)
     run_dir, resume_from = check_run_dir(cfg) if not cfg.dry_run else (None, None)
     model, tokenizer = load_model(cfg.model, dtype=dtype)
-    prompt_format = model.__dict__.get("peftkit_prompt_format") or default_prompt_format(tokenizer)
+    prompt_format = prompt_format_of(model) or default_prompt_format(tokenizer)
     train_split, eval_split, fmt = splits.load_splits(cfg, tokenizer, prompt_format)
     set_seed(cfg.seed)                    # before the adapter is initialised: same command, same adapter
-    prepare_model(model, cfg)
+    apply_method(model, cfg.method, cfg.method_options())
     upcast_trainable(model, precision)
     trainable, total = trainable_parameters(model)
     say(f"model {cfg.model or 'embedded SmolLM2-135M-Instruct'} | method {cfg.method} | trainable {trainable:,} of "
@@ -98,7 +97,8 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool 
     _report_memory(cfg, model, say)
     plan = splits.plan_fn(train_split, cfg)
     steps = total_steps(cfg, len(plan(0)), acc.num_processes)
-    say(f"{steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} x {acc.num_processes} examples, lr {cfg.lr}")
+    say(f"{steps} optimizer step{'s' if steps != 1 else ''} of {cfg.batch_size} x {cfg.grad_accum} x "
+        f"{acc.num_processes} examples, lr {cfg.lr}")
     if cfg.dry_run:
         return RunResult(None, summary={"trainable": trainable, "total": total, "steps": steps})
     if main:
@@ -135,13 +135,16 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool 
     _say_eval("before", before, say)
     bar = Progress(steps, pos.step, enabled=main and progress)
 
-    def log(record: dict) -> None:
+    def on_log(record: dict) -> None:
         metrics.write("train", record)
         bar.update(record)
 
-    loop = Loop(prepared, optimizer, scheduler, acc, plan, collate, train_split.lengths, steps, cfg.grad_accum,
-                cfg.max_grad_norm, cfg.save_steps, cfg.eval_steps, cfg.keep_checkpoints, run_dir, keep, log,
-                lambda step: evaluate(step, generate=False), on_checkpoint or (lambda step: None))
+    loop = Loop(model=prepared, optimizer=optimizer, scheduler=scheduler, accelerator=acc, plan=plan,
+                collate=collate, lengths=train_split.lengths, total_steps=steps, grad_accum=cfg.grad_accum,
+                max_grad_norm=cfg.max_grad_norm, save_steps=cfg.save_steps, eval_steps=cfg.eval_steps,
+                keep_checkpoints=cfg.keep_checkpoints, run_dir=run_dir, keep_logits=keep, on_log=on_log,
+                on_eval=lambda step: evaluate(step, generate=False),
+                on_checkpoint=on_checkpoint or (lambda step: None))
     try:
         pos = fit(loop, pos)
     finally:
@@ -150,7 +153,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool 
     _say_eval("after", after, say)
     result = RunResult(run_dir, before=before, after=after, steps=pos.step, main=main)
     if main:
-        result.saved = _save(model, tokenizer, run_dir, cfg, prompt_format)
+        result.saved = _save(model, tokenizer, run_dir, method, prompt_format)
         plot_loss(metrics.read(), run_dir / CURVE, f"{cfg.method} on {cfg.model or 'SmolLM2-135M-Instruct'}")
         result.wall_s = time.perf_counter() - t0
         summary = {"steps": pos.step, "tokens": pos.tokens, "wall_s": round(result.wall_s, 1), "before": before,
@@ -161,12 +164,10 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, progress: bool 
     return result
 
 
-def _save(model: Any, tokenizer: Any, run_dir: Path, cfg: TrainConfig, prompt_format: dict) -> Path:
-    """The trained result: a full model folder (full / freeze) or the adapter in PEFT format."""
-    if is_full(cfg.method):
-        return save_full(model, tokenizer, run_dir / "model", prompt_format, cfg.method)
-    from peftkit.io.adapters import save_adapter
-
+def _save(model: Any, tokenizer: Any, run_dir: Path, method: Method, prompt_format: dict) -> Path:
+    """The trained result: a whole model folder (methods that train the base) or the adapter in PEFT format."""
+    if method.trains_base:
+        return save_model_folder(model, tokenizer, run_dir / "model", {"method": method.name, "prompt_format": prompt_format})
     return save_adapter(model, run_dir / "adapter", prompt_format=prompt_format)
 
 

@@ -20,9 +20,6 @@ import torch
 from peftkit.errors import PeftkitError
 from peftkit.train.config import TrainConfig
 
-BUNDLED = Path(__file__).resolve().parent.parent / "data"
-BUNDLED_TRAIN = BUNDLED / "task_train.jsonl"
-BUNDLED_EVAL = BUNDLED / "task_eval.jsonl"
 
 
 @dataclass
@@ -60,14 +57,14 @@ def load_splits(cfg: TrainConfig, tokenizer: Any, prompt_format: dict) -> tuple[
     """(train split, eval split or None, detected format); every data error is raised here, before any write."""
     from peftkit import data
 
-    source = cfg.data or str(BUNDLED_TRAIN)
+    source = cfg.data or str(data.BUNDLED_TRAIN)
     rows = data.load_rows(source)
     if len(rows) == 0:
         raise PeftkitError(f"the data {source!r} has no rows")
     fmt = data.detect_format(rows.column_names) if cfg.format == "auto" else cfg.format
     eval_rows = None
     if cfg.eval_data or (cfg.data is None and cfg.eval_split is None):
-        eval_rows = data.load_rows(cfg.eval_data or str(BUNDLED_EVAL))
+        eval_rows = data.load_rows(cfg.eval_data or str(data.BUNDLED_EVAL))
     elif isinstance(cfg.eval_split, str) and not _is_number(cfg.eval_split):
         eval_rows = data.load_rows(source, split=cfg.eval_split)
     else:

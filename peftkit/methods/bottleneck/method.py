@@ -1,8 +1,8 @@
 """Bottleneck adapters (AdapterHub's family): config, injection and save / load. The modules are in
-`bottleneck_layer.py`.
+`layer.py`.
 
 Variants (`--method adapter --variant ...`), each placing a d -> m -> d adapter around sublayers of every decoder
-layer (which modules are "attention" and "MLP" comes from `archs.py`, per model_type):
+layer (which modules are "attention" and "MLP" comes from `peftkit.core.archs`, per model_type):
 
     houlsby   (Houlsby et al. 2019)   sequential, after the attention block and after the MLP   2 adapters / layer
     pfeiffer  (Pfeiffer et al. 2020)  sequential, after the MLP only                             1 adapter / layer
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftkit.core.archs import arch_spec, get_submodule
+from peftkit.core.archs import arch_spec, get_submodule, hidden_size
 from peftkit.errors import PeftkitError
 from peftkit.core.inject import inject, replace_module
 from peftkit.core.method import PEFT_PREFIX, Method, config_fields
@@ -85,12 +85,6 @@ class AdapterConfig:
         return hidden // self.reduction_factor
 
 
-def hidden_size(model: nn.Module) -> int:
-    """The residual-stream width d of the model."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return config.hidden_size
-
-
 def adapter_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Paths of the sublayers (attention blocks / MLPs of every decoder layer) that get an adapter."""
     spec = arch_spec(model)
@@ -104,7 +98,7 @@ def adapter_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         if not name:
             raise PeftkitError(
                 f"model_type {model_type!r}: peftkit cannot find the {location} module of its decoder layers; "
-                f"add the model_type to peftkit/archs.py (known: attention / MLP for llama, qwen2, mistral, gpt2, ...)"
+                f"add the model_type to peftkit/core/archs.py (known: attention / MLP for llama, qwen2, mistral, gpt2, ...)"
             )
         for index in range(len(layers)):
             path = f"{spec.layers}.{index}.{name}"

@@ -1,13 +1,19 @@
-"""Reading LoRA adapters saved in HF PEFT's format (by PEFT, mergekit, or peftkit) into a LoraConfig.
+"""HF PEFT's on-disk LoRA format, read and written in one place (the trainer's export, `combine`, `compress` and
+the streaming merge all go through here).
 
-Unlike PEFT, nothing is dropped silently: the modules to adapt come from the tensor keys themselves, every key
-must be understood, every module must exist in the model, and every shape must fit, before anything is injected.
+Writing: `peft_lora_config` is the one builder of adapter_config.json (the fields PEFT 0.21 writes) and
+`lora_tensors` the one namer of tensor keys (`base_model.model.<path>.lora_A.weight`, `.lora_B.weight`,
+`.lora_B.bias`). Reading: `parse_keys` maps keys back to modules and `lora_config_from_json` turns a saved config
+into a LoraConfig, refusing what peftkit does not implement (DoRA, QALoRA, BD-LoRA) with the same message
+everywhere. Unlike PEFT, nothing is dropped silently: the modules to adapt come from the tensor keys themselves,
+every key must be understood, every module must exist in the model, and every shape must fit, before anything is
+injected.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-import warnings
 
 import torch
 from torch import nn
@@ -17,6 +23,9 @@ from peftkit.errors import PeftkitError
 from peftkit.core.inject import base_modules
 from peftkit.core.method import PEFT_PREFIX
 from peftkit.methods.lora.config import LoraConfig
+
+log = logging.getLogger(__name__)
+UNSUPPORTED_FLAGS = ("use_dora", "use_qalora", "use_bdlora")
 
 # <path>.lora_A.weight, <path>.lora_B.weight, <path>.lora_B.bias; PEFT strips the adapter name but older files
 # may keep it (<path>.lora_A.default.weight).
@@ -42,8 +51,84 @@ def parse_keys(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, str]]:
         slot = "bias" if match["kind"] == "bias" else match["part"][-1]
         out.setdefault(path, {})[slot] = key
     if missing_prefix:
-        warnings.warn(f"adapter keys lack the {PEFT_PREFIX!r} prefix (HF PEFT would load nothing); loaded them anyway")
+        log.warning("adapter keys lack the %r prefix (HF PEFT would load nothing); loaded them anyway", PEFT_PREFIX)
     return out
+
+
+def lora_config_from_json(config_json: dict, keys: dict[str, dict[str, str]], where: str = "the adapter") -> LoraConfig:
+    """The LoraConfig of a saved adapter: ranks, alphas (with their patterns), rsLoRA and dropout from the JSON;
+    the modules from the tensor keys (`parse_keys`), so it re-creates exactly the saved modules."""
+    for flag in UNSUPPORTED_FLAGS:
+        if config_json.get(flag):
+            raise PeftkitError(f"{where} uses {flag}, which peftkit does not implement; use a plain LoRA adapter")
+    lora_bias = any("bias" in slots for slots in keys.values())
+    if lora_bias and not config_json.get("lora_bias"):
+        log.warning("the adapter has lora_B.bias tensors but lora_bias is false; peftkit applies them (PEFT drops them)")
+    return LoraConfig(
+        r=int(config_json.get("r", 8)),
+        lora_alpha=config_json.get("lora_alpha", 8),
+        lora_dropout=float(config_json.get("lora_dropout") or 0.0),
+        target_modules="^(" + "|".join(re.escape(p) for p in keys) + ")$",
+        use_rslora=bool(config_json.get("use_rslora", False)),
+        lora_bias=lora_bias,
+        rank_pattern=dict(config_json.get("rank_pattern") or {}),
+        alpha_pattern=dict(config_json.get("alpha_pattern") or {}),
+    )
+
+
+def peft_lora_config(*, r: int, lora_alpha: float, target_modules: list[str] | str, rank_pattern: dict | None = None,
+                     alpha_pattern: dict | None = None, use_rslora: bool = False, lora_dropout: float = 0.0,
+                     fan_in_fan_out: bool = False, lora_bias: bool = False, modules_to_save: list[str] | None = None,
+                     base_model: str | None = None) -> dict:
+    """adapter_config.json as HF PEFT 0.21 writes it for a causal-LM LoRA (`fan_in_fan_out` true when the targets
+    are GPT-2 Conv1D layers, as PEFT sets it for them)."""
+    return {
+        "base_model_name_or_path": base_model,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "target_modules": target_modules,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": dict(rank_pattern or {}),
+        "alpha_pattern": dict(alpha_pattern or {}),
+        "use_rslora": use_rslora,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "lora_bias": lora_bias,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": modules_to_save,
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
+def scale_one_config(ranks: dict[str, int], **fields) -> dict:
+    """adapter_config.json for modules of their own ranks with scale 1 everywhere (alpha = r), the form of
+    combined and compressed adapters: the most common rank is `r`, the others go to rank / alpha patterns."""
+    default = max(set(ranks.values()), key=list(ranks.values()).count)
+    pattern = {m: r for m, r in ranks.items() if r != default}
+    targets = "^(" + "|".join(re.escape(m) for m in ranks) + ")$"
+    return peft_lora_config(r=default, lora_alpha=default, target_modules=targets, rank_pattern=pattern,
+                            alpha_pattern=dict(pattern), **fields)
+
+
+def lora_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                 lora_bias: bool = False) -> dict[str, torch.Tensor]:
+    """PEFT's tensor keys for {module path: (A [r, in], B [out, r], B's bias or None)}. With `lora_bias` every
+    module gets a `lora_B.bias` (zeros where it has none): in PEFT's format the bias is all or nothing."""
+    tensors = {}
+    for path, (a, b, bias) in factors.items():
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b.contiguous()
+        if lora_bias and bias is None:
+            bias = torch.zeros(b.shape[0], dtype=b.dtype)
+        if bias is not None:
+            tensors[f"{PEFT_PREFIX}{path}.lora_B.bias"] = bias.contiguous()
+    return tensors
 
 
 def config_from_peft(
@@ -51,18 +136,7 @@ def config_from_peft(
 ) -> tuple[LoraConfig, dict[str, dict[str, str]]]:
     """A LoraConfig that re-creates exactly the saved modules, after checking every tensor against the model."""
     keys = parse_keys(tensors)
-    config = LoraConfig(
-        r=int(config_json.get("r", 8)),
-        lora_alpha=config_json.get("lora_alpha", 8),
-        lora_dropout=float(config_json.get("lora_dropout") or 0.0),
-        target_modules="^(" + "|".join(re.escape(p) for p in keys) + ")$",
-        use_rslora=bool(config_json.get("use_rslora", False)),
-        lora_bias=any("bias" in slots for slots in keys.values()),
-        rank_pattern=dict(config_json.get("rank_pattern") or {}),
-        alpha_pattern=dict(config_json.get("alpha_pattern") or {}),
-    )
-    if config.lora_bias and not config_json.get("lora_bias"):
-        warnings.warn("the adapter has lora_B.bias tensors but lora_bias is false; peftkit applies them (PEFT drops them)")
+    config = lora_config_from_json(config_json, keys)
     _check_shapes(model, config, tensors, keys)
     return config, keys
 

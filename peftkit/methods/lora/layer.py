@@ -77,16 +77,14 @@ class LoraLayer(AdapterLayer):
     def _init_pissa(self, name: str, r: int) -> None:
         """PiSSA (Meng et al. 2024): A, B from the top-r singular triplets; the base keeps the residual.
 
-        With W = U S V^T: B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T, so s * B A = U_r S_r V_r^T, and
+        With W = U S V^T: B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T (`split_factors`), so s * B A = U_r S_r V_r^T, and
         W_res = W - s * B A. The initial (A0, B0) are kept to export the adapter as a plain LoRA later.
         """
         w = self._base_weight_fp32()
         if r > min(w.shape):
             raise PeftkitError(f"PiSSA rank {r} exceeds the smaller side of a {tuple(w.shape)} weight")
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        root = torch.sqrt(s[:r] / self.scaling[name])
-        a0 = root[:, None] * vh[:r]
-        b0 = u[:, :r] * root[None, :]
+        a0, b0 = split_factors(u[:, :r], s[:r], vh[:r], self.scaling[name])
         self.lora_A[name].weight.data.copy_(a0)
         self.lora_B[name].weight.data.copy_(b0)
         self._set_base_weight(w - self.scaling[name] * (b0 @ a0))
@@ -158,3 +156,10 @@ class LoraLayer(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={self.adapter_names()}"
+
+
+def split_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors (A [r, n], B [m, r]) with scale·B·A = U diag(S) Vh, the root of S/scale on each side (balanced,
+    as PiSSA does). Used by PiSSA's init and by every SVD that produces an adapter (combine, compress)."""
+    root = torch.sqrt(s / scale)
+    return root[:, None] * vh, u * root[None, :]

@@ -1,4 +1,5 @@
-"""LoRA: config, injection and PEFT-format export / load. The module itself is in `lora_layer.py`.
+"""LoRA's registry entry: injection and PEFT-format export / load. The module itself is in `layer.py`, the format
+in `format.py`.
 
 Trainable parameters: r * (d_in + d_out) per adapted matrix (plus d_out with `lora_bias`).
 """
@@ -14,9 +15,9 @@ from torch import nn
 from peftkit.core.archs import LINEAR_TYPES
 from peftkit.errors import PeftkitError
 from peftkit.core.inject import base_modules, find_targets, inject, replace_module
-from peftkit.core.method import PEFT_PREFIX, Method
+from peftkit.core.method import Method
 from peftkit.methods.lora.config import LoraConfig
-from peftkit.methods.lora.format import config_from_peft, load_lora_tensors
+from peftkit.methods.lora.format import config_from_peft, load_lora_tensors, lora_tensors, peft_lora_config
 from peftkit.methods.lora.layer import LoraLayer
 from peftkit.methods.lora.saved import export_saved, load_saved_modules, split_saved
 from peftkit.core.registry import register
@@ -44,8 +45,7 @@ class LoraMethod(Method):
     def export(self, model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         """PEFT's LoRA layout; a PiSSA adapter becomes a plain rank-2r LoRA against the original weights."""
         config: LoraConfig = adapters(model)[adapter_name].config
-        tensors: dict[str, torch.Tensor] = {}
-        paths = []
+        factors = {}
         for path, layer in _lora_layers(model, adapter_name):
             a = layer.lora_A[adapter_name].weight.detach()
             b = layer.lora_B[adapter_name].weight.detach()
@@ -53,21 +53,14 @@ class LoraMethod(Method):
                 a0, b0 = layer.pissa_init[adapter_name]
                 a = torch.cat([a.float(), a0.to(a.device)], 0).to(a.dtype)
                 b = torch.cat([b.float(), -b0.to(b.device)], 1).to(b.dtype)
-            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a.contiguous()
-            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b.contiguous()
-            if layer.lora_B[adapter_name].bias is not None:
-                tensors[f"{PEFT_PREFIX}{path}.lora_B.bias"] = layer.lora_B[adapter_name].bias.detach().contiguous()
-            paths.append(path)
+            bias = layer.lora_B[adapter_name].bias
+            factors[path] = (a, b, None if bias is None else bias.detach())
         saved, saved_tensors = export_saved(model, adapter_name)
-        config_json = _peft_config(model, config, paths)
-        config_json["modules_to_save"] = saved or None
-        return config_json, {**tensors, **saved_tensors}
+        config_json = _peft_config(model, config, list(factors), saved or None)
+        return config_json, {**lora_tensors(factors), **saved_tensors}
 
     def load(self, model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], adapter_name: str) -> LoraConfig:
         """Inject a LoRA adapter saved by peftkit or HF PEFT and copy its tensors in (shapes checked)."""
-        for flag in ("use_dora", "use_qalora", "use_bdlora"):
-            if config_json.get(flag):
-                raise PeftkitError(f"the adapter uses {flag}, which peftkit does not support; use a plain LoRA adapter")
         saved, tensors = split_saved(tensors, list(config_json.get("modules_to_save") or []))
         config, paths = config_from_peft(model, config_json, tensors)
         overlap = set(saved) & set(paths)
@@ -84,8 +77,8 @@ def _lora_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, LoraLay
     return [(p, m) for p, m in base_modules(model) if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
 
 
-def _peft_config(model: nn.Module, config: LoraConfig, paths: list[str]) -> dict:
-    """adapter_config.json fields as HF PEFT 0.21 writes them for this adapter.
+def _peft_config(model: nn.Module, config: LoraConfig, paths: list[str], saved: list[str] | None) -> dict:
+    """adapter_config.json for this adapter (`format.peft_lora_config`).
 
     target_modules lists module names when every module of those names is adapted; otherwise (layers_to_transform,
     a regex) it is a regex of the exact paths, so HF PEFT re-creates precisely the saved modules.
@@ -102,27 +95,11 @@ def _peft_config(model: nn.Module, config: LoraConfig, paths: list[str]) -> dict
         factor = alpha / config.lora_alpha
         rank_pattern = {k: 2 * v for k, v in rank_pattern.items()}
         alpha_pattern = {k: v * factor for k, v in alpha_pattern.items()}
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": config.lora_dropout,
-        "target_modules": targets,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "use_rslora": config.use_rslora,
-        "fan_in_fan_out": any(model.get_submodule(p).fan_in_fan_out for p in paths),
-        "bias": "none",
-        "lora_bias": config.lora_bias,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "inference_mode": True,
-        "revision": None,
-    }
+    return peft_lora_config(
+        r=r, lora_alpha=alpha, target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        use_rslora=config.use_rslora, lora_dropout=config.lora_dropout, lora_bias=config.lora_bias,
+        fan_in_fan_out=any(model.get_submodule(p).fan_in_fan_out for p in paths), modules_to_save=saved,
+    )
 
 
 def _is_linear(model: nn.Module, path: str) -> bool:

@@ -1,0 +1,56 @@
+"""Evaluate a model, or a model with an adapter, on held-out data: the library behind `peftkit eval`.
+
+Prompts are rendered with the adapter's saved prompt format (else the tokenizer's chat template, else the plain
+template), exactly as in training; the loss counts only the answer tokens, like the training loss; exact match
+compares greedy answers with the references where rows have them (train/evaluate.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from peftkit import data
+from peftkit.core.state import prompt_format as prompt_format_of
+from peftkit.data.prompting import default_prompt_format
+from peftkit.errors import PeftkitError
+from peftkit.io.adapters import load_adapter
+from peftkit.io.models import load_model
+from peftkit.train.evaluate import eval_loss, exact_match, row_to_chat
+from peftkit.train.loss import supports_logits_to_keep
+
+
+def evaluate(model_name: str | None, adapter: str | None, source: str | None = None, *, fmt: str = "auto",
+                  split: str | None = None, max_examples: int = 50, max_length: int = 512,
+                  batch_size: int = 8) -> dict[str, Any]:
+    """`peftkit eval`: load the model (and adapter), then loss / perplexity and, with references, exact match.
+
+    source: data file / folder / hub name (default: the bundled task's eval split).
+    """
+    source = source or str(data.BUNDLED_EVAL)
+    rows = data.load_rows(source, split=split)
+    if len(rows) == 0:
+        raise PeftkitError(f"the data {source!r} has no rows")
+    rows = rows.select(range(min(len(rows), max_examples)))
+    fmt = data.detect_format(rows.column_names) if fmt == "auto" else fmt
+    lm, tokenizer = load_model(model_name)
+    if adapter:
+        load_adapter(lm, adapter)
+    prompt_format = prompt_format_of(lm) or default_prompt_format(tokenizer)
+    ds = data.tokenize(rows, tokenizer, fmt=fmt, max_length=max_length, prompt_format=prompt_format)
+    if len(ds) == 0:
+        raise PeftkitError(f"no example has an answer token within --max-length {max_length}")
+    ids, labels = ds["input_ids"], ds["labels"]
+
+    def collate(indices: list[int]) -> dict:
+        batch = data.collate([{"input_ids": ids[i], "labels": labels[i]} for i in indices], tokenizer.pad_token_id, False)
+        return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    plan = [list(range(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
+    result: dict[str, Any] = {"format": fmt, "n_examples": len(ds), **eval_loss(lm, collate, plan,
+                                                                                 supports_logits_to_keep(lm))}
+    if fmt in ("alpaca", "messages"):
+        refs = [row_to_chat(row, fmt, i) for i, row in enumerate(rows)]
+        result.update(exact_match(lm, tokenizer, [r for r in refs if r[1] is not None], prompt_format, batch_size))
+    return result

@@ -1,0 +1,58 @@
+"""Filesystem safety for everything peftkit writes: outputs appear complete or not at all.
+
+`atomic_dir` writes a folder beside its final place and renames it into place only when complete; `check_output`
+refuses an existing output unless the user asked to overwrite it. Every command that writes a folder (adapters,
+merged models, compressed adapters, checkpoints, the embedded model's conversion) goes through these.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+
+
+def _umask_permissions(folder: Path) -> None:
+    """Give the written files the permissions the user's umask asks for: safetensors creates its files 0600,
+    which would hide an adapter or model from a server running as another user (vLLM, TGI)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in folder.rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~mask)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path` by renames, on error it is deleted.
+
+    Readers never see a half-written folder: either the old content or the complete new one.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _umask_permissions(tmp)
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an existing output folder unless --overwrite (checked before any work starts)."""
+    if Path(path).exists() and not overwrite:
+        raise PeftkitError(f"output {str(path)!r} already exists; pass --overwrite to replace it or choose another folder")
