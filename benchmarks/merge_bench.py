@@ -52,7 +52,8 @@ def build(work: Path, hidden: int, layers: int, shard: str) -> tuple[Path, Path]
         index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
         for shard_file in sorted(set(index.values())):
             with safe_open(str(base / shard_file), framework="pt") as f:
-                for key in f.keys():
+                names_in_file = f.keys()  # a safe_open handle is not iterable itself
+                for key in names_in_file:
                     module = key.removesuffix(".weight")
                     if module.rsplit(".", 1)[-1] in names:
                         out_f, in_f = f.get_slice(key).get_shape()

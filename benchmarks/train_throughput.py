@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 DEFAULT_SIDES = ("peftkit", "hf-padded", "hf-flatten", "fixed-peftkit", "fixed-hf")
@@ -84,7 +85,7 @@ def variable_rows(n: int, seed: int = SEED) -> list[dict]:
     """n alpaca rows of long-tailed length, built deterministically from the bundled training rows."""
     from peftkit.data import BUNDLED_TRAIN
 
-    rows = [json.loads(line) for line in open(BUNDLED_TRAIN)]
+    rows = [json.loads(line) for line in Path(BUNDLED_TRAIN).read_text().splitlines()]
     rng = random.Random(seed)
     return [_one_field_row(rows, rng) if rng.random() < ONE_FIELD_SHARE else _combined_row(rows, rng)
             for _ in range(n)]
@@ -112,13 +113,13 @@ def tokenized(args: argparse.Namespace, rows_file: str) -> tuple[Any, list[dict]
     from transformers import AutoTokenizer
 
     from peftkit import data
-    from peftkit.io.models import embedded_folder
     from peftkit.data.prompting import default_prompt_format
+    from peftkit.io.models import embedded_folder
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_folder())
     ds = data.tokenize(data.load_rows(rows_file), tokenizer, fmt="alpaca", max_length=args.max_length,
                        prompt_format=default_prompt_format(tokenizer))
-    return tokenizer, [{"input_ids": i, "labels": l} for i, l in zip(ds["input_ids"], ds["labels"])]
+    return tokenizer, [{"input_ids": ids, "labels": labels} for ids, labels in zip(ds["input_ids"], ds["labels"], strict=True)]
 
 
 def peftkit_plan(args: argparse.Namespace, lengths: list[int], packing: bool = False) -> list[list[int]]:
@@ -146,8 +147,8 @@ def run_peftkit(args: argparse.Namespace, rows_file: str, lengths: list[int], pa
                           target_modules=",".join(LORA["target_modules"]), data=rows_file, format="alpaca",
                           eval_split="0", lr=LR, epochs=1, batch_size=args.batch_size, max_length=args.max_length,
                           packing=packing, warmup=0, precision="fp32", seed=SEED, output=f"{tmp}/run")
-        result = train(cfg, echo=lambda _m: None, progress=False)
-        records = [json.loads(x) for x in open(f"{tmp}/run/metrics.jsonl")]
+        result = train(cfg, progress=False)
+        records = [json.loads(x) for x in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
     ends = [r["elapsed_s"] for r in records if r["kind"] == "train"]
     plan = peftkit_plan(args, lengths, packing)
     positions = [sum(lengths[i] for i in b) for b in plan] if packing else padded_positions(plan, lengths)
@@ -156,7 +157,7 @@ def run_peftkit(args: argparse.Namespace, rows_file: str, lengths: list[int], pa
 
 def _diffs(ends: list[float]) -> list[float]:
     """Per-step seconds from cumulative step end times."""
-    return [round(b - a, 3) for a, b in zip([0.0, *ends], ends)]
+    return [round(b - a, 3) for a, b in zip([0.0, *ends], ends, strict=True)]
 
 
 class _Counting:
@@ -345,7 +346,7 @@ def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> Non
               f"{runs[0]['largest_batch']:13d}")
     for ours, theirs in PAIRS:
         if ours in results and theirs in results:
-            pairs = list(zip(results[ours], results[theirs]))
+            pairs = list(zip(results[ours], results[theirs], strict=True))
             speed = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs]
             rss = [a["peak_rss_bytes"] / b["peak_rss_bytes"] for a, b in pairs]
             print(f"{ours} / {theirs}: tokens/s x{_spread(speed, '.2f')}, peak RSS x{_spread(rss, '.2f')}")

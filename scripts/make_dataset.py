@@ -24,24 +24,12 @@ from pathlib import Path
 INSTRUCTION = "Extract name, city and date as name=...; city=...; date=YYYY-MM-DD"
 
 # Disjoint pools: the eval split draws only from the *_EVAL lists.
-FIRST_TRAIN = """Maria James Aisha Kenji Olivia Lucas Fatima Daniel Sofia Mateo Chloe Ethan Priya Noah Elena Omar
-Hannah Diego Grace Samuel Leila Victor Nora Arjun Clara Felix Ingrid Tomas Yara Hugo Amara Pablo Lena Ravi Zoe Marco
-Ada Ivan Mina Oscar Julia Kofi Alice Rafael Sara Leo Nadia Theo Irene Caleb Mei Simon Rosa Adrian Lucia Jonas Emma
-Hassan Paula Dmitri""".split()
-FIRST_EVAL = """Beatrice Tariq Hilde Joaquin Margot Ibrahim Selma Wendell Ottilie Rashid Colette Anders Imogen Bruno
-Esther""".split()
-LAST_TRAIN = """Lopez Smith Khan Tanaka Brown Silva Haddad Miller Rossi Garcia Martin Novak Patel Walker Costa Ahmed
-Fischer Moreno Clarke Nakamura Dubois Kowalski Jensen Ortiz Bauer Mensah Romano Schmidt Reyes Lindqvist Okafor Hughes
-Petrov Duarte Sato Murphy Weber Nguyen Castillo Andersen Ferreira Cohen Yilmaz Baker Morales Varga Horvat Lund Quinn
-Sharma Turner Keller Alvarez Becker Moretti Wright Santos Ivanova""".split()
-LAST_EVAL = """Abernathy Thorsen Valdez Okonkwo Lindgren Marchetti Brennan Haugen Delacroix Sorensen Kapoor
-Whitfield Navarro Engstrom Achterberg""".split()
-CITY_TRAIN = """Lisbon Toronto Nairobi Osaka Madrid Berlin Chicago Lagos Prague Seoul Dublin Lima Vienna Mumbai
-Denver Cairo Oslo Bogota Munich Sydney Boston Athens Warsaw Hanoi Dallas Porto Zurich Manila Montreal Krakow Seattle
-Accra Milan Helsinki Austin Quito Lyon Perth Atlanta Bangkok Geneva Santiago Glasgow Istanbul Phoenix Budapest
-Auckland Marseille Hamburg Calgary Naples Kyoto Tunis Valencia Detroit Riga Havana Leeds""".split()
-CITY_EVAL = """Copenhagen Edinburgh Melbourne Barcelona Vancouver Amsterdam Stockholm Florence Brisbane Montevideo
-Rotterdam Bordeaux Salzburg Nashville Casablanca""".split()
+FIRST_TRAIN = ["Maria", "James", "Aisha", "Kenji", "Olivia", "Lucas", "Fatima", "Daniel", "Sofia", "Mateo", "Chloe", "Ethan", "Priya", "Noah", "Elena", "Omar", "Hannah", "Diego", "Grace", "Samuel", "Leila", "Victor", "Nora", "Arjun", "Clara", "Felix", "Ingrid", "Tomas", "Yara", "Hugo", "Amara", "Pablo", "Lena", "Ravi", "Zoe", "Marco", "Ada", "Ivan", "Mina", "Oscar", "Julia", "Kofi", "Alice", "Rafael", "Sara", "Leo", "Nadia", "Theo", "Irene", "Caleb", "Mei", "Simon", "Rosa", "Adrian", "Lucia", "Jonas", "Emma", "Hassan", "Paula", "Dmitri"]
+FIRST_EVAL = ["Beatrice", "Tariq", "Hilde", "Joaquin", "Margot", "Ibrahim", "Selma", "Wendell", "Ottilie", "Rashid", "Colette", "Anders", "Imogen", "Bruno", "Esther"]
+LAST_TRAIN = ["Lopez", "Smith", "Khan", "Tanaka", "Brown", "Silva", "Haddad", "Miller", "Rossi", "Garcia", "Martin", "Novak", "Patel", "Walker", "Costa", "Ahmed", "Fischer", "Moreno", "Clarke", "Nakamura", "Dubois", "Kowalski", "Jensen", "Ortiz", "Bauer", "Mensah", "Romano", "Schmidt", "Reyes", "Lindqvist", "Okafor", "Hughes", "Petrov", "Duarte", "Sato", "Murphy", "Weber", "Nguyen", "Castillo", "Andersen", "Ferreira", "Cohen", "Yilmaz", "Baker", "Morales", "Varga", "Horvat", "Lund", "Quinn", "Sharma", "Turner", "Keller", "Alvarez", "Becker", "Moretti", "Wright", "Santos", "Ivanova"]
+LAST_EVAL = ["Abernathy", "Thorsen", "Valdez", "Okonkwo", "Lindgren", "Marchetti", "Brennan", "Haugen", "Delacroix", "Sorensen", "Kapoor", "Whitfield", "Navarro", "Engstrom", "Achterberg"]
+CITY_TRAIN = ["Lisbon", "Toronto", "Nairobi", "Osaka", "Madrid", "Berlin", "Chicago", "Lagos", "Prague", "Seoul", "Dublin", "Lima", "Vienna", "Mumbai", "Denver", "Cairo", "Oslo", "Bogota", "Munich", "Sydney", "Boston", "Athens", "Warsaw", "Hanoi", "Dallas", "Porto", "Zurich", "Manila", "Montreal", "Krakow", "Seattle", "Accra", "Milan", "Helsinki", "Austin", "Quito", "Lyon", "Perth", "Atlanta", "Bangkok", "Geneva", "Santiago", "Glasgow", "Istanbul", "Phoenix", "Budapest", "Auckland", "Marseille", "Hamburg", "Calgary", "Naples", "Kyoto", "Tunis", "Valencia", "Detroit", "Riga", "Havana", "Leeds"]
+CITY_EVAL = ["Copenhagen", "Edinburgh", "Melbourne", "Barcelona", "Vancouver", "Amsterdam", "Stockholm", "Florence", "Brisbane", "Montevideo", "Rotterdam", "Bordeaux", "Salzburg", "Nashville", "Casablanca"]
 
 # Sentence templates; {n} name, {c} city, {d} date. The eval split uses different templates.
 TEMPLATES_TRAIN = [

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from peftkit.errors import PeftkitError
 from peftkit.memory.presets import PRESETS, resolve_config
-from peftkit.memory.training_setup import TrainingSetup
 from peftkit.memory.step_trace import trace_memory
+from peftkit.memory.training_setup import TrainingSetup
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "memory" / "traces.json"
 CASES = [("full", "amp"), ("full", "bf16"), ("lora", "amp"), ("prefix", "amp"), ("adapter", "amp"), ("prompt", "amp")]
@@ -47,7 +47,7 @@ def main(presets: list[str], methods: list[str] | None = None) -> None:
             try:
                 r = trace_memory(config, setup)
                 records[k] = {"peak_bytes": r.peak_bytes, "peak_phase": r.peak_phase, "seconds": round(r.seconds, 1)}
-            except Exception as exc:  # recorded, so the test can report it instead of passing silently
+            except Exception as exc:  # noqa: BLE001 - recorded, so the test reports it instead of passing silently
                 records[k] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
             print(k, records[k], flush=True)
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -6,25 +6,25 @@ pairs into a dict (values stay text; `Method.field_options` parses them as YAML 
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from peftkit.errors import PeftkitError
 
-Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, model folder, .gguf file; default: embedded SmolLM2-135M-Instruct.")]
-Adapter = Annotated[Optional[str], typer.Option("--adapter", "-a", help="Saved adapter folder.")]
-Output = Annotated[Optional[str], typer.Option("--output", "-o", "--out", help="Output folder.")]
+Model = Annotated[str | None, typer.Option("--model", "-m", help="Hub id, model folder, .gguf file; default: embedded SmolLM2-135M-Instruct.")]
+Adapter = Annotated[str | None, typer.Option("--adapter", "-a", help="Saved adapter folder.")]
+Output = Annotated[str | None, typer.Option("--output", "-o", "--out", help="Output folder.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
 Method = Annotated[str, typer.Option("--method", help="lora | adapter | prefix | prompt (train also: full, freeze).")]
-Rank = Annotated[Optional[int], typer.Option("--rank", "-r", help="LoRA rank (the config's r).")]
-Alpha = Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha (default 2 x rank).")]
-Dropout = Annotated[Optional[float], typer.Option("--dropout", help="Adapter dropout in [0, 1).")]
-TargetModules = Annotated[Optional[str], typer.Option("--target-modules", help="Comma list of module names, a regex, or all-linear.")]
-Variant = Annotated[Optional[str], typer.Option("--variant", help="Bottleneck adapter variant: houlsby | pfeiffer | parallel.")]
-ReductionFactor = Annotated[Optional[int], typer.Option("--reduction-factor", help="Bottleneck size = hidden / reduction factor.")]
-NumVirtualTokens = Annotated[Optional[int], typer.Option("--num-virtual-tokens", help="Prefix / prompt length.")]
-Set = Annotated[Optional[list[str]], typer.Option("--set", help="Any other method config field: --set key=value (repeatable).")]
+Rank = Annotated[int | None, typer.Option("--rank", "-r", help="LoRA rank (the config's r).")]
+Alpha = Annotated[float | None, typer.Option("--alpha", help="LoRA alpha (default 2 x rank).")]
+Dropout = Annotated[float | None, typer.Option("--dropout", help="Adapter dropout in [0, 1).")]
+TargetModules = Annotated[str | None, typer.Option("--target-modules", help="Comma list of module names, a regex, or all-linear.")]
+Variant = Annotated[str | None, typer.Option("--variant", help="Bottleneck adapter variant: houlsby | pfeiffer | parallel.")]
+ReductionFactor = Annotated[int | None, typer.Option("--reduction-factor", help="Bottleneck size = hidden / reduction factor.")]
+NumVirtualTokens = Annotated[int | None, typer.Option("--num-virtual-tokens", help="Prefix / prompt length.")]
+Set = Annotated[list[str] | None, typer.Option("--set", help="Any other method config field: --set key=value (repeatable).")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
@@ -40,8 +40,8 @@ def parse_sets(pairs: list[str] | None) -> dict[str, str]:
 
 
 # Shared by merge / combine / compress.
-Base = Annotated[Optional[str], typer.Option("--base", "--model", "-m", help="Base model: folder or hub id; default: the embedded model.")]
-Adapters = Annotated[Optional[list[str]], typer.Option("--adapter", "-a", help="LoRA adapter folder (repeat to combine several).")]
-Weights = Annotated[Optional[str], typer.Option("--weights", help="Comma list, one weight per --adapter (default 1 each).")]
+Base = Annotated[str | None, typer.Option("--base", "--model", "-m", help="Base model: folder or hub id; default: the embedded model.")]
+Adapters = Annotated[list[str] | None, typer.Option("--adapter", "-a", help="LoRA adapter folder (repeat to combine several).")]
+Weights = Annotated[str | None, typer.Option("--weights", help="Comma list, one weight per --adapter (default 1 each).")]
 Combination = Annotated[str, typer.Option("--combination", help="How several adapters combine: concat (exact) | linear | svd (needs --rank).")]
-Dtype = Annotated[Optional[str], typer.Option("--dtype", help="fp32 | bf16 | fp16 (default: keep the checkpoint's).")]
+Dtype = Annotated[str | None, typer.Option("--dtype", help="fp32 | bf16 | fp16 (default: keep the checkpoint's).")]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from peftkit.cli._app import app
 from peftkit.cli._options import Adapters, Combination, Json, Output, Overwrite, Weights
-from peftkit.merging.deltas import combine, parse_weights, read_lora, write_lora
 from peftkit.errors import PeftkitError
+from peftkit.merging.deltas import combine, parse_weights, read_lora, write_lora
 
 
 @app.command("combine")
@@ -19,7 +19,7 @@ def combine_cmd(
     output: Output = None,
     weights: Weights = None,
     combination: Combination = "concat",
-    rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="Rank of the result for --combination svd.")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", "-r", help="Rank of the result for --combination svd.")] = None,
     overwrite: Overwrite = False,
     as_json: Json = False,
 ) -> None:
@@ -29,7 +29,7 @@ def combine_cmd(
         raise PeftkitError("give two or more --adapter folders to combine")
     if not output:
         raise PeftkitError("give --output DIR for the combined adapter")
-    parts = [read_lora(a, w) for a, w in zip(adapters, parse_weights(weights, len(adapters)))]
+    parts = [read_lora(a, w) for a, w in zip(adapters, parse_weights(weights, len(adapters)), strict=True)]
     combined = combine(parts, combination, rank)
     write_lora(combined, output, overwrite=overwrite)
     ranks = [d.a.shape[0] for d in combined.deltas.values()]

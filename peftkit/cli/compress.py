@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -12,9 +12,9 @@ from rich.table import Table
 
 from peftkit.cli._app import app
 from peftkit.cli._options import Base, Dtype, Json, Output, Overwrite
-from peftkit.merging.compress import CompressReport, compress
 from peftkit.errors import PeftkitError
 from peftkit.io.checkpoint import limit_heap_growth
+from peftkit.merging.compress import CompressReport, compress
 
 
 @app.command("compress")
@@ -22,9 +22,9 @@ def compress_cmd(
     finetuned: Annotated[str, typer.Option("--finetuned", help="The fully fine-tuned model folder (same architecture as --base).")],
     base: Base = None,
     output: Output = None,
-    rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="Fixed rank per module.")] = None,
-    energy: Annotated[Optional[float], typer.Option("--energy", help="Smallest rank keeping this share of ||delta||_F^2, in (0, 1].")] = None,
-    max_rank: Annotated[Optional[int], typer.Option("--max-rank", help="Upper bound on any module's rank.")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", "-r", help="Fixed rank per module.")] = None,
+    energy: Annotated[float | None, typer.Option("--energy", help="Smallest rank keeping this share of ||delta||_F^2, in (0, 1].")] = None,
+    max_rank: Annotated[int | None, typer.Option("--max-rank", help="Upper bound on any module's rank.")] = None,
     no_size_cap: Annotated[bool, typer.Option("--no-size-cap", help="Allow ranks past m*n/(m+n), where a LoRA is larger than the dense delta.")] = False,
     keep_nonlinear: Annotated[bool, typer.Option("--keep-nonlinear/--drop-nonlinear", help="Keep norm / embedding / bias deltas (modules_to_save, lora_B.bias) or drop them (reported either way).")] = False,
     dtype: Dtype = None,

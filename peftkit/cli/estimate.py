@@ -7,15 +7,24 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from peftkit.cli._app import app
-from peftkit.cli._options import Alpha, Json, NumVirtualTokens, Rank, ReductionFactor, Set, TargetModules, Variant
-from peftkit.cli._options import parse_sets
+from peftkit.cli._options import (
+    Alpha,
+    Json,
+    NumVirtualTokens,
+    Rank,
+    ReductionFactor,
+    Set,
+    TargetModules,
+    Variant,
+    parse_sets,
+)
 from peftkit.errors import PeftkitError
 from peftkit.memory.estimate import GB, MemoryEstimate, estimate_memory
 from peftkit.memory.presets import PRESETS
@@ -83,7 +92,7 @@ def _print(est: MemoryEstimate) -> None:
 
 @app.command("estimate")
 def estimate_cmd(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Preset (see --list), config.json, model folder or cached hub id.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Preset (see --list), config.json, model folder or cached hub id.")] = None,
     method: Annotated[str, typer.Option("--method", help="full | freeze | lora | qlora | adapter | prefix | prompt")] = "lora",
     rank: Rank = None,
     alpha: Alpha = None,
@@ -98,7 +107,7 @@ def estimate_cmd(
     seq_len: Annotated[int, typer.Option("--seq-len", "--max-length", help="Tokens per row.")] = 2048,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = False,
     gpus: Annotated[int, typer.Option("--gpus", help="Data-parallel GPU count.")] = 1,
-    gpu_memory: Annotated[Optional[float], typer.Option("--gpu-memory", help="Memory of one GPU in GB (10^9 bytes).")] = None,
+    gpu_memory: Annotated[float | None, typer.Option("--gpu-memory", help="Memory of one GPU in GB (10^9 bytes).")] = None,
     zero: Annotated[int, typer.Option("--zero", help="DeepSpeed ZeRO stage 0-3.")] = 0,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="FSDP full sharding.")] = False,
     offload: Annotated[bool, typer.Option("--offload", help="Offload optimizer states (and ZeRO-3 weights) to CPU.")] = False,

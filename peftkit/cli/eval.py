@@ -10,7 +10,7 @@ template), exactly as in training; loss counts only the answer tokens, like the 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -20,11 +20,11 @@ from peftkit.cli._options import Adapter, Json, Model
 
 @app.command("eval")
 def eval_cmd(
-    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Data file / folder / hub name (alpaca, messages or text); default: the bundled task's eval split.")] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Data file / folder / hub name (alpaca, messages or text); default: the bundled task's eval split.")] = None,
     model: Model = None,
     adapter: Adapter = None,
     format: Annotated[str, typer.Option("--format", help="auto | alpaca | messages | text.")] = "auto",
-    split: Annotated[Optional[str], typer.Option("--split", help="Split of a hub dataset.")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Split of a hub dataset.")] = None,
     max_examples: Annotated[int, typer.Option("--max-examples", min=1, help="Evaluate at most this many rows.")] = 50,
     max_length: Annotated[int, typer.Option("--max-length", min=8)] = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,

@@ -6,7 +6,7 @@ template, else with the plain template; the answer is streamed as it is generate
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,7 +19,7 @@ def generate_cmd(
     prompt: Annotated[str, typer.Argument(help="The user message.")],
     model: Model = None,
     adapter: Adapter = None,
-    system: Annotated[Optional[str], typer.Option("--system", help="System message (chat models).")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System message (chat models).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")] = 0.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -28,10 +28,10 @@ def generate_cmd(
     import torch
     from transformers import TextStreamer
 
-    from peftkit.io.adapters import adapter_base_model, load_adapter
-    from peftkit.io.models import load_model
     from peftkit.core.state import prompt_format as prompt_format_of
     from peftkit.data.prompting import render_prompt
+    from peftkit.io.adapters import adapter_base_model, load_adapter
+    from peftkit.io.models import load_model
 
     torch.manual_seed(seed)
     lm, tokenizer = load_model(model if model or not adapter else adapter_base_model(adapter))

@@ -7,19 +7,19 @@ exactly what `train` would create and cost no memory.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from peftkit.core.archs import ARCHS, arch_spec
 from peftkit.cli._app import app
 from peftkit.cli._options import Json, Rank, TargetModules
+from peftkit.core.archs import ARCHS, arch_spec
 from peftkit.core.counting import count_parameters, meta_model
+from peftkit.core.registry import method_names
 from peftkit.errors import PeftkitError
 from peftkit.io.models import load_model_config
-from peftkit.core.registry import method_names
 
 
 def _rows(model_config, rank: int, target_modules: str | None) -> list[dict]:
@@ -40,7 +40,7 @@ def _rows(model_config, rank: int, target_modules: str | None) -> list[dict]:
 
 @app.command("inspect")
 def inspect_cmd(
-    model: Annotated[Optional[str], typer.Argument(help="Hub id, folder, .gguf; default: the embedded model.")] = None,
+    model: Annotated[str | None, typer.Argument(help="Hub id, folder, .gguf; default: the embedded model.")] = None,
     rank: Rank = 8,
     target_modules: TargetModules = None,
     as_json: Json = False,

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from peftkit.cli._app import app
 from peftkit.cli._options import Adapters, Base, Combination, Dtype, Json, Output, Overwrite, Weights
-from peftkit.merging.deltas import parse_weights
 from peftkit.errors import PeftkitError
 from peftkit.io.checkpoint import limit_heap_growth
+from peftkit.merging.deltas import parse_weights
 from peftkit.merging.stream import merge_to_disk
 
 
@@ -23,7 +23,7 @@ def merge_cmd(
     output: Output = None,
     weights: Weights = None,
     combination: Combination = "concat",
-    rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="Rank for --combination svd.")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", "-r", help="Rank for --combination svd.")] = None,
     dtype: Dtype = None,
     overwrite: Overwrite = False,
     check_logits: Annotated[bool, typer.Option("--check-logits", help="Also load both models and compare logits (needs the model to fit in memory).")] = False,

@@ -10,20 +10,33 @@ Flags left unset do not override the recipe; every flag is also a recipe key (da
 from __future__ import annotations
 
 import shlex
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from peftkit.cli._app import app
-from peftkit.cli._options import (Alpha, Dropout, Method, Model, NumVirtualTokens, Output, Overwrite, Rank,
-                                  ReductionFactor, Set, TargetModules, Variant, parse_sets)
+from peftkit.cli._options import (
+    Alpha,
+    Dropout,
+    Method,
+    Model,
+    NumVirtualTokens,
+    Output,
+    Overwrite,
+    Rank,
+    ReductionFactor,
+    Set,
+    TargetModules,
+    Variant,
+    parse_sets,
+)
 
 Opt = typer.Option
 
 
 @app.command("train")
 def train_cmd(
-    config: Annotated[Optional[str], Opt("--config", "-c", help="YAML recipe; flags override its keys.")] = None,
+    config: Annotated[str | None, Opt("--config", "-c", help="YAML recipe; flags override its keys.")] = None,
     model: Model = None,
     method: Method = None,
     rank: Rank = None,
@@ -34,27 +47,27 @@ def train_cmd(
     reduction_factor: ReductionFactor = None,
     num_virtual_tokens: NumVirtualTokens = None,
     sets: Set = None,
-    data: Annotated[Optional[str], Opt("--data", "-d", help="json/jsonl/csv/parquet file, datasets folder or hub name; default: the bundled task.")] = None,
-    format: Annotated[Optional[str], Opt("--format", help="auto | alpaca | messages | text.")] = None,
-    eval_data: Annotated[Optional[str], Opt("--eval-data", help="Held-out data file.")] = None,
-    eval_split: Annotated[Optional[str], Opt("--eval-split", help="A split name of --data, or a share (0.05) / count of rows to hold out.")] = None,
-    lr: Annotated[Optional[float], Opt("--lr", help="Peak learning rate.")] = None,
-    epochs: Annotated[Optional[float], Opt("--epochs")] = None,
-    max_steps: Annotated[Optional[int], Opt("--max-steps", help="Optimizer steps (overrides --epochs).")] = None,
-    batch_size: Annotated[Optional[int], Opt("--batch-size", help="Examples per micro-batch per process.")] = None,
-    grad_accum: Annotated[Optional[int], Opt("--grad-accum", help="Micro-batches per optimizer step.")] = None,
-    max_length: Annotated[Optional[int], Opt("--max-length", help="Tokens per example (packed row).")] = None,
-    packing: Annotated[Optional[bool], Opt("--packing/--no-packing", help="Pack examples into rows (padding-free).")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], Opt("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
-    precision: Annotated[Optional[str], Opt("--precision", help="auto | fp32 | bf16 | fp16 | amp.")] = None,
-    warmup: Annotated[Optional[float], Opt("--warmup", help="Warmup steps, or a fraction < 1 of the steps.")] = None,
-    scheduler: Annotated[Optional[str], Opt("--scheduler", help="cosine | linear | constant.")] = None,
-    seed: Annotated[Optional[int], Opt("--seed", help="Set before the adapter is initialised.")] = None,
-    train_on_prompt: Annotated[Optional[bool], Opt("--train-on-prompt/--no-train-on-prompt")] = None,
+    data: Annotated[str | None, Opt("--data", "-d", help="json/jsonl/csv/parquet file, datasets folder or hub name; default: the bundled task.")] = None,
+    format: Annotated[str | None, Opt("--format", help="auto | alpaca | messages | text.")] = None,
+    eval_data: Annotated[str | None, Opt("--eval-data", help="Held-out data file.")] = None,
+    eval_split: Annotated[str | None, Opt("--eval-split", help="A split name of --data, or a share (0.05) / count of rows to hold out.")] = None,
+    lr: Annotated[float | None, Opt("--lr", help="Peak learning rate.")] = None,
+    epochs: Annotated[float | None, Opt("--epochs")] = None,
+    max_steps: Annotated[int | None, Opt("--max-steps", help="Optimizer steps (overrides --epochs).")] = None,
+    batch_size: Annotated[int | None, Opt("--batch-size", help="Examples per micro-batch per process.")] = None,
+    grad_accum: Annotated[int | None, Opt("--grad-accum", help="Micro-batches per optimizer step.")] = None,
+    max_length: Annotated[int | None, Opt("--max-length", help="Tokens per example (packed row).")] = None,
+    packing: Annotated[bool | None, Opt("--packing/--no-packing", help="Pack examples into rows (padding-free).")] = None,
+    gradient_checkpointing: Annotated[bool | None, Opt("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
+    precision: Annotated[str | None, Opt("--precision", help="auto | fp32 | bf16 | fp16 | amp.")] = None,
+    warmup: Annotated[float | None, Opt("--warmup", help="Warmup steps, or a fraction < 1 of the steps.")] = None,
+    scheduler: Annotated[str | None, Opt("--scheduler", help="cosine | linear | constant.")] = None,
+    seed: Annotated[int | None, Opt("--seed", help="Set before the adapter is initialised.")] = None,
+    train_on_prompt: Annotated[bool | None, Opt("--train-on-prompt/--no-train-on-prompt")] = None,
     output: Output = None,
     overwrite: Overwrite = False,
-    save_steps: Annotated[Optional[int], Opt("--save-steps", help="Checkpoint every N steps.")] = None,
-    eval_steps: Annotated[Optional[int], Opt("--eval-steps", help="Eval loss every N steps.")] = None,
+    save_steps: Annotated[int | None, Opt("--save-steps", help="Checkpoint every N steps.")] = None,
+    eval_steps: Annotated[int | None, Opt("--eval-steps", help="Eval loss every N steps.")] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue the run in --output from its last checkpoint.")] = False,
     dry_run: Annotated[bool, Opt("--dry-run", help="Build everything, print counts and memory, train nothing.")] = False,
     quiet: Annotated[bool, Opt("--quiet", help="No progress bar.")] = False,

@@ -16,10 +16,10 @@ from typing import Any
 from torch import nn
 
 from peftkit.core.archs import LINEAR_TYPES, arch_spec
-from peftkit.errors import PeftkitError
 from peftkit.core.method import AdapterLayer
 from peftkit.core.registry import get_method, method_for_config
 from peftkit.core.state import AdapterRecord, activate, adapters
+from peftkit.errors import PeftkitError
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(\.|$)")
 

@@ -43,7 +43,7 @@ class AdapterLayer(nn.Module):
         names: list[str] = []
         for child in self.children():
             if isinstance(child, (nn.ModuleDict, nn.ParameterDict)):
-                names.extend(k for k in child.keys() if k not in names)
+                names.extend(k for k in child if k not in names)
         return names
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:

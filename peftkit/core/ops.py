@@ -10,10 +10,10 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from peftkit.errors import PeftkitError
 from peftkit.core.inject import replace_module
 from peftkit.core.registry import get_method
 from peftkit.core.state import activate, active_adapter, adapter_layers, adapters, resolve_name
+from peftkit.errors import PeftkitError
 
 
 def set_adapter(model: nn.Module, name: str) -> nn.Module:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from peftkit.errors import PeftkitError
 from peftkit.core.method import Method
+from peftkit.errors import PeftkitError
 
 _METHODS: dict[str, Method] = {}
 

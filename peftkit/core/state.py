@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from peftkit.errors import PeftkitError
 from peftkit.core.method import AdapterLayer
+from peftkit.errors import PeftkitError
 
 
 @dataclass

@@ -36,7 +36,7 @@ def collate(examples: list[dict[str, Any]], pad_token_id: int, packing: bool) ->
         raise ValueError("collate needs at least one example")
     ids = [_as_list(example["input_ids"]) for example in examples]
     labels = [_as_list(example["labels"]) for example in examples]
-    for row_ids, row_labels in zip(ids, labels):
+    for row_ids, row_labels in zip(ids, labels, strict=True):
         if len(row_ids) != len(row_labels) or not row_ids:
             raise ValueError("every example needs non-empty input_ids and labels of the same length")
     batch = _packed(ids, labels) if packing else _padded(ids, labels, pad_token_id)
@@ -49,7 +49,7 @@ def _padded(ids: list[list[int]], labels: list[list[int]], pad_token_id: int) ->
     width = int(lengths.max())
     input_ids = torch.full((len(ids), width), pad_token_id, dtype=torch.long)
     label_tensor = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (row_ids, row_labels) in enumerate(zip(ids, labels)):
+    for row, (row_ids, row_labels) in enumerate(zip(ids, labels, strict=True)):
         input_ids[row, : len(row_ids)] = torch.tensor(row_ids)
         label_tensor[row, : len(row_labels)] = torch.tensor(row_labels)
     # by position: 1 where column < the example's length, whatever token sits there

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from peftkit.errors import PeftkitError
 from peftkit.data.prompting import alpaca_prompt
+from peftkit.errors import PeftkitError
 
 FORMATS = ("alpaca", "messages", "text")
 MESSAGE_COLUMNS = ("messages", "conversations")

@@ -20,9 +20,9 @@ from datasets.fingerprint import Hasher
 
 from peftkit.core.labels import IGNORE_INDEX
 from peftkit.data.formats import check_format, to_example
+from peftkit.data.prompting import default_prompt_format
 from peftkit.data.rendering import Segment, render_segments, uses_special_prefix
 from peftkit.errors import PeftkitError
-from peftkit.data.prompting import default_prompt_format
 
 PIPELINE_VERSION = 1  # bump when the encoding changes, to invalidate cached tokenized datasets
 FEATURES = datasets.Features({
@@ -97,7 +97,7 @@ def encode_example(
     """(input_ids, labels) of one validated example, untruncated; labels[0] is always -100."""
     segments = render_segments(example, tokenizer, prompt_format, train_on_prompt)
     ids, targets = encode_segments(tokenizer, segments, uses_special_prefix(example, prompt_format))
-    labels = [tok if target else IGNORE_INDEX for tok, target in zip(ids, targets)]
+    labels = [tok if target else IGNORE_INDEX for tok, target in zip(ids, targets, strict=True)]
     if labels:
         labels[0] = IGNORE_INDEX
     return ids, labels
@@ -132,8 +132,8 @@ def tokenize(
 
     def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
-        for values, index in zip(zip(*batch.values()), indices):
-            example = to_example(dict(zip(batch, values)), fmt, index)
+        for values, index in zip(zip(*batch.values(), strict=True), indices, strict=True):
+            example = to_example(dict(zip(batch, values, strict=True)), fmt, index)
             ids, labels = _encode_row(example, index, tokenizer, prompt_format, train_on_prompt)
             ids, labels = ids[:max_length], labels[:max_length]
             if any(label != IGNORE_INDEX for label in labels):

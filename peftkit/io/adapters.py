@@ -18,11 +18,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit._version import __version__
-from peftkit.errors import PeftkitError
 from peftkit.core.registry import get_method, method_for_peft_type
 from peftkit.core.state import adapters, base_model_id, base_model_note, resolve_name, set_prompt_format
 from peftkit.core.state import prompt_format as prompt_format_of
-from peftkit.io.fs import atomic_dir
+from peftkit.errors import PeftkitError
+from peftkit.io.fs import atomic_dir, read_json_object
 from peftkit.io.models import EMBEDDED_HUB_ID
 
 CONFIG_NAME = "adapter_config.json"
@@ -72,15 +72,12 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise PeftkitError(f"{str(folder)!r} has no {CONFIG_NAME}; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        config_json = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PeftkitError(f"{config_file} is not valid JSON ({exc})") from None
-    if not isinstance(config_json, dict) or "peft_type" not in config_json:
+    config_json = read_json_object(config_file, "a PEFT adapter config")
+    if "peft_type" not in config_json:
         raise PeftkitError(f"{config_file} has no peft_type; it is not a PEFT adapter config")
     tensors = _read_weights(folder)
     meta_file = folder / META_NAME
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = read_json_object(meta_file, "peftkit's adapter metadata") if meta_file.is_file() else {}
     return config_json, tensors, meta
 
 
@@ -106,10 +103,7 @@ def adapter_base_model(path: str | os.PathLike) -> str | None:
     config_file = Path(path) / CONFIG_NAME
     if not config_file.is_file():
         return None
-    try:
-        base = json.loads(config_file.read_text()).get("base_model_name_or_path")
-    except json.JSONDecodeError:
-        return None
+    base = read_json_object(config_file, "a PEFT adapter config").get("base_model_name_or_path")
     return None if base in (None, EMBEDDED_HUB_ID) else base
 
 

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from peftkit.errors import PeftkitError
+from peftkit.io.fs import read_json_object
 from peftkit.io.models import EMBEDDED_NAMES, embedded_folder
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -69,7 +70,9 @@ def open_checkpoint(folder: Path) -> Checkpoint:
     """Read the index (or the single file's header); every shard the index names must exist."""
     index = folder / INDEX_NAME
     if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_object(index, "a safetensors index with a weight_map").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise PeftkitError(f"{index} has no weight_map object; it is not a safetensors index")
         for shard in dict.fromkeys(weight_map.values()):
             if not (folder / shard).is_file():
                 raise PeftkitError(f"shard {shard!r} named in {index} is missing; the checkpoint is incomplete")
@@ -78,7 +81,7 @@ def open_checkpoint(folder: Path) -> Checkpoint:
     if not single.is_file():
         raise PeftkitError(f"{str(folder)!r} has no {SINGLE_NAME} or {INDEX_NAME}; streaming needs safetensors weights")
     with safe_open(str(single), framework="pt") as f:
-        return Checkpoint(folder, {k: SINGLE_NAME for k in f.keys()})
+        return Checkpoint(folder, dict.fromkeys(f.keys(), SINGLE_NAME))
 
 
 def shapes(checkpoint: Checkpoint) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -86,7 +89,8 @@ def shapes(checkpoint: Checkpoint) -> dict[str, tuple[tuple[int, ...], str]]:
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for shard in checkpoint.shards:
         with safe_open(str(checkpoint.folder / shard), framework="pt") as f:
-            for key in f.keys():
+            names = f.keys()  # a safe_open handle is not iterable itself
+            for key in names:
                 sl = f.get_slice(key)
                 out[key] = (tuple(sl.get_shape()), sl.get_dtype())
     return out

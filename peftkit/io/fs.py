@@ -7,12 +7,14 @@ merged models, compressed adapters, checkpoints, the embedded model's conversion
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from peftkit.errors import PeftkitError
 
@@ -50,6 +52,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """The JSON object in file `path`; a file that is not valid UTF-8 JSON, or holds no object, is a one-line
+    PeftkitError naming `what` the file should be (every JSON file peftkit reads goes through here)."""
+    file = Path(path)
+    try:
+        value = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PeftkitError(f"{file} is not valid JSON ({exc}); it should be {what}") from None
+    if not isinstance(value, dict):
+        raise PeftkitError(f"{file} holds a JSON {type(value).__name__}, not an object; it should be {what}")
+    return value
 
 
 def check_output(path: str | os.PathLike, overwrite: bool) -> None:

@@ -7,6 +7,7 @@ stored twice), generation_config.json and the tokenizer files. The folder appear
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -34,10 +35,8 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
     config = model.config
     for attr in ("quantization_config", "_name_or_path"):
         if hasattr(config, attr):
-            try:
+            with contextlib.suppress(AttributeError):  # a class attribute shows in hasattr but cannot be deleted
                 delattr(config, attr)
-            except AttributeError:
-                pass
     config.dtype = torch.float32
     with atomic_dir(folder) as tmp:
         config.save_pretrained(tmp)

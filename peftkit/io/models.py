@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from peftkit.core.state import base_model_id, base_model_note, set_base_model
@@ -49,10 +50,17 @@ def embedded_gguf() -> Path:
 def embedded_folder() -> Path:
     """The cached HF folder of the embedded model, converting the GGUF once (atomically) if needed."""
     folder = cache_dir() / "smollm2-135m-instruct"
-    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+    if _complete(folder):
         return folder
-    convert_gguf(embedded_gguf(), folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):  # processes of one launch (or two commands) convert once, not at once
+        if not _complete(folder):
+            convert_gguf(embedded_gguf(), folder)
     return folder
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftkit.memory.shapes import ModelShape
-from peftkit.memory.training_setup import TrainingSetup
 from peftkit.memory.trainable import lora_targets
+from peftkit.memory.training_setup import TrainingSetup
 
 
 @dataclass(frozen=True)

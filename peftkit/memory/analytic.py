@@ -24,8 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftkit.memory.activations import activation_bytes, logits_bytes, model_seq_len, regime
-from peftkit.memory.training_setup import TrainingSetup
 from peftkit.memory.shapes import ModelShape
+from peftkit.memory.training_setup import TrainingSetup
 
 CUDA_CONTEXT = 0.75e9  # CUDA context + cuBLAS workspaces of a PyTorch process (typical on A100/H100)
 ALLOCATOR_SLACK = 0.05  # caching-allocator rounding and fragmentation, as a fraction of live tensor bytes

@@ -11,9 +11,9 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from peftkit.core.counting import trainable_parameters
 from peftkit.errors import PeftkitError
 from peftkit.memory.analytic import ROWS, estimate_rows
-from peftkit.core.counting import trainable_parameters
 from peftkit.memory.building import build_meta_model
 from peftkit.memory.presets import resolve_config
 from peftkit.memory.shapes import ModelShape, model_shape
@@ -113,7 +113,10 @@ def estimate_memory(
         budget = gpu_memory_gb * GB
         est.fits = result.total <= budget
         est.gpus_needed = _gpus_needed(shape, setup, trainable, total, budget)
-        one = lambda **kw: _rows(shape, replace(setup, **kw), trainable, total).total <= budget  # noqa: E731
+
+        def one(**changes: Any) -> bool:
+            return _rows(shape, replace(setup, **changes), trainable, total).total <= budget
+
         est.max_batch_size = _largest(lambda b: one(batch_size=b), setup.batch_size, 1 << 16)
         est.max_seq_len = _largest(lambda n: one(seq_len=n), setup.seq_len, 1 << 22)
     return est
@@ -123,7 +126,10 @@ def _gpus_needed(shape: ModelShape, setup: TrainingSetup, trainable: int, total:
     """Smallest N with per-GPU total <= budget under `setup`'s sharding (None if no N up to MAX_GPUS does)."""
     if setup.shard_stage == 0:
         return setup.gpus if _rows(shape, setup, trainable, total).total <= budget else None
-    fits = lambda n: _rows(shape, replace(setup, gpus=n), trainable, total).total <= budget  # noqa: E731
+
+    def fits(n: int) -> bool:
+        return _rows(shape, replace(setup, gpus=n), trainable, total).total <= budget
+
     n = 1
     while n <= MAX_GPUS and not fits(n):
         n *= 2

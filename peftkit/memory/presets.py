@@ -12,7 +12,6 @@ A preset's parameter count equals the released model's, e.g. Qwen1.5-7B 7,721,32
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 from peftkit.errors import PeftkitError
+from peftkit.io.fs import read_json_object
 
 _LLAMA = {"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 _QWEN2 = {"model_type": "qwen2", "hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
@@ -103,10 +103,7 @@ def resolve_config(model: str | PretrainedConfig | dict) -> tuple[PretrainedConf
     if path.suffix == ".json" or path.is_file():
         if not path.is_file():
             raise PeftkitError(f"config file {path} does not exist")
-        try:
-            fields = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PeftkitError(f"{path} is not valid JSON: {exc}") from None
+        fields = read_json_object(path, "a model's config.json")
         fields = fields.get("text_config", fields) if "hidden_size" not in fields else fields
         return _from_dict(fields, str(path)), str(path)
     if "/" in model and not model.startswith((".", "/")):

@@ -33,13 +33,13 @@ from torch import nn
 from torch._subclasses import FakeTensorMode
 from transformers import PretrainedConfig
 
+from peftkit.core.archs import enable_checkpointing
+from peftkit.core.counting import trainable_parameters
 from peftkit.errors import PeftkitError
 from peftkit.memory.attention import trace_attention
-from peftkit.core.counting import trainable_parameters
 from peftkit.memory.building import build_meta_model
-from peftkit.memory.training_setup import TrainingSetup
 from peftkit.memory.live_bytes import LiveBytes, StorageTracker
-from peftkit.core.archs import enable_checkpointing
+from peftkit.memory.training_setup import TrainingSetup
 
 
 @dataclass

@@ -14,8 +14,8 @@ from typing import Any
 from peftkit.memory.analytic import ALLOCATOR_SLACK, CUDA_CONTEXT
 from peftkit.memory.estimate import GB, MemoryEstimate
 from peftkit.memory.presets import resolve_config
-from peftkit.memory.training_setup import TrainingSetup
 from peftkit.memory.step_trace import TraceResult, trace_memory
+from peftkit.memory.training_setup import TrainingSetup
 
 
 def corrections(result: TraceResult) -> tuple[int, list[str]]:

@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 from peftkit.errors import PeftkitError
-from peftkit.memory.training_setup import TrainingSetup
 from peftkit.memory.shapes import ModelShape
+from peftkit.memory.training_setup import TrainingSetup
 
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 

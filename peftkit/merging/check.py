@@ -11,8 +11,8 @@ import tempfile
 import torch
 
 from peftkit.io.adapters import load_adapter
-from peftkit.merging.deltas import combine, read_lora, write_lora
 from peftkit.io.checkpoint import resolve_base
+from peftkit.merging.deltas import combine, read_lora, write_lora
 
 
 def check_logits(base: str | None, adapters: list[str], merged: str, weights: list[float], combination: str = "concat",
@@ -25,7 +25,7 @@ def check_logits(base: str | None, adapters: list[str], merged: str, weights: li
         if len(adapters) == 1 and weights == [1.0] and combination != "svd":
             load_adapter(model, adapters[0])
         else:
-            write_lora(combine([read_lora(a, w) for a, w in zip(adapters, weights)], combination, rank), f"{tmp}/combined")
+            write_lora(combine([read_lora(a, w) for a, w in zip(adapters, weights, strict=True)], combination, rank), f"{tmp}/combined")
             load_adapter(model, f"{tmp}/combined")
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():

@@ -23,7 +23,15 @@ from transformers.pytorch_utils import Conv1D
 from peftkit.core.method import PEFT_PREFIX
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import WEIGHTS_NAME, write_adapter_folder
-from peftkit.io.checkpoint import TORCH_DTYPES, Checkpoint, iter_tensors, open_checkpoint, read_tensor, resolve_base, shapes
+from peftkit.io.checkpoint import (
+    TORCH_DTYPES,
+    Checkpoint,
+    iter_tensors,
+    open_checkpoint,
+    read_tensor,
+    resolve_base,
+    shapes,
+)
 from peftkit.io.fs import check_output
 from peftkit.io.models import EMBEDDED_HUB_ID, resolve_dtype
 from peftkit.merging.svd import check_rank_energy, dense_cap, energy_svd, relative_error, top_svd

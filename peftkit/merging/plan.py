@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit.merging.deltas import LoraDeltas
 from peftkit.errors import PeftkitError
+from peftkit.merging.deltas import LoraDeltas
 
 
 @dataclass

@@ -25,13 +25,22 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from peftkit.io.fs import atomic_dir, check_output
-from peftkit.merging.deltas import LoraDeltas, combine, parse_weights, read_lora
 from peftkit.errors import PeftkitError
-from peftkit.io.checkpoint import (SINGLE_NAME, TORCH_DTYPES, ShardWriter, copy_aux_files, iter_tensors, open_checkpoint, resolve_base,
-                              shapes, write_index)
-from peftkit.merging.plan import MergePlan, Target, plan_merge
+from peftkit.io.checkpoint import (
+    SINGLE_NAME,
+    TORCH_DTYPES,
+    ShardWriter,
+    copy_aux_files,
+    iter_tensors,
+    open_checkpoint,
+    resolve_base,
+    shapes,
+    write_index,
+)
+from peftkit.io.fs import atomic_dir, check_output
 from peftkit.io.models import resolve_dtype
+from peftkit.merging.deltas import LoraDeltas, combine, parse_weights, read_lora
+from peftkit.merging.plan import MergePlan, Target, plan_merge
 
 
 @dataclass
@@ -71,7 +80,7 @@ def merge_to_disk(base: str | None, adapters: list[str], output: str, *, weights
         raise PeftkitError("--output is the base model's folder; write the merged model to a new folder")
     ckpt = open_checkpoint(folder)
     weight_list = weights if isinstance(weights, list) else parse_weights(weights, len(adapters))
-    deltas = combine([read_lora(a, w) for a, w in zip(adapters, weight_list)], combination, rank)
+    deltas = combine([read_lora(a, w) for a, w in zip(adapters, weight_list, strict=True)], combination, rank)
     from transformers import AutoConfig
 
     from peftkit.core.counting import meta_model
@@ -87,7 +96,7 @@ def merge_to_disk(base: str | None, adapters: list[str], output: str, *, weights
             probes = _write_shard(ckpt, shard, tmp / shard, layout, plan, deltas, seed)
             report.bytes_written += (tmp / shard).stat().st_size
             _verify(tmp / shard, probes, report)
-            weight_map.update({k: shard for k in layout})
+            weight_map.update(dict.fromkeys(layout, shard))
         if ckpt.shards != [SINGLE_NAME]:
             write_index(tmp, weight_map, report.bytes_written)
         report.copied = copy_aux_files(folder, tmp)

@@ -20,18 +20,18 @@ import torch
 from torch import nn
 from transformers import Cache
 
-from peftkit.errors import PeftkitError
-from peftkit.core.inject import inject
 from peftkit.core.archs import checkpointing_enabled, model_dims
+from peftkit.core.inject import inject
 from peftkit.core.method import Method, check_positive
+from peftkit.core.registry import register
+from peftkit.core.state import adapters
+from peftkit.errors import PeftkitError
 from peftkit.methods.virtual_tokens import (
     VirtualTokenLayer,
     check_peft_prompt_config,
     install,
     peft_prompt_config,
 )
-from peftkit.core.registry import register
-from peftkit.core.state import adapters
 
 PREFIX_INITS = ("vocab", "random", "zero")
 

@@ -18,19 +18,19 @@ import torch
 from torch import nn
 from transformers import Cache
 
-from peftkit.errors import PeftkitError
-from peftkit.core.inject import inject
 from peftkit.core.archs import model_dims
+from peftkit.core.inject import inject
 from peftkit.core.labels import IGNORE_INDEX
 from peftkit.core.method import Method, check_positive
+from peftkit.core.registry import register
+from peftkit.core.state import adapters
+from peftkit.errors import PeftkitError
 from peftkit.methods.virtual_tokens import (
     VirtualTokenLayer,
     check_peft_prompt_config,
     install,
     peft_prompt_config,
 )
-from peftkit.core.registry import register
-from peftkit.core.state import adapters
 
 PROMPT_INITS = {"sample_vocab": "SAMPLE_VOCAB", "random": "RANDOM"}
 

@@ -130,7 +130,7 @@ def _as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     if not args:
         return dict(kwargs)
     names = [n for n, p in inspect.signature(model.forward).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
-    return {**dict(zip(names, args)), **kwargs}
+    return {**dict(zip(names, args, strict=False)), **kwargs}
 
 
 def _refuse_packed(kwargs: dict, method: str) -> None:

@@ -9,6 +9,7 @@ which `from_pretrained` loads and `peftkit compress` can diff against the base t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -33,36 +34,40 @@ class FreezeConfig:
         check_positive("layers", self.layers)
 
 
-class FullMethod(Method):
-    """Registry entry for full fine-tuning (`--method full`)."""
+class _WholeModelMethod(Method):
+    """A method that trains base weights: every parameter frozen, then the modules `trained_modules` names unfrozen."""
 
-    name = "full"
-    config_cls = FullConfig
     trains_base = True
-    default_lr = 2e-5
 
-    def make_trainable(self, model: nn.Module, config: FullConfig) -> None:
-        """Every parameter trains."""
-        model.requires_grad_(True)
+    def trained_modules(self, model: nn.Module, config: Any) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def make_trainable(self, model: nn.Module, config: Any) -> None:
+        model.requires_grad_(False)
+        for module in self.trained_modules(model, config):
+            module.requires_grad_(True)
 
 
-class FreezeMethod(Method):
-    """Registry entry for freeze fine-tuning (`--method freeze --set layers=2`)."""
+class FullMethod(_WholeModelMethod):
+    """Registry entry for full fine-tuning (`--method full`): every parameter trains."""
 
-    name = "freeze"
-    config_cls = FreezeConfig
-    trains_base = True
-    default_lr = 5e-5
+    name, config_cls, default_lr = "full", FullConfig, 2e-5
 
-    def make_trainable(self, model: nn.Module, config: FreezeConfig) -> None:
-        """Only the last `config.layers` decoder layers train."""
+    def trained_modules(self, model: nn.Module, config: FullConfig) -> list[nn.Module]:
+        return [model]
+
+
+class FreezeMethod(_WholeModelMethod):
+    """Registry entry for freeze fine-tuning (`--method freeze --set layers=2`): the last N decoder layers train."""
+
+    name, config_cls, default_lr = "freeze", FreezeConfig, 5e-5
+
+    def trained_modules(self, model: nn.Module, config: FreezeConfig) -> list[nn.Module]:
         stack = decoder_layers(model)
         if config.layers > len(stack):
             raise PeftkitError(f"freeze: layers must be between 1 and {len(stack)} (the model's decoder layers), "
                                f"got {config.layers}")
-        model.requires_grad_(False)
-        for layer in list(stack)[-config.layers:]:
-            layer.requires_grad_(True)
+        return list(stack)[-config.layers:]
 
 
 register(FullMethod())

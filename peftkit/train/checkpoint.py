@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftkit.io.adapters import atomic_dir
 from peftkit.errors import PeftkitError
+from peftkit.io.adapters import atomic_dir
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"

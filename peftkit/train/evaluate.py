@@ -77,7 +77,7 @@ def exact_match(model: nn.Module, tokenizer: Any, examples: list[tuple[list[dict
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    hits = [a.strip() == ref.strip() for a, (_, ref) in zip(answers, examples)]
+    hits = [a.strip() == ref.strip() for a, (_, ref) in zip(answers, examples, strict=True)]
     samples = [{"prompt": m[-1]["content"], "answer": a.strip(), "reference": r}
-               for a, (m, r) in list(zip(answers, examples))[:3]]
+               for a, (m, r) in list(zip(answers, examples, strict=True))[:3]]
     return {"exact_match": sum(hits) / len(hits), "n": len(hits), "samples": samples}

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from peftkit.errors import PeftkitError
 from peftkit.train.config import TrainConfig
-
 
 
 @dataclass

@@ -9,7 +9,6 @@ import torch
 
 import peftkit
 from peftkit.cli import main
-
 from tests.tiny import save_tiny_checkpoint, write_rows
 
 

@@ -6,7 +6,6 @@ import pytest
 import peftkit
 from peftkit import LoraConfig, PeftkitError
 from peftkit.core.registry import get_method
-
 from tests.tiny import tiny_model
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from peftkit.data import IGNORE_INDEX, batches, collate
-
 from tests.tiny import SMALL, tiny_model
 
 _RNG = random.Random(0)
@@ -92,7 +91,7 @@ def test_packed_and_padded_logits_equal_each_example_alone_in_training_mode(kind
 
     packed = collate(examples, pad_token_id=0, packing=True)
     logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
-    for single, part in zip(alone, logits.split([len(e["input_ids"]) for e in examples])):
+    for single, part in zip(alone, logits.split([len(e["input_ids"]) for e in examples]), strict=True):
         torch.testing.assert_close(part, single, atol=1e-5, rtol=0)
 
     padded = collate(examples, pad_token_id=0, packing=False)

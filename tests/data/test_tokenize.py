@@ -61,7 +61,7 @@ def _target_runs(row: dict, tokenizer) -> list[str]:
 def test_chat_template_masks_prompt_and_trains_end_token(smol):
     out = tokenize(datasets.Dataset.from_list(ALPACA), smol, max_length=256)
     assert out.column_names == ["input_ids", "labels", "length"] and len(out) == 2
-    for row, source in zip(out, ALPACA):
+    for row, source in zip(out, ALPACA, strict=True):
         assert _target_runs(row, smol) == [source["output"] + "<|im_end|>"]
         assert row["length"] == len(row["input_ids"]) == len(row["labels"])
         # the masked prompt is exactly what generate() will feed the model
@@ -70,7 +70,7 @@ def test_chat_template_masks_prompt_and_trains_end_token(smol):
         assert row["input_ids"][: len(prompt_ids)] == prompt_ids
         assert set(row["labels"][: len(prompt_ids)]) == {IGNORE_INDEX}
         # labels equal input ids on targets
-        assert all(lab in (IGNORE_INDEX, tok) for lab, tok in zip(row["labels"], row["input_ids"]))
+        assert all(lab in (IGNORE_INDEX, tok) for lab, tok in zip(row["labels"], row["input_ids"], strict=True))
 
 
 def test_every_assistant_turn_is_a_target(smol):

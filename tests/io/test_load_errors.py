@@ -9,7 +9,6 @@ from safetensors.torch import save_file
 import peftkit
 from peftkit import LoraConfig, PeftkitError
 from peftkit.methods.lora.layer import LoraLayer
-
 from tests.tiny import perturb_adapter, tiny_model
 
 

@@ -8,7 +8,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import peftkit
-
 from tests.tiny import perturb_adapter, tiny_model
 
 

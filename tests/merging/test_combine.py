@@ -7,7 +7,6 @@ from peft import PeftModel
 import peftkit
 from peftkit.merging.deltas import combine, read_lora, write_lora
 from peftkit.merging.stream import merge_to_disk
-
 from tests.merging.fixtures import load, max_param_diff, save_base, save_lora
 from tests.tiny import logits, tiny_input, tiny_model
 
@@ -26,7 +25,7 @@ def setup(tmp_path_factory):
 def _reference(adapters):
     """In memory, independently: load both adapters, scale each B by its weight, merge (sums the deltas)."""
     model = tiny_model("llama")
-    for i, (path, w) in enumerate(zip(adapters, WEIGHTS)):
+    for i, (path, w) in enumerate(zip(adapters, WEIGHTS, strict=True)):
         peftkit.load_adapter(model, path, name=f"n{i}")
         with torch.no_grad():
             for module in model.modules():
@@ -54,7 +53,7 @@ def test_svd_at_full_rank_is_exact_and_lower_rank_is_not(setup):
 @pytest.mark.parametrize("how,rank", [("concat", None), ("svd", 3)])
 def test_combined_adapter_loads_in_peftkit_and_peft(setup, how, rank):
     tmp, base, adapters = setup
-    parts = [read_lora(p, w) for p, w in zip(adapters, WEIGHTS)]
+    parts = [read_lora(p, w) for p, w in zip(adapters, WEIGHTS, strict=True)]
     combined = combine(parts, how, rank)
     write_lora(combined, tmp / f"adapter-{how}")
     ids = tiny_input()

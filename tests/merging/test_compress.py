@@ -11,7 +11,6 @@ import peftkit
 from peftkit.errors import PeftkitError
 from peftkit.merging.compress import compress
 from peftkit.merging.stream import merge_to_disk
-
 from tests.merging.fixtures import load, max_param_diff
 from tests.tiny import logits, tiny_input, tiny_model
 

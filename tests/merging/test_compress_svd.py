@@ -6,7 +6,6 @@ import torch
 from peftkit.cli import main
 from peftkit.merging.svd import EXACT_FRACTION, low_rank_svd, relative_error, top_svd
 from peftkit.methods.lora.layer import split_factors
-
 from tests.tiny import tiny_model
 
 

@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM
 
 import peftkit
 from peftkit.merging.stream import merge_to_disk
-
 from tests.merging.fixtures import load, max_param_diff, save_base, save_lora
 from tests.tiny import logits, tiny_input, tiny_model
 

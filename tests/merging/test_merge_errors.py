@@ -5,7 +5,6 @@ import json
 import pytest
 
 from peftkit.cli import main
-
 from tests.merging.fixtures import save_base, save_lora
 
 

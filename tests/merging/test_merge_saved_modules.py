@@ -5,7 +5,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import peftkit
 from peftkit.merging.stream import merge_to_disk
-
 from tests.merging.fixtures import load, max_param_diff, save_base
 from tests.tiny import logits, tiny_input, tiny_model
 

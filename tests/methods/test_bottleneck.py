@@ -13,7 +13,6 @@ import peftkit
 from peftkit.core.counting import count_parameters
 from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
-
 from tests.tiny import WIDE, tiny_config, tiny_model, token_batch, train_steps
 
 D, LAYERS = 64, 2

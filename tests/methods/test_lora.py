@@ -7,7 +7,6 @@ import torch
 import peftkit
 from peftkit import LoraConfig, PeftkitError
 from peftkit.methods.lora.layer import LoraLayer
-
 from tests.tiny import logits, perturb_adapter, tiny_input, tiny_model
 
 KINDS = ["llama", "qwen2", "gpt2", "mistral", "gemma"]

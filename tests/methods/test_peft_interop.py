@@ -3,13 +3,11 @@
 import json
 
 import pytest
-import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
 import peftkit
 from peftkit import LoraConfig
-
 from tests.tiny import logits, perturb_adapter, tiny_input, tiny_model
 
 CASES = [

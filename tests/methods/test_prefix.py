@@ -11,7 +11,6 @@ import torch
 import peftkit
 from peftkit.core.counting import count_parameters
 from peftkit.errors import PeftkitError
-
 from tests.tiny import (
     WIDE,
     greedy_by_full_forward,

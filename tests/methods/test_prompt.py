@@ -9,7 +9,6 @@ import peftkit
 from peftkit.core.counting import count_parameters
 from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
-
 from tests.tiny import (
     WIDE,
     greedy_by_full_forward,

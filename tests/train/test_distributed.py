@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 
 from peftkit.train.config import load_train_config
 from peftkit.train.run import train
-
 from tests.tiny import save_tiny_checkpoint, write_rows
 
 REPO = Path(__file__).resolve().parents[2]

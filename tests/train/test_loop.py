@@ -11,7 +11,6 @@ import peftkit
 from peftkit.train.checkpoint import Position
 from peftkit.train.loop import Loop, fit
 from peftkit.train.loss import micro_loss
-
 from tests.tiny import save_tiny_checkpoint
 
 # (prompt length, answer length) per example: answers of 1 and 9 tokens end up in different micro-batches.
@@ -71,7 +70,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     from peftkit.errors import PeftkitError
     from peftkit.train.config import load_train_config
     from peftkit.train.run import train
-
     from tests.tiny import write_rows
 
     folder = save_tiny_checkpoint(tmp_path / "tiny")

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from peftkit.train.checkpoint import list_checkpoints
 from peftkit.train.config import load_train_config
 from peftkit.train.run import train
-
 from tests.tiny import save_tiny_checkpoint, write_rows
 
 

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from peftkit.cli import main
-
 from tests.tiny import save_tiny_checkpoint, write_rows
 
 

@@ -12,7 +12,6 @@ import peftkit
 from peftkit.core.registry import method_names
 from peftkit.train.config import load_train_config
 from peftkit.train.run import train
-
 from tests.tiny import save_tiny_checkpoint, write_rows
 
 OPTIONS = {"lora": {"rank": 2}, "adapter": {"reduction_factor": 4}, "prefix": {"num_virtual_tokens": 3},

@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from peftkit.core.archs import arch_spec, get_submodule, hidden_size
-from peftkit.errors import PeftkitError
 from peftkit.core.inject import inject, replace_module
 from peftkit.core.method import PEFT_PREFIX, Method, config_fields
-from peftkit.methods.bottleneck.layer import ACTIVATIONS, BottleneckLayer
 from peftkit.core.registry import register
 from peftkit.core.state import adapters
+from peftkit.errors import PeftkitError
+from peftkit.methods.bottleneck.layer import ACTIVATIONS, BottleneckLayer
 
 VARIANTS: dict[str, tuple[str, ...]] = {"houlsby": ("attention", "mlp"), "pfeiffer": ("mlp",), "parallel": ("mlp",)}
 LOCATIONS = ("attention", "mlp")

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from peftkit.core.archs import LINEAR_TYPES
-from peftkit.errors import PeftkitError
 from peftkit.core.inject import base_modules
 from peftkit.core.method import PEFT_PREFIX
+from peftkit.errors import PeftkitError
 from peftkit.methods.lora.config import LoraConfig
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ import math
 import torch
 from torch import nn
 
-from peftkit.errors import PeftkitError
 from peftkit.core.method import AdapterLayer
+from peftkit.errors import PeftkitError
 
 
 class LoraLayer(AdapterLayer):

@@ -13,15 +13,16 @@ import torch
 from torch import nn
 
 from peftkit.core.archs import LINEAR_TYPES
-from peftkit.errors import PeftkitError
 from peftkit.core.inject import base_modules, find_targets, inject, replace_module
 from peftkit.core.method import Method
+from peftkit.core.registry import register
+from peftkit.core.state import adapters
+from peftkit.errors import PeftkitError
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.format import config_from_peft, load_lora_tensors, lora_tensors, peft_lora_config
 from peftkit.methods.lora.layer import LoraLayer
 from peftkit.methods.lora.saved import export_saved, load_saved_modules, split_saved
-from peftkit.core.registry import register
-from peftkit.core.state import adapters
+
 
 class LoraMethod(Method):
     """Registry entry for LoRA (`--method lora`)."""

@@ -17,9 +17,9 @@ import re
 import torch
 from torch import nn
 
-from peftkit.errors import PeftkitError
 from peftkit.core.inject import base_modules, replace_module
 from peftkit.core.method import PEFT_PREFIX, AdapterLayer
+from peftkit.errors import PeftkitError
 
 
 class SavedModuleLayer(AdapterLayer):
@@ -40,7 +40,7 @@ class SavedModuleLayer(AdapterLayer):
         missing = set(dict(module.named_parameters())) - set(state)
         if missing:
             raise PeftkitError(f"modules_to_save tensors lack {sorted(missing)}; the adapter file is incomplete")
-        module.load_state_dict(state, strict=False)
+        module.load_state_dict(state, strict=True)
         self.modules_to_save[name] = module
 
     def merge(self) -> None:
@@ -56,8 +56,9 @@ class SavedModuleLayer(AdapterLayer):
 
     def forward(self, *args, **kwargs):
         name = self.active_adapter
-        module = self.modules_to_save[name] if name in self.modules_to_save else self.base_layer
-        return module(*args, **kwargs)
+        if name in self.modules_to_save:
+            return self.modules_to_save[name](*args, **kwargs)
+        return self.base_layer(*args, **kwargs)
 
 
 def split_saved(tensors: dict[str, torch.Tensor], names: list[str]) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
