@@ -15,7 +15,7 @@ from rich.table import Table
 
 from peftkit.cli._app import app
 from peftkit.cli._options import Json, Rank, TargetModules
-from peftkit.core.archs import ARCHS, arch_spec
+from peftkit.core.archs import ARCHS, arch_spec, model_dims
 from peftkit.core.counting import count_parameters, meta_model
 from peftkit.core.registry import method_names
 from peftkit.errors import PeftkitError
@@ -49,14 +49,15 @@ def inspect_cmd(
     config = load_model_config(model)
     meta = meta_model(config)
     spec = arch_spec(meta)
+    dims = model_dims(config)
     info = {
         "model": model or "smollm2-135m (embedded)",
         "model_type": config.model_type,
         "known_architecture": config.model_type in ARCHS,
         "layers": len(meta.get_submodule(spec.layers)) if spec.layers else None,
-        "hidden_size": getattr(config, "hidden_size", getattr(config, "n_embd", None)),
-        "attention_heads": getattr(config, "num_attention_heads", getattr(config, "n_head", None)),
-        "kv_heads": getattr(config, "num_key_value_heads", None),
+        "hidden_size": dims["hidden"],
+        "attention_heads": dims["heads"],
+        "kv_heads": dims["kv_heads"],
         "vocab_size": config.vocab_size,
         "parameters": sum(p.numel() for p in meta.parameters()),
         "default_lora_targets": list(spec.lora_targets),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
+from peftkit.core.archs import model_dims
 from peftkit.errors import PeftkitError
 
 
@@ -86,8 +87,9 @@ def model_shape(config: PretrainedConfig) -> ModelShape:
     h = _field(config, "hidden_size", source)
     i = _field(config, "intermediate_size", source)
     n_h = _field(config, "num_attention_heads", source)
-    n_kv = getattr(config, "num_key_value_heads", None) or n_h
-    d = getattr(config, "head_dim", None) or h // n_h
+    _field(config, "num_hidden_layers", source)
+    dims = model_dims(config)
+    n_kv, d = dims["kv_heads"], dims["head_dim"]
     qkv_bias = bool(getattr(config, "attention_bias", False)) or source == "qwen2"
     mlp_bias = bool(getattr(config, "mlp_bias", False))
     linears = (

@@ -28,11 +28,11 @@ LAYERS: dict[str, frozenset[str] | None] = {
     "peftkit.core": frozenset({"core", "errors", "_version"}),
     "peftkit.methods": frozenset({"methods", "core", "errors"}),
     "peftkit.data": frozenset({"data", "core", "io", "errors"}),
-    "peftkit.io": frozenset({"io", "methods", "core", "errors", "_version"}),
-    "peftkit.merging": frozenset({"merging", "io", "methods", "core", "errors"}),
-    "peftkit.memory": frozenset({"memory", "methods", "core", "io", "errors"}),
-    "peftkit.train": frozenset({"train", "data", "io", "methods", "core", "memory", "errors", "_version"}),
-    "peftkit.evaluate": frozenset({"train", "data", "io", "methods", "core", "errors"}),
+    "peftkit.io": frozenset({"io", "core", "errors", "_version"}),
+    "peftkit.merging": frozenset({"merging", "io", "methods", "core", "errors"}),  # LoRA's format, by name
+    "peftkit.memory": frozenset({"memory", "core", "io", "errors"}),
+    "peftkit.train": frozenset({"train", "data", "io", "core", "memory", "errors"}),  # methods via the registry
+    "peftkit.evaluate": frozenset({"train", "data", "io", "core", "errors"}),
     "peftkit.cli": ANY,
     "peftkit": frozenset({"errors", "_version", "core", "methods", "data", "io", "merging", "memory", "train",
                           "evaluate"}),  # anything but cli
