@@ -22,9 +22,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from peftkit.errors import PeftkitError
 from peftkit.memory.shapes import ModelShape
-from peftkit.memory.trainable import lora_targets
 from peftkit.memory.training_setup import TrainingSetup
+
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+
+
+def lora_targets(shape: ModelShape, setup: TrainingSetup) -> list[str]:
+    """Names of the linears LoRA wraps in every layer ("all-linear" = all of them)."""
+    targets = setup.option("target_modules", DEFAULT_LORA_TARGETS)
+    if isinstance(targets, str):
+        targets = [targets] if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    names = [lin.name for lin in shape.linears]
+    if list(targets) == ["all-linear"]:
+        return names
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise PeftkitError(f"target modules {unknown} are not linears of this model; it has: {', '.join(names)}")
+    return list(targets)
+
 
 
 @dataclass(frozen=True)

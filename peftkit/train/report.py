@@ -79,7 +79,7 @@ class Progress:
                        TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA"), TimeRemainingColumn())
         self.task = self.bar.add_task("train", total=total, completed=start, loss="-", tps="-")
         self.bar.start()
-        self._t0, self._tokens0, self._start = None, 0, start
+        self._t0, self._tokens0 = None, 0
 
     def update(self, record: dict[str, Any]) -> None:
         if self.bar is None:

@@ -78,14 +78,40 @@ def test_uncached_hub_id_is_a_clear_offline_error():
     ],
 )
 def test_method_formulas_equal_registered_methods(preset, method, options):
-    """trainable.py's textbook formulas (LoRA r(d_in+d_out), adapters 2hm+m+h, prefix P·L·2·kv_dim, prompt P·h) agree with
+    """The textbook formulas below (LoRA r(d_in+d_out), adapters 2hm+m+h, prefix P·L·2·kv_dim, prompt P·h) agree with
     what the registered method code creates on the meta device: each keeps the other honest."""
     from peftkit.core.counting import trainable_parameters
     from peftkit.memory.building import build_meta_model
-    from peftkit.memory.trainable import analytic_trainable
     from peftkit.memory.training_setup import TrainingSetup
 
     config, _ = resolve_config(preset)
     setup = TrainingSetup(method, "bf16", method_options=options)
     registered, _ = trainable_parameters(build_meta_model(config, setup))
     assert analytic_trainable(model_shape(config), setup) == registered > 0
+
+
+def analytic_trainable(shape, setup) -> int:
+    """Trainable parameters from the methods' textbook formulas (the oracle the registered code is checked against):
+
+        freeze   N * (parameters of one decoder layer)              (the last N layers train)
+        lora     L * sum over targets of r * (d_in + d_out)         (Hu et al. 2021; A is r x d_in, B is d_out x r)
+        adapter  per adapter 2*h*m + m + h, m = h // reduction_factor (Houlsby et al. 2019); houlsby: 2 per layer,
+                 pfeiffer / parallel: 1 per layer
+        prefix   P * L * 2 * n_kv * d                                (Li & Liang 2021; K and V per layer, GQA-aware)
+        prompt   P * h                                               (Lester et al. 2021; one embedding per token)
+    """
+    from peftkit.memory.activations import lora_targets
+
+    if setup.method == "freeze":
+        return setup.option("layers", 2) * shape.layer_params
+    if setup.method in ("lora", "qlora"):
+        r = setup.option("r", 8)
+        return shape.layers * sum(r * (shape.linear(t).d_in + shape.linear(t).d_out) for t in lora_targets(shape, setup))
+    if setup.method == "adapter":
+        m = shape.hidden // setup.option("reduction_factor", 16)
+        count = 2 if setup.option("variant", "houlsby") == "houlsby" else 1
+        return shape.layers * count * (2 * shape.hidden * m + m + shape.hidden)
+    if setup.method == "prefix":
+        return setup.option("num_virtual_tokens", 20) * shape.layers * 2 * shape.kv_dim
+    assert setup.method == "prompt", setup.method
+    return setup.option("num_virtual_tokens", 20) * shape.hidden

@@ -24,7 +24,7 @@ def tiny(tmp_path_factory):
     return save_tiny_checkpoint(root / "tiny"), write_rows(root / "d.jsonl", 8), write_rows(root / "e.jsonl", 2, 40)
 
 
-@pytest.mark.parametrize("method", method_names() + ["full", "freeze"])
+@pytest.mark.parametrize("method", method_names())  # every registered method, full and freeze included
 def test_method_trains_and_saves(method, tiny, tmp_path):
     model_dir, data, eval_data = tiny
     cfg = load_train_config(None, dict(model=str(model_dir), data=str(data), eval_data=str(eval_data), method=method,
