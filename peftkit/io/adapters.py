@@ -52,12 +52,13 @@ def save_adapter(
 
 
 def write_adapter_folder(path: str | os.PathLike, config_json: dict, tensors: dict[str, torch.Tensor],
-                         meta: dict[str, Any]) -> Path:
+                         meta: dict[str, Any], command: str = "save_adapter") -> Path:
     """The one writer of an adapter folder: adapter_config.json, adapter_model.safetensors and peftkit.json
-    (`meta`, stamped with the peftkit version), written atomically (`atomic_dir`). Returns the path."""
+    (`meta`, stamped with the peftkit version), written atomically (`atomic_dir`) with the marker of `command`.
+    Returns the path."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = {"peftkit_version": __version__, **meta}
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, command=command) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})

@@ -74,6 +74,7 @@ def open_checkpoint(folder: Path) -> Checkpoint:
         if not isinstance(weight_map, dict):
             raise PeftkitError(f"{index} has no weight_map object; it is not a safetensors index")
         for shard in dict.fromkeys(weight_map.values()):
+            inside(folder, shard, index)
             if not (folder / shard).is_file():
                 raise PeftkitError(f"shard {shard!r} named in {index} is missing; the checkpoint is incomplete")
         return Checkpoint(folder, dict(weight_map))
@@ -82,6 +83,17 @@ def open_checkpoint(folder: Path) -> Checkpoint:
         raise PeftkitError(f"{str(folder)!r} has no {SINGLE_NAME} or {INDEX_NAME}; streaming needs safetensors weights")
     with safe_open(str(single), framework="pt") as f:
         return Checkpoint(folder, dict.fromkeys(f.keys(), SINGLE_NAME))
+
+
+def inside(folder: Path, name: object, source: Path) -> Path:
+    """`folder / name` for a file name read from `source` (an index's weight_map), refused unless it is a plain file
+    name: not absolute, no folder part, no '..'. An index naming '/etc/passwd' or '../x' is neither read nor, since
+    the merge writes shards under the same names into its own new folder, written. The file itself may be a
+    symlink: Hugging Face's cache stores every snapshot file as a link into its blob store."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise PeftkitError(f"{source} names the file {name!r}, which is not a plain file name inside {folder}; "
+                           "a checkpoint's shards sit beside its index")
+    return folder / name
 
 
 def shapes(checkpoint: Checkpoint) -> dict[str, tuple[tuple[int, ...], str]]:

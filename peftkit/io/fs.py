@@ -1,22 +1,31 @@
 """Filesystem safety for everything peftkit writes: outputs appear complete or not at all.
 
-`atomic_dir` writes a folder beside its final place and renames it into place only when complete; `check_output`
-refuses an existing output unless the user asked to overwrite it. Every command that writes a folder (adapters,
-merged models, compressed adapters, checkpoints, the embedded model's conversion) goes through these.
+`atomic_dir` writes a folder beside its final place and renames it into place only when complete, removing the
+previous content only after that; temporaries of killed runs are cleaned by the next write to the same place; a
+marker file records that peftkit wrote a folder. Every command that writes a folder (adapters, merged models,
+compressed adapters, checkpoints, the embedded model's conversion) goes through `atomic_dir`; which targets a
+command may write at all is decided by `peftkit.io.outputs.check_output`.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from peftkit._version import __version__
 from peftkit.errors import PeftkitError
+
+log = logging.getLogger(__name__)
+MARKER_NAME = ".peftkit-output.json"  # written into every folder peftkit writes; --overwrite replaces only those
 
 
 def _umask_permissions(folder: Path) -> None:
@@ -30,28 +39,121 @@ def _umask_permissions(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, command: str | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` by renames, on error it is deleted.
 
-    Readers never see a half-written folder: either the old content or the complete new one.
+    Readers never see a half-written folder: either the old content or the complete new one, and the old one is
+    removed only after the new one is in place. `command` (e.g. "merge") is recorded in a marker file
+    (`MARKER_NAME`) that lets a later `--overwrite` recognise the folder as peftkit's. Temporary folders that a
+    killed process left beside `path` are removed first (`remove_stale_temporaries`).
     """
     final = Path(path)
+    _refuse_foreign(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale_temporaries(final)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
+        if command is not None:
+            write_marker(tmp, command)
+        _umask_permissions(tmp)
+        _swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _umask_permissions(tmp)
+
+
+def refuse_protected(resolved: Path, shown: str) -> None:
+    """The working directory, the home directory and filesystem roots are never replaced, nor folders holding them."""
+    protected = {"the working directory": Path.cwd().resolve(), "your home directory": Path.home().resolve()}
+    if resolved == Path(resolved.anchor):
+        raise PeftkitError(f"output {shown!r} is a filesystem root; choose a new folder for the output")
+    for what, place in protected.items():
+        if place == resolved or resolved in place.parents:
+            raise PeftkitError(f"output {shown!r} is or contains {what} ({place}); choose a new folder for the output")
+
+
+def _refuse_foreign(final: Path) -> None:
+    """The last line of defence of every write (the commands check earlier, with their inputs): never replace a
+    protected place, a file, or a non-empty folder that peftkit did not write."""
+    refuse_protected(final.resolve(), str(final))
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise PeftkitError(f"{str(final)!r} exists and is not a folder; peftkit writes its output as a new folder")
+    if final.is_dir() and any(final.iterdir()) and not written_by_peftkit(final):
+        raise PeftkitError(f"{str(final)!r} holds files peftkit did not write (no {MARKER_NAME}); peftkit replaces "
+                           "only its own outputs: write to a new folder")
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an existing `final` is renamed aside first and deleted only once `tmp` is in place
+    (if that last rename fails, the old folder is put back)."""
     old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    if final.exists() or final.is_symlink():
+        old = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         final.rename(old)
-    tmp.rename(final)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        if old is not None:
+            old.rename(final)
+        raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a symlink or a folder tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(final: Path) -> list[Path]:
+    """Remove the `.NAME.tmp-PID-*` (unfinished new result) and `.NAME.old-PID-*` (replaced result) folders beside
+    `final` whose process is no longer running, i.e. that a killed run left behind; returns what was removed, and
+    logs it. A `.NAME.prev-PID-*` folder (a previous training run set aside by `--overwrite`) is a result, so it is
+    only reported."""
+    removed = []
+    for item in final.parent.glob(f".{glob.escape(final.name)}.*-*-*"):
+        kind, _, rest = item.name[len(final.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind in ("tmp", "old"):
+            _remove(item)
+            removed.append(item)
+            log.info("removed %s, left behind by an interrupted peftkit run", item)
+        elif kind == "prev":
+            log.warning("%s holds an earlier run that an interrupted --overwrite run set aside; rename it back or "
+                        "remove it yourself", item)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists (ours counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_marker(folder: Path, command: str) -> None:
+    """Record that peftkit's `command` wrote `folder` (what `--overwrite` checks before replacing a folder)."""
+    info = {"written_by": "peftkit", "command": command, "peftkit_version": __version__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (folder / MARKER_NAME).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def written_by_peftkit(folder: Path) -> bool:
+    """Whether `folder` carries peftkit's marker file."""
+    return (folder / MARKER_NAME).is_file()
 
 
 def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
@@ -65,9 +167,3 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise PeftkitError(f"{file} holds a JSON {type(value).__name__}, not an object; it should be {what}")
     return value
-
-
-def check_output(path: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse an existing output folder unless --overwrite (checked before any work starts)."""
-    if Path(path).exists() and not overwrite:
-        raise PeftkitError(f"output {str(path)!r} already exists; pass --overwrite to replace it or choose another folder")

@@ -32,8 +32,8 @@ from peftkit.io.checkpoint import (
     resolve_base,
     shapes,
 )
-from peftkit.io.fs import check_output
 from peftkit.io.models import EMBEDDED_HUB_ID, resolve_dtype
+from peftkit.io.outputs import check_output
 from peftkit.merging.svd import check_rank_energy, dense_cap, energy_svd, relative_error, top_svd
 from peftkit.methods.lora.format import lora_tensors, scale_one_config
 from peftkit.methods.lora.layer import split_factors
@@ -92,8 +92,8 @@ def compress(base: str | None, finetuned: str, output: str, *, rank: int | None 
     check_rank_energy(rank, energy)
     if max_rank is not None and max_rank <= 0:
         raise PeftkitError(f"--max-rank must be a positive integer, got {max_rank}")
-    check_output(output, overwrite)
     base_dir, ft_dir = resolve_base(base), resolve_base(finetuned)
+    check_output(output, overwrite, inputs=[base_dir, ft_dir])
     base_ck, ft_ck = open_checkpoint(base_dir), open_checkpoint(ft_dir)
     ft_shapes = shapes(ft_ck)
     _check_same(shapes(base_ck), ft_shapes)
@@ -114,7 +114,8 @@ def compress(base: str | None, finetuned: str, output: str, *, rank: int | None 
     conv1d = any(isinstance(meta.get_submodule(m), Conv1D) for m in ranks)
     config = scale_one_config(ranks, base_model=base_id, lora_bias=lora_bias, modules_to_save=sorted(saved) or None,
                               fan_in_fan_out=conv1d)
-    folder = write_adapter_folder(output, config, tensors, {"method": "lora", "compressed_from": str(finetuned)})
+    meta = {"method": "lora", "compressed_from": str(finetuned)}
+    folder = write_adapter_folder(output, config, tensors, meta, command="compress")
     report.adapter_bytes = (folder / WEIGHTS_NAME).stat().st_size
     report.seconds = time.perf_counter() - start
     return report

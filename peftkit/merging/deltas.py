@@ -19,7 +19,7 @@ import torch
 from peftkit.core.registry import method_for_peft_type
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import read_adapter, write_adapter_folder
-from peftkit.io.fs import check_output
+from peftkit.io.outputs import check_output
 from peftkit.merging.svd import low_rank_svd
 from peftkit.methods.lora.format import lora_config_from_json, lora_tensors, parse_keys, scale_one_config
 from peftkit.methods.lora.layer import split_factors
@@ -49,6 +49,7 @@ class LoraDeltas:
     base_model: str | None = None
     meta: dict = field(default_factory=dict)
     fan_in_fan_out: bool = False  # the targets are GPT-2 Conv1D layers (PEFT records this in the config)
+    sources: list[str] = field(default_factory=list)  # the adapter folders these deltas were read from
 
 
 def _explain_not_lora(peft_type: str, path: str) -> PeftkitError:
@@ -88,7 +89,7 @@ def read_lora(path: str | os.PathLike, weight: float = 1.0) -> LoraDeltas:
         bias = lora_tensors[slots["bias"]].float() * scale if "bias" in slots else None
         deltas[module] = ModuleDelta(a=a, b=b * scale, bias=bias)
     return LoraDeltas(deltas, {k: [(weight, v)] for k, v in full.items()}, config_json.get("base_model_name_or_path"),
-                      meta, bool(config_json.get("fan_in_fan_out", False)))
+                      meta, bool(config_json.get("fan_in_fan_out", False)), [str(path)])
 
 
 def combine(parts: list[LoraDeltas], how: str = "concat", rank: int | None = None) -> LoraDeltas:
@@ -114,7 +115,8 @@ def combine(parts: list[LoraDeltas], how: str = "concat", rank: int | None = Non
     for part in parts:
         for key, entries in part.full.items():
             full.setdefault(key, []).extend(entries)
-    return LoraDeltas(deltas, full, parts[0].base_model, parts[0].meta, any(p.fan_in_fan_out for p in parts))
+    return LoraDeltas(deltas, full, parts[0].base_model, parts[0].meta, any(p.fan_in_fan_out for p in parts),
+                      [s for p in parts for s in p.sources])
 
 
 def parse_weights(text: str | None, count: int) -> list[float]:
@@ -135,12 +137,12 @@ def write_lora(deltas: LoraDeltas, path: str | os.PathLike, *, overwrite: bool =
     if deltas.full:
         raise PeftkitError("the adapters carry full modules (modules_to_save), which cannot be combined without "
                            "the base weights; merge them into the base with `peftkit merge` instead")
-    check_output(path, overwrite)
+    check_output(path, overwrite, inputs=deltas.sources)
     with_bias = any(d.bias is not None for d in deltas.deltas.values())
     factors = {m: (d.a, d.b, d.bias) for m, d in deltas.deltas.items()}
     ranks = {m: d.a.shape[0] for m, d in deltas.deltas.items()}
     config = scale_one_config(ranks, base_model=deltas.base_model, lora_bias=with_bias,
                               fan_in_fan_out=deltas.fan_in_fan_out)
     meta = {"method": "lora", **{k: v for k, v in deltas.meta.items() if k == "prompt_format"}}
-    write_adapter_folder(path, config, lora_tensors(factors, with_bias), meta)
+    write_adapter_folder(path, config, lora_tensors(factors, with_bias), meta, command="combine")
     return config

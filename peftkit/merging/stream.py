@@ -37,8 +37,9 @@ from peftkit.io.checkpoint import (
     shapes,
     write_index,
 )
-from peftkit.io.fs import atomic_dir, check_output
+from peftkit.io.fs import atomic_dir
 from peftkit.io.models import resolve_dtype
+from peftkit.io.outputs import check_output
 from peftkit.merging.deltas import LoraDeltas, combine, parse_weights, read_lora
 from peftkit.merging.plan import MergePlan, Target, plan_merge
 
@@ -73,11 +74,9 @@ def merge_to_disk(base: str | None, adapters: list[str], output: str, *, weights
     start = time.perf_counter()
     if not adapters:
         raise PeftkitError("give at least one --adapter to merge")
-    check_output(output, overwrite)
     out_dtype = resolve_dtype(dtype)
     folder = resolve_base(base)
-    if Path(output).resolve() == folder.resolve():
-        raise PeftkitError("--output is the base model's folder; write the merged model to a new folder")
+    check_output(output, overwrite, inputs=[folder, *adapters])
     ckpt = open_checkpoint(folder)
     weight_list = weights if isinstance(weights, list) else parse_weights(weights, len(adapters))
     deltas = combine([read_lora(a, w) for a, w in zip(adapters, weight_list, strict=True)], combination, rank)
@@ -89,7 +88,7 @@ def merge_to_disk(base: str | None, adapters: list[str], output: str, *, weights
     header = shapes(ckpt)
     plan = plan_merge(deltas, meta_model(config), header)
     report = MergeReport(output=str(output), base_folder=str(folder), untied_lm_head=plan.untie)
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, command="merge") as tmp:
         weight_map: dict[str, str] = {}
         for shard in ckpt.shards:
             layout = _layout(ckpt.keys_of(shard), header, plan, out_dtype)

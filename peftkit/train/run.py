@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from peftkit.errors import PeftkitError
 from peftkit.io.adapters import save_adapter
 from peftkit.io.models import load_model, save_model_folder
 from peftkit.train import splits
-from peftkit.train.checkpoint import Position, load_checkpoint
+from peftkit.train.checkpoint import Position, list_checkpoints, load_checkpoint
 from peftkit.train.config import TrainConfig, resolve_defaults, save_config
 from peftkit.train.evaluate import eval_loss, exact_match
 from peftkit.train.loop import Loop, fit
@@ -34,7 +36,7 @@ from peftkit.train.loss import supports_logits_to_keep
 from peftkit.train.optim import optimizer_and_schedule, total_steps
 from peftkit.train.precision import make_accelerator, upcast_trainable
 from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
-from peftkit.train.rundir import RUN_CONFIG, check_run_dir, start_run_dir
+from peftkit.train.rundir import RUN_CONFIG, check_run_dir, fresh_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +71,51 @@ def memory_estimate(cfg: TrainConfig, model: Any) -> Any:
                            gradient_checkpointing=cfg.gradient_checkpointing, **options)
 
 
+@dataclass
+class Session:
+    """Everything `train` builds before the first step (see `prepare`)."""
+
+    cfg: TrainConfig
+    method: Method
+    accelerator: Any
+    model: Any
+    tokenizer: Any
+    prompt_format: dict
+    train_split: splits.Split
+    eval_split: splits.Split | None
+    steps: int
+    run_dir: Path | None
+    resume_from: Path | None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 def train(cfg: TrainConfig, progress: bool = True, on_checkpoint: Callable[[int], None] | None = None) -> RunResult:
     """Run `cfg` end to end (see the module docstring); raises PeftkitError on bad input.
 
     Progress lines go to the `peftkit.train` logger (the CLI prints them); `progress` shows a progress bar;
     `on_checkpoint(step)` is called after each checkpoint is written (tests use it to interrupt a run).
     """
+    session = prepare(cfg)
+    if cfg.dry_run:
+        trainable, total = trainable_parameters(session.model)
+        return RunResult(None, summary={"trainable": trainable, "total": total, "steps": session.steps})
+    with fresh_run_dir(session.run_dir, enabled=session.main and session.resume_from is None):
+        return _run(session, progress, on_checkpoint)
+
+
+def prepare(cfg: TrainConfig) -> Session:
+    """Validate the run folder, load the model and data, apply the method and report what will run. Nothing is
+    written here, so bad input leaves no trace."""
     from accelerate.utils import set_seed
 
-    t0 = time.perf_counter()
     cfg = resolve_defaults(cfg)
     method = get_method(cfg.method)
     acc, dtype, precision = make_accelerator(cfg.precision, method.trains_base)
-    main = acc.is_main_process
-    say = log.info if main else (lambda *_args: None)
+    say = log.info if acc.is_main_process else (lambda *_args: None)
     run_dir, resume_from = check_run_dir(cfg) if not cfg.dry_run else (None, None)
     model, tokenizer = load_model(cfg.model, dtype=dtype)
     prompt_format = prompt_format_of(model) or default_prompt_format(tokenizer)
@@ -95,80 +128,134 @@ def train(cfg: TrainConfig, progress: bool = True, on_checkpoint: Callable[[int]
         f"{total:,} parameters ({100 * trainable / total:.3f}%) | precision {precision}")
     say(f"data: {len(train_split)} training examples ({fmt}), {len(eval_split) if eval_split else 0} eval")
     _report_memory(cfg, model, say)
-    plan = splits.plan_fn(train_split, cfg)
-    steps = total_steps(cfg, len(plan(0)), acc.num_processes)
+    steps = total_steps(cfg, len(splits.plan_fn(train_split, cfg)(0)), acc.num_processes)
     say(f"{steps} optimizer step{'s' if steps != 1 else ''} of {cfg.batch_size} x {cfg.grad_accum} x "
         f"{acc.num_processes} examples, lr {cfg.lr}")
-    if cfg.dry_run:
-        return RunResult(None, summary={"trainable": trainable, "total": total, "steps": steps})
+    return Session(cfg, method, acc, model, tokenizer, prompt_format, train_split, eval_split, steps, run_dir,
+                   resume_from)
+
+
+def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None) -> RunResult:
+    """Train, evaluate before and after, save the result and the report (inside the run folder)."""
+    cfg, acc, model, main = s.cfg, s.accelerator, s.model, s.main
+    say = log.info if main else (lambda *_args: None)
     if main:
-        start_run_dir(run_dir, cfg)
-        save_config(cfg, run_dir / RUN_CONFIG)
+        save_config(cfg, s.run_dir / RUN_CONFIG)
     acc.wait_for_everyone()
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     model.to(acc.device)
-    optimizer, scheduler = optimizer_and_schedule(model, cfg, steps)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, s.steps)
     keep = supports_logits_to_keep(model)
-    collate = splits.collate_fn(train_split, tokenizer.pad_token_id, cfg.packing, acc.device)
-    eval_collate = splits.collate_fn(eval_split, tokenizer.pad_token_id, cfg.packing, acc.device) if eval_split else None
-    eval_plan = splits.plan_fn(eval_split, cfg, shuffle=False)(0) if eval_split else []
     prepared, optimizer = acc.prepare(model, optimizer)
     pos = Position()
-    if resume_from is not None:
-        pos = load_checkpoint(resume_from, model, optimizer, scheduler, acc.process_index)
-        say(f"resuming from {resume_from} (step {pos.step}, epoch {pos.epoch}, micro-batch {pos.micro})")
-    metrics = Metrics(run_dir, main, resume_step=pos.step if resume_from else None)
-
-    def evaluate(step: int, generate: bool) -> dict:
-        result: dict[str, Any] = {}
-        if main and eval_split:
-            with acc.autocast():  # under amp: half-precision base weights meet fp32 adapter weights
-                result = eval_loss(model, eval_collate, eval_plan, keep)
-                if generate and eval_split.references:
-                    result.update(exact_match(model, tokenizer, eval_split.references, prompt_format))
-            metrics.write("eval", {"step": step, **result})
-        acc.wait_for_everyone()
-        return result
-
-    before = _earlier_eval(metrics, 0) if resume_from else evaluate(0, generate=True)
+    if s.resume_from is not None:
+        pos = load_checkpoint(s.resume_from, model, optimizer, scheduler, acc.process_index)
+        say(f"resuming from {s.resume_from} (step {pos.step}, epoch {pos.epoch}, micro-batch {pos.micro})")
+    metrics = Metrics(s.run_dir, main, resume_step=pos.step if s.resume_from else None)
+    evaluate = _evaluator(s, metrics, keep)
+    before = _earlier_eval(metrics, 0) if s.resume_from else evaluate(0, generate=True)
     _say_eval("before", before, say)
-    bar = Progress(steps, pos.step, enabled=main and progress)
+    bar = Progress(s.steps, pos.step, enabled=main and progress)
 
     def on_log(record: dict) -> None:
         metrics.write("train", record)
         bar.update(record)
 
-    loop = Loop(model=prepared, optimizer=optimizer, scheduler=scheduler, accelerator=acc, plan=plan,
-                collate=collate, lengths=train_split.lengths, total_steps=steps, grad_accum=cfg.grad_accum,
+    loop = Loop(model=prepared, optimizer=optimizer, scheduler=scheduler, accelerator=acc,
+                plan=splits.plan_fn(s.train_split, cfg),
+                collate=splits.collate_fn(s.train_split, s.tokenizer.pad_token_id, cfg.packing, acc.device),
+                lengths=s.train_split.lengths, total_steps=s.steps, grad_accum=cfg.grad_accum,
                 max_grad_norm=cfg.max_grad_norm, save_steps=cfg.save_steps, eval_steps=cfg.eval_steps,
-                keep_checkpoints=cfg.keep_checkpoints, run_dir=run_dir, keep_logits=keep, on_log=on_log,
+                keep_checkpoints=cfg.keep_checkpoints, run_dir=s.run_dir, keep_logits=keep, on_log=on_log,
                 on_eval=lambda step: evaluate(step, generate=False),
                 on_checkpoint=on_checkpoint or (lambda step: None))
     try:
         pos = fit(loop, pos)
+    except KeyboardInterrupt:
+        _say_interrupted(s)
+        raise
     finally:
         bar.stop()
     after = evaluate(pos.step, generate=True)
     _say_eval("after", after, say)
-    result = RunResult(run_dir, before=before, after=after, steps=pos.step, main=main)
+    result = RunResult(s.run_dir, before=before, after=after, steps=pos.step, main=main)
     if main:
-        result.saved = _save(model, tokenizer, run_dir, method, prompt_format)
-        plot_loss(metrics.read(), run_dir / CURVE, f"{cfg.method} on {cfg.model or 'SmolLM2-135M-Instruct'}")
-        result.wall_s = time.perf_counter() - t0
-        summary = {"steps": pos.step, "tokens": pos.tokens, "wall_s": round(result.wall_s, 1), "before": before,
-                   "after": after, "saved": str(result.saved)}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        result.summary = summary
+        _finish(s, result, metrics, pos)
     acc.wait_for_everyone()
     return result
 
 
+def _evaluator(s: Session, metrics: Metrics, keep: bool) -> Callable[..., dict]:
+    """evaluate(step, generate) -> eval loss (and exact match when generating) on the main process, recorded."""
+    if s.eval_split is None:
+        return lambda step, generate: {}
+    collate = splits.collate_fn(s.eval_split, s.tokenizer.pad_token_id, s.cfg.packing, s.accelerator.device)
+    plan = splits.plan_fn(s.eval_split, s.cfg, shuffle=False)(0)
+
+    def evaluate(step: int, generate: bool) -> dict:
+        result: dict[str, Any] = {}
+        if s.main:
+            with s.accelerator.autocast():  # under amp: half-precision base weights meet fp32 adapter weights
+                result = eval_loss(s.model, collate, plan, keep)
+                if generate and s.eval_split.references:
+                    result.update(exact_match(s.model, s.tokenizer, s.eval_split.references, s.prompt_format))
+            metrics.write("eval", {"step": step, **result})
+        s.accelerator.wait_for_everyone()
+        return result
+
+    return evaluate
+
+
+def _finish(s: Session, result: RunResult, metrics: Metrics, pos: Position) -> None:
+    """Save the trained result, the loss curve and summary.json (main process)."""
+    result.saved = _save(s.model, s.tokenizer, s.run_dir, s.method, s.prompt_format)
+    plot_loss(metrics.read(), s.run_dir / CURVE, f"{s.cfg.method} on {s.cfg.model or 'SmolLM2-135M-Instruct'}")
+    result.wall_s = time.perf_counter() - s.started
+    summary = {"steps": pos.step, "tokens": pos.tokens, "wall_s": round(result.wall_s, 1), "before": result.before,
+               "after": result.after, "saved": str(result.saved)}
+    (s.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    result.summary = summary
+
+
+def _say_interrupted(s: Session) -> None:
+    """Ctrl-C: where the newest checkpoint is and the command that continues from it."""
+    if not s.main:
+        return
+    ckpts = list_checkpoints(s.run_dir) if s.run_dir else []
+    if ckpts:
+        log.warning("interrupted; the newest checkpoint is %s: continue with `peftkit train ... --output %s --resume` "
+                    "(the same options)", ckpts[-1], s.run_dir)
+    else:
+        log.warning("interrupted before the first checkpoint (--save-steps N writes them); nothing to resume")
+
+
 def _save(model: Any, tokenizer: Any, run_dir: Path, method: Method, prompt_format: dict) -> Path:
-    """The trained result: a whole model folder (methods that train the base) or the adapter in PEFT format."""
+    """The trained result: a whole model folder (methods that train the base) or the adapter in PEFT format.
+
+    If it cannot be written (a full disk, a read-only or vanished folder), the trained weights are not lost: they
+    are written to a rescue folder in the system's temporary folder (often another filesystem), and the error
+    names it and the newest checkpoint.
+    """
+    try:
+        return _write_result(model, tokenizer, run_dir, method, prompt_format)
+    except OSError as exc:
+        rescue = Path(tempfile.gettempdir()) / f"peftkit-rescue-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        ckpts = list_checkpoints(run_dir)
+        newest = f"; the newest checkpoint is {ckpts[-1]}" if ckpts else ""
+        try:
+            kept = _write_result(model, tokenizer, rescue, method, prompt_format)
+        except OSError as again:
+            raise PeftkitError(f"could not save the trained result in {run_dir} ({exc.strerror or exc}) nor in "
+                               f"{rescue} ({again.strerror or again}){newest}") from None
+        raise PeftkitError(f"could not save the trained result in {run_dir} ({exc.strerror or exc}); the trained "
+                           f"weights were saved to {kept} instead{newest}") from None
+
+
+def _write_result(model: Any, tokenizer: Any, folder: Path, method: Method, prompt_format: dict) -> Path:
     if method.trains_base:
-        return save_model_folder(model, tokenizer, run_dir / "model", {"method": method.name, "prompt_format": prompt_format})
-    return save_adapter(model, run_dir / "adapter", prompt_format=prompt_format)
+        return save_model_folder(model, tokenizer, folder / "model", {"method": method.name, "prompt_format": prompt_format})
+    return save_adapter(model, folder / "adapter", prompt_format=prompt_format)
 
 
 def _earlier_eval(metrics: Metrics, step: int) -> dict:

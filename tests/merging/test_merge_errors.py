@@ -44,10 +44,15 @@ def test_existing_output_needs_overwrite(files, tmp_path, capsys):
     args = ["merge", "--base", str(files["base"]), "-a", str(files["adapter"]), "--out", str(out)]
     code, err = run(args, capsys)
     assert code == 2 and "--overwrite" in err and (out / "keep.txt").read_text() == "mine"
+    code, err = run([*args, "--overwrite"], capsys)  # --overwrite never deletes what peftkit did not write
+    assert code == 2 and "did not write" in err and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder may be replaced
     main([*args, "--overwrite", "--json", "--check-logits"])
     report = json.loads(capsys.readouterr().out)
     assert report["logits_max_abs_diff"] is not None and report["logits_max_abs_diff"] <= 1e-4
-    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+    assert (out / "config.json").is_file()
+    main([*args, "--overwrite", "--json"])  # and so may peftkit's own output
+    assert json.loads(capsys.readouterr().out)["changed"] > 0 and (out / "config.json").is_file()
 
 
 def test_adapter_for_another_model(files, tmp_path, capsys):
