@@ -4,10 +4,14 @@ Every module in this package whose name does not start with `_` is a command mod
 command on `peftkit.cli._app.app` with `@app.command(...)`. Adding a command means adding one file here.
 """
 
+import errno
 import importlib
 import logging
+import os
 import pkgutil
+import signal
 import sys
+import threading
 
 import typer
 
@@ -50,29 +54,75 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point. A `PeftkitError` and a usage error (missing option, bad value, unknown command)
     become one line `error: ...` on stderr and exit code 2; `--debug` shows the traceback instead."""
     args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
     _show_library_logs()
+    _quiet_third_party_progress()
+    _terminate_on_sigterm()
     try:
         code = app(args=args, standalone_mode=False, prog_name="peftkit")
     except PeftkitError as exc:
-        if state["debug"] or "--debug" in args:
+        if state["debug"] or debug:
             raise
         _fail(str(exc))
+    except Terminated:
+        _fail("terminated (SIGTERM); unfinished outputs were removed, finished ones kept", code=143)
     except _ABORTS:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
+        _fail(INTERRUPTED, code=130)
+    except OSError as exc:
+        if state["debug"] or debug:
+            raise
+        _fail(os_error_message(exc), code=1)
     except _USAGE_ERRORS as exc:
         ctx = getattr(exc, "ctx", None)
         command = ctx.command_path if ctx is not None else "peftkit"
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         _fail(f"{message} (see '{command} --help')")
+    if code == 130:  # typer turns Ctrl-C into Exit(130), returned as the code when not standalone
+        _fail(INTERRUPTED, code=130)
     if isinstance(code, int) and code:  # typer.Exit(code) returns its code when not standalone
         sys.exit(code)
 
 
-def _fail(message: str) -> None:
-    """The error convention: one line on stderr, exit code 2."""
+def _fail(message: str, code: int = 2) -> None:
+    """The error convention: one line on stderr; exit code 2 for bad input, 1 for a fault of the machine (disk,
+    permissions), 130 / 143 for Ctrl-C / SIGTERM."""
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
+
+
+INTERRUPTED = "interrupted (Ctrl-C); unfinished outputs were removed, finished ones kept"
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception, so that `finally` blocks and atomic writes clean up as they do on Ctrl-C."""
+
+
+def _terminate_on_sigterm() -> None:
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for a fault of the machine: the cause (no space left, read-only, permission denied) and the path."""
+    where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+    hint = {errno.ENOSPC: "; free some space or write to another disk", errno.EROFS: "; write to a writable folder",
+            errno.EACCES: "; write to a folder you may write to", errno.EPERM: "; write to a folder you may write to"}
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    return f"{cause}{where}{hint.get(exc.errno, '')} (unfinished outputs were removed)"
+
+
+def _quiet_third_party_progress() -> None:
+    """No download / loading / tokenizing bars from the Hugging Face libraries: an error line must not follow a
+    screen of them, and peftkit says itself what it is doing."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is first imported
+    if "transformers" in sys.modules:  # already imported: its switch, not the environment, decides now
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 def _error_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
