@@ -83,7 +83,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Tensors of adapter_model.safetensors (or, failing that, a .bin read with weights_only=True)."""
+    """Tensors of adapter_model.safetensors (or, failing that, a .bin read with weights_only=True: a pickle holding
+    anything but tensors is refused by torch's restricted unpickler, never run). Errors are one line."""
+    from pickle import UnpicklingError
+
     weights = folder / WEIGHTS_NAME
     legacy = folder / "adapter_model.bin"
     loaders: list[tuple[Path, Callable[[str], Any]]] = [
@@ -94,8 +97,13 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         if file.is_file():
             try:
                 return loader(str(file))
+            except UnpicklingError:
+                raise PeftkitError(f"{file} cannot be read as tensors only: it is damaged or holds other Python "
+                                   "objects, which peftkit does not unpickle because unpickling can run code; use an "
+                                   "adapter_model.safetensors from a source you trust") from None
             except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupted file
-                raise PeftkitError(f"{file} is corrupted or not a weights file ({type(exc).__name__}: {exc})") from None
+                reason = " ".join(str(exc).split())
+                raise PeftkitError(f"{file} is corrupted or not a weights file ({type(exc).__name__}: {reason})") from None
     raise PeftkitError(f"{str(folder)!r} has no {WEIGHTS_NAME}; the adapter folder is incomplete")
 
 
