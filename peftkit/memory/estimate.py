@@ -97,8 +97,8 @@ def estimate_memory(
     variant (adapter), num_virtual_tokens (prefix, prompt), layers (freeze). An option that does not apply to the
     method, a size <= 0 or an unknown preset raises PeftkitError.
     """
-    if gpu_memory_gb is not None and not gpu_memory_gb > 0:
-        raise PeftkitError(f"gpu-memory must be a positive number of GB, got {gpu_memory_gb!r}")
+    if gpu_memory_gb is not None and not 0 < gpu_memory_gb <= 1e6:  # also refuses nan and inf
+        raise PeftkitError(f"gpu-memory must be a number of GB in (0, 1,000,000], got {gpu_memory_gb!r}")
     opts = {k: v for k, v in method_options.items() if v is not None}
     setup = TrainingSetup(method, precision, optimizer, batch_size, seq_len, gradient_checkpointing, gpus, zero,
                           fsdp, offload, opts)  # fmt: skip

@@ -69,10 +69,10 @@ class TrainingSetup:
         _choice("method", self.method, METHODS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
-        for name in ("batch_size", "seq_len", "gpus"):
+        for name, most in (("batch_size", 1 << 20), ("seq_len", 1 << 24), ("gpus", 4096)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise PeftkitError(f"{name.replace('_', '-')} must be a positive whole number, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= most:
+                raise PeftkitError(f"{name.replace('_', '-')} must be a whole number from 1 to {most:,}, got {value!r}")
         if self.zero not in (0, 1, 2, 3):
             raise PeftkitError(f"zero must be 0, 1, 2 or 3, got {self.zero!r}")
         if self.fsdp and self.zero:

@@ -19,6 +19,7 @@ import yaml
 
 from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
+from peftkit.train.schema import coerce_fields
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "amp")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -82,23 +83,16 @@ class TrainConfig:
     dry_run: bool = False
 
     def __post_init__(self) -> None:
+        coerce_fields(self)  # types and bounds of every field (schema.py)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_choice("format", self.format, FORMATS)
-        for name in ("batch_size", "grad_accum", "max_steps", "max_length", "save_steps", "eval_steps"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise PeftkitError(f"{name} must be a positive integer, got {value!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise PeftkitError(f"lr must be > 0, got {self.lr}")
-        if not self.epochs > 0:
-            raise PeftkitError(f"epochs must be > 0, got {self.epochs}")
-        if self.warmup < 0:
-            raise PeftkitError(f"warmup must be >= 0 (steps, or a fraction < 1 of the steps), got {self.warmup}")
         if self.overwrite and self.resume:
             raise PeftkitError("--overwrite and --resume contradict each other; pick one")
-        if not isinstance(self.set, dict):
-            raise PeftkitError(f"'set' must be a mapping of method-config fields, got {self.set!r}")
+        if isinstance(self.eval_split, float) and not (0 < self.eval_split < 1 or self.eval_split.is_integer()):
+            raise PeftkitError(f"eval_split must be a split name, a share in (0, 1) or a whole number of rows, got "
+                               f"{self.eval_split!r}")
+        get_method(self.method).build_config(self.method_options())  # unknown method or bad options: now, not later
 
     def method_options(self) -> dict[str, Any]:
         """The method's options (shared names + `set` fields), unset ones left out, for `Method.build_config`."""

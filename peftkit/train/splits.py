@@ -67,6 +67,9 @@ def load_splits(cfg: TrainConfig, tokenizer: Any, prompt_format: dict) -> tuple[
         eval_rows = data.load_rows(source, split=cfg.eval_split)
     else:
         size = float(cfg.eval_split) if cfg.eval_split is not None else _default_holdout(len(rows), cfg)
+        if size >= 1 and size >= len(rows) or 0 < size < 1 and round(size * len(rows)) < 1:
+            raise PeftkitError(f"--eval-split {cfg.eval_split} holds out {'all' if size >= 1 else 'none'} of the "
+                               f"{len(rows)} training rows; give a share in (0, 1) or fewer than {len(rows)} rows")
         if size:
             parts = rows.train_test_split(test_size=int(size) if size >= 1 else size, seed=cfg.seed)
             rows, eval_rows = parts["train"], parts["test"]

@@ -60,7 +60,14 @@ def normalize_targets(targets: Any) -> tuple[str, ...] | str | None:
     if targets is None or isinstance(targets, tuple):
         return targets
     if isinstance(targets, str):
-        if targets == "all-linear" or re.search(r"[\\^$*+?()\[\]|{}]", targets):
+        if targets == "all-linear":
+            return targets
+        if re.search(r"[\\^$*+?()\[\]|{}]", targets):
+            try:
+                re.compile(targets)
+            except re.error as exc:
+                raise PeftkitError(f"target_modules {targets!r} is not a valid regular expression ({exc}); give "
+                                   "module names (q_proj,v_proj), all-linear, or a valid regex") from None
             return targets
         return tuple(t.strip() for t in targets.split(",") if t.strip())
     return tuple(targets)
