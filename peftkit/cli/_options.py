@@ -1,12 +1,15 @@
 """Option declarations shared by several commands, so every command spells them the same way.
 
 Use them as parameter annotations: `def train(rank: Rank = None, ...)`. `parse_sets` turns `--set key=value`
-pairs into a dict (values stay text; `Method.field_options` parses them as YAML scalars).
+pairs into a dict (values stay text; `Method.field_options` parses them as YAML scalars). `print_json` is every
+command's `--json` printer.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+import math
+from typing import Annotated, Any
 
 import typer
 
@@ -45,3 +48,19 @@ Adapters = Annotated[list[str] | None, typer.Option("--adapter", "-a", help="LoR
 Weights = Annotated[str | None, typer.Option("--weights", help="Comma list, one weight per --adapter (default 1 each).")]
 Combination = Annotated[str, typer.Option("--combination", help="How several adapters combine: concat (exact) | linear | svd (needs --rank).")]
 Dtype = Annotated[str | None, typer.Option("--dtype", help="fp32 | bf16 | fp16 (default: keep the checkpoint's).")]
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, ±inf) replaced by None, through dicts, lists and tuples."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def print_json(value: Any) -> None:
+    """The one `--json` printer: strict JSON (RFC 8259 has no NaN or Infinity; a non-finite number prints as null)."""
+    print(json.dumps(strict_json(value), indent=2, allow_nan=False))

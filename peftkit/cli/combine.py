@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
 from peftkit.cli._app import app
-from peftkit.cli._options import Adapters, Combination, Json, Output, Overwrite, Weights
+from peftkit.cli._options import Adapters, Combination, Json, Output, Overwrite, Weights, print_json
 from peftkit.errors import PeftkitError
 from peftkit.merging.deltas import combine, parse_weights, read_lora, write_lora
 
@@ -35,7 +34,7 @@ def combine_cmd(
     ranks = [d.a.shape[0] for d in combined.deltas.values()]
     info = {"output": output, "combination": combination, "modules": len(ranks), "max_rank": max(ranks)}
     if as_json:
-        print(json.dumps(info, indent=2))
+        print_json(info)
         return
     note = " (linear on the deltas is stored exactly as a concatenation)" if combination == "linear" else ""
     print(f"combined {len(adapters)} adapters ({combination}{note}) into {output}: {len(ranks)} modules, rank up to {max(ranks)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from typing import Annotated
 
@@ -11,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from peftkit.cli._app import app
-from peftkit.cli._options import Base, Dtype, Json, Output, Overwrite
+from peftkit.cli._options import Base, Dtype, Json, Output, Overwrite, print_json
 from peftkit.errors import PeftkitError
 from peftkit.io.checkpoint import limit_heap_growth
 from peftkit.merging.compress import CompressReport, compress
@@ -38,7 +37,7 @@ def compress_cmd(
     report = compress(base, finetuned, output, rank=rank, energy=energy, max_rank=max_rank, size_cap=not no_size_cap,
                       keep_nonlinear=keep_nonlinear, dtype=dtype, overwrite=overwrite)
     if as_json:
-        print(json.dumps(asdict(report), indent=2))
+        print_json(asdict(report))
         return
     _print(report, output)
 

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -24,6 +23,7 @@ from peftkit.cli._options import (
     TargetModules,
     Variant,
     parse_sets,
+    print_json,
 )
 from peftkit.errors import PeftkitError
 from peftkit.memory.estimate import GB, MemoryEstimate, estimate_memory
@@ -45,7 +45,7 @@ ROW_LABELS = {
 
 def _print_presets(as_json: bool) -> None:
     if as_json:
-        print(json.dumps({name: hub for name, (hub, _) in PRESETS.items()}, indent=2))
+        print_json({name: hub for name, (hub, _) in PRESETS.items()})
         return
     table = Table(title="model presets (offline, exact configs; names are case-insensitive)")
     for col in ("preset", "mirrors", "layers", "hidden", "heads / kv"):
@@ -131,6 +131,6 @@ def estimate_cmd(
     if trace:
         est = traced_estimate(model, est)
     if as_json:
-        print(json.dumps(est.to_dict(), indent=2))
+        print_json(est.to_dict())
     else:
         _print(est)

@@ -9,13 +9,12 @@ template), exactly as in training; loss counts only the answer tokens, like the 
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
 from peftkit.cli._app import app
-from peftkit.cli._options import Adapter, Json, Model
+from peftkit.cli._options import Adapter, Json, Model, print_json
 
 
 @app.command("eval")
@@ -36,7 +35,7 @@ def eval_cmd(
     result = evaluate(model, adapter, data, fmt=format, split=split, max_examples=max_examples,
                            max_length=max_length, batch_size=batch_size)
     if json_out:
-        print(json.dumps(result, indent=2))
+        print_json(result)
         return
     print(f"examples: {result['n_examples']} ({result['format']}), target tokens: {result['targets']}")
     print(f"loss: {result['loss']:.4f}  perplexity: {result['perplexity']:.2f}")

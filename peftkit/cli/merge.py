@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from typing import Annotated
 
 import typer
 
 from peftkit.cli._app import app
-from peftkit.cli._options import Adapters, Base, Combination, Dtype, Json, Output, Overwrite, Weights
+from peftkit.cli._options import Adapters, Base, Combination, Dtype, Json, Output, Overwrite, Weights, print_json
 from peftkit.errors import PeftkitError
 from peftkit.io.checkpoint import limit_heap_growth
 from peftkit.merging.deltas import parse_weights
@@ -41,7 +40,7 @@ def merge_cmd(
 
         report.logits_max_abs_diff = run_check(base, adapters, output, parse_weights(weights, len(adapters)), combination, rank)
     if as_json:
-        print(json.dumps(asdict(report), indent=2))
+        print_json(asdict(report))
         return
     print(f"merged {len(adapters)} adapter(s) into {report.base_folder} -> {report.output}")
     print(f"  {report.changed} tensors changed in {report.shards} shard(s), {report.bytes_written / 1e9:.3f} GB written "

@@ -22,6 +22,7 @@ from peftkit.core.registry import get_method, method_for_peft_type
 from peftkit.core.state import adapters, base_model_id, base_model_note, resolve_name, set_prompt_format
 from peftkit.core.state import prompt_format as prompt_format_of
 from peftkit.errors import PeftkitError
+from peftkit.io.finite import check_finite
 from peftkit.io.fs import atomic_dir, read_json_object
 from peftkit.io.models import EMBEDDED_HUB_ID
 
@@ -77,6 +78,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     if "peft_type" not in config_json:
         raise PeftkitError(f"{config_file} has no peft_type; it is not a PEFT adapter config")
     tensors = _read_weights(folder)
+    file = folder / WEIGHTS_NAME if (folder / WEIGHTS_NAME).is_file() else folder / "adapter_model.bin"
+    for key, tensor in tensors.items():
+        check_finite(tensor, f"adapter file {str(file)!r}: tensor {key!r}", "the adapter is broken (did its training diverge?)")
     meta_file = folder / META_NAME
     meta = read_json_object(meta_file, "peftkit's adapter metadata") if meta_file.is_file() else {}
     return config_json, tensors, meta

@@ -9,6 +9,9 @@ A = √S Vᵀ, B = U √S, alpha = r (scale 1). The rank is fixed (--rank) or th
 Deltas of everything else (norms, embeddings, biases) cannot be a LoRA: they are always reported and, with
 keep_nonlinear, kept the way PEFT keeps them: whole modules in `modules_to_save`, and bias deltas as `lora_B.bias`
 (`lora_bias`) when every adapted layer has a bias (else the biased module is kept whole). Never silently dropped.
+
+Base and fine-tune tensors must be finite, and so must every adapter tensor once cast to the output dtype
+(`finite.py`); otherwise nothing is written.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from peftkit.io.checkpoint import (
     resolve_base,
     shapes,
 )
+from peftkit.io.finite import cast_checked, check_finite
 from peftkit.io.models import EMBEDDED_HUB_ID, resolve_dtype
 from peftkit.io.outputs import check_output
 from peftkit.merging.svd import check_rank_energy, dense_cap, energy_svd, relative_error, top_svd
@@ -106,7 +110,8 @@ def compress(base: str | None, finetuned: str, output: str, *, rank: int | None 
     factors = _compress_all(base_ck, ft_ck, meta, report, rank, energy, max_rank, size_cap)
     tensors, saved, lora_bias = _kept(factors, ft_ck, meta, report, keep_nonlinear)
     ft_dtype = resolve_dtype(dtype) or TORCH_DTYPES.get(next(iter(ft_shapes.values()))[1], torch.float32)
-    tensors = {k: v.to(ft_dtype).contiguous() for k, v in tensors.items()}
+    tensors = {k: cast_checked(v, ft_dtype, f"adapter tensor {k!r}", "nothing was written").contiguous()
+               for k, v in tensors.items()}
     ranks = {m: f[0].shape[0] for m, f in factors.items()}
     if not ranks:
         raise PeftkitError("no linear layer changed between base and fine-tune; there is nothing to compress")
@@ -121,6 +126,9 @@ def compress(base: str | None, finetuned: str, output: str, *, rank: int | None 
     return report
 
 
+_BROKEN = "a checkpoint with NaN / inf weights has no meaningful delta to compress"
+
+
 def _compress_all(base_ck: Checkpoint, ft_ck: Checkpoint, meta: nn.Module, report: CompressReport, rank, energy,
                   max_rank, size_cap) -> dict[str, list]:
     """Stream the fine-tune; SVD every changed linear weight. Returns {module: [A, B, bias delta or None]}."""
@@ -130,6 +138,8 @@ def _compress_all(base_ck: Checkpoint, ft_ck: Checkpoint, meta: nn.Module, repor
     for shard in ft_ck.shards:
         for key, w_ft in iter_tensors(ft_ck, shard):
             w_base = read_tensor(base_ck, key)  # one mapping per tensor: see merge_io.iter_tensors
+            check_finite(w_ft, f"the fine-tune's tensor {key!r} ({ft_ck.folder / shard})", _BROKEN)
+            check_finite(w_base, f"the base's tensor {key!r} ({base_ck.folder / base_ck.key_to_shard[key]})", _BROKEN)
             if not w_ft.is_floating_point() or torch.equal(w_ft, w_base):
                 continue
             delta = w_ft.float() - w_base.float()

@@ -11,6 +11,7 @@ Full tensors saved by `modules_to_save` are kept apart (`full`), since they repl
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ import torch
 from peftkit.core.registry import method_for_peft_type
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import read_adapter, write_adapter_folder
+from peftkit.io.finite import check_finite, check_weights, is_finite
 from peftkit.io.outputs import check_output
 from peftkit.merging.svd import low_rank_svd
 from peftkit.methods.lora.format import lora_config_from_json, lora_tensors, parse_keys, scale_one_config
@@ -66,7 +68,12 @@ def _explain_not_lora(peft_type: str, path: str) -> PeftkitError:
 
 
 def read_lora(path: str | os.PathLike, weight: float = 1.0) -> LoraDeltas:
-    """Read a saved LoRA adapter (peftkit, HF PEFT, mergekit) as fp32 deltas, `weight` folded in."""
+    """Read a saved LoRA adapter (peftkit, HF PEFT, mergekit) as fp32 deltas, `weight` folded in.
+
+    Every tensor of the file is finite (`read_adapter` checks), and so must be its product with `weight` and the
+    LoRA scale.
+    """
+    check_weights([weight])
     config_json, tensors, meta = read_adapter(path)
     peft_type = config_json.get("peft_type")
     if peft_type != "LORA":
@@ -85,9 +92,15 @@ def read_lora(path: str | os.PathLike, weight: float = 1.0) -> LoraDeltas:
         r, alpha = config.rank_alpha(module)
         if a.shape[0] != r or b.shape[1] != r:
             raise PeftkitError(f"adapter {str(path)!r}: module {module!r} has rank {a.shape[0]} but its config says r={r}")
-        scale = weight * (alpha / r**0.5 if config.use_rslora else alpha / r)
+        lora_scale = alpha / r**0.5 if config.use_rslora else alpha / r
+        scale = weight * lora_scale
         bias = lora_tensors[slots["bias"]].float() * scale if "bias" in slots else None
-        deltas[module] = ModuleDelta(a=a, b=b * scale, bias=bias)
+        delta = ModuleDelta(a=a, b=b * scale, bias=bias)
+        for name, part in (("lora_B", delta.b), ("lora_B.bias", bias)):
+            if part is not None and not is_finite(part):
+                raise PeftkitError(f"adapter {str(path)!r}: {name} of module {module!r} times its weight {weight:g} "
+                                   f"and scale {lora_scale:g} overflows float32; give smaller --weights")
+        deltas[module] = delta
     return LoraDeltas(deltas, {k: [(weight, v)] for k, v in full.items()}, config_json.get("base_model_name_or_path"),
                       meta, bool(config_json.get("fan_in_fan_out", False)), [str(path)])
 
@@ -108,8 +121,7 @@ def combine(parts: list[LoraDeltas], how: str = "concat", rank: int | None = Non
         biases = [d.bias for d in pieces if d.bias is not None]
         delta.bias = torch.stack(biases).sum(0) if biases else None
         if how == "svd":
-            a, b = split_factors(*low_rank_svd(delta.b, delta.a, rank))
-            delta = ModuleDelta(a, b, delta.bias)
+            delta = _svd_delta(module, delta, rank)
         deltas[module] = delta
     full: dict[str, list[tuple[float, torch.Tensor]]] = {}
     for part in parts:
@@ -117,6 +129,18 @@ def combine(parts: list[LoraDeltas], how: str = "concat", rank: int | None = Non
             full.setdefault(key, []).extend(entries)
     return LoraDeltas(deltas, full, parts[0].base_model, parts[0].meta, any(p.fan_in_fan_out for p in parts),
                       [s for p in parts for s in p.sources])
+
+
+def _svd_delta(module: str, delta: ModuleDelta, rank: int) -> ModuleDelta:
+    """The rank-`rank` SVD truncation of one combined delta; a failed or non-finite decomposition names the module."""
+    try:
+        a, b = split_factors(*low_rank_svd(delta.b, delta.a, rank))
+    except torch.linalg.LinAlgError as exc:
+        raise PeftkitError(f"the SVD of the combined delta of module {module!r} failed ({' '.join(str(exc).split())}); "
+                           "are the adapters' values or --weights extreme?") from None
+    for name, factor in (("A", a), ("B", b)):
+        check_finite(factor, f"the SVD of the combined delta of module {module!r}: factor {name}")
+    return ModuleDelta(a, b, delta.bias)
 
 
 def parse_weights(text: str | None, count: int) -> list[float]:
@@ -127,6 +151,9 @@ def parse_weights(text: str | None, count: int) -> list[float]:
         weights = [float(w) for w in text.split(",")]
     except ValueError:
         raise PeftkitError(f"--weights must be comma-separated numbers, got {text!r}") from None
+    for item, weight in zip(text.split(","), weights, strict=True):
+        if not math.isfinite(weight):
+            raise PeftkitError(f"--weights must be finite numbers, got {item.strip()!r} in {text!r}")
     if len(weights) != count:
         raise PeftkitError(f"--weights has {len(weights)} values for {count} adapters; give one per --adapter")
     return weights
@@ -144,5 +171,8 @@ def write_lora(deltas: LoraDeltas, path: str | os.PathLike, *, overwrite: bool =
     config = scale_one_config(ranks, base_model=deltas.base_model, lora_bias=with_bias,
                               fan_in_fan_out=deltas.fan_in_fan_out)
     meta = {"method": "lora", **{k: v for k, v in deltas.meta.items() if k == "prompt_format"}}
-    write_adapter_folder(path, config, lora_tensors(factors, with_bias), meta, command="combine")
+    tensors = lora_tensors(factors, with_bias)
+    for key, tensor in tensors.items():
+        check_finite(tensor, f"tensor {key!r} of the combined adapter")
+    write_adapter_folder(path, config, tensors, meta, command="combine")
     return config

@@ -4,9 +4,10 @@
 
 Each shard of the base is read memory-mapped tensor by tensor; each output shard is declared up front and written
 tensor by tensor (`peftkit.io.checkpoint.ShardWriter`), so peak memory is about one tensor plus the adapter, whatever the model
-size. Deltas are computed in fp32 and rounded once. Config, tokenizer and generation config are copied; the result
-loads with `AutoModelForCausalLM.from_pretrained`. The folder appears only when everything is written and checked
-(`atomic_dir`).
+size. Deltas are computed in fp32 and rounded once; each tensor is checked finite after that rounding, before it is
+written (`finite.py`: NaN weights or adapters, or a value beyond the output dtype's range, are refused by name).
+Config, tokenizer and generation config are copied; the result loads with `AutoModelForCausalLM.from_pretrained`.
+The folder appears only when everything is written and checked (`atomic_dir`).
 
 Self-check (bounded memory too): for every changed tensor a random probe x is drawn, y_ref = W x + B (A x) is
 computed from the *inputs* in fp32, and after the shard is written the tensor is read back from the output and
@@ -16,7 +17,9 @@ computed from the *inputs* in fp32, and after the shard is written the tensor is
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -37,6 +40,7 @@ from peftkit.io.checkpoint import (
     shapes,
     write_index,
 )
+from peftkit.io.finite import cast_checked, check_weights
 from peftkit.io.fs import atomic_dir
 from peftkit.io.models import resolve_dtype
 from peftkit.io.outputs import check_output
@@ -78,7 +82,7 @@ def merge_to_disk(base: str | None, adapters: list[str], output: str, *, weights
     folder = resolve_base(base)
     check_output(output, overwrite, inputs=[folder, *adapters])
     ckpt = open_checkpoint(folder)
-    weight_list = weights if isinstance(weights, list) else parse_weights(weights, len(adapters))
+    weight_list = check_weights(weights) if isinstance(weights, list) else parse_weights(weights, len(adapters))
     deltas = combine([read_lora(a, w) for a, w in zip(adapters, weight_list, strict=True)], combination, rank)
     from transformers import AutoConfig
 
@@ -101,7 +105,7 @@ def merge_to_disk(base: str | None, adapters: list[str], output: str, *, weights
         report.copied = copy_aux_files(folder, tmp)
         _fix_config(tmp, plan, out_dtype)
         report.shards = len(ckpt.shards)
-        if report.worst_relative_error > report.tolerance:
+        if not report.worst_relative_error <= report.tolerance:  # NaN fails too
             raise PeftkitError(f"self-check failed: {report.worst_tensor} differs from W + s·B·A by "
                                f"{report.worst_relative_error:.2e} (tolerance {report.tolerance:.0e}); nothing written")
     report.seconds = time.perf_counter() - start
@@ -126,20 +130,30 @@ def _out_spec(spec: tuple, out_dtype: torch.dtype | None) -> tuple:
 
 
 def _write_shard(ckpt, shard: str, path: Path, layout: dict, plan: MergePlan, deltas: LoraDeltas, seed: int) -> dict:
-    """Write one output shard; returns {key: (probe x or None, expected)} for the self-check."""
+    """Write one output shard; returns {key: (probe x or None, expected)} for the self-check.
+
+    Every tensor is checked finite after its cast to the output dtype before it is written. On any error (a
+    non-finite tensor, Ctrl-C, a full disk) the file is only closed, so that error surfaces: `ShardWriter.close()`
+    would raise its own "closed after k of N tensors" in its place.
+    """
     writer = ShardWriter(path, layout)
     probes = {}
     try:
         for key, tensor in iter_tensors(ckpt, shard):
             for out_key in [key, *[n for n, a in plan.added.items() if a == key]]:
                 target = plan.targets.get(out_key)
+                dtype = layout[out_key][1]
                 if target is None:
-                    writer.write(out_key, tensor.to(layout[out_key][1]))
+                    writer.write(out_key, cast_checked(tensor, dtype, f"base tensor {out_key!r}", "nothing was written"))
                     continue
                 merged, probes[out_key] = _apply(target, tensor, deltas, seed)
-                writer.write(out_key, merged.to(layout[out_key][1]))
-    finally:
-        writer.close()
+                writer.write(out_key, cast_checked(merged, dtype, f"merged tensor {out_key!r}",
+                                                   "check --weights and the adapters; nothing was written"))
+    except BaseException:
+        with contextlib.suppress(OSError):  # e.g. ENOSPC again while flushing: the first error is the one to show
+            writer.file.close()
+        raise
+    writer.close()
     return probes
 
 
@@ -181,8 +195,13 @@ def _verify(path: Path, probes: dict, report: MergeReport) -> None:
             got = (got.T if transpose else got) @ x
         err = float((got - expected).norm() / expected.norm().clamp_min(1e-30))
         tol = tolerance(stored.dtype)
-        if report.worst_tensor is None or err / tol > report.worst_relative_error / report.tolerance:
+        if report.worst_tensor is None or _badness(err, tol) > _badness(report.worst_relative_error, report.tolerance):
             report.worst_relative_error, report.worst_tensor, report.tolerance = err, key, tol
+
+
+def _badness(err: float, tol: float) -> float:
+    """Probe error in units of its tolerance, NaN ranked worst of all (a NaN compares False with everything)."""
+    return math.inf if math.isnan(err) else err / tol
 
 
 def _fix_config(folder: Path, plan: MergePlan, out_dtype: torch.dtype | None) -> None:
