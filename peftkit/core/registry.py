@@ -38,7 +38,7 @@ def get_method(name: str) -> Method:
 def method_for_peft_type(peft_type: str) -> Method:
     """The method that saves adapters with this `peft_type`."""
     for method in _METHODS.values():
-        if method.peft_type == peft_type:
+        if method.peft_type is not None and method.peft_type == peft_type:
             return method
     known = sorted(m.peft_type for m in _METHODS.values() if m.peft_type)
     raise PeftkitError(f"peftkit cannot load adapters of peft_type {peft_type!r}; it loads {', '.join(known)}")

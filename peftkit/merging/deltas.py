@@ -23,7 +23,13 @@ from peftkit.io.adapters import read_adapter, write_adapter_folder
 from peftkit.io.finite import check_finite, check_weights, is_finite
 from peftkit.io.outputs import check_output
 from peftkit.merging.svd import low_rank_svd
-from peftkit.methods.lora.format import lora_config_from_json, lora_tensors, parse_keys, scale_one_config
+from peftkit.methods.lora.format import (
+    lora_config_from_json,
+    lora_tensors,
+    parse_keys,
+    saved_module_names,
+    scale_one_config,
+)
 from peftkit.methods.lora.layer import split_factors
 from peftkit.methods.lora.saved import split_saved
 
@@ -80,7 +86,7 @@ def read_lora(path: str | os.PathLike, weight: float = 1.0) -> LoraDeltas:
         raise _explain_not_lora(str(peft_type), str(path))
     if any(".lora_embedding_" in k or ".lora_magnitude" in k for k in tensors):
         raise PeftkitError(f"adapter {str(path)!r} has LoRA on embeddings or DoRA magnitudes, which peftkit cannot merge")
-    saved, lora_tensors = split_saved(tensors, list(config_json.get("modules_to_save") or []))
+    saved, lora_tensors = split_saved(tensors, saved_module_names(config_json))
     full = {f"{module}.{param}": v.float() for module, state in saved.items() for param, v in state.items()}
     keys = parse_keys(lora_tensors)
     config = lora_config_from_json(config_json, keys, where=f"adapter {str(path)!r}")

@@ -141,8 +141,8 @@ def load_train_config(recipe: str | Path | None = None, overrides: dict[str, Any
             raise PeftkitError(f"unknown option {key!r}; valid: {', '.join(valid_keys())}")
         if value is None:
             continue
-        if key == "set":
-            values["set"] = {**values.get("set", {}), **value}
+        if key == "set" and isinstance(value, dict) and isinstance(values.get("set", {}), dict):
+            values["set"] = {**values.get("set", {}), **value}  # flags add to the recipe's fields
         else:
             values[key] = value
     try:

@@ -64,16 +64,48 @@ def lora_config_from_json(config_json: dict, keys: dict[str, dict[str, str]], wh
     lora_bias = any("bias" in slots for slots in keys.values())
     if lora_bias and not config_json.get("lora_bias"):
         log.warning("the adapter has lora_B.bias tensors but lora_bias is false; peftkit applies them (PEFT drops them)")
+    number = (int, float)
     return LoraConfig(
-        r=int(config_json.get("r", 8)),
-        lora_alpha=config_json.get("lora_alpha", 8),
-        lora_dropout=float(config_json.get("lora_dropout") or 0.0),
+        r=_field(config_json, "r", int, 8),
+        lora_alpha=_field(config_json, "lora_alpha", number, 8),
+        lora_dropout=_field(config_json, "lora_dropout", number, 0.0),
         target_modules="^(" + "|".join(re.escape(p) for p in keys) + ")$",
-        use_rslora=bool(config_json.get("use_rslora", False)),
+        use_rslora=_field(config_json, "use_rslora", bool, False),
         lora_bias=lora_bias,
-        rank_pattern=dict(config_json.get("rank_pattern") or {}),
-        alpha_pattern=dict(config_json.get("alpha_pattern") or {}),
+        rank_pattern=_pattern(config_json, "rank_pattern", int),
+        alpha_pattern=_pattern(config_json, "alpha_pattern", number),
     )
+
+
+def saved_module_names(config_json: dict) -> list[str]:
+    """The config's `modules_to_save`: a list of module names, or none."""
+    names = config_json.get("modules_to_save") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise PeftkitError(f"adapter_config.json field 'modules_to_save' must be a list of module names, got {names!r}")
+    return names
+
+
+def _field(config_json: dict, key: str, kind: type | tuple[type, ...], default: object) -> object:
+    """A config field of the given JSON type (null = the default); anything else is an error naming the field."""
+    value = config_json.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise PeftkitError(f"adapter_config.json field {key!r} has the wrong type: {value!r}")
+    return value
+
+
+def _pattern(config_json: dict, key: str, kind: type | tuple[type, ...]) -> dict:
+    """rank_pattern / alpha_pattern: module regex -> number."""
+    patterns = _field(config_json, key, dict, {})
+    for name, value in patterns.items():
+        if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+            raise PeftkitError(f"adapter_config.json {key}[{name!r}] must be a positive number, got {value!r}")
+        try:
+            re.compile(name)
+        except re.error as exc:
+            raise PeftkitError(f"adapter_config.json {key} key {name!r} is not a valid regular expression ({exc})") from None
+    return dict(patterns)
 
 
 def peft_lora_config(*, r: int, lora_alpha: float, target_modules: list[str] | str, rank_pattern: dict | None = None,

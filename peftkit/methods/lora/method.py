@@ -19,7 +19,13 @@ from peftkit.core.registry import register
 from peftkit.core.state import adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora.config import LoraConfig
-from peftkit.methods.lora.format import config_from_peft, load_lora_tensors, lora_tensors, peft_lora_config
+from peftkit.methods.lora.format import (
+    config_from_peft,
+    load_lora_tensors,
+    lora_tensors,
+    peft_lora_config,
+    saved_module_names,
+)
 from peftkit.methods.lora.layer import LoraLayer
 from peftkit.methods.lora.saved import export_saved, load_saved_modules, split_saved
 
@@ -62,7 +68,7 @@ class LoraMethod(Method):
 
     def load(self, model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], adapter_name: str) -> LoraConfig:
         """Inject a LoRA adapter saved by peftkit or HF PEFT and copy its tensors in (shapes checked)."""
-        saved, tensors = split_saved(tensors, list(config_json.get("modules_to_save") or []))
+        saved, tensors = split_saved(tensors, saved_module_names(config_json))
         config, paths = config_from_peft(model, config_json, tensors)
         overlap = set(saved) & set(paths)
         if overlap:
