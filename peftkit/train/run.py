@@ -172,8 +172,9 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
                 on_checkpoint=on_checkpoint or (lambda step: None))
     try:
         pos = fit(loop, pos)
-    except KeyboardInterrupt:
-        _say_interrupted(s)
+    except BaseException as exc:
+        if not isinstance(exc, Exception):  # Ctrl-C, or the CLI's SIGTERM: say how to continue
+            _say_interrupted(s)
         raise
     finally:
         bar.stop()
@@ -219,7 +220,7 @@ def _finish(s: Session, result: RunResult, metrics: Metrics, pos: Position) -> N
 
 
 def _say_interrupted(s: Session) -> None:
-    """Ctrl-C: where the newest checkpoint is and the command that continues from it."""
+    """Ctrl-C or SIGTERM: where the newest checkpoint is and the command that continues from it."""
     if not s.main:
         return
     ckpts = list_checkpoints(s.run_dir) if s.run_dir else []
