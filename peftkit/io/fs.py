@@ -39,12 +39,12 @@ def _umask_permissions(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike, command: str | None = None) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, command: str = "peftkit") -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` by renames, on error it is deleted.
 
     Readers never see a half-written folder: either the old content or the complete new one, and the old one is
-    removed only after the new one is in place. `command` (e.g. "merge") is recorded in a marker file
-    (`MARKER_NAME`) that lets a later `--overwrite` recognise the folder as peftkit's. Temporary folders that a
+    removed only after the new one is in place. `command` (e.g. "merge") is recorded in the marker file
+    (`MARKER_NAME`) every such folder gets, which lets a later `--overwrite` recognise the folder as peftkit's. Temporary folders that a
     killed process left beside `path` are removed first (`remove_stale_temporaries`).
     """
     final = Path(path)
@@ -55,8 +55,7 @@ def atomic_dir(path: str | os.PathLike, command: str | None = None) -> Iterator[
     tmp.mkdir()
     try:
         yield tmp
-        if command is not None:
-            write_marker(tmp, command)
+        write_marker(tmp, command)
         _umask_permissions(tmp)
         _swap_in(tmp, final)
     except BaseException:

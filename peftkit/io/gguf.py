@@ -38,7 +38,7 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
             with contextlib.suppress(AttributeError):  # a class attribute shows in hasattr but cannot be deleted
                 delattr(config, attr)
     config.dtype = torch.float32
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, command="convert") as tmp:
         config.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)

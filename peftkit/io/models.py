@@ -142,7 +142,7 @@ def load_model_config(name_or_path: str | None = None, trust_remote_code: bool =
 def save_model_folder(model: nn.Module, tokenizer: Any, path: str | os.PathLike, meta: dict[str, Any]) -> Path:
     """Write a whole model as an HF folder (safetensors + config + tokenizer) plus peftkit.json (`meta` and the base
     model's id and note), atomically: what full and freeze fine-tunes leave behind."""
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, command="train") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         meta = {**meta, "base_model_name_or_path": base_model_id(model), "base_model_note": base_model_note(model)}

@@ -96,7 +96,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: 
     rngs = gather_object([rng_state()])  # one entry per process, in rank order
     folder = Path(run_dir) / CHECKPOINTS / f"step-{pos.step:06d}"
     if accelerator.is_main_process:
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, command="train") as tmp:
             save_file(trainable_state(model), str(tmp / TRAINABLE))
             save_state_dict(tmp, "optimizer", optimizer.state_dict())
             save_state_dict(tmp, "scheduler", scheduler.state_dict(), with_tensors=False)

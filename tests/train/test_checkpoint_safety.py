@@ -25,6 +25,7 @@ from torch import nn
 import peftkit
 from peftkit import LoraConfig, PeftkitError
 from peftkit.cli import main
+from peftkit.io.fs import MARKER_NAME
 from peftkit.train.checkpoint import Position, list_checkpoints, load_checkpoint, save_checkpoint
 from peftkit.train.state_io import load_state_dict, save_state_dict, unflatten_state
 from tests.tiny import perturb_adapter, save_tiny_checkpoint, tiny_model, write_rows
@@ -162,7 +163,7 @@ def test_round_trip_restores_optimizer_scheduler_and_rng_exactly(tmp_path):
 
 def test_checkpoint_holds_only_safetensors_and_json(saved):
     folder, _ = saved
-    assert sorted(p.name for p in folder.iterdir()) == sorted(NEW_FORMAT)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*NEW_FORMAT, MARKER_NAME])  # + peftkit's marker
     assert {p.name for p in list_checkpoints(folder.parent.parent)} == {"step-000001", "step-000002"}
     assert set(load_file(str(folder / "optimizer.safetensors"))) == {
         f"state.{i}.{name}" for i in range(4) for name in ("step", "exp_avg", "exp_avg_sq")}
