@@ -18,7 +18,7 @@ from torch import nn
 from peftkit.core.archs import LINEAR_TYPES, arch_spec
 from peftkit.core.method import AdapterLayer
 from peftkit.core.registry import get_method, method_for_config
-from peftkit.core.state import AdapterRecord, activate, adapters
+from peftkit.core.state import AdapterRecord, activate, adapters, add_adapter
 from peftkit.errors import PeftkitError
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(\.|$)")
@@ -115,7 +115,7 @@ def inject(model: nn.Module, config: object, name: str = "default") -> nn.Module
         raise PeftkitError(f"method {method.name!r} trains the model's own weights and injects no adapter; "
                            "use apply_method (as the trainer does) instead of inject")
     method.inject(model, config, name)
-    adapters(model)[name] = AdapterRecord(method=method.name, config=config)
+    add_adapter(model, name, AdapterRecord(method=method.name, config=config))
     activate(model, name)
     return model
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from peftkit.core.inject import replace_module
 from peftkit.core.registry import get_method
-from peftkit.core.state import activate, active_adapter, adapter_layers, adapters, resolve_name
+from peftkit.core.state import activate, active_adapter, adapter_layers, adapters, remove_adapters, resolve_name
 from peftkit.errors import PeftkitError
 
 
@@ -88,7 +88,7 @@ def merge(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
     unmerge_adapter(model)
     for path, layer in list(adapter_layers(model)):
         replace_module(model, path, layer.unload([n for n in names if n in layer.adapter_names()]))
-    known.clear()
+    remove_adapters(model, list(known))  # the model saves as a plain HF model again
     activate(model, None)
     for param in model.parameters():
         param.requires_grad_(True)
@@ -105,6 +105,6 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     for path, layer in list(adapter_layers(model)):
         if not layer.adapter_names():
             replace_module(model, path, layer.unload([]))
-    del adapters(model)[name]
+    remove_adapters(model, [name])
     activate(model, next(iter(adapters(model)), None))
     return model

@@ -6,15 +6,27 @@ and writers of the `peftkit_*` entries of `model.__dict__`.
     peftkit_base_id        the hub id adapters record as base_model_name_or_path (set when loading the embedded model)
     peftkit_base_note      a note on the base weights (the embedded model's were de-quantized from GGUF)
     peftkit_prompt_format  how prompts were rendered in training (set by load_adapter from peftkit.json)
+    save_pretrained        while the model has adapters: an `AdapterSavePretrained`, shadowing HF's method
 
 They live in `__dict__`, not as module attributes, so nn.Module never sees them (no state_dict entry, no
 registration). The adapter weights themselves live in `AdapterLayer` submodules of the model, so the optimizer,
 accelerate and DDP see them as ordinary parameters.
+
+`model.save_pretrained` of an adapted model writes the adapter, as on a PEFT model, so the HF Trainer
+(`save_model`, its checkpoints), `push_to_hub` and every other caller of HF's method save the adapter folder rather
+than a base whose adapted weights are stored under keys no loader knows. No wrapper class and no patched
+transformers code: `add_adapter` (the one place an adapter is recorded) puts an `AdapterSavePretrained` into
+`model.__dict__["save_pretrained"]`, where instance lookup finds it before the class's method, and
+`remove_adapters` (merge, delete_adapter) takes it out with the last adapter, so a merged model saves as the plain
+model it is again. Writing the folder is io's business and core imports no io: `peftkit.io.adapters` registers its
+writer here when it is imported (`set_adapter_writer`), as methods register themselves in the registry; `import
+peftkit` imports both. The hook holds the model (not a weak reference) so that `copy.deepcopy` and pickling carry
+it over to the copy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +49,48 @@ def adapters(model: nn.Module) -> dict[str, AdapterRecord]:
     if "peftkit_adapters" not in model.__dict__:
         model.__dict__["peftkit_adapters"] = {}
     return model.__dict__["peftkit_adapters"]
+
+
+def add_adapter(model: nn.Module, name: str, record: AdapterRecord) -> None:
+    """Record adapter `name` (injected by its method); the first one installs the `save_pretrained` hook."""
+    adapters(model)[name] = record
+    model.__dict__["save_pretrained"] = AdapterSavePretrained(model)
+
+
+def remove_adapters(model: nn.Module, names: list[str]) -> None:
+    """Forget the adapters `names` (their modules are gone); with the last one goes the `save_pretrained` hook."""
+    known = adapters(model)
+    for name in names:
+        known.pop(name, None)
+    if not known:
+        model.__dict__.pop("save_pretrained", None)
+
+
+# Writes the active adapter's folder: (model, directory, **save_pretrained kwargs) -> None. Set by peftkit.io.adapters.
+_adapter_writer: Callable[..., None] | None = None
+
+
+def set_adapter_writer(writer: Callable[..., None]) -> None:
+    """Register the function `model.save_pretrained` of an adapted model calls (peftkit.io.adapters does, at import)."""
+    global _adapter_writer
+    _adapter_writer = writer
+
+
+class AdapterSavePretrained:
+    """`model.save_pretrained` while the model has adapters: writes the active adapter's PEFT folder through the
+    registered writer, which receives HF's keyword arguments (the Trainer's state_dict, is_main_process, ...)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory: Any, is_main_process: bool = True, *_hf_args: Any, **kwargs: Any) -> None:
+        # HF's signature: save_pretrained(save_directory, is_main_process=True, state_dict=None, ...)
+        if _adapter_writer is None:
+            raise PeftkitError("saving an adapted model needs peftkit's adapter writer: import peftkit first")
+        _adapter_writer(self.model, save_directory, is_main_process=is_main_process, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<peftkit save_pretrained: writes the active adapter of {type(self.model).__name__}>"
 
 
 def base_model_id(model: nn.Module) -> str | None:

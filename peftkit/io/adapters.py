@@ -3,12 +3,17 @@
 A saved adapter is a folder with `adapter_config.json` and `adapter_model.safetensors` exactly as HF PEFT writes
 them, plus `peftkit.json` for what PEFT has no field for (the prompt format used in training, the method name, a
 note on the base weights). Loading dispatches on the config's `peft_type` to the registered method.
+
+Importing this module also registers `save_pretrained_adapter` as what `model.save_pretrained` of an adapted model
+does (`peftkit.core.state.set_adapter_writer`: core may not import io, so io plugs its writer in).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +24,14 @@ from torch import nn
 
 from peftkit._version import __version__
 from peftkit.core.registry import get_method, method_for_peft_type
-from peftkit.core.state import adapters, base_model_id, base_model_note, resolve_name, set_prompt_format
+from peftkit.core.state import (
+    adapters,
+    base_model_id,
+    base_model_note,
+    resolve_name,
+    set_adapter_writer,
+    set_prompt_format,
+)
 from peftkit.core.state import prompt_format as prompt_format_of
 from peftkit.errors import PeftkitError
 from peftkit.io.finite import check_finite
@@ -39,6 +51,43 @@ def save_adapter(
     prompt_format: how prompts were built in training, e.g. {"chat_template": "..."} or {"plain_template": "..."},
     kept in peftkit.json so `generate` and `eval` reproduce it. The folder is written atomically.
     """
+    return write_adapter_folder(path, *_export(model, name, prompt_format))
+
+
+def save_pretrained_adapter(model: nn.Module, save_directory: str | os.PathLike, is_main_process: bool = True,
+                            push_to_hub: bool = False, **_hf_options: Any) -> None:
+    """`model.save_pretrained(save_directory, ...)` of an adapted model: the active adapter's files, exactly as
+    `save_adapter` writes them, put into `save_directory` the way HF's method writes a model.
+
+    Like HF (and unlike `save_adapter`, which owns its folder) it writes into a folder that may hold other files,
+    since the Trainer saves into its output folder (checkpoint-N subfolders, the tokenizer, training_args.bin):
+    nothing else there is touched and no ownership marker is added. The three files are written to a temporary
+    folder inside `save_directory` and each renamed into place. HF's other options (state_dict, safe_serialization,
+    max_shard_size, ...) are accepted and ignored: the adapter is read from the model and always written as
+    safetensors. is_main_process=False (a non-writing rank) writes nothing; push_to_hub=True is refused.
+    """
+    if push_to_hub:
+        raise PeftkitError("save_pretrained(push_to_hub=True) is not supported for a peftkit model; save the "
+                           "adapter, then upload the folder with huggingface_hub.upload_folder")
+    if not is_main_process:
+        return
+    folder = Path(save_directory)
+    if folder.exists() and not folder.is_dir():
+        raise PeftkitError(f"{str(folder)!r} is a file; save_pretrained writes into a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    config_json, tensors, meta = _export(model, None, None)
+    tmp = folder / f".peftkit-save-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write_adapter_files(tmp, config_json, tensors, meta)
+        for name in (WEIGHTS_NAME, META_NAME, CONFIG_NAME):  # the config last: readers start from it
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _export(model: nn.Module, name: str | None, prompt_format: dict | None) -> tuple[dict, dict, dict]:
+    """(config_json, tensors, peftkit metadata) of adapter `name` (default: the active one)."""
     name = resolve_name(model, name)
     method = get_method(adapters(model)[name].method)
     config_json, tensors = method.export(model, name)
@@ -49,7 +98,7 @@ def save_adapter(
         "prompt_format": prompt_format or prompt_format_of(model),
         "base_model_note": base_model_note(model),
     }
-    return write_adapter_folder(path, config_json, tensors, meta)
+    return config_json, tensors, meta
 
 
 def write_adapter_folder(path: str | os.PathLike, config_json: dict, tensors: dict[str, torch.Tensor],
@@ -57,13 +106,18 @@ def write_adapter_folder(path: str | os.PathLike, config_json: dict, tensors: di
     """The one writer of an adapter folder: adapter_config.json, adapter_model.safetensors and peftkit.json
     (`meta`, stamped with the peftkit version), written atomically (`atomic_dir`) with the marker of `command`.
     Returns the path."""
+    with atomic_dir(path, command=command) as tmp:
+        write_adapter_files(tmp, config_json, tensors, meta)
+    return Path(path)
+
+
+def write_adapter_files(folder: Path, config_json: dict, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """The three files of an adapter folder, into `folder` (no marker, no swap: the callers' business)."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = {"peftkit_version": __version__, **meta}
-    with atomic_dir(path, command=command) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-    return Path(path)
+    (folder / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+    (folder / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict]:
@@ -135,3 +189,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     if meta.get("prompt_format"):
         set_prompt_format(model, meta["prompt_format"])
     return model
+
+
+set_adapter_writer(save_pretrained_adapter)

@@ -2,22 +2,34 @@
 
 transformers de-quantizes GGUF weights to fp32 on load, but marks the model as quantized and refuses
 `save_pretrained`, so the folder is written here by hand: config.json, model.safetensors (a tied lm_head is not
-stored twice), generation_config.json and the tokenizer files. The folder appears atomically.
+stored twice), generation_config.json, the tokenizer files and `CONVERSION_FILE`. The folder appears atomically.
+
+config.json is complete for readers beyond transformers: a GGUF-loaded config has no `architectures`, which
+llama.cpp's converter and vLLM pick the model class from, so it is set from the model's class, and the dtype is
+written under both names (`dtype` for transformers 5, `torch_dtype` for older readers). `CONVERSION_FILE` records
+`CONVERSION_VERSION`, so a folder written by an older conversion is recognised and repaired
+(`peftkit.io.models.embedded_folder`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from peftkit.io.fs import atomic_dir
 
 log = logging.getLogger(__name__)
+
+# 1: config.json without architectures / torch_dtype (and no CONVERSION_FILE); 2: complete config.json.
+CONVERSION_VERSION = 2
+CONVERSION_FILE = ".peftkit-conversion.json"  # hidden: merges copy a base's other small files
 
 
 def convert_gguf(gguf: Path, folder: Path) -> None:
@@ -32,16 +44,47 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     state = {k: v.detach().contiguous() for k, v in state.items()}
+    with atomic_dir(folder, command="convert") as tmp:
+        write_model_config(model, tmp, torch.float32)
+        tokenizer.save_pretrained(tmp)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_conversion_version(tmp, gguf.name)
+    log.info("converted in %.1f s", time.perf_counter() - start)
+
+
+def write_model_config(model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
+    """config.json and generation_config.json of `model`'s weights stored as `dtype` in `folder`: `architectures`
+    from the model's class, the dtype under both names, and no quantization_config (the weights are de-quantized)
+    nor the GGUF's internal name."""
+    from transformers import GenerationConfig
+
     config = model.config
     for attr in ("quantization_config", "_name_or_path"):
         if hasattr(config, attr):
             with contextlib.suppress(AttributeError):  # a class attribute shows in hasattr but cannot be deleted
                 delattr(config, attr)
-    config.dtype = torch.float32
-    with atomic_dir(folder, command="convert") as tmp:
-        config.save_pretrained(tmp)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    log.info("converted in %.1f s", time.perf_counter() - start)
+    config.architectures = [type(model).__name__]
+    config.dtype = dtype
+    config.save_pretrained(folder)
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    data["dtype"] = data["torch_dtype"] = str(dtype).removeprefix("torch.")
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    generation = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(config)
+    generation.save_pretrained(folder)
+
+
+def write_conversion_version(folder: Path, source: str) -> None:
+    """Record in `folder` that the current conversion (`CONVERSION_VERSION`) wrote it, from GGUF file `source`."""
+    tmp = folder / f"{CONVERSION_FILE}.tmp"
+    tmp.write_text(json.dumps({"conversion_version": CONVERSION_VERSION, "source": source}, indent=2) + "\n")
+    tmp.replace(folder / CONVERSION_FILE)
+
+
+def conversion_version(folder: Path) -> int:
+    """The conversion version that wrote `folder` (1 for the first one, which left no record)."""
+    try:
+        value = json.loads((folder / CONVERSION_FILE).read_text()).get("conversion_version", 1)
+    except (OSError, ValueError, AttributeError):
+        return 1
+    return value if isinstance(value, int) else 1

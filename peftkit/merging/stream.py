@@ -6,7 +6,8 @@ Each shard of the base is read memory-mapped tensor by tensor; each output shard
 tensor by tensor (`peftkit.io.checkpoint.ShardWriter`), so peak memory is about one tensor plus the adapter, whatever the model
 size. Deltas are computed in fp32 and rounded once; each tensor is checked finite after that rounding, before it is
 written (`finite.py`: NaN weights or adapters, or a value beyond the output dtype's range, are refused by name).
-Config, tokenizer and generation config are copied; the result loads with `AutoModelForCausalLM.from_pretrained`.
+Config, tokenizer and generation config are copied, the config completed (`architectures`, the dtype written:
+`peftkit.io.models.complete_config`); the result loads with `AutoModelForCausalLM.from_pretrained`, llama.cpp and vLLM.
 The folder appears only when everything is written and checked (`atomic_dir`).
 
 Self-check (bounded memory too): for every changed tensor a random probe x is drawn, y_ref = W x + B (A x) is
@@ -42,7 +43,7 @@ from peftkit.io.checkpoint import (
 )
 from peftkit.io.finite import cast_checked, check_weights
 from peftkit.io.fs import atomic_dir
-from peftkit.io.models import resolve_dtype
+from peftkit.io.models import complete_config, resolve_dtype
 from peftkit.io.outputs import check_output
 from peftkit.merging.deltas import LoraDeltas, combine, parse_weights, read_lora
 from peftkit.merging.plan import MergePlan, Target, plan_merge
@@ -103,7 +104,7 @@ def merge_to_disk(base: str | None, adapters: list[str], output: str, *, weights
         if ckpt.shards != [SINGLE_NAME]:
             write_index(tmp, weight_map, report.bytes_written)
         report.copied = copy_aux_files(folder, tmp)
-        _fix_config(tmp, plan, out_dtype)
+        _fix_config(tmp, plan, _written_dtype(header, out_dtype))
         report.shards = len(ckpt.shards)
         if not report.worst_relative_error <= report.tolerance:  # NaN fails too
             raise PeftkitError(f"self-check failed: {report.worst_tensor} differs from W + s·B·A by "
@@ -204,13 +205,25 @@ def _badness(err: float, tol: float) -> float:
     return math.inf if math.isnan(err) else err / tol
 
 
-def _fix_config(folder: Path, plan: MergePlan, out_dtype: torch.dtype | None) -> None:
-    """Break the embedding tie when lm_head got its own tensor; record the new dtype."""
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    if plan.untie:
-        config["tie_word_embeddings"] = False
+def _written_dtype(header: dict, out_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype the merged weights are stored in: `out_dtype`, else the base's floating dtype holding the most
+    elements (None when the base has no floating tensor)."""
     if out_dtype is not None:
-        name = str(out_dtype).removeprefix("torch.")
-        config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = name
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return out_dtype
+    sizes: dict[torch.dtype, int] = {}
+    for shape, st_dtype in header.values():
+        dtype = TORCH_DTYPES[st_dtype]
+        if dtype.is_floating_point:
+            sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
+    return max(sizes, key=sizes.__getitem__) if sizes else None
+
+
+def _fix_config(folder: Path, plan: MergePlan, dtype: torch.dtype | None) -> None:
+    """Break the embedding tie when lm_head got its own tensor; complete the copied config: `architectures` (the
+    base's, else the class of its model_type) and the dtype the weights were written in."""
+    path = folder / "config.json"
+    if plan.untie:
+        config = json.loads(path.read_text())
+        config["tie_word_embeddings"] = False
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    complete_config(folder, dtype=dtype)
