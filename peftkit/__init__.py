@@ -7,20 +7,55 @@
     peftkit.save_adapter(model, "out/adapter")               # HF PEFT format
     peftkit.merge(model)                                     # fold into the weights, remove the adapter modules
 
-This module only re-exports the public API; docs/architecture.md maps the packages behind it.
+This module re-exports the public API; docs/architecture.md maps the packages behind it.
+
+The re-exports are lazy (PEP 562): `import peftkit` loads neither torch nor transformers, so the CLI's `--help`
+and `--version` are instant. Every method is still registered before anything can look one up: `peftkit.methods`
+(whose import registers them all) is imported by the first use of a public name, and right after the package
+`peftkit.core`, the registry's home, through which every library module goes (`from peftkit.train.run import
+train` alone registers them, as when `import peftkit` imported everything).
 """
 
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+from typing import TYPE_CHECKING, Any
+
 from peftkit._version import __version__
-from peftkit.core.counting import trainable_parameters
-from peftkit.core.inject import inject
-from peftkit.core.ops import delete_adapter, disable_adapters, merge, merge_adapter, set_adapter, unmerge_adapter
 from peftkit.errors import PeftkitError
-from peftkit.io.adapters import load_adapter, save_adapter
-from peftkit.io.models import load_model
-from peftkit.methods.bottleneck import AdapterConfig
-from peftkit.methods.lora import LoraConfig
-from peftkit.methods.prefix import PrefixConfig
-from peftkit.methods.prompt import PromptConfig
+
+if TYPE_CHECKING:  # the same names for type checkers and IDEs; at run time __getattr__ imports them
+    from peftkit.core.counting import trainable_parameters
+    from peftkit.core.inject import inject
+    from peftkit.core.ops import delete_adapter, disable_adapters, merge, merge_adapter, set_adapter, unmerge_adapter
+    from peftkit.io.adapters import load_adapter, save_adapter
+    from peftkit.io.models import load_model
+    from peftkit.methods.bottleneck import AdapterConfig
+    from peftkit.methods.lora import LoraConfig
+    from peftkit.methods.prefix import PrefixConfig
+    from peftkit.methods.prompt import PromptConfig
+
+# Public name -> the module that defines it.
+_LAZY = {
+    "LoraConfig": "peftkit.methods.lora",
+    "AdapterConfig": "peftkit.methods.bottleneck",
+    "PrefixConfig": "peftkit.methods.prefix",
+    "PromptConfig": "peftkit.methods.prompt",
+    "inject": "peftkit.core.inject",
+    "load_adapter": "peftkit.io.adapters",
+    "save_adapter": "peftkit.io.adapters",
+    "merge": "peftkit.core.ops",
+    "merge_adapter": "peftkit.core.ops",
+    "unmerge_adapter": "peftkit.core.ops",
+    "set_adapter": "peftkit.core.ops",
+    "disable_adapters": "peftkit.core.ops",
+    "delete_adapter": "peftkit.core.ops",
+    "trainable_parameters": "peftkit.core.counting",
+    "load_model": "peftkit.io.models",
+}
 
 __all__ = [
     "__version__",
@@ -41,3 +76,44 @@ __all__ = [
     "trainable_parameters",
     "load_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use (then it is a plain module attribute)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'peftkit' has no attribute {name!r}")
+    importlib.import_module("peftkit.methods")  # registers every method before any name is used
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _CoreLoader(importlib.machinery.SourceFileLoader):
+    """Loads `peftkit/core/__init__.py`, then imports `peftkit.methods`. Safe at that moment: methods import only
+    `peftkit.core` modules and `peftkit.errors`, and no `peftkit.core` module has started executing yet (an import
+    of `peftkit.core.x` that arrives here finds `x` already imported by the methods)."""
+
+    def exec_module(self, module: Any) -> None:
+        super().exec_module(module)
+        importlib.import_module("peftkit.methods")
+
+
+class _CoreFinder(importlib.abc.MetaPathFinder):
+    """Gives `peftkit.core` the `_CoreLoader` (other modules, and a core not loaded from source, are left alone)."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != "peftkit.core":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and type(spec.loader) is importlib.machinery.SourceFileLoader:
+            spec.loader = _CoreLoader(spec.loader.name, spec.loader.path)
+        return spec
+
+
+if not any(type(finder).__name__ == "_CoreFinder" for finder in sys.meta_path):  # once, even if peftkit is reloaded
+    sys.meta_path.insert(0, _CoreFinder())

@@ -1,7 +1,9 @@
 """`peftkit` command line: one module per command, all registered on the shared typer app.
 
 Every module in this package whose name does not start with `_` is a command module: importing it registers its
-command on `peftkit.cli._app.app` with `@app.command(...)`. Adding a command means adding one file here.
+command on `peftkit.cli._app.app` with `@app.command(...)`. Adding a command means adding one file here. A command
+module imports the library (torch, transformers, datasets, accelerate) only inside its command function, so
+`--help`, `--version` and shell completion stay instant (tests/cli/test_cli_manners.py checks it).
 """
 
 import errno
@@ -116,8 +118,9 @@ def os_error_message(exc: OSError) -> str:
 
 def _quiet_third_party_progress() -> None:
     """No download / loading / tokenizing bars from the Hugging Face libraries: an error line must not follow a
-    screen of them, and peftkit says itself what it is doing."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    screen of them, and peftkit says itself what it is doing. Commands import transformers and datasets when they
+    run, after this: the environment switches, read at their import, are what usually turns the bars off."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by huggingface_hub, hence transformers
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is first imported
     if "transformers" in sys.modules:  # already imported: its switch, not the environment, decides now
         from transformers.utils import logging as transformers_logging

@@ -64,3 +64,10 @@ def strict_json(value: Any) -> Any:
 def print_json(value: Any) -> None:
     """The one `--json` printer: strict JSON (RFC 8259 has no NaN or Infinity; a non-finite number prints as null)."""
     print(json.dumps(strict_json(value), indent=2, allow_nan=False))
+
+
+# Shared by generate / chat.
+System = Annotated[str | None, typer.Option("--system", help="System message (chat models).")]
+MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens generated per answer.")]
+Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 = greedy.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed of the sampling (with --temperature > 0).")]

@@ -9,7 +9,6 @@ import typer
 from peftkit.cli._app import app
 from peftkit.cli._options import Adapters, Combination, Json, Output, Overwrite, Weights, print_json
 from peftkit.errors import PeftkitError
-from peftkit.merging.deltas import combine, parse_weights, read_lora, write_lora
 
 
 @app.command("combine")
@@ -23,6 +22,8 @@ def combine_cmd(
     as_json: Json = False,
 ) -> None:
     """Combine LoRA adapters, weighted, into one adapter: concat / linear (exact, rank Σr) or svd (rank --rank)."""
+    from peftkit.merging.deltas import combine, parse_weights, read_lora, write_lora
+
     adapters = adapter or []
     if len(adapters) < 2:
         raise PeftkitError("give two or more --adapter folders to combine")

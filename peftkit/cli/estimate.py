@@ -6,11 +6,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from peftkit.cli._app import app
 from peftkit.cli._options import (
@@ -26,10 +24,9 @@ from peftkit.cli._options import (
     print_json,
 )
 from peftkit.errors import PeftkitError
-from peftkit.memory.estimate import GB, MemoryEstimate, estimate_memory
-from peftkit.memory.presets import PRESETS
-from peftkit.memory.trace_estimate import traced_estimate
-from peftkit.memory.training_setup import field_options
+
+if TYPE_CHECKING:
+    from peftkit.memory.estimate import MemoryEstimate
 
 ROW_LABELS = {
     "frozen_weights": "frozen weights",
@@ -43,7 +40,19 @@ ROW_LABELS = {
 }
 
 
+def estimate_memory(*args, **kwargs) -> MemoryEstimate:
+    """`peftkit.memory.estimate.estimate_memory`, imported when called (tests replace this name)."""
+    from peftkit.memory.estimate import estimate_memory as run
+
+    return run(*args, **kwargs)
+
+
 def _print_presets(as_json: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from peftkit.memory.presets import PRESETS
+
     if as_json:
         print_json({name: hub for name, (hub, _) in PRESETS.items()})
         return
@@ -57,10 +66,15 @@ def _print_presets(as_json: bool) -> None:
 
 
 def _gb(n: float) -> str:
+    from peftkit.memory.estimate import GB
+
     return f"{n / GB:,.2f}"
 
 
 def _print(est: MemoryEstimate) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     s = est.setup
     console = Console()
     title = (f"{est.model}: {s['method']}, {s['precision']}, {s['optimizer']}, batch {s['batch_size']} x "
@@ -105,7 +119,7 @@ def estimate_cmd(
     optimizer: Annotated[str, typer.Option("--optimizer", help="adamw | adamw-8bit | sgd")] = "adamw",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Micro-batch per GPU.")] = 1,
     seq_len: Annotated[int, typer.Option("--seq-len", "--max-length", help="Tokens per row.")] = 2048,
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in the backward pass (less activation memory).")] = False,
     gpus: Annotated[int, typer.Option("--gpus", help="Data-parallel GPU count.")] = 1,
     gpu_memory: Annotated[float | None, typer.Option("--gpu-memory", help="Memory of one GPU in GB (10^9 bytes).")] = None,
     zero: Annotated[int, typer.Option("--zero", help="DeepSpeed ZeRO stage 0-3.")] = 0,
@@ -116,6 +130,10 @@ def estimate_cmd(
     as_json: Json = False,
 ) -> None:
     """Estimate the GPU memory of a training run: breakdown, total per GPU, GPUs needed, largest batch / length."""
+    from peftkit.memory.presets import PRESETS
+    from peftkit.memory.trace_estimate import traced_estimate
+    from peftkit.memory.training_setup import field_options
+
     if list_presets:
         _print_presets(as_json)
         return

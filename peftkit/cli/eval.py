@@ -25,8 +25,8 @@ def eval_cmd(
     format: Annotated[str, typer.Option("--format", help="auto | alpaca | messages | text.")] = "auto",
     split: Annotated[str | None, typer.Option("--split", help="Split of a hub dataset.")] = None,
     max_examples: Annotated[int, typer.Option("--max-examples", min=1, help="Evaluate at most this many rows.")] = 50,
-    max_length: Annotated[int, typer.Option("--max-length", min=8)] = 512,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    max_length: Annotated[int, typer.Option("--max-length", min=8, help="Tokens per example (prompt and answer); longer ones are truncated.")] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Examples per forward pass.")] = 8,
     json_out: Json = False,
 ) -> None:
     """Evaluate a base model or an adapter on held-out data."""

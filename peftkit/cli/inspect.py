@@ -10,20 +10,17 @@ import json
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from peftkit.cli._app import app
 from peftkit.cli._options import Json, Rank, TargetModules
-from peftkit.core.archs import ARCHS, arch_spec, model_dims
-from peftkit.core.counting import count_parameters, meta_model
-from peftkit.core.registry import method_names
 from peftkit.errors import PeftkitError
-from peftkit.io.models import load_model_config
 
 
 def _rows(model_config, rank: int, target_modules: str | None) -> list[dict]:
     """One row per method setting: name, options, trainable parameters, share of the total."""
+    from peftkit.core.counting import count_parameters
+    from peftkit.core.registry import method_names
+
     settings = [("lora", {"rank": rank, "target_modules": target_modules}), ("lora", {"rank": rank, "target_modules": "all-linear"})]
     settings += [(m, {}) for m in method_names() if m != "lora"]
     rows = []
@@ -46,6 +43,13 @@ def inspect_cmd(
     as_json: Json = False,
 ) -> None:
     """Show the architecture, default targets and trainable-parameter counts per method."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from peftkit.core.archs import ARCHS, arch_spec, model_dims
+    from peftkit.core.counting import meta_model
+    from peftkit.io.models import load_model_config
+
     config = load_model_config(model)
     meta = meta_model(config)
     spec = arch_spec(meta)

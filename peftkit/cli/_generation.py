@@ -1,0 +1,80 @@
+"""What `generate` and `chat` share: load a model (and an adapter), render a conversation the way the model was
+trained, stream an answer.
+
+A conversation is rendered with the adapter's saved prompt format, else the tokenizer's chat template, else the
+plain template. A chat template renders the whole history itself; with the plain template every earlier exchange
+is written as in training (`template(user turns) + answer + EOS`), then the template of the pending user turns.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
+
+
+class Generator:
+    """A model (with its adapter, if any) and its tokenizer, ready to answer conversations."""
+
+    def __init__(self, model: str | None, adapter: str | None, seed: int) -> None:
+        import torch
+
+        from peftkit.core.state import prompt_format
+        from peftkit.data.prompting import default_prompt_format
+        from peftkit.io.adapters import adapter_base_model, load_adapter
+        from peftkit.io.models import load_model
+
+        torch.manual_seed(seed)
+        self.lm: nn.Module
+        self.lm, self.tokenizer = load_model(model if model or not adapter else adapter_base_model(adapter))
+        if adapter:
+            load_adapter(self.lm, adapter)
+        self.prompt_format: dict[str, str] = prompt_format(self.lm) or default_prompt_format(self.tokenizer)
+        self.context = getattr(self.lm.config, "max_position_embeddings", None)  # None: no known limit
+
+    def prompt_text(self, messages: list[Message]) -> str:
+        """The conversation as text, up to where the next answer starts (see the module docstring)."""
+        from peftkit.data.prompting import render_prompt
+
+        if "chat_template" in self.prompt_format:
+            return render_prompt(self.tokenizer, messages, self.prompt_format)
+        text, pending = "", []
+        for message in messages:
+            if message["role"] == "assistant":
+                text += render_prompt(self.tokenizer, pending, self.prompt_format) + message["content"]
+                text += self.tokenizer.eos_token or ""
+                pending = []
+            else:
+                pending.append(message)
+        return text + render_prompt(self.tokenizer, pending, self.prompt_format)
+
+    def encode(self, messages: list[Message]) -> dict[str, Any]:
+        """Token ids (and attention mask) of `prompt_text(messages)`; a plain prompt starts with the tokenizer's
+        special prefix (BOS) as in training, a chat template writes its own."""
+        from peftkit.data.rendering import uses_special_prefix
+
+        special = uses_special_prefix(messages, self.prompt_format)
+        return self.tokenizer(self.prompt_text(messages), return_tensors="pt", add_special_tokens=special)
+
+    def answer(self, messages: list[Message], max_new_tokens: int, temperature: float) -> str:
+        """Stream the model's answer to `messages` to stdout as it is generated; return it (special tokens left
+        out). Greedy at temperature 0."""
+        import torch
+        from transformers import TextStreamer
+
+        inputs = self.encode(messages).to(self.lm.device)
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        with torch.inference_mode():
+            out = self.lm.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
+                                   pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        return self.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def opening(system: str | None) -> list[Message]:
+    """The messages a conversation starts with: the system message, when given."""
+    return [{"role": "system", "content": system}] if system else []
