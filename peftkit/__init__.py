@@ -10,21 +10,18 @@
 This module re-exports the public API; docs/architecture.md maps the packages behind it.
 
 The re-exports are lazy (PEP 562): `import peftkit` loads neither torch nor transformers, so the CLI's `--help`
-and `--version` are instant. Every method is still registered before anything can look one up: `peftkit.methods`
-(whose import registers them all) is imported by the first use of a public name, and right after the package
-`peftkit.core`, the registry's home, through which every library module goes (`from peftkit.train.run import
-train` alone registers them, as when `import peftkit` imported everything).
+and `--version` are instant. Every method is still registered before anything can look one up: this module, which
+Python runs before any peftkit submodule, gives the registry a loader that imports `peftkit.methods` (whose import
+registers them all) on the first lookup (see `peftkit.core.registry`).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.machinery
-import sys
 from typing import TYPE_CHECKING, Any
 
 from peftkit._version import __version__
+from peftkit.core import registry as _registry
 from peftkit.errors import PeftkitError
 
 if TYPE_CHECKING:  # the same names for type checkers and IDEs; at run time __getattr__ imports them
@@ -83,7 +80,6 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'peftkit' has no attribute {name!r}")
-    importlib.import_module("peftkit.methods")  # registers every method before any name is used
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
@@ -93,27 +89,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-class _CoreLoader(importlib.machinery.SourceFileLoader):
-    """Loads `peftkit/core/__init__.py`, then imports `peftkit.methods`. Safe at that moment: methods import only
-    `peftkit.core` modules and `peftkit.errors`, and no `peftkit.core` module has started executing yet (an import
-    of `peftkit.core.x` that arrives here finds `x` already imported by the methods)."""
-
-    def exec_module(self, module: Any) -> None:
-        super().exec_module(module)
-        importlib.import_module("peftkit.methods")
-
-
-class _CoreFinder(importlib.abc.MetaPathFinder):
-    """Gives `peftkit.core` the `_CoreLoader` (other modules, and a core not loaded from source, are left alone)."""
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != "peftkit.core":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is not None and type(spec.loader) is importlib.machinery.SourceFileLoader:
-            spec.loader = _CoreLoader(spec.loader.name, spec.loader.path)
-        return spec
-
-
-if not any(type(finder).__name__ == "_CoreFinder" for finder in sys.meta_path):  # once, even if peftkit is reloaded
-    sys.meta_path.insert(0, _CoreFinder())
+_registry.set_builtin_loader(lambda: importlib.import_module("peftkit.methods"))
