@@ -71,16 +71,23 @@ def train_cmd(
     resume: Annotated[bool, Opt("--resume", help="Continue the run in --output from its last checkpoint.")] = False,
     dry_run: Annotated[bool, Opt("--dry-run", help="Build everything, print counts and memory, train nothing.")] = False,
     quiet: Annotated[bool, Opt("--quiet", help="No progress bar.")] = False,
+    print_config: Annotated[bool, Opt("--print-config", help="Print the fully resolved recipe (flags, recipe and defaults merged) as YAML and exit.")] = False,
 ) -> None:
     """Fine-tune a model; with no options, LoRA on the embedded model and the bundled task."""
-    flags = {k: v for k, v in locals().items() if k not in ("config", "sets", "quiet", "overwrite", "resume", "dry_run")}
+    flags = {k: v for k, v in locals().items()
+             if k not in ("config", "sets", "quiet", "overwrite", "resume", "dry_run", "print_config")}
     from peftkit.core.registry import get_method
-    from peftkit.train.config import load_train_config
+    from peftkit.train.config import load_train_config, resolve_defaults
     from peftkit.train.run import train
 
     flags.update(set=parse_sets(sets) or None, overwrite=overwrite or None, resume=resume or None,
                  dry_run=dry_run or None)
     cfg = load_train_config(config, flags)
+    if print_config:
+        import yaml
+
+        print(yaml.safe_dump(resolve_defaults(cfg).to_dict(), sort_keys=False), end="")
+        return
     result = train(cfg, progress=not quiet)
     if result.run_dir is None or not result.main:
         return

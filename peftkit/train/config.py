@@ -19,6 +19,7 @@ import yaml
 
 from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
+from peftkit.train.recipe_keys import translate
 from peftkit.train.schema import coerce_fields
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "amp")
@@ -116,7 +117,8 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML recipe, with unknown keys rejected (the message lists the valid keys)."""
+    """The mapping in a YAML recipe; LLaMA-Factory / axolotl / TRL key names are read as peftkit's
+    (`recipe_keys.py`), an unknown key is an error suggesting the closest valid one."""
     file = Path(path)
     if not file.is_file():
         raise PeftkitError(f"recipe {str(file)!r} does not exist")
@@ -127,10 +129,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PeftkitError(f"recipe {file} must be a mapping of option: value")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - set(valid_keys()))
-    if unknown:
-        raise PeftkitError(f"recipe {file} has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid_keys())}")
-    return data
+    return translate(data, valid_keys(), f"recipe {file}")
 
 
 def load_train_config(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

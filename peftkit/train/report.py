@@ -53,7 +53,7 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> Path | N
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
     if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+        ax.plot(*zip(*evals, strict=True), "o", label="eval loss (at the steps it was measured)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / target token)")
     ax.set_title(title)

@@ -88,9 +88,9 @@ def test_output_holding_another_run_and_resume_without_checkpoint(tiny, capsys, 
 
 def test_unknown_recipe_key(capsys, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("method: lora\nlearning_rate: 1e-4\n")
+    recipe.write_text("method: lora\nlerning_rate: 1e-4\n")  # a typo; learning_rate itself is an accepted alias
     err = _fails(capsys, ["--config", str(recipe)])
-    assert "learning_rate" in err and "lr" in err
+    assert "lerning_rate" in err and "did you mean 'lr'" in err
 
 
 def test_unknown_method_option(tiny, capsys, tmp_path):
