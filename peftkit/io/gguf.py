@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from peftkit.io.fs import atomic_dir
+from peftkit.io.model_config import complete_config
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,7 @@ def write_model_config(model: nn.Module, folder: Path, dtype: torch.dtype) -> No
     config.architectures = [type(model).__name__]
     config.dtype = dtype
     config.save_pretrained(folder)
-    path = folder / "config.json"
-    data = json.loads(path.read_text())
-    data["dtype"] = data["torch_dtype"] = str(dtype).removeprefix("torch.")
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    complete_config(folder, dtype=dtype)
     generation = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(config)
     generation.save_pretrained(folder)
 

@@ -5,7 +5,7 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
 (config + safetensors + tokenizer) under ~/.cache/peftkit (or $PEFTKIT_CACHE); later loads read that folder. A
 folder written by an older conversion is repaired in place (`gguf.CONVERSION_VERSION`), without converting again.
 
-Every model folder peftkit writes has a complete config.json (`complete_config`): `architectures`, which llama.cpp's
+Every model folder peftkit writes has a complete config.json (`peftkit.io.model_config.complete_config`): `architectures`, which llama.cpp's
 converter and vLLM choose the model class by, and the weights' dtype.
 """
 
@@ -15,7 +15,6 @@ import importlib.util
 import json
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,9 @@ from torch import nn
 
 from peftkit.core.state import base_model_id, base_model_note, set_base_model
 from peftkit.errors import PeftkitError
-from peftkit.io.fs import atomic_dir, read_json_object
+from peftkit.io.fs import atomic_dir
 from peftkit.io.gguf import CONVERSION_VERSION, conversion_version, convert_gguf, write_conversion_version
+from peftkit.io.model_config import complete_config
 
 log = logging.getLogger(__name__)
 
@@ -172,40 +172,3 @@ def save_model_folder(model: nn.Module, tokenizer: Any, path: str | os.PathLike,
         meta = {**meta, "base_model_name_or_path": base_model_id(model), "base_model_note": base_model_note(model)}
         (tmp / "peftkit.json").write_text(json.dumps(meta, indent=2) + "\n")
     return Path(path)
-
-
-def causal_lm_class(model_type: str | None) -> str | None:
-    """The class name AutoModelForCausalLM builds for `model_type` ("llama" -> "LlamaForCausalLM"), or None."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
-
-
-def complete_config(folder: Path, *, architectures: list[str] | None = None,
-                    dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Make `folder/config.json` complete for readers beyond transformers; returns the new config.
-
-    `architectures` (llama.cpp's converter and vLLM choose the model class by it): kept when the config has it,
-    else the given `architectures`, else the class AutoModelForCausalLM maps the config's model_type to. `dtype`
-    (the dtype the weights are stored in): written as both `dtype` (transformers 5) and `torch_dtype` (older
-    readers); None keeps the config's, copying one name to the other. The file is replaced atomically.
-    """
-    path = folder / "config.json"
-    config = read_json_object(path, "a model config")
-    if not config.get("architectures"):
-        found = architectures or [causal_lm_class(config.get("model_type"))]
-        if None in found:
-            log.warning("%s: no architectures and model_type %r maps to no causal LM class; left without",
-                        path, config.get("model_type"))
-        else:
-            config["architectures"] = list(found)
-    name = str(dtype).removeprefix("torch.") if dtype is not None else config.get("dtype") or config.get("torch_dtype")
-    if name:
-        config["dtype"] = config["torch_dtype"] = name
-    tmp = folder / f".config.json.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return config

@@ -7,7 +7,7 @@ tensor by tensor (`peftkit.io.checkpoint.ShardWriter`), so peak memory is about 
 size. Deltas are computed in fp32 and rounded once; each tensor is checked finite after that rounding, before it is
 written (`finite.py`: NaN weights or adapters, or a value beyond the output dtype's range, are refused by name).
 Config, tokenizer and generation config are copied, the config completed (`architectures`, the dtype written:
-`peftkit.io.models.complete_config`); the result loads with `AutoModelForCausalLM.from_pretrained`, llama.cpp and vLLM.
+`peftkit.io.model_config.complete_config`); the result loads with `AutoModelForCausalLM.from_pretrained`, llama.cpp and vLLM.
 The folder appears only when everything is written and checked (`atomic_dir`).
 
 Self-check (bounded memory too): for every changed tensor a random probe x is drawn, y_ref = W x + B (A x) is
@@ -43,7 +43,8 @@ from peftkit.io.checkpoint import (
 )
 from peftkit.io.finite import cast_checked, check_weights
 from peftkit.io.fs import atomic_dir
-from peftkit.io.models import complete_config, resolve_dtype
+from peftkit.io.model_config import complete_config
+from peftkit.io.models import resolve_dtype
 from peftkit.io.outputs import check_output
 from peftkit.merging.deltas import LoraDeltas, combine, parse_weights, read_lora
 from peftkit.merging.plan import MergePlan, Target, plan_merge

@@ -83,6 +83,7 @@ class Session:
     prompt_format: dict
     train_split: splits.Split
     eval_split: splits.Split | None
+    plan: Callable[[int], list[list[int]]]  # epoch -> micro-batches of train_split (cached per epoch)
     steps: int
     run_dir: Path | None
     resume_from: Path | None
@@ -128,10 +129,11 @@ def prepare(cfg: TrainConfig) -> Session:
         f"{total:,} parameters ({100 * trainable / total:.3f}%) | precision {precision}")
     say(f"data: {len(train_split)} training examples ({fmt}), {len(eval_split) if eval_split else 0} eval")
     _report_memory(cfg, model, say)
-    steps = total_steps(cfg, len(splits.plan_fn(train_split, cfg)(0)), acc.num_processes)
+    plan = splits.plan_fn(train_split, cfg)
+    steps = total_steps(cfg, len(plan(0)), acc.num_processes)
     say(f"{steps} optimizer step{'s' if steps != 1 else ''} of {cfg.batch_size} x {cfg.grad_accum} x "
         f"{acc.num_processes} examples, lr {cfg.lr}")
-    return Session(cfg, method, acc, model, tokenizer, prompt_format, train_split, eval_split, steps, run_dir,
+    return Session(cfg, method, acc, model, tokenizer, prompt_format, train_split, eval_split, plan, steps, run_dir,
                    resume_from)
 
 
@@ -163,7 +165,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
         bar.update(record)
 
     loop = Loop(model=prepared, optimizer=optimizer, scheduler=scheduler, accelerator=acc,
-                plan=splits.plan_fn(s.train_split, cfg),
+                plan=s.plan,
                 collate=splits.collate_fn(s.train_split, s.tokenizer.pad_token_id, cfg.packing, acc.device),
                 lengths=s.train_split.lengths, total_steps=s.steps, grad_accum=cfg.grad_accum,
                 max_grad_norm=cfg.max_grad_norm, save_steps=cfg.save_steps, eval_steps=cfg.eval_steps,

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from peftkit.io import gguf, models
-from peftkit.io.models import complete_config, save_model_folder
+from peftkit.io.model_config import complete_config
+from peftkit.io.models import save_model_folder
 from peftkit.merging.stream import merge_to_disk
 from tests.merging.fixtures import save_base, save_lora
 from tests.tiny import logits, tiny_input, tiny_model
