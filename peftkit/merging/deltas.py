@@ -26,8 +26,8 @@ from peftkit.merging.svd import low_rank_svd
 from peftkit.methods.lora.format import (
     lora_config_from_json,
     lora_tensors,
-    parse_keys,
     one_rank,
+    parse_keys,
     saved_module_names,
     scale_one_config,
     target_modules_for,
