@@ -17,7 +17,7 @@ from peftkit.cli import main
 from peftkit.merging.deltas import combine, read_lora, write_lora
 from peftkit.merging.stream import merge_to_disk
 from tests.io.llama_cpp import as_gguf, converters_folder, gguf_deltas, peft_deltas, relative_errors, run_converter
-from tests.tiny import perturb_adapter, save_tiny_checkpoint
+from tests.tiny import perturb_adapter, save_tiny_checkpoint, tiny_model
 
 pytestmark = pytest.mark.slow
 LORA, HF = "convert_lora_to_gguf.py", "convert_hf_to_gguf.py"
@@ -91,11 +91,21 @@ def test_rank_patterns_are_misread_by_the_converter_but_not_by_export(files):
     assert max(ours.values()) <= 1e-5, ours
 
 
-@pytest.mark.parametrize("name", ["trained", "combined"])
+@pytest.mark.parametrize("name", ["trained", "combined", "qwen2"])
 def test_export_writes_what_the_converter_writes(files, name):
     import gguf
 
-    theirs, ours = gguf.GGUFReader(_converted(files, name)), gguf.GGUFReader(_exported(files, name))
+    if name == "qwen2":  # another architecture: no q/k permutation, biased q/k/v layers
+        tiny_model("qwen2").save_pretrained(files["tmp"] / "qwen2-base")
+        files["qwen2"] = _adapter(files["tmp"] / "qwen2-base", files["tmp"] / "qwen2", 6, r=4, lora_alpha=8,
+                                  target_modules="all-linear")
+        theirs = files["tmp"] / "qwen2.converter.gguf"
+        run_converter(files["llama_cpp"], LORA, "--base", files["tmp"] / "qwen2-base", "--outfile", theirs, files["qwen2"])
+        ours = files["tmp"] / "qwen2.peftkit.gguf"
+        cli(["export", str(files["qwen2"]), "-o", str(ours), "--base", str(files["tmp"] / "qwen2-base")])
+    else:
+        theirs, ours = _converted(files, name), _exported(files, name)
+    theirs, ours = gguf.GGUFReader(theirs), gguf.GGUFReader(ours)
     assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
     for a, b in zip(theirs.tensors, ours.tensors, strict=True):
         assert (a.tensor_type, list(a.shape)) == (b.tensor_type, list(b.shape)), a.name
