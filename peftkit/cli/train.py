@@ -69,6 +69,7 @@ def train_cmd(
     save_steps: Annotated[int | None, Opt("--save-steps", help="Checkpoint every N steps.")] = None,
     eval_steps: Annotated[int | None, Opt("--eval-steps", help="Eval loss every N steps.")] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue the run in --output from its last checkpoint.")] = False,
+    report_to: Annotated[list[str] | None, Opt("--report-to", help="Experiment trackers: none | tensorboard | wandb | mlflow; several comma-separated or repeated (written to RUN/tracking/).")] = None,
     dry_run: Annotated[bool, Opt("--dry-run", help="Build everything, print counts and memory, train nothing.")] = False,
     quiet: Annotated[bool, Opt("--quiet", help="No progress bar.")] = False,
     print_config: Annotated[bool, Opt("--print-config", help="Print the fully resolved recipe (flags, recipe and defaults merged) as YAML and exit.")] = False,
@@ -81,7 +82,7 @@ def train_cmd(
     from peftkit.train.run import train
 
     flags.update(set=parse_sets(sets) or None, overwrite=overwrite or None, resume=resume or None,
-                 dry_run=dry_run or None)
+                 dry_run=dry_run or None, report_to=",".join(report_to) if report_to else None)
     cfg = load_train_config(config, flags)
     if print_config:
         import yaml

@@ -21,6 +21,7 @@ from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
 from peftkit.train.recipe_keys import translate
 from peftkit.train.schema import coerce_fields
+from peftkit.train.tracking import parse_report_to
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "amp")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -82,6 +83,8 @@ class TrainConfig:
     eval_steps: int | None = None
     keep_checkpoints: int = 2
     dry_run: bool = False
+    # experiment trackers (tracking.py): "none" or a comma-separated list of tensorboard, wandb, mlflow
+    report_to: str = "none"
 
     def __post_init__(self) -> None:
         coerce_fields(self)  # types and bounds of every field (schema.py)
@@ -93,6 +96,7 @@ class TrainConfig:
         if isinstance(self.eval_split, float) and not (0 < self.eval_split < 1 or self.eval_split.is_integer()):
             raise PeftkitError(f"eval_split must be a split name, a share in (0, 1) or a whole number of rows, got "
                                f"{self.eval_split!r}")
+        parse_report_to(self.report_to)  # unknown tracker names: now, not after the model is loaded
         get_method(self.method).build_config(self.method_options())  # unknown method or bad options: now, not later
 
     def method_options(self) -> dict[str, Any]:

@@ -57,6 +57,8 @@ def _value(key: str, value: Any) -> Any:
     """Values whose form differs between the tools."""
     if key in ("lora_target_modules", "lora_target") and isinstance(value, list):
         return ",".join(str(v) for v in value)
+    if key == "report_to" and isinstance(value, list):  # HF / TRL / LLaMA-Factory also take a list of trackers
+        return ",".join(str(v) for v in value) or "none"
     if key == "lora_target" and value == "all":
         return "all-linear"
     return value

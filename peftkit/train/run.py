@@ -37,6 +37,7 @@ from peftkit.train.optim import optimizer_and_schedule, total_steps
 from peftkit.train.precision import make_accelerator, upcast_trainable
 from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
 from peftkit.train.rundir import RUN_CONFIG, check_run_dir, fresh_run_dir
+from peftkit.train.tracking import Tracking, tracker_names
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def prepare(cfg: TrainConfig) -> Session:
 
     cfg = resolve_defaults(cfg)
     method = get_method(cfg.method)
-    acc, dtype, precision = make_accelerator(cfg.precision, method.trains_base)
+    acc, dtype, precision = make_accelerator(cfg.precision, method.trains_base, tracker_names(cfg.report_to))
     say = log.info if acc.is_main_process else (lambda *_args: None)
     run_dir, resume_from = check_run_dir(cfg) if not cfg.dry_run else (None, None)
     model, tokenizer = load_model(cfg.model, dtype=dtype)
@@ -154,7 +155,8 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     if s.resume_from is not None:
         pos = load_checkpoint(s.resume_from, model, optimizer, scheduler, acc.process_index)
         say(f"resuming from {s.resume_from} (step {pos.step}, epoch {pos.epoch}, micro-batch {pos.micro})")
-    metrics = Metrics(s.run_dir, main, resume_step=pos.step if s.resume_from else None)
+    tracking = Tracking.start(acc, s.run_dir, cfg.to_dict()) if main else None
+    metrics = Metrics(s.run_dir, main, resume_step=pos.step if s.resume_from else None, tracking=tracking)
     evaluate = _evaluator(s, metrics, keep)
     before = _earlier_eval(metrics, 0) if s.resume_from else evaluate(0, generate=True)
     _say_eval("before", before, say)
@@ -177,6 +179,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     except BaseException as exc:
         if not isinstance(exc, Exception):  # Ctrl-C, or the CLI's SIGTERM: say how to continue
             _say_interrupted(s)
+        metrics.close()
         raise
     finally:
         bar.stop()
@@ -185,6 +188,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     result = RunResult(s.run_dir, before=before, after=after, steps=pos.step, main=main)
     if main:
         _finish(s, result, metrics, pos)
+    metrics.close()  # flush the trackers
     acc.wait_for_everyone()
     return result
 
