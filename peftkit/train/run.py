@@ -23,6 +23,7 @@ from peftkit.core.inject import apply_method
 from peftkit.core.method import Method
 from peftkit.core.registry import get_method
 from peftkit.core.state import prompt_format as prompt_format_of
+from peftkit.data.chat_templates import use_chat_template
 from peftkit.data.prompting import default_prompt_format
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import save_adapter
@@ -121,6 +122,7 @@ def prepare(cfg: TrainConfig) -> Session:
     run_dir, resume_from = check_run_dir(cfg) if not cfg.dry_run else (None, None)
     model, tokenizer = load_model(cfg.model, dtype=dtype)
     prompt_format = prompt_format_of(model) or default_prompt_format(tokenizer)
+    prompt_format = use_chat_template(tokenizer, cfg.chat_template) or prompt_format  # --chat-template
     train_split, eval_split, fmt = splits.load_splits(cfg, tokenizer, prompt_format)
     set_seed(cfg.seed)                    # before the adapter is initialised: same command, same adapter
     apply_method(model, cfg.method, cfg.method_options())
