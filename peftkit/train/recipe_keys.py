@@ -32,7 +32,8 @@ ALIASES: dict[str, str] = {
 # keys whose names suggest a peftkit key but whose meaning differs: say what to use instead
 DIFFERENT = {
     "dataset": "data (a data file, datasets folder or hub name; LLaMA-Factory's dataset names a dataset_info.json entry)",
-    "datasets": "data (one data file, datasets folder or hub name)",
+    "datasets": "data (a data file, datasets folder or hub name, or a list of them / of {path, weight} to mix; "
+                "columns: maps column names)",
 }
 
 

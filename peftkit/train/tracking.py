@@ -33,8 +33,8 @@ TRACKERS: dict[str, tuple[str, str]] = {
 
 
 def parse_report_to(value: str | list[str] | None) -> list[str]:
-    """Tracker names from "tensorboard,wandb", ["tensorboard", "wandb"] or "none" (no trackers); unknown names
-    are an error listing the valid ones."""
+    """Tracker names from "tensorboard,wandb", ["tensorboard", "wandb"], "none" (no trackers) or "all" (every
+    installed one, as HF's report_to); unknown names are an error listing the valid ones."""
     items = value if isinstance(value, list) else [value or "none"]
     names: list[str] = []
     for item in items:
@@ -42,8 +42,12 @@ def parse_report_to(value: str | list[str] | None) -> list[str]:
             name = name.strip().lower()
             if name in ("", "none"):
                 continue
+            if name == "all":
+                names += [n for n, (module, _) in TRACKERS.items()
+                          if n not in names and importlib.util.find_spec(module) is not None]
+                continue
             if name not in TRACKERS:
-                raise PeftkitError(f"unknown tracker {name!r} in report_to; use none or any of "
+                raise PeftkitError(f"unknown tracker {name!r} in report_to; use none, all or any of "
                                    f"{', '.join(TRACKERS)} (comma-separated)")
             if name not in names:
                 names.append(name)

@@ -47,6 +47,8 @@ def test_parse_report_to():
     assert parse_report_to(None) == []
     assert parse_report_to("tensorboard, wandb,tensorboard") == ["tensorboard", "wandb"]
     assert parse_report_to(["mlflow", "tensorboard"]) == ["mlflow", "tensorboard"]
+    installed = [n for n in ("tensorboard", "wandb", "mlflow") if importlib.util.find_spec(n) is not None]
+    assert parse_report_to("all") == installed
     with pytest.raises(PeftkitError, match="unknown tracker 'comet'.*tensorboard, wandb, mlflow"):
         parse_report_to("tensorboard,comet")
 
