@@ -97,11 +97,13 @@ def test_default_writes_no_tracking_folder(tiny, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
-def test_tensorboard_scalars_equal_metrics_jsonl(tiny, tmp_path):
+def test_tensorboard_scalars_equal_metrics_jsonl(tiny, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     records = _train(tiny, out, "tensorboard")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing written outside the run folder
     expected = _expected(records)
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "eval/loss"} <= set(expected)
     assert sorted(expected["eval/loss"]) == [0, 2, 3]
@@ -120,8 +122,10 @@ def test_tensorboard_scalars_equal_metrics_jsonl(tiny, tmp_path):
 def test_wandb_offline_run_holds_the_scalars(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     records = _train(tiny, out, "wandb")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
     runs = list((out / "tracking" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     saved = _wandb_records(next(runs[0].glob("*.wandb")))
