@@ -85,7 +85,13 @@ class Tracking:
                 "mlflow": {"run_name": Path(run_dir).name}}
         if "mlflow" in [str(name) for name in accelerator.log_with]:
             _default_mlflow_store(folder)
-        accelerator.init_trackers(PROJECT, config=flat_config(config), init_kwargs=init)
+        try:
+            accelerator.init_trackers(PROJECT, config=flat_config(config), init_kwargs=init)
+        except Exception as exc:  # noqa: BLE001 - a tracker's own failure (no W&B login, an unreachable server)
+            names = ", ".join(str(name) for name in accelerator.log_with)
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise PeftkitError(f"--report-to {names}: the tracker did not start ({text}); for W&B run `wandb login` "
+                               "or set WANDB_MODE=offline, for MLflow check MLFLOW_TRACKING_URI") from None
         return cls(accelerator)
 
     def log(self, kind: str, record: dict[str, Any]) -> None:

@@ -90,6 +90,21 @@ def test_unknown_tracker_on_the_cli(tiny, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_tracker_that_fails_to_start_is_one_line(tmp_path, monkeypatch):
+    from peftkit.train.precision import make_accelerator
+    from peftkit.train.tracking import Tracking
+
+    acc, _, _ = make_accelerator("fp32", log_with=["tensorboard"])
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("api_key not configured (no-tty)\nmore lines")
+
+    monkeypatch.setattr(acc, "init_trackers", refuse)
+    with pytest.raises(PeftkitError, match=r"^--report-to tensorboard: the tracker did not start \(api_key not "
+                                           r"configured \(no-tty\)\); for W&B run `wandb login`"):
+        Tracking.start(acc, tmp_path, {})
+
+
 def test_default_writes_no_tracking_folder(tiny, tmp_path):
     _train(tiny, tmp_path / "run", "none")
     assert not (tmp_path / "run" / "tracking").exists()
