@@ -118,3 +118,15 @@ def test_chat_template_from_a_file_and_bad_choices(tiny, tmp_path, capsys):
     _run(capsys, [*args, "--chat-template", str(mine), "--output", str(tmp_path / "run")])
     meta = json.loads((tmp_path / "run" / "adapter" / "peftkit.json").read_text())
     assert meta["prompt_format"]["chat_template"] == mine.read_text()
+
+
+def test_chat_template_is_saved_with_a_whole_model_tokenizer(tiny, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    model, qa, _ = tiny
+    out = tmp_path / "run"
+    _run(capsys, ["--model", str(model), "--method", "full", "--data", str(qa), "--columns",
+                  "instruction=question,output=answer", "--chat-template", "chatml", "--output", str(out)])
+    text = (TEMPLATES / "chatml.jinja").read_text()
+    assert AutoTokenizer.from_pretrained(out / "model").chat_template == text
+    assert json.loads((out / "model" / "peftkit.json").read_text())["prompt_format"] == {"chat_template": text}
