@@ -139,9 +139,8 @@ def load_mixture(spec: str | list[Any], columns: dict[str, str] | None = None, s
     if sources[0].weight is not None:
         parts = _weighted(parts, [s.weight for s in sources], seed)
     try:
-        parts = [parts[0]] + [part.cast(parts[0].features) for part in parts[1:]]
-        return datasets.concatenate_datasets(parts)
-    except (ValueError, TypeError) as exc:
+        return datasets.concatenate_datasets(parts)  # aligns column order and all-null columns
+    except ValueError as exc:
         raise PeftkitError(f"data: the sources of the mixture have columns of different types ({exc})") from None
 
 

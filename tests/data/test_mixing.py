@@ -93,3 +93,13 @@ def test_sources_with_different_columns_are_refused(tmp_path):
     b = _jsonl(tmp_path / "b.jsonl", [{"text": "hello"}])
     with pytest.raises(PeftkitError, match="need the same columns.*has question, answer.*has text"):
         load_mixture(f"{a},{b}")
+
+
+def test_column_order_and_empty_columns_align_but_types_must_match(tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", [{"output": "a", "instruction": "b", "input": None}])
+    b = _jsonl(tmp_path / "b.jsonl", [{"instruction": "c", "input": "x", "output": "d"}])
+    assert list(load_mixture(f"{a},{b}")) == [{"output": "a", "instruction": "b", "input": None},
+                                              {"output": "d", "instruction": "c", "input": "x"}]
+    c = _jsonl(tmp_path / "c.jsonl", [{"instruction": "c", "input": "x", "output": 5}])
+    with pytest.raises(PeftkitError, match="columns of different types"):
+        load_mixture(f"{b}:1,{c}:1")
