@@ -2,13 +2,14 @@
 
 metrics.jsonl has one JSON object per line: {"kind": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s",
 ...} per optimizer step, {"kind": "eval", "step", "loss", "exact_match", ...} per evaluation. With `--report-to`,
-every record also goes to the trackers (`tracking.Tracking.log`: its numeric fields as "train/loss", ...). On resume the lines after the checkpoint's
-step are dropped first, so the file always describes one consistent run.
+every record also goes to the trackers (`tracking.Tracking.log`: its numeric fields as "train/loss", ...). On
+resume the lines after the checkpoint's step are dropped first, so the file always describes one consistent run.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ class Metrics:
         self.path = Path(run_dir) / METRICS
         self.enabled = enabled
         self.tracking = tracking if enabled else None
-        self._last_elapsed = 0.0
+        self._last_write = time.perf_counter()
         if enabled and resume_step is not None and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
@@ -35,16 +36,16 @@ class Metrics:
             self.path.unlink()
 
     def write(self, kind: str, record: dict[str, Any]) -> None:
-        """Append one record (a train record gains `tokens_per_s`: this step's tokens / its wall time) and send
-        it to the trackers."""
+        """Append one record and send it to the trackers. A train record gains `tokens_per_s`: the step's tokens
+        over the wall time since the previous record (so an evaluation in between is not counted as training)."""
         if not self.enabled:
             return
-        if kind == "train" and "elapsed_s" in record:
-            seconds = record["elapsed_s"] - self._last_elapsed
-            record = {**record, "tokens_per_s": record["step_tokens"] / max(seconds, 1e-9)}
-            self._last_elapsed = record["elapsed_s"]
+        now = time.perf_counter()
+        if kind == "train" and "step_tokens" in record:
+            record = {**record, "tokens_per_s": record["step_tokens"] / max(now - self._last_write, 1e-9)}
         with self.path.open("a") as f:
             f.write(json.dumps({"kind": kind, **record}) + "\n")
+        self._last_write = time.perf_counter()
         if self.tracking is not None:
             self.tracking.log(kind, record)
 

@@ -244,3 +244,16 @@ def test_two_processes_write_one_tensorboard_run(tiny, tmp_path):
     steps = [e.step for e in EventAccumulator(str(with_scalars[0])).Reload().Scalars("train/loss")]
     assert steps == [1, 2, 3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_tokens_per_s_counts_the_time_since_the_previous_record(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import peftkit.train.report as report
+
+    clock = iter([10.0, 11.0, 12.5, 14.5, 14.6])  # created; eval written 11.0-12.5; the step ends at 14.5
+    monkeypatch.setattr(report, "time", SimpleNamespace(perf_counter=lambda: next(clock)))  # this module's clock
+    metrics = report.Metrics(tmp_path, enabled=True)
+    metrics.write("eval", {"step": 0, "loss": 1.0})
+    metrics.write("train", {"step": 1, "loss": 0.9, "step_tokens": 300})
+    assert metrics.read()[1]["tokens_per_s"] == 150.0  # 300 tokens in the 2 s after the eval was written
