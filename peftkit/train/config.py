@@ -21,10 +21,11 @@ from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
 from peftkit.train.recipe_keys import translate
 from peftkit.train.schema import coerce_fields
+from peftkit.train.tracking import parse_report_to
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "amp")
 SCHEDULERS = ("cosine", "linear", "constant")
-FORMATS = ("auto", "alpaca", "messages", "text")
+FORMATS = ("auto", "alpaca", "messages", "text", "prompt_completion")
 # From the measurements in peftkit/data/README.md (q,v LoRA r=8, lr 2e-3, batch 8: 86% exact match after 30
 # steps; the longest example is 122 tokens): the zero-argument run uses these.
 BUNDLED_DEFAULTS = {"lr": 2e-3, "max_steps": 30, "batch_size": 8, "max_length": 128}
@@ -82,8 +83,17 @@ class TrainConfig:
     eval_steps: int | None = None
     keep_checkpoints: int = 2
     dry_run: bool = False
+    # experiment trackers (tracking.py): "none" or a comma-separated list of tensorboard, wandb, mlflow
+    report_to: str = "none"
+    # data mapping and prompts (peftkit/data/mixing.py, chat_templates.py); `data` may also be a mixture
+    # ("a.jsonl:0.7,b.jsonl:0.3"; a recipe list of paths / {path, weight} is kept in that form)
+    columns: dict[str, str] = field(default_factory=dict)   # peftkit's column name -> the dataset's
+    chat_template: str | None = None                         # a shipped template name or a Jinja file
 
     def __post_init__(self) -> None:
+        from peftkit.data.mixing import mixture_text
+
+        self.data = mixture_text(self.data)  # a recipe's list of sources -> "a.jsonl:0.7,b.jsonl:0.3" (validated)
         coerce_fields(self)  # types and bounds of every field (schema.py)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
@@ -93,6 +103,7 @@ class TrainConfig:
         if isinstance(self.eval_split, float) and not (0 < self.eval_split < 1 or self.eval_split.is_integer()):
             raise PeftkitError(f"eval_split must be a split name, a share in (0, 1) or a whole number of rows, got "
                                f"{self.eval_split!r}")
+        parse_report_to(self.report_to)  # unknown tracker names: now, not after the model is loaded
         get_method(self.method).build_config(self.method_options())  # unknown method or bad options: now, not later
 
     def method_options(self) -> dict[str, Any]:

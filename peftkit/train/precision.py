@@ -15,12 +15,15 @@ from typing import Any
 import torch
 
 from peftkit.errors import PeftkitError
+from peftkit.train.tracking import TRACKING
 
 
-def make_accelerator(precision: str, trains_base: bool = False) -> tuple[Any, torch.dtype, str]:
+def make_accelerator(precision: str, trains_base: bool = False,
+                     log_with: list[str] | None = None) -> tuple[Any, torch.dtype, str]:
     """(Accelerator, dtype to load the base weights in, resolved precision name).
 
     trains_base: the method trains the base weights (full / freeze), which then stay fp32 under amp / fp16.
+    log_with: accelerate tracker names (`tracking.tracker_names`); their folder is set when the run starts.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -32,7 +35,8 @@ def make_accelerator(precision: str, trains_base: bool = False) -> tuple[Any, to
         raise PeftkitError("--precision fp16 needs a GPU (fp16 autocast with loss scaling); use fp32 or bf16 on a CPU")
     mixed = {"amp": "bf16", "fp16": "fp16"}.get(precision, "no")
     AcceleratorState._reset_state()  # a fresh precision setting per run when several runs share one process
-    acc = Accelerator(cpu=not gpu, mixed_precision=mixed)
+    trackers = {"log_with": log_with, "project_dir": TRACKING} if log_with else {}  # the folder: Tracking.start
+    acc = Accelerator(cpu=not gpu, mixed_precision=mixed, **trackers)
     half_base = precision == "bf16" or (precision in ("amp", "fp16") and not trains_base)
     dtype = {"fp16": torch.float16}.get(precision, torch.bfloat16) if half_base else torch.float32
     return acc, dtype, precision

@@ -23,6 +23,7 @@ from peftkit.core.inject import apply_method
 from peftkit.core.method import Method
 from peftkit.core.registry import get_method
 from peftkit.core.state import prompt_format as prompt_format_of
+from peftkit.data.chat_templates import use_chat_template
 from peftkit.data.prompting import default_prompt_format
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import save_adapter
@@ -37,6 +38,7 @@ from peftkit.train.optim import optimizer_and_schedule, total_steps
 from peftkit.train.precision import make_accelerator, upcast_trainable
 from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
 from peftkit.train.rundir import RUN_CONFIG, check_run_dir, fresh_run_dir
+from peftkit.train.tracking import Tracking, tracker_names
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +117,12 @@ def prepare(cfg: TrainConfig) -> Session:
 
     cfg = resolve_defaults(cfg)
     method = get_method(cfg.method)
-    acc, dtype, precision = make_accelerator(cfg.precision, method.trains_base)
+    acc, dtype, precision = make_accelerator(cfg.precision, method.trains_base, tracker_names(cfg.report_to))
     say = log.info if acc.is_main_process else (lambda *_args: None)
     run_dir, resume_from = check_run_dir(cfg) if not cfg.dry_run else (None, None)
     model, tokenizer = load_model(cfg.model, dtype=dtype)
     prompt_format = prompt_format_of(model) or default_prompt_format(tokenizer)
+    prompt_format = use_chat_template(tokenizer, cfg.chat_template) or prompt_format  # --chat-template
     train_split, eval_split, fmt = splits.load_splits(cfg, tokenizer, prompt_format)
     set_seed(cfg.seed)                    # before the adapter is initialised: same command, same adapter
     apply_method(model, cfg.method, cfg.method_options())
@@ -154,7 +157,8 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     if s.resume_from is not None:
         pos = load_checkpoint(s.resume_from, model, optimizer, scheduler, acc.process_index)
         say(f"resuming from {s.resume_from} (step {pos.step}, epoch {pos.epoch}, micro-batch {pos.micro})")
-    metrics = Metrics(s.run_dir, main, resume_step=pos.step if s.resume_from else None)
+    tracking = Tracking.start(acc, s.run_dir, cfg.to_dict()) if main else None
+    metrics = Metrics(s.run_dir, main, resume_step=pos.step if s.resume_from else None, tracking=tracking)
     evaluate = _evaluator(s, metrics, keep)
     before = _earlier_eval(metrics, 0) if s.resume_from else evaluate(0, generate=True)
     _say_eval("before", before, say)
@@ -177,6 +181,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     except BaseException as exc:
         if not isinstance(exc, Exception):  # Ctrl-C, or the CLI's SIGTERM: say how to continue
             _say_interrupted(s)
+        metrics.close()
         raise
     finally:
         bar.stop()
@@ -185,6 +190,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     result = RunResult(s.run_dir, before=before, after=after, steps=pos.step, main=main)
     if main:
         _finish(s, result, metrics, pos)
+    metrics.close()  # flush the trackers
     acc.wait_for_everyone()
     return result
 
