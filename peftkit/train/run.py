@@ -33,8 +33,9 @@ from peftkit.train.config import TrainConfig, resolve_defaults, save_config
 from peftkit.train.evaluate import eval_loss, exact_match
 from peftkit.train.loop import Loop, fit
 from peftkit.train.loss import supports_logits_to_keep
+from peftkit.train.memory_report import report_memory
 from peftkit.train.optim import optimizer_and_schedule, total_steps
-from peftkit.train.precision import make_accelerator, upcast_trainable
+from peftkit.train.precision import auto_precision, make_accelerator, upcast_trainable
 from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
 from peftkit.train.rundir import RUN_CONFIG, check_run_dir, fresh_run_dir
 
@@ -53,22 +54,6 @@ class RunResult:
     wall_s: float = 0.0
     summary: dict = field(default_factory=dict)
     main: bool = True               # False on the other processes of a distributed run (they print nothing)
-
-
-def memory_estimate(cfg: TrainConfig, model: Any) -> Any:
-    """peftkit.memory's estimate for this run (per process): the one place the trainer talks to the estimator.
-    Raises PeftkitError when the estimator declines the setup; the caller reports why and trains anyway."""
-    import torch
-
-    from peftkit.memory import estimate_memory
-    from peftkit.memory.training_setup import field_options
-
-    options = field_options(cfg.method, cfg.method_options())
-    gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else None
-    precision = "fp32" if cfg.precision in ("auto", "fp16") and gpu_gb is None else cfg.precision
-    return estimate_memory(model.config, cfg.method, precision="amp" if precision in ("auto", "fp16") else precision,
-                           batch_size=cfg.batch_size, seq_len=cfg.max_length, gpu_memory_gb=gpu_gb,
-                           gradient_checkpointing=cfg.gradient_checkpointing, **options)
 
 
 @dataclass
@@ -125,10 +110,11 @@ def prepare(cfg: TrainConfig) -> Session:
     apply_method(model, cfg.method, cfg.method_options())
     upcast_trainable(model, precision)
     trainable, total = trainable_parameters(model)
+    why = f" (auto: {auto_precision()[1]}; --precision fp32 to change)" if cfg.precision == "auto" else ""
     say(f"model {cfg.model or 'embedded SmolLM2-135M-Instruct'} | method {cfg.method} | trainable {trainable:,} of "
-        f"{total:,} parameters ({100 * trainable / total:.3f}%) | precision {precision}")
+        f"{total:,} parameters ({100 * trainable / total:.3f}%) | precision {precision}{why}")
     say(f"data: {len(train_split)} training examples ({fmt}), {len(eval_split) if eval_split else 0} eval")
-    _report_memory(cfg, model, say)
+    report_memory(cfg, model, precision, say)
     plan = splits.plan_fn(train_split, cfg)
     steps = total_steps(cfg, len(plan(0)), acc.num_processes)
     say(f"{steps} optimizer step{'s' if steps != 1 else ''} of {cfg.batch_size} x {cfg.grad_accum} x "
@@ -273,19 +259,3 @@ def _say_eval(when: str, result: dict, say: Callable[[str], None]) -> None:
     em = result.get("exact_match")
     em_text = f", exact match {em:.0%} of {result['n']}" if em is not None else ""
     say(f"eval {when}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}{em_text}")
-
-
-def _report_memory(cfg: TrainConfig, model: Any, say: Callable[[str], None]) -> None:
-    """Print the estimate's total and largest parts; warn when it exceeds this GPU's memory. An estimate is
-    advisory: when the estimator declines the setup, say why and go on."""
-    try:
-        estimate = memory_estimate(cfg, model)
-    except PeftkitError as exc:
-        say(f"memory estimate: not available ({exc})")
-        return
-    parts = sorted(estimate.breakdown.items(), key=lambda kv: -kv[1])[:3]
-    shown = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f}" for k, v in parts)
-    say(f"memory estimate: {estimate.total_bytes / 1e9:.2f} GB per device (GB = 1e9 bytes; largest: {shown})")
-    if estimate.fits is False:
-        say(f"warning: the estimate exceeds this GPU's {estimate.gpu_memory_gb:.1f} GB; lower --batch-size or "
-            "--max-length, or use --gradient-checkpointing")
