@@ -34,14 +34,14 @@ def row_to_chat(row: dict[str, Any], fmt: str, index: int = 0) -> tuple[list[dic
 
 @torch.no_grad()
 def eval_loss(model: nn.Module, collate: Callable[[list[int]], dict], batches: list[list[int]],
-              keep_logits: bool = True) -> dict[str, float]:
+              path: str = "fused") -> dict[str, float]:
     """Mean token loss and perplexity over `batches` (lists of example indices of a tokenized dataset)."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for indices in batches:
         batch = collate(indices)
-        total += float(micro_loss(model, batch, keep_logits))
+        total += float(micro_loss(model, batch, path))
         n += count_targets(batch)
     model.train(was_training)
     loss = total / max(n, 1)

@@ -32,7 +32,7 @@ from peftkit.train.checkpoint import Position, list_checkpoints, load_checkpoint
 from peftkit.train.config import TrainConfig, resolve_defaults, save_config
 from peftkit.train.evaluate import eval_loss, exact_match
 from peftkit.train.loop import Loop, fit
-from peftkit.train.loss import supports_logits_to_keep
+from peftkit.train.loss import loss_path
 from peftkit.train.memory_report import report_memory
 from peftkit.train.optim import optimizer_and_schedule, total_steps
 from peftkit.train.precision import auto_precision, make_accelerator, upcast_trainable
@@ -134,14 +134,14 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
         enable_checkpointing(model)
     model.to(acc.device)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, s.steps)
-    keep = supports_logits_to_keep(model)
+    path = loss_path(model)
     prepared, optimizer = acc.prepare(model, optimizer)
     pos = Position()
     if s.resume_from is not None:
         pos = load_checkpoint(s.resume_from, model, optimizer, scheduler, acc.process_index)
         say(f"resuming from {s.resume_from} (step {pos.step}, epoch {pos.epoch}, micro-batch {pos.micro})")
     metrics = Metrics(s.run_dir, main, resume_step=pos.step if s.resume_from else None)
-    evaluate = _evaluator(s, metrics, keep)
+    evaluate = _evaluator(s, metrics, path)
     before = _earlier_eval(metrics, 0) if s.resume_from else evaluate(0, generate=True)
     _say_eval("before", before, say)
     bar = Progress(s.steps, pos.step, enabled=main and progress)
@@ -155,7 +155,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
                 collate=splits.collate_fn(s.train_split, s.tokenizer.pad_token_id, cfg.packing, acc.device),
                 lengths=s.train_split.lengths, total_steps=s.steps, grad_accum=cfg.grad_accum,
                 max_grad_norm=cfg.max_grad_norm, save_steps=cfg.save_steps, eval_steps=cfg.eval_steps,
-                keep_checkpoints=cfg.keep_checkpoints, run_dir=s.run_dir, keep_logits=keep, on_log=on_log,
+                keep_checkpoints=cfg.keep_checkpoints, run_dir=s.run_dir, loss_path=path, on_log=on_log,
                 on_eval=lambda step: evaluate(step, generate=False),
                 on_checkpoint=on_checkpoint or (lambda step: None))
     try:
@@ -175,7 +175,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     return result
 
 
-def _evaluator(s: Session, metrics: Metrics, keep: bool) -> Callable[..., dict]:
+def _evaluator(s: Session, metrics: Metrics, path: str) -> Callable[..., dict]:
     """evaluate(step, generate) -> eval loss (and exact match when generating) on the main process, recorded."""
     if s.eval_split is None:
         return lambda step, generate: {}
@@ -186,7 +186,7 @@ def _evaluator(s: Session, metrics: Metrics, keep: bool) -> Callable[..., dict]:
         result: dict[str, Any] = {}
         if s.main:
             with s.accelerator.autocast():  # under amp: half-precision base weights meet fp32 adapter weights
-                result = eval_loss(s.model, collate, plan, keep)
+                result = eval_loss(s.model, collate, plan, path)
                 if generate and s.eval_split.references:
                     result.update(exact_match(s.model, s.tokenizer, s.eval_split.references, s.prompt_format))
             metrics.write("eval", {"step": step, **result})
