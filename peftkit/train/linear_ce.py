@@ -37,7 +37,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and every needed gradient chunk by chunk; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows):  # noqa: ANN001, ANN205 (autograd's signature)
+    def forward(ctx, hidden, weight, bias, targets, rows):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -64,7 +64,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_out):
         saved = iter(ctx.saved_tensors)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = next(saved) * grad_out if need_h else None

@@ -38,6 +38,7 @@ from peftkit.train.optim import optimizer_and_schedule, total_steps
 from peftkit.train.precision import auto_precision, make_accelerator, upcast_trainable
 from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
 from peftkit.train.rundir import RUN_CONFIG, check_run_dir, fresh_run_dir
+from peftkit.train.speed import apply_speed_settings
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,11 @@ def prepare(cfg: TrainConfig) -> Session:
     report_memory(cfg, model, precision, say)
     plan = splits.plan_fn(train_split, cfg)
     steps = total_steps(cfg, len(plan(0)), acc.num_processes)
-    say(f"{steps} optimizer step{'s' if steps != 1 else ''} of {cfg.batch_size} x {cfg.grad_accum} x "
-        f"{acc.num_processes} examples, lr {cfg.lr}")
+    rows = f"<= {cfg.batch_tokens} tokens" if cfg.batch_tokens else f"{cfg.batch_size} examples"
+    say(f"{steps} optimizer step{'s' if steps != 1 else ''} of {cfg.grad_accum} x {acc.num_processes} micro-batches "
+        f"of {rows}, lr {cfg.lr}")
+    planned = steps * cfg.grad_accum * acc.num_processes * sum(train_split.lengths) // max(len(plan(0)), 1)
+    apply_speed_settings(model, cfg, precision, acc.device.type, planned, say)
     return Session(cfg, method, acc, model, tokenizer, prompt_format, train_split, eval_split, plan, steps, run_dir,
                    resume_from)
 
