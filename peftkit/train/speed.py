@@ -1,10 +1,11 @@
 """Speed settings of a training run: the attention kernel, and compiling the decoder layers.
 
 Attention (`--attention auto|eager|sdpa`). PyTorch's fused attention (SDPA) is the right default almost
-everywhere, but on a CPU under bf16 its backward pass is slow: measured here on the embedded model, the eager
-(matmul + softmax) attention trains faster at short lengths and SDPA wins back past about 256 tokens (its cost
-grows with length more slowly). `auto` picks eager on a CPU under bf16 when every row is at most
-EAGER_MAX_LENGTH tokens, else leaves the model's own choice (SDPA where it supports it).
+everywhere, but on a CPU under bf16 its backward pass is slow (3-3.5x its fp32 cost, measured on the embedded
+model): there the eager attention (matmul + softmax) trained the embedded model ~1.3x faster at 128 tokens and
+~30% slower at 512 (SDPA's cost grows more slowly with length). `auto` picks eager on a CPU under bf16 when rows
+are at most EAGER_MAX_LENGTH tokens (between the two measured lengths; the exact crossover was not measured),
+else leaves the model's own choice (SDPA where it supports it).
 
 Compiling (`--compile / --no-compile`). `torch.compile` of each decoder layer (not the whole model: one graph per
 layer class compiles in tens of seconds instead of minutes, and recompiles per layer are shared) fuses the
