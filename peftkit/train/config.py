@@ -26,6 +26,7 @@ from peftkit.train.tracking import parse_report_to
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "amp")
 SCHEDULERS = ("cosine", "linear", "constant")
 FORMATS = ("auto", "alpaca", "messages", "text", "prompt_completion")
+ATTENTIONS = ("auto", "eager", "sdpa")  # train/speed.py says when auto picks which
 # From the measurements in peftkit/data/README.md (q,v LoRA r=8, lr 2e-3, batch 8: 86% exact match after 30
 # steps; the longest example is 122 tokens): the zero-argument run uses these.
 BUNDLED_DEFAULTS = {"lr": 2e-3, "max_steps": 30, "batch_size": 8, "max_length": 128}
@@ -74,6 +75,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    attention: str = "auto"                # auto | eager | sdpa (train/speed.py)
+    compile: bool | None = None            # torch.compile each decoder layer; None: when the run is long enough
+    batch_tokens: int | None = None        # micro-batches by padded-token budget instead of batch_size rows
     seed: int = 0
     # run folder
     output: str | None = None
@@ -98,6 +102,7 @@ class TrainConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_choice("format", self.format, FORMATS)
+        _check_choice("attention", self.attention, ATTENTIONS)
         if self.overwrite and self.resume:
             raise PeftkitError("--overwrite and --resume contradict each other; pick one")
         if isinstance(self.eval_split, float) and not (0 < self.eval_split < 1 or self.eval_split.is_integer()):
@@ -176,4 +181,8 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     method = get_method(cfg.method)
     if cfg.lr is None and (cfg.data is not None or method.trains_base):
         fill["lr"] = method.default_lr
-    return dataclasses.replace(cfg, **fill)
+    resolved = dataclasses.replace(cfg, **fill)
+    if resolved.batch_tokens is not None and resolved.batch_tokens < resolved.max_length:
+        raise PeftkitError(f"batch_tokens ({resolved.batch_tokens}) must be at least max_length "
+                           f"({resolved.max_length}) so that the longest row fits in a micro-batch")
+    return resolved

@@ -103,7 +103,8 @@ def plan_fn(split: Split, cfg: TrainConfig, shuffle: bool = True) -> Callable[[i
         if epoch not in cache:
             cache.clear()
             cache[epoch] = data.batches(split.lengths, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                        packing=cfg.packing, shuffle=shuffle, seed=cfg.seed, epoch=epoch)
+                                        packing=cfg.packing, shuffle=shuffle, seed=cfg.seed, epoch=epoch,
+                                        batch_tokens=cfg.batch_tokens)
         return cache[epoch]
 
     return plan
