@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import json
 
+import bitsandbytes as bnb
 import pytest
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-pytest.importorskip("bitsandbytes")
-
-import bitsandbytes as bnb  # noqa: E402
-from peft import PeftModel  # noqa: E402
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
-
-import peftkit  # noqa: E402
-from peftkit.errors import PeftkitError  # noqa: E402
-from peftkit.methods.qlora import QloraConfig  # noqa: E402
-from tests.tiny import QUANT, logits, perturb_adapter, tiny_input, tiny_model, train_steps  # noqa: E402
+import peftkit
+from peftkit.errors import PeftkitError
+from peftkit.methods.qlora import QloraConfig
+from tests.tiny import QUANT, logits, perturb_adapter, tiny_input, tiny_model, train_steps
 
 BNB = {"nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                    bnb_4bit_compute_dtype=torch.float32),
