@@ -9,8 +9,9 @@ expected numbers depend on them, so a test keeps the preset it was written for:
   the LoRA, PEFT-interop, load-error, merging, data and CLI tests.
 - WIDE: vocab 96, hidden 64 (heads of 16), intermediate 96, initializer_range 0.1: the bottleneck / prefix /
   prompt tests (bottleneck reduction factors and prefix KV widths need hidden 64).
-- QUANT: vocab 128, hidden 64, intermediate 128: the QLoRA tests (bitsandbytes' 4-bit CPU kernels need every
-  linear layer's input width to be a multiple of 64).
+- QUANT: vocab 128, hidden 64, intermediate 128: the QLoRA tests that run a model loaded by plain transformers +
+  bitsandbytes (PEFT's side): on an AVX512-BF16 CPU bitsandbytes' 4-bit eval kernel needs input widths that are
+  multiples of 64 (peftkit turns that kernel off, `peftkit.io.quantize.keep_trainable_layout`).
 
 `tiny_model` is seeded (same seed, same weights), fp32, in eval mode, dropout off, and never stops generating at
 an EOS (tests compare a fixed number of new tokens). `save_tiny_checkpoint` saves a tiny Llama with the embedded
@@ -58,7 +59,7 @@ class Size:
 
 SMALL = Size(vocab=128, hidden=32, intermediate=64, bias_std=0.1)
 WIDE = Size(vocab=96, hidden=64, intermediate=96, init_std=0.1)
-QUANT = Size(vocab=128, hidden=64, intermediate=128, bias_std=0.1)  # bitsandbytes' CPU 4-bit matmul: in % 64 == 0
+QUANT = Size(vocab=128, hidden=64, intermediate=128, bias_std=0.1)  # see QUANT in the module docstring
 
 
 def tiny_config(arch: str, size: Size = SMALL, **overrides) -> PretrainedConfig:
@@ -172,15 +173,15 @@ def left_padded_matches_rows(model: torch.nn.Module, steps: int = 5, size: Size 
 ANSWERS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
 
 
-def save_tiny_checkpoint(folder: Path, seed: int = 0, hidden: int = 32, intermediate: int = 64) -> Path:
+def save_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
     """Save a tiny Llama (hidden 32, 256 positions, tied embeddings, the tokenizer's vocab and special tokens) with
-    the embedded model's tokenizer to `folder`; returns it. QLoRA tests ask for hidden 64, intermediate 128."""
+    the embedded model's tokenizer to `folder`; returns it."""
     from transformers import AutoTokenizer
 
     from peftkit.io.models import embedded_folder
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_folder())
-    size = Size(vocab=len(tokenizer), hidden=hidden, intermediate=intermediate, positions=256)
+    size = Size(vocab=len(tokenizer), hidden=32, intermediate=64, positions=256)
     config = tiny_config("llama", size, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)

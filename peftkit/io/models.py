@@ -27,7 +27,7 @@ from peftkit.errors import PeftkitError
 from peftkit.io.fs import atomic_dir
 from peftkit.io.gguf import CONVERSION_VERSION, conversion_version, convert_gguf, write_conversion_version
 from peftkit.io.model_config import complete_config
-from peftkit.io.quantize import bnb_config, check_quantize, fsdp_requested
+from peftkit.io.quantize import bnb_config, check_quantize, fsdp_requested, keep_trainable_layout
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,8 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if device is not None and quantize is None:
         model.to(device)
+    if quantize is not None:
+        keep_trainable_layout(model)
     if hub_id is not None:
         set_base_model(model, hub_id, EMBEDDED_NOTE)
     model.eval()

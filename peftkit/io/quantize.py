@@ -75,6 +75,20 @@ def bnb_config(quantize: str, double_quant: bool = True, compute_dtype: torch.dt
                               bnb_4bit_quant_storage=compute_dtype if fsdp else torch.uint8)
 
 
+def keep_trainable_layout(model: Any) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights (every `Linear4bit`).
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.48 to 0.50 at least) repacks a 4-bit weight, in place, the first time
+    the layer runs in eval mode without grad, for a faster inference kernel. That layout has no backward: every
+    training step after the first evaluation gets no gradients, silently (torch only warns that gemv_4bit has no
+    autograd kernel), and it needs input widths divisible by 64. A model that trains and evaluates in turn must
+    keep the trainable layout, so peftkit never lets the repacking happen.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def quantization_record(model: Any) -> dict | None:
     """What an adapter trained over `model` records about its quantized base (None for a plain base):
     bits, quant_type, double_quant, compute_dtype, the dtype the other weights were loaded in, the block size, and

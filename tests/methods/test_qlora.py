@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import peftkit
 from peftkit.errors import PeftkitError
+from peftkit.io.quantize import keep_trainable_layout
 from peftkit.methods.qlora import QloraConfig
 from tests.tiny import QUANT, logits, perturb_adapter, tiny_input, tiny_model, train_steps
 
@@ -77,6 +78,7 @@ def test_peft_loads_qlora_adapter_over_bnb_base(base, tmp_path, quantize):
                                              quantization_config=BitsAndBytesConfig(**BNB[quantize])), tmp_path / "ad")
     assert isinstance(theirs.base_model.model.model.layers[0].self_attn.q_proj.base_layer,
                       bnb.nn.Linear4bit if quantize == "nf4" else bnb.nn.Linear8bitLt)
+    keep_trainable_layout(theirs)  # the same 4-bit kernel on both sides (else bitsandbytes' bf16 CPU eval kernel)
     assert (logits(theirs, ids) - ours).abs().max() <= 1e-4
     # and back: peftkit loads the adapter over the same quantized base, same logits
     again = _quantized(base, quantize)
@@ -112,6 +114,7 @@ def test_qlora_trains_with_and_without_checkpointing(base, checkpointing):
     if checkpointing:
         enable_checkpointing(model)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    logits(model, tiny_input(size=QUANT))  # an eval forward first, as the trainer's evaluation does (see keep_trainable_layout)
     first, last = train_steps(model, tiny_input(size=QUANT, length=12), steps=6)
     assert last < first
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
