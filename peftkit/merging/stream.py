@@ -46,8 +46,10 @@ from peftkit.io.fs import atomic_dir
 from peftkit.io.model_config import complete_config
 from peftkit.io.models import resolve_dtype
 from peftkit.io.outputs import check_output
+from peftkit.io.quantize import dequantized
 from peftkit.merging.deltas import LoraDeltas, combine, parse_weights, read_lora
 from peftkit.merging.plan import MergePlan, Target, plan_merge
+from peftkit.merging.quantized import add_dequantized, merge_base_quantization, recorded_quantization
 
 
 @dataclass
@@ -66,6 +68,9 @@ class MergeReport:
     copied: list[str] = field(default_factory=list)
     seconds: float = 0.0
     logits_max_abs_diff: float | None = None
+    merge_base: str = "original"  # "quantized": into the de-quantized base a QLoRA adapter was trained over
+    quantization: dict | None = None  # the quantization the adapters recorded (peftkit.json "quantization")
+    base_logits_diff: float | None = None  # max |logit difference| between the two merge bases on a probe
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -75,8 +80,11 @@ def tolerance(dtype: torch.dtype) -> float:
 
 def merge_to_disk(base: str | None, adapters: list[str], output: str, *, weights: str | list[float] | None = None,
                   combination: str = "concat", rank: int | None = None, dtype: str | None = None,
-                  overwrite: bool = False, seed: int = 0) -> MergeReport:
-    """Merge LoRA `adapters` (weighted, combined by `combination`) into `base`, writing a model folder at `output`."""
+                  overwrite: bool = False, seed: int = 0, merge_base: str | None = None) -> MergeReport:
+    """Merge LoRA `adapters` (weighted, combined by `combination`) into `base`, writing a model folder at `output`.
+
+    merge_base: "quantized" (the default for QLoRA adapters: into the de-quantized base they were trained over)
+    or "original" (see `peftkit.merging.quantized`)."""
     start = time.perf_counter()
     if not adapters:
         raise PeftkitError("give at least one --adapter to merge")
@@ -85,20 +93,27 @@ def merge_to_disk(base: str | None, adapters: list[str], output: str, *, weights
     check_output(output, overwrite, inputs=[folder, *adapters])
     ckpt = open_checkpoint(folder)
     weight_list = check_weights(weights) if isinstance(weights, list) else parse_weights(weights, len(adapters))
-    deltas = combine([read_lora(a, w) for a, w in zip(adapters, weight_list, strict=True)], combination, rank)
+    parts = [read_lora(a, w) for a, w in zip(adapters, weight_list, strict=True)]
+    recorded = recorded_quantization(parts)
+    quant = merge_base_quantization(merge_base, recorded)
+    deltas = combine(parts, combination, rank)
     from transformers import AutoConfig
 
     from peftkit.core.counting import meta_model
 
     config = AutoConfig.from_pretrained(folder)
     header = shapes(ckpt)
-    plan = plan_merge(deltas, meta_model(config), header)
-    report = MergeReport(output=str(output), base_folder=str(folder), untied_lm_head=plan.untie)
+    meta = meta_model(config)
+    plan = plan_merge(deltas, meta, header)
+    if quant is not None:
+        add_dequantized(plan, meta, header, quant)
+    report = MergeReport(output=str(output), base_folder=str(folder), untied_lm_head=plan.untie,
+                         merge_base="quantized" if quant is not None else "original", quantization=recorded)
     with atomic_dir(output, command="merge") as tmp:
         weight_map: dict[str, str] = {}
         for shard in ckpt.shards:
             layout = _layout(ckpt.keys_of(shard), header, plan, out_dtype)
-            probes = _write_shard(ckpt, shard, tmp / shard, layout, plan, deltas, seed)
+            probes = _write_shard(ckpt, shard, tmp / shard, layout, plan, deltas, seed, quant)
             report.bytes_written += (tmp / shard).stat().st_size
             _verify(tmp / shard, probes, report)
             weight_map.update(dict.fromkeys(layout, shard))
@@ -131,7 +146,8 @@ def _out_spec(spec: tuple, out_dtype: torch.dtype | None) -> tuple:
     return tuple(shape), (out_dtype if out_dtype is not None and dtype.is_floating_point else dtype)
 
 
-def _write_shard(ckpt, shard: str, path: Path, layout: dict, plan: MergePlan, deltas: LoraDeltas, seed: int) -> dict:
+def _write_shard(ckpt, shard: str, path: Path, layout: dict, plan: MergePlan, deltas: LoraDeltas, seed: int,
+                 quant: dict | None) -> dict:
     """Write one output shard; returns {key: (probe x or None, expected)} for the self-check.
 
     Every tensor is checked finite after its cast to the output dtype before it is written. On any error (a
@@ -148,7 +164,7 @@ def _write_shard(ckpt, shard: str, path: Path, layout: dict, plan: MergePlan, de
                 if target is None:
                     writer.write(out_key, cast_checked(tensor, dtype, f"base tensor {out_key!r}", "nothing was written"))
                     continue
-                merged, probes[out_key] = _apply(target, tensor, deltas, seed)
+                merged, probes[out_key] = _apply(target, tensor, deltas, seed, quant)
                 writer.write(out_key, cast_checked(merged, dtype, f"merged tensor {out_key!r}",
                                                    "check --weights and the adapters; nothing was written"))
     except BaseException:
@@ -159,9 +175,13 @@ def _write_shard(ckpt, shard: str, path: Path, layout: dict, plan: MergePlan, de
     return probes
 
 
-def _apply(target: Target, tensor: torch.Tensor, deltas: LoraDeltas, seed: int) -> tuple[torch.Tensor, tuple]:
-    """(merged fp32 tensor, probe) for one target. The probe's expectation never uses the dense merged tensor."""
+def _apply(target: Target, tensor: torch.Tensor, deltas: LoraDeltas, seed: int,
+           quant: dict | None) -> tuple[torch.Tensor, tuple]:
+    """(merged fp32 tensor, probe) for one target. The probe's expectation never uses the dense merged tensor.
+    A `dequantize` target starts from the de-quantized weight (transformers quantizes Conv1D's [in, out] as [out, in])."""
     w = tensor.float()
+    if target.dequantize:
+        w = dequantized(w.T, quant).T if target.transpose else dequantized(w, quant)
     if target.module is not None:
         d = deltas.deltas[target.module]
         x = _probe(d.a.shape[1], target.key, seed)
@@ -173,7 +193,7 @@ def _apply(target: Target, tensor: torch.Tensor, deltas: LoraDeltas, seed: int) 
         merged = w + deltas.deltas[target.bias_of].bias
         return merged, (None, merged.clone(), False)
     merged = w.clone()
-    for weight, full in deltas.full[target.full]:  # W + Σ w_i (F_i − W): a single adapter at weight 1 gives F
+    for weight, full in deltas.full.get(target.full, []):  # none: a quantized weight without an adapter  # W + Σ w_i (F_i − W): a single adapter at weight 1 gives F
         merged += weight * (full - w)
     if merged.dim() != 2:
         return merged, (None, merged.clone(), False)
