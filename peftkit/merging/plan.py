@@ -30,7 +30,7 @@ class Target:
     transpose: bool = False  # Conv1D stores W as [in, out]
     bias_of: str | None = None  # adapter module whose bias delta is added (biases)
     full: str | None = None  # key in LoraDeltas.full of a replacement tensor
-    dequantize: bool = False  # merge into the de-quantized weight (a QLoRA adapter's base: merging/quantized.py)
+    dequantize: dict | None = None  # merge into the weight de-quantized as this records (merging/quantized.py)
 
 
 @dataclass

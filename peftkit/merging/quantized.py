@@ -65,7 +65,7 @@ def dequantize_model(model: nn.Module, record: dict) -> nn.Module:
 
 def add_dequantized(plan: MergePlan, meta: nn.Module, shapes: dict, record: dict) -> None:
     """Mark every weight transformers quantized under `record` to be merged into its de-quantized form: LoRA
-    targets get `dequantize`, the other quantized weights become targets of their own (de-quantized, no delta)."""
+    targets get `dequantize = record`, the other quantized weights become targets of their own (no delta)."""
     keys, prefix = set(shapes), getattr(meta, "base_model_prefix", "")
     for name, module in quantized_layers(meta, record):
         key = find_key(f"{name}.weight", keys, prefix)
@@ -73,6 +73,6 @@ def add_dequantized(plan: MergePlan, meta: nn.Module, shapes: dict, record: dict
             continue
         target = plan.targets.get(key)
         if target is None:
-            plan.targets[key] = Target(key=key, source=key, transpose=isinstance(module, Conv1D), dequantize=True)
+            plan.targets[key] = Target(key=key, source=key, transpose=isinstance(module, Conv1D), dequantize=record)
         elif target.full is None:
-            target.dequantize = True
+            target.dequantize = record

@@ -113,7 +113,7 @@ def merge_to_disk(base: str | None, adapters: list[str], output: str, *, weights
         weight_map: dict[str, str] = {}
         for shard in ckpt.shards:
             layout = _layout(ckpt.keys_of(shard), header, plan, out_dtype)
-            probes = _write_shard(ckpt, shard, tmp / shard, layout, plan, deltas, seed, quant)
+            probes = _write_shard(ckpt, shard, tmp / shard, layout, plan, deltas, seed)
             report.bytes_written += (tmp / shard).stat().st_size
             _verify(tmp / shard, probes, report)
             weight_map.update(dict.fromkeys(layout, shard))
@@ -146,8 +146,7 @@ def _out_spec(spec: tuple, out_dtype: torch.dtype | None) -> tuple:
     return tuple(shape), (out_dtype if out_dtype is not None and dtype.is_floating_point else dtype)
 
 
-def _write_shard(ckpt, shard: str, path: Path, layout: dict, plan: MergePlan, deltas: LoraDeltas, seed: int,
-                 quant: dict | None) -> dict:
+def _write_shard(ckpt, shard: str, path: Path, layout: dict, plan: MergePlan, deltas: LoraDeltas, seed: int) -> dict:
     """Write one output shard; returns {key: (probe x or None, expected)} for the self-check.
 
     Every tensor is checked finite after its cast to the output dtype before it is written. On any error (a
@@ -164,7 +163,7 @@ def _write_shard(ckpt, shard: str, path: Path, layout: dict, plan: MergePlan, de
                 if target is None:
                     writer.write(out_key, cast_checked(tensor, dtype, f"base tensor {out_key!r}", "nothing was written"))
                     continue
-                merged, probes[out_key] = _apply(target, tensor, deltas, seed, quant)
+                merged, probes[out_key] = _apply(target, tensor, deltas, seed)
                 writer.write(out_key, cast_checked(merged, dtype, f"merged tensor {out_key!r}",
                                                    "check --weights and the adapters; nothing was written"))
     except BaseException:
@@ -175,13 +174,12 @@ def _write_shard(ckpt, shard: str, path: Path, layout: dict, plan: MergePlan, de
     return probes
 
 
-def _apply(target: Target, tensor: torch.Tensor, deltas: LoraDeltas, seed: int,
-           quant: dict | None) -> tuple[torch.Tensor, tuple]:
+def _apply(target: Target, tensor: torch.Tensor, deltas: LoraDeltas, seed: int) -> tuple[torch.Tensor, tuple]:
     """(merged fp32 tensor, probe) for one target. The probe's expectation never uses the dense merged tensor.
     A `dequantize` target starts from the de-quantized weight (transformers quantizes Conv1D's [in, out] as [out, in])."""
     w = tensor.float()
-    if target.dequantize:
-        w = dequantized(w.T, quant).T if target.transpose else dequantized(w, quant)
+    if target.dequantize is not None:
+        w = dequantized(w.T, target.dequantize).T if target.transpose else dequantized(w, target.dequantize)
     if target.module is not None:
         d = deltas.deltas[target.module]
         x = _probe(d.a.shape[1], target.key, seed)

@@ -16,7 +16,7 @@ import peftkit
 from peftkit.cli import main
 from peftkit.errors import PeftkitError
 from peftkit.io.models import embedded_folder
-from peftkit.io.quantize import keep_trainable_layout
+from peftkit.io.quantize import dequantized, keep_trainable_layout, quantization_record
 from peftkit.merging.stream import merge_to_disk
 from peftkit.methods.qlora import QloraConfig
 from tests.tiny import QUANT, logits, perturb_adapter, tiny_input, tiny_model
@@ -99,3 +99,17 @@ def test_quantized_merge_base_of_plain_lora_is_refused(qlora, tmp_path):
         merge_to_disk(str(base), [str(tmp_path / "plain")], str(tmp_path / "m"), merge_base="quantized")
     with pytest.raises(PeftkitError, match="--merge-base must be one of quantized, original, got 'nf4'"):
         merge_to_disk(str(base), [str(tmp_path / "plain")], str(tmp_path / "m"), merge_base="nf4")
+
+
+@pytest.mark.parametrize("quantize", ["fp4", "int8"])
+def test_dequantized_weight_is_what_bitsandbytes_loaded(qlora, quantize):
+    """The merge's re-quantization reproduces, from the original weight, what transformers + bitsandbytes loaded
+    (FP4 without double quantization, and 8-bit; NF4 is covered above through PEFT)."""
+    base, _ = qlora
+    model, _ = peftkit.load_model(str(base), dtype="fp32", quantize=quantize, double_quant=False)
+    record = quantization_record(model)
+    original = load_file(str(base / "model.safetensors"))
+    for key in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
+        layer = model.get_submodule(key)
+        expected = dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None)).float()
+        assert (dequantized(original[key + ".weight"], record) - expected).abs().max() <= 1e-6, key
