@@ -133,7 +133,10 @@ def combine(parts: list[LoraDeltas], how: str = "concat", rank: int | None = Non
     for part in parts:
         for key, entries in part.full.items():
             full.setdefault(key, []).extend(entries)
-    return LoraDeltas(deltas, full, parts[0].base_model, parts[0].meta, any(p.fan_in_fan_out for p in parts),
+    meta = dict(parts[0].meta)
+    if any(p.meta.get("quantization") != meta.get("quantization") for p in parts):  # no one base they all trained over
+        meta.pop("quantization", None)
+    return LoraDeltas(deltas, full, parts[0].base_model, meta, any(p.fan_in_fan_out for p in parts),
                       [s for p in parts for s in p.sources])
 
 
@@ -176,7 +179,7 @@ def write_lora(deltas: LoraDeltas, path: str | os.PathLike, *, overwrite: bool =
     ranks = {m: d.a.shape[0] for m, d in deltas.deltas.items()}
     config = scale_one_config(ranks, base_model=deltas.base_model, lora_bias=with_bias,
                               fan_in_fan_out=deltas.fan_in_fan_out)
-    meta = {"method": "lora", **{k: v for k, v in deltas.meta.items() if k == "prompt_format"}}
+    meta = {"method": "lora", **{k: v for k, v in deltas.meta.items() if k in ("prompt_format", "quantization")}}
     tensors = lora_tensors(factors, with_bias)
     for key, tensor in tensors.items():
         check_finite(tensor, f"tensor {key!r} of the combined adapter")

@@ -5,6 +5,8 @@ merge base and the logit difference between the two on a probe."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel
@@ -17,6 +19,7 @@ from peftkit.cli import main
 from peftkit.errors import PeftkitError
 from peftkit.io.models import embedded_folder
 from peftkit.io.quantize import dequantized, keep_trainable_layout, quantization_record
+from peftkit.merging.deltas import combine, read_lora, write_lora
 from peftkit.merging.stream import merge_to_disk
 from peftkit.methods.qlora import QloraConfig
 from tests.tiny import QUANT, logits, perturb_adapter, tiny_input, tiny_model
@@ -113,3 +116,15 @@ def test_dequantized_weight_is_what_bitsandbytes_loaded(qlora, quantize):
         layer = model.get_submodule(key)
         expected = dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None)).float()
         assert (dequantized(original[key + ".weight"], record) - expected).abs().max() <= 1e-6, key
+
+
+def test_combined_adapter_keeps_a_shared_quantization(qlora, tmp_path):
+    base, adapter = qlora
+    plain = tiny_model("llama", QUANT)
+    peftkit.inject(plain, peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    peftkit.save_adapter(plain, tmp_path / "plain")
+    write_lora(combine([read_lora(adapter, 0.5), read_lora(adapter, 0.5)]), tmp_path / "both")
+    write_lora(combine([read_lora(adapter), read_lora(tmp_path / "plain")]), tmp_path / "mixed")
+    recorded = json.loads((adapter / "peftkit.json").read_text())["quantization"]
+    assert json.loads((tmp_path / "both" / "peftkit.json").read_text())["quantization"] == recorded
+    assert "quantization" not in json.loads((tmp_path / "mixed" / "peftkit.json").read_text())
