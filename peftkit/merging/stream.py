@@ -191,7 +191,8 @@ def _apply(target: Target, tensor: torch.Tensor, deltas: LoraDeltas, seed: int) 
         merged = w + deltas.deltas[target.bias_of].bias
         return merged, (None, merged.clone(), False)
     merged = w.clone()
-    for weight, full in deltas.full.get(target.full, []):  # none: a quantized weight without an adapter  # W + Σ w_i (F_i − W): a single adapter at weight 1 gives F
+    # W + Σ w_i (F_i − W): a single adapter at weight 1 gives F; no entry: a quantized weight no adapter touches
+    for weight, full in deltas.full.get(target.full, []):
         merged += weight * (full - w)
     if merged.dim() != 2:
         return merged, (None, merged.clone(), False)
