@@ -139,7 +139,10 @@ def combine(parts: list[LoraDeltas], how: str = "concat", rank: int | None = Non
         for key, entries in part.full.items():
             full.setdefault(key, []).extend(entries)
     names = None if any(p.target_names is None for p in parts) else sorted({n for p in parts for n in p.target_names})
-    return LoraDeltas(deltas, full, parts[0].base_model, parts[0].meta, any(p.fan_in_fan_out for p in parts),
+    meta = dict(parts[0].meta)
+    if any(p.meta.get("quantization") != meta.get("quantization") for p in parts):  # no one base they all trained over
+        meta.pop("quantization", None)
+    return LoraDeltas(deltas, full, parts[0].base_model, meta, any(p.fan_in_fan_out for p in parts),
                       [s for p in parts for s in p.sources], names)
 
 
@@ -183,7 +186,7 @@ def write_lora(deltas: LoraDeltas, path: str | os.PathLike, *, overwrite: bool =
     targets = target_modules_for(list(factors), names=deltas.target_names)
     config = scale_one_config(rank, targets, base_model=deltas.base_model, lora_bias=with_bias,
                               fan_in_fan_out=deltas.fan_in_fan_out)
-    meta = {"method": "lora", **{k: v for k, v in deltas.meta.items() if k == "prompt_format"}}
+    meta = {"method": "lora", **{k: v for k, v in deltas.meta.items() if k in ("prompt_format", "quantization")}}
     tensors = lora_tensors(factors, with_bias)
     for key, tensor in tensors.items():
         check_finite(tensor, f"tensor {key!r} of the combined adapter")

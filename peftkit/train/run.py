@@ -106,7 +106,8 @@ def prepare(cfg: TrainConfig) -> Session:
     acc, dtype, precision = make_accelerator(cfg.precision, method.trains_base, tracker_names(cfg.report_to))
     say = log.info if acc.is_main_process else (lambda *_args: None)
     run_dir, resume_from = check_run_dir(cfg) if not cfg.dry_run else (None, None)
-    model, tokenizer = load_model(cfg.model, dtype=dtype)
+    load_options = method.load_options(method.build_config(cfg.method_options()))  # qlora: a quantized base
+    model, tokenizer = load_model(cfg.model, dtype=dtype, **load_options)
     prompt_format = prompt_format_of(model) or default_prompt_format(tokenizer)
     prompt_format = use_chat_template(tokenizer, cfg.chat_template) or prompt_format  # --chat-template
     train_split, eval_split, fmt = splits.load_splits(cfg, tokenizer, prompt_format)

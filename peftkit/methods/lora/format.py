@@ -220,7 +220,7 @@ def _check_shapes(model: nn.Module, config: LoraConfig, tensors: dict, keys: dic
                 "(was the adapter trained for another base model?)"
             )
         w = base.weight
-        d_out, d_in = (w.shape[1], w.shape[0]) if not isinstance(base, nn.Linear) else tuple(w.shape)
+        d_out, d_in = (w.shape[1], w.shape[0]) if not isinstance(base, nn.Linear) else (base.out_features, base.in_features)
         r, _ = config.rank_alpha(path)
         expected = {"A": (r, d_in), "B": (d_out, r), "bias": (d_out,)}
         for slot, key in slots.items():
