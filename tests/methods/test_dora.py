@@ -171,3 +171,15 @@ def test_inconsistent_dora_files_are_refused(tmp_path):
     cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "use_dora": True}))
     with pytest.raises(PeftkitError, match="sets use_dora but module .* has no lora_magnitude_vector"):
         peftkit.load_adapter(tiny_model("llama"), plain)
+
+
+def test_pissa_dora_exports_against_the_original_weights(tmp_path):
+    """PiSSA keeps the residual in the base and exports rank 2r against the original W; DoRA's norm of W + sBA is
+    the same either way, so PEFT loads the export on the untouched base model with the same logits."""
+    model, ids = tiny_model("gpt2"), tiny_input()
+    peftkit.inject(model, peftkit.LoraConfig(r=4, init="pissa", use_dora=True, target_modules="all-linear"))
+    assert (logits(model, ids) - logits(tiny_model("gpt2"), ids)).abs().max() <= 1e-5
+    perturb_dora(model)
+    peftkit.save_adapter(model, tmp_path / "ad")
+    theirs = PeftModel.from_pretrained(tiny_model("gpt2"), tmp_path / "ad")
+    assert (logits(theirs, ids) - logits(model, ids)).abs().max() <= 1e-5
