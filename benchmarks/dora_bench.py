@@ -7,8 +7,8 @@ magnitudes: PEFT's adapter is saved and loaded into peftkit) and the same inputs
 interleaved (the order alternates each repeat), and reported as medians with ratios peftkit / PEFT:
 
 - train step: forward + backward + AdamW step (train mode, dropout 0), seconds;
-- saved activations: bytes of the tensors autograd keeps for backward in one forward (distinct storages, counted
-  with `torch.autograd.graph.saved_tensors_hooks`): the training memory that depends on the method;
+- saved activations: bytes of the tensors autograd holds for backward when a forward has returned (distinct
+  storages, found with `torch.autograd.graph.saved_tensors_hooks`): the training memory that depends on the method;
 - peak RSS: each tool's three training steps in a fresh child process: the peak RSS during the steps (VmHWM, reset
   before them through /proc/self/clear_refs; Linux) minus the RSS before them, MiB;
 - generate: greedy `model.generate` of --new tokens (KV cache, eval, no_grad) unmerged; peftkit plain LoRA of the
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -83,18 +84,21 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Te
 
 
 def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
-    storages: dict[int, int] = {}
+    """Bytes of the distinct storages autograd still holds for backward when the forward has returned (tensors
+    saved by a graph that was already freed, such as a detached temporary's, do not count)."""
+    packed: list[tuple[weakref.ref, int, int]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        packed.append((weakref.ref(t), storage.data_ptr(), storage.nbytes()))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    del loss
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(n for ptr, n in storages.items() if ptr not in params)
+    alive = {ptr: n for ref, ptr, n in packed if ref() is not None and ptr not in params}
+    del loss
+    return sum(alive.values())
 
 
 def generate_time(model: torch.nn.Module, prompt: torch.Tensor, new: int) -> float:

@@ -183,3 +183,15 @@ def test_pissa_dora_exports_against_the_original_weights(tmp_path):
     peftkit.save_adapter(model, tmp_path / "ad")
     theirs = PeftModel.from_pretrained(tiny_model("gpt2"), tmp_path / "ad")
     assert (logits(theirs, ids) - logits(model, ids)).abs().max() <= 1e-5
+
+
+def test_row_norm_stays_fp32_under_autocast():
+    from peftkit.methods.lora.dora import row_norm
+
+    g = torch.Generator().manual_seed(0)
+    w, a, b = (torch.randn(*s, generator=g) for s in ((48, 40), (4, 40), (48, 4)))
+    want = torch.linalg.vector_norm(w + 0.5 * (b @ a), dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = row_norm(w, False, a, b, 0.5)
+    assert got.dtype == torch.float32 and (got - want).abs().max() <= 1e-5
+    assert torch.allclose(row_norm(w.T.contiguous(), True, a, b, 0.5), want, atol=1e-5)  # Conv1D layout

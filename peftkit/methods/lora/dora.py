@@ -29,16 +29,18 @@ ROW_CHUNK = 4096  # rows of V formed at once: bounds the fp32 temporary to ROW_C
 
 @torch.no_grad()
 def row_norm(weight: torch.Tensor, fan_in_fan_out: bool, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """‖W + s·B A‖ per output row, in fp32 (no grad), a chunk of rows at a time. `weight` is the base layer's
-    own tensor ([in, out] for GPT-2's Conv1D when `fan_in_fan_out`), A [r, in], B [out, r]."""
+    """‖W + s·B A‖ per output row, in fp32 (no grad, autocast off: B A stays fp32 under amp), a chunk of rows at a
+    time. `weight` is the base layer's own tensor ([in, out] for GPT-2's Conv1D when `fan_in_fan_out`), A [r, in],
+    B [out, r]."""
     a32 = a.float()
     out_features = b.shape[0]
     norms = torch.empty(out_features, dtype=torch.float32, device=b.device)
-    for start in range(0, out_features, ROW_CHUNK):
-        rows = slice(start, start + ROW_CHUNK)
-        w = weight[:, rows].T if fan_in_fan_out else weight[rows]
-        v = w.float() + scaling * (b[rows].float() @ a32)
-        norms[rows] = torch.linalg.vector_norm(v, dim=1)
+    with torch.autocast(b.device.type, enabled=False):
+        for start in range(0, out_features, ROW_CHUNK):
+            rows = slice(start, start + ROW_CHUNK)
+            w = weight[:, rows].T if fan_in_fan_out else weight[rows]
+            v = w.float() + scaling * (b[rows].float() @ a32)
+            norms[rows] = torch.linalg.vector_norm(v, dim=1)
     return norms
 
 
