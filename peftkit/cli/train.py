@@ -67,6 +67,7 @@ def train_cmd(
     batch_tokens: Annotated[int | None, Opt("--batch-tokens", help="Micro-batches of at most N padded tokens (rows x longest row) instead of --batch-size rows.")] = None,
     warmup: Annotated[float | None, Opt("--warmup", help="Warmup steps, or a fraction < 1 of the steps.")] = None,
     scheduler: Annotated[str | None, Opt("--scheduler", help="cosine | linear | constant.")] = None,
+    loraplus_lr_ratio: Annotated[float | None, Opt("--loraplus-lr-ratio", help="LoRA+: LoRA's B matrices (and 1-D adapter parameters such as DoRA's magnitude) learn at R x --lr.")] = None,
     seed: Annotated[int | None, Opt("--seed", help="Set before the adapter is initialised.")] = None,
     train_on_prompt: Annotated[bool | None, Opt("--train-on-prompt/--no-train-on-prompt", help="Also train on the prompt tokens (default: the loss counts only the answers).")] = None,
     output: Output = None,

@@ -7,6 +7,11 @@ Each adapted module's update is ΔW = s · B A (s = alpha / r, or alpha / √r w
   *is* concat (a sum of low-rank products is a concatenation), so `combine` writes it as such.
 - svd: the best rank-R approximation of the exact sum (Eckart-Young), computed from the factors by QR (`svd.py`).
 Full tensors saved by `modules_to_save` are kept apart (`full`), since they replace a weight rather than add to it.
+
+A DoRA adapter (`use_dora`) also carries a magnitude m per output row: its merged weight is
+g ⊙_row (W + ΔW) with g = m / ‖W + ΔW‖_row, which needs the base weight W and is no delta. So it merges alone, at
+weight 1 (`stream.py` applies it), and is refused by every combination: the weighted sum of two DoRA adapters is
+neither a DoRA adapter nor a LoRA.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class ModuleDelta:
     a: torch.Tensor  # [r, d_in]
     b: torch.Tensor  # [d_out, r]
     bias: torch.Tensor | None = None  # [d_out]
+    magnitude: torch.Tensor | None = None  # DoRA's m [d_out]: the merged weight is m / ‖W + B A‖_row ⊙ (W + B A)
 
     def dense(self) -> torch.Tensor:
         return self.b @ self.a
@@ -87,12 +93,15 @@ def read_lora(path: str | os.PathLike, weight: float = 1.0) -> LoraDeltas:
     peft_type = config_json.get("peft_type")
     if peft_type != "LORA":
         raise _explain_not_lora(str(peft_type), str(path))
-    if any(".lora_embedding_" in k or ".lora_magnitude" in k for k in tensors):
-        raise PeftkitError(f"adapter {str(path)!r} has LoRA on embeddings or DoRA magnitudes, which peftkit cannot merge")
+    if any(".lora_embedding_" in k for k in tensors):
+        raise PeftkitError(f"adapter {str(path)!r} has LoRA on embeddings, which peftkit cannot merge")
     saved, lora_tensors = split_saved(tensors, saved_module_names(config_json))
     full = {f"{module}.{param}": v.float() for module, state in saved.items() for param, v in state.items()}
     keys = parse_keys(lora_tensors)
     config = lora_config_from_json(config_json, keys, where=f"adapter {str(path)!r}")
+    if config.use_dora and weight != 1.0:
+        raise PeftkitError(f"adapter {str(path)!r} is DoRA, whose merged weight m / ‖W + ΔW‖ ⊙ (W + ΔW) does not scale "
+                           f"with a weight; give it weight 1 (got {weight:g})")
     deltas: dict[str, ModuleDelta] = {}
     for module, slots in keys.items():
         if "A" not in slots or "B" not in slots:
@@ -104,7 +113,8 @@ def read_lora(path: str | os.PathLike, weight: float = 1.0) -> LoraDeltas:
         lora_scale = alpha / r**0.5 if config.use_rslora else alpha / r
         scale = weight * lora_scale
         bias = lora_tensors[slots["bias"]].float() * scale if "bias" in slots else None
-        delta = ModuleDelta(a=a, b=b * scale, bias=bias)
+        magnitude = lora_tensors[slots["m"]].float() if "m" in slots else None
+        delta = ModuleDelta(a=a, b=b * scale, bias=bias, magnitude=magnitude)
         for name, part in (("lora_B", delta.b), ("lora_B.bias", bias)):
             if part is not None and not is_finite(part):
                 raise PeftkitError(f"adapter {str(path)!r}: {name} of module {module!r} times its weight {weight:g} "
@@ -122,6 +132,12 @@ def combine(parts: list[LoraDeltas], how: str = "concat", rank: int | None = Non
         raise PeftkitError(f"unknown combination {how!r}; choose one of {', '.join(COMBINATIONS)}")
     if how == "svd" and (rank is None or rank <= 0):
         raise PeftkitError("--combination svd needs a positive --rank (the rank of the combined adapter)")
+    if any(d.magnitude is not None for p in parts for d in p.deltas.values()) and (len(parts) > 1 or how == "svd"):
+        dora = next(p for p in parts if any(d.magnitude is not None for d in p.deltas.values()))
+        raise PeftkitError(f"adapter {dora.sources[0]!r} is DoRA: it rescales each row of W + ΔW by its own magnitude, "
+                           f"so {how} with {'other adapters' if len(parts) > 1 else 'a rank'} is not a DoRA adapter nor "
+                           "a LoRA; merge it alone into the base (`peftkit merge --adapter A`), then merge the others "
+                           "into that")
     if len(parts) == 1 and how != "svd":
         return parts[0]
     modules = list(dict.fromkeys(m for p in parts for m in p.deltas))

@@ -1,6 +1,7 @@
 """Streaming merge: base checkpoint + LoRA adapter(s) -> a new checkpoint, one tensor in memory at a time.
 
     W' = round_to_dtype( float32(W) + Σ_i w_i s_i B_i A_i )          (transposed for GPT-2's Conv1D [in, out])
+    W' = round_to_dtype( m / ‖V‖_row ⊙ V ),  V = float32(W) + s B A   (one DoRA adapter, alone: `deltas.py`)
 
 Each shard of the base is read memory-mapped tensor by tensor; each output shard is declared up front and written
 tensor by tensor (`peftkit.io.checkpoint.ShardWriter`), so peak memory is about one tensor plus the adapter, whatever the model
@@ -185,8 +186,11 @@ def _apply(target: Target, tensor: torch.Tensor, deltas: LoraDeltas, seed: int) 
         x = _probe(d.a.shape[1], target.key, seed)
         base_w = w.T if target.transpose else w  # [out, in]
         expected = base_w @ x + d.b @ (d.a @ x)
-        delta = d.dense()
-        return w + (delta.T if target.transpose else delta), (x, expected, target.transpose)
+        merged = base_w + d.dense()
+        if d.magnitude is not None:  # DoRA: rows rescaled by g = m / ‖W + B A‖_row
+            g = d.magnitude / torch.linalg.vector_norm(merged, dim=1)
+            merged, expected = merged * g[:, None], expected * g
+        return (merged.T if target.transpose else merged), (x, expected, target.transpose)
     if target.bias_of is not None:
         merged = w + deltas.deltas[target.bias_of].bias
         return merged, (None, merged.clone(), False)

@@ -73,6 +73,7 @@ class TrainConfig:
     scheduler: str = "cosine"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    loraplus_lr_ratio: float | None = None  # LoRA+: LoRA's B (and 1-D adapter parameters) learn at ratio x lr
     precision: str = "auto"
     gradient_checkpointing: bool = False
     attention: str = "auto"                # auto | eager | sdpa (train/speed.py)

@@ -1,5 +1,14 @@
 """The optimizer and the learning-rate schedule: AdamW over the trainable parameters, linear warmup, then cosine /
-linear / constant; and how many optimizer steps a run takes."""
+linear / constant; and how many optimizer steps a run takes.
+
+LoRA+ (Hayou et al. 2024, arXiv:2402.12354): with `loraplus_lr_ratio` R the trainable parameters form two AdamW
+parameter groups, as PEFT's `create_loraplus_optimizer` and LLaMA-Factory's `loraplus_lr_ratio` split them: LoRA's
+B matrices and every 1-D trainable parameter (LoRA B's bias, DoRA's magnitude, a saved norm) learn at R x lr,
+everything else (LoRA's A, other saved modules) at lr. The schedule scales both groups by the same factor, and the
+groups' learning rates are part of the optimizer state a checkpoint saves, so a resumed run keeps them. PEFT's
+third group, LoRA on embedding layers (`lora_embedding_A/B`, 1e-6 by default), has no counterpart: peftkit puts
+LoRA on linear layers only.
+"""
 
 from __future__ import annotations
 
@@ -19,12 +28,28 @@ def total_steps(cfg: TrainConfig, micro_per_epoch: int, world: int) -> int:
     return max(1, math.ceil(cfg.epochs * micro_per_epoch / (cfg.grad_accum * world)))
 
 
-def optimizer_and_schedule(model: torch.nn.Module, cfg: TrainConfig, steps: int) -> tuple[Any, Any]:
-    """AdamW over the trainable parameters, and a LambdaLR: linear warmup, then cosine / linear / constant."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: one at cfg.lr, or with LoRA+ the slow group at lr and the fast one at ratio x lr
+    (each only when it has parameters)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise PeftkitError("the model has no trainable parameter; check the method options")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ratio = cfg.loraplus_lr_ratio
+    if ratio is None:
+        return [{"params": [p for _, p in named], "lr": cfg.lr}]
+    if not any(".lora_B." in n for n, _ in named):
+        raise PeftkitError(f"--loraplus-lr-ratio sets the learning rate of LoRA's B matrices, and method "
+                           f"{cfg.method!r} trains none; drop the option or use --method lora")
+    fast = [p for n, p in named if ".lora_B." in n or p.ndim == 1]
+    slow = [p for n, p in named if not (".lora_B." in n or p.ndim == 1)]
+    groups = [{"params": slow, "lr": cfg.lr}, {"params": fast, "lr": cfg.lr * ratio}]
+    return [g for g in groups if g["params"]]
+
+
+def optimizer_and_schedule(model: torch.nn.Module, cfg: TrainConfig, steps: int) -> tuple[Any, Any]:
+    """AdamW over the trainable parameters (`parameter_groups`), and a LambdaLR: linear warmup, then cosine /
+    linear / constant."""
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup * steps) if cfg.warmup < 1 else int(cfg.warmup)
 
     def factor(step: int) -> float:

@@ -35,7 +35,7 @@ from peftkit.train.evaluate import eval_loss, exact_match
 from peftkit.train.loop import Loop, fit
 from peftkit.train.loss import loss_path
 from peftkit.train.memory_report import report_memory
-from peftkit.train.optim import optimizer_and_schedule, total_steps
+from peftkit.train.optim import optimizer_and_schedule, parameter_groups, total_steps
 from peftkit.train.precision import auto_precision, make_accelerator, upcast_trainable
 from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
 from peftkit.train.rundir import RUN_CONFIG, check_run_dir, fresh_run_dir
@@ -114,6 +114,7 @@ def prepare(cfg: TrainConfig) -> Session:
     set_seed(cfg.seed)                    # before the adapter is initialised: same command, same adapter
     apply_method(model, cfg.method, cfg.method_options())
     upcast_trainable(model, precision)
+    parameter_groups(model, cfg)          # LoRA+ with no LoRA B to speed up: refused before anything is written
     trainable, total = trainable_parameters(model)
     why = f" (auto: {auto_precision()[1]}; --precision fp32 to change)" if cfg.precision == "auto" else ""
     say(f"model {cfg.model or 'embedded SmolLM2-135M-Instruct'} | method {cfg.method} | trainable {trainable:,} of "

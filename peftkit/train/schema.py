@@ -34,6 +34,7 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "warmup": (0, BIG, True),
     "weight_decay": (0, 10, True),
     "max_grad_norm": (0, 1e9, True),
+    "loraplus_lr_ratio": (0, 1e6, False),
     "seed": (0, 2**32 - 1, True),
     "save_steps": (1, BIG, True),
     "eval_steps": (1, BIG, True),

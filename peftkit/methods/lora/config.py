@@ -17,7 +17,8 @@ class LoraConfig:
 
     target_modules: None (the architecture's defaults), a list of module names / suffixes, a regex matched against
     the full module path, or "all-linear". lora_alpha None means 2 * r. rank_pattern / alpha_pattern map a module
-    regex (matched against the end of the path) to its own rank / alpha, as in PEFT.
+    regex (matched against the end of the path) to its own rank / alpha, as in PEFT. use_dora: DoRA (Liu et al.
+    2024), a learned magnitude per output row on top of the LoRA direction (`dora.py`).
     """
 
     r: int = 8
@@ -30,6 +31,7 @@ class LoraConfig:
     lora_bias: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -43,6 +45,11 @@ class LoraConfig:
         if self.init not in INITS:
             raise PeftkitError(f"unknown LoRA init {self.init!r}; choose one of {', '.join(INITS)}")
         object.__setattr__(self, "target_modules", normalize_targets(self.target_modules))
+        if not isinstance(self.use_dora, bool):
+            raise PeftkitError(f"use_dora must be true or false, got {self.use_dora!r}")
+        if self.use_dora and self.lora_bias:
+            raise PeftkitError("use_dora cannot be combined with lora_bias (as in PEFT): DoRA's row norm has no place "
+                               "for a bias; drop one of them")
         if self.layers_to_transform is not None:
             layers = self.layers_to_transform
             object.__setattr__(self, "layers_to_transform", (layers,) if isinstance(layers, int) else tuple(layers))

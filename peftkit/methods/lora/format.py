@@ -3,9 +3,9 @@ the streaming merge all go through here).
 
 Writing: `peft_lora_config` is the one builder of adapter_config.json (the fields PEFT 0.21 writes) and
 `lora_tensors` the one namer of tensor keys (`base_model.model.<path>.lora_A.weight`, `.lora_B.weight`,
-`.lora_B.bias`). Reading: `parse_keys` maps keys back to modules and `lora_config_from_json` turns a saved config
-into a LoraConfig, refusing what peftkit does not implement (DoRA, QALoRA, BD-LoRA) with the same message
-everywhere. Unlike PEFT, nothing is dropped silently: the modules to adapt come from the tensor keys themselves,
+`.lora_B.bias`, and DoRA's `.lora_magnitude_vector`). Reading: `parse_keys` maps keys back to modules and
+`lora_config_from_json` turns a saved config into a LoraConfig, refusing what peftkit does not implement (QALoRA,
+BD-LoRA) with the same message everywhere. Unlike PEFT, nothing is dropped silently: the modules to adapt come from the tensor keys themselves,
 every key must be understood, every module must exist in the model, and every shape must fit, before anything is
 injected.
 """
@@ -25,11 +25,12 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.lora.config import LoraConfig
 
 log = logging.getLogger(__name__)
-UNSUPPORTED_FLAGS = ("use_dora", "use_qalora", "use_bdlora")
+UNSUPPORTED_FLAGS = ("use_qalora", "use_bdlora")
 
-# <path>.lora_A.weight, <path>.lora_B.weight, <path>.lora_B.bias; PEFT strips the adapter name but older files
-# may keep it (<path>.lora_A.default.weight).
-_KEY = re.compile(r"^(?P<path>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.(?P<kind>weight|bias)$")
+# <path>.lora_A.weight, <path>.lora_B.weight, <path>.lora_B.bias, <path>.lora_magnitude_vector (DoRA); PEFT strips
+# the adapter name but older files may keep it (<path>.lora_A.default.weight, lora_magnitude_vector.default.weight).
+_KEY = re.compile(r"^(?P<path>.+)\.(?:(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.(?P<kind>weight|bias)"
+                  r"|lora_magnitude_vector(?:\.[^.]+)??(?:\.weight)?)$")
 
 
 def parse_keys(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, str]]:
@@ -40,7 +41,8 @@ def parse_keys(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, str]]:
         match = _KEY.match(key)
         if match is None or (match["part"] == "lora_A" and match["kind"] == "bias"):
             raise PeftkitError(
-                f"adapter tensor {key!r} is not a LoRA weight (expected <module>.lora_A.weight / .lora_B.weight); "
+                f"adapter tensor {key!r} is not a LoRA weight (expected <module>.lora_A.weight / .lora_B.weight / "
+                ".lora_magnitude_vector); "
                 "peftkit loads every tensor or refuses the file"
             )
         path = match["path"]
@@ -48,7 +50,7 @@ def parse_keys(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, str]]:
             path = path[len(PEFT_PREFIX):]
         else:
             missing_prefix = True
-        slot = "bias" if match["kind"] == "bias" else match["part"][-1]
+        slot = "m" if match["part"] is None else "bias" if match["kind"] == "bias" else match["part"][-1]
         out.setdefault(path, {})[slot] = key
     if missing_prefix:
         log.warning("adapter keys lack the %r prefix (HF PEFT would load nothing); loaded them anyway", PEFT_PREFIX)
@@ -62,6 +64,7 @@ def lora_config_from_json(config_json: dict, keys: dict[str, dict[str, str]], wh
         if config_json.get(flag):
             raise PeftkitError(f"{where} uses {flag}, which peftkit does not implement; use a plain LoRA adapter")
     lora_bias = any("bias" in slots for slots in keys.values())
+    use_dora = _dora_flag(config_json, keys, where)
     if lora_bias and not config_json.get("lora_bias"):
         log.warning("the adapter has lora_B.bias tensors but lora_bias is false; peftkit applies them (PEFT drops them)")
     number = (int, float)
@@ -74,7 +77,22 @@ def lora_config_from_json(config_json: dict, keys: dict[str, dict[str, str]], wh
         lora_bias=lora_bias,
         rank_pattern=_pattern(config_json, "rank_pattern", int),
         alpha_pattern=_pattern(config_json, "alpha_pattern", number),
+        use_dora=use_dora,
     )
+
+
+def _dora_flag(config_json: dict, keys: dict[str, dict[str, str]], where: str) -> bool:
+    """use_dora from the config, checked against the tensors: every module has a magnitude vector, or none has."""
+    use_dora = _field(config_json, "use_dora", bool, False)
+    with_m = [p for p, slots in keys.items() if "m" in slots]
+    if use_dora and len(with_m) != len(keys):
+        missing = next(p for p in keys if p not in with_m)
+        raise PeftkitError(f"{where} sets use_dora but module {missing!r} has no lora_magnitude_vector; the file is "
+                           "incomplete")
+    if with_m and not use_dora:
+        raise PeftkitError(f"{where} has lora_magnitude_vector tensors (DoRA) but use_dora is false in "
+                           "adapter_config.json; set it to true if the adapter was trained with DoRA")
+    return use_dora
 
 
 def saved_module_names(config_json: dict) -> list[str]:
@@ -111,7 +129,7 @@ def _pattern(config_json: dict, key: str, kind: type | tuple[type, ...]) -> dict
 def peft_lora_config(*, r: int, lora_alpha: float, target_modules: list[str] | str, rank_pattern: dict | None = None,
                      alpha_pattern: dict | None = None, use_rslora: bool = False, lora_dropout: float = 0.0,
                      fan_in_fan_out: bool = False, lora_bias: bool = False, modules_to_save: list[str] | None = None,
-                     base_model: str | None = None) -> dict:
+                     base_model: str | None = None, use_dora: bool = False) -> dict:
     """adapter_config.json as HF PEFT 0.21 writes it for a causal-LM LoRA (`fan_in_fan_out` true when the targets
     are GPT-2 Conv1D layers, as PEFT sets it for them)."""
     return {
@@ -130,7 +148,7 @@ def peft_lora_config(*, r: int, lora_alpha: float, target_modules: list[str] | s
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "lora_bias": lora_bias,
-        "use_dora": False,
+        "use_dora": use_dora,
         "init_lora_weights": True,
         "modules_to_save": modules_to_save,
         "inference_mode": True,
@@ -181,9 +199,11 @@ def scale_one_config(rank: int, target_modules: list[str] | str, **fields) -> di
 
 
 def lora_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-                 lora_bias: bool = False) -> dict[str, torch.Tensor]:
+                 lora_bias: bool = False, magnitudes: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """PEFT's tensor keys for {module path: (A [r, in], B [out, r], B's bias or None)}. With `lora_bias` every
-    module gets a `lora_B.bias` (zeros where it has none): in PEFT's format the bias is all or nothing."""
+    module gets a `lora_B.bias` (zeros where it has none): in PEFT's format the bias is all or nothing. DoRA's
+    `magnitudes` ({module path: m [out]}) are saved as `<path>.lora_magnitude_vector`, without ".weight", as PEFT
+    saves them."""
     tensors = {}
     for path, (a, b, bias) in factors.items():
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a.contiguous()
@@ -192,6 +212,8 @@ def lora_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tens
             bias = torch.zeros(b.shape[0], dtype=b.dtype)
         if bias is not None:
             tensors[f"{PEFT_PREFIX}{path}.lora_B.bias"] = bias.contiguous()
+    for path, magnitude in (magnitudes or {}).items():
+        tensors[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = magnitude.contiguous()
     return tensors
 
 
@@ -206,7 +228,7 @@ def config_from_peft(
 
 
 def _check_shapes(model: nn.Module, config: LoraConfig, tensors: dict, keys: dict[str, dict[str, str]]) -> None:
-    """Every module must exist and be linear; A must be [r, d_in], B [d_out, r], B's bias [d_out]."""
+    """Every module must exist and be linear; A must be [r, d_in], B [d_out, r], B's bias and the DoRA magnitude [d_out]."""
     modules = dict(base_modules(model))
     for path, slots in keys.items():
         if "A" not in slots or "B" not in slots:
@@ -222,7 +244,7 @@ def _check_shapes(model: nn.Module, config: LoraConfig, tensors: dict, keys: dic
         w = base.weight
         d_out, d_in = (w.shape[1], w.shape[0]) if not isinstance(base, nn.Linear) else (base.out_features, base.in_features)
         r, _ = config.rank_alpha(path)
-        expected = {"A": (r, d_in), "B": (d_out, r), "bias": (d_out,)}
+        expected = {"A": (r, d_in), "B": (d_out, r), "bias": (d_out,), "m": (d_out,)}
         for slot, key in slots.items():
             if tuple(tensors[key].shape) != expected[slot]:
                 raise PeftkitError(
@@ -240,3 +262,5 @@ def load_lora_tensors(model: nn.Module, tensors: dict, keys: dict[str, dict[str,
             layer.lora_B[name].weight.copy_(tensors[slots["B"]])
             if "bias" in slots:
                 layer.lora_B[name].bias.copy_(tensors[slots["bias"]])
+            if "m" in slots:
+                layer.lora_magnitude_vector[name].copy_(tensors[slots["m"]])

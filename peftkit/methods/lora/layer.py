@@ -5,7 +5,8 @@
 
 B starts at zero, so an injected model equals its base until it trains. Works for `nn.Linear` (weight [out, in])
 and GPT-2's `Conv1D` (weight [in, out], PEFT's `fan_in_fan_out`). Merging adds scaling * B @ A to W in fp32 and
-rounds once to W's dtype.
+rounds once to W's dtype. An adapter added with `use_dora` also has a magnitude vector (`lora_magnitude_vector`,
+DoRA: the formulas are in `dora.py`); merging it writes g ⊙_row (W + scaling * B A).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from peftkit.core.method import AdapterLayer
 from peftkit.errors import PeftkitError
+from peftkit.methods.lora.dora import NormCache, dora_delta, row_norm
 
 
 class LoraLayer(AdapterLayer):
@@ -32,38 +34,46 @@ class LoraLayer(AdapterLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: m, one value per output row
         self.scaling: dict[str, float] = {}
         self.pissa_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.merged_adapters: list[str] = []
+        self.dora_norms = NormCache()  # ‖W + s·B A‖_row per DoRA adapter, reused while not training
+        self.merge_scale: dict[str, torch.Tensor] = {}  # DoRA: g = m / ‖W + s·B A‖_row of a merged adapter
 
     @property
     def weight(self) -> torch.Tensor:
         """The base weight (so code that reads `module.weight` keeps working after injection)."""
         return self.base_layer.weight
 
-    def add_adapter(
-        self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: str, bias: bool = False
-    ) -> None:
-        """Create adapter `name` of rank `r`; `init` is "default" (Kaiming A, zero B), "gaussian" or "pissa"."""
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: str,
+                    bias: bool = False, use_dora: bool = False) -> None:
+        """Create adapter `name` of rank `r`; `init` is "default" (Kaiming A, zero B), "gaussian" or "pissa".
+        With `use_dora` it gets a magnitude m = ‖W + s·B A‖_row, so it starts as the same function as without."""
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=bias, **factory)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
-        if weight.device.type == "meta":
+        if weight.device.type != "meta":
+            self._init_factors(name, r, init, bias)
+        if use_dora:
+            norm = torch.empty(self.out_features, **factory) if weight.device.type == "meta" else self._row_norm(name)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(factory["dtype"]))
+
+    @torch.no_grad()
+    def _init_factors(self, name: str, r: int, init: str, bias: bool) -> None:
+        if init == "pissa":
+            self._init_pissa(name, r)
             return
-        with torch.no_grad():
-            if init == "pissa":
-                self._init_pissa(name, r)
-                return
-            if init == "gaussian":
-                nn.init.normal_(self.lora_A[name].weight, std=1.0 / r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B[name].weight)
-            if bias:
-                nn.init.zeros_(self.lora_B[name].bias)
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A[name].weight, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+        if bias:
+            nn.init.zeros_(self.lora_B[name].bias)
 
     def _base_weight_fp32(self) -> torch.Tensor:
         """Base weight in fp32, in [out, in] layout whatever the module type."""
@@ -74,6 +84,7 @@ class LoraLayer(AdapterLayer):
         """Write an fp32 [out, in] weight back into the base layer, rounding once to its dtype."""
         w = w_out_in.T if self.fan_in_fan_out else w_out_in
         self.base_layer.weight.data.copy_(w.to(self.base_layer.weight.dtype))
+        self.dora_norms.clear()
 
     def _init_pissa(self, name: str, r: int) -> None:
         """PiSSA (Meng et al. 2024): A, B from the top-r singular triplets; the base keeps the residual.
@@ -98,23 +109,47 @@ class LoraLayer(AdapterLayer):
         delta = (b @ a) * self.scaling[name]
         return delta.T if self.fan_in_fan_out else delta
 
+    def _row_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """‖W + s·B A‖_row of adapter `name` in fp32 (detached), W the base weight unless `weight` is given."""
+        w = self.base_layer.weight if weight is None else weight
+        return row_norm(w, self.fan_in_fan_out, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+
+    def _rows(self, g: torch.Tensor) -> torch.Tensor:
+        """A per-output-row vector shaped to broadcast over the base weight's own layout."""
+        return g[None, :] if self.fan_in_fan_out else g[:, None]
+
+    def _fold(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """The fp32 weight `w` (base layout, without this adapter) with adapter `name` folded in: W + s·B A, and
+        for DoRA g ⊙_row (W + s·B A) with g = m / ‖W + s·B A‖_row (kept in `merge_scale` for unmerging)."""
+        folded = w + self.delta_weight(name)
+        if name not in self.lora_magnitude_vector:
+            return folded
+        g = self.lora_magnitude_vector[name].detach().float() / self._row_norm(name, w)
+        self.merge_scale[name] = g
+        return folded * self._rows(g)
+
     def merge(self) -> None:
-        """Fold the active adapter into the base weight (and bias): W <- W + scaling * B A, once."""
+        """Fold the active adapter into the base weight (and bias): W <- W + scaling * B A (DoRA: rescaled), once."""
         name = self.active_adapter
         if name is None or name in self.merged_adapters:
             return
         w = self.base_layer.weight
-        w.data.copy_((w.detach().float() + self.delta_weight(name)).to(w.dtype))
+        w.data.copy_(self._fold(name, w.detach().float()).to(w.dtype))
         self._merge_bias(name, sign=1.0)
         self.merged_adapters.append(name)
+        self.dora_norms.clear()
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter from the base weight again (exact in fp32, one rounding otherwise)."""
+        """Take every merged adapter out of the base weight again (exact in fp32, one rounding otherwise)."""
         w = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            w.data.copy_((w.detach().float() - self.delta_weight(name)).to(w.dtype))
+            unfolded = w.detach().float()
+            if name in self.merge_scale:
+                unfolded = unfolded / self._rows(self.merge_scale.pop(name))
+            w.data.copy_((unfolded - self.delta_weight(name)).to(w.dtype))
             self._merge_bias(name, sign=-1.0)
+        self.dora_norms.clear()
 
     def _merge_bias(self, name: str, sign: float) -> None:
         """Add (sign=1) or remove the LoRA bias (`lora_bias`, B's bias * scaling) to the base bias."""
@@ -128,12 +163,19 @@ class LoraLayer(AdapterLayer):
         base_bias.data.copy_((base_bias.detach().float() + delta).to(base_bias.dtype))
 
     def unload(self, names: list[str]) -> nn.Module:
-        """Return the base layer with the adapters `names` summed into it in fp32 and rounded once."""
+        """Return the base layer with the adapters `names` summed into it in fp32 and rounded once. A DoRA adapter
+        rescales the whole weight, so it is no summand: it can only be folded in alone."""
+        dora = [n for n in names if n in self.lora_magnitude_vector]
+        if dora and len(names) > 1:
+            raise PeftkitError(f"cannot fold DoRA adapter {dora[0]!r} together with {[n for n in names if n != dora[0]]}: "
+                               "DoRA rescales the rows of W + ΔW, which is not a sum of deltas; merge one adapter "
+                               "(merge(model, names=[...])) or delete the others first")
         w = self.base_layer.weight
         total = w.detach().float()
         for name in names:
-            total = total + self.delta_weight(name)
+            total = self._fold(name, total)
         w.data.copy_(total.to(w.dtype))
+        self.dora_norms.clear()
         for name in names:
             self._merge_bias(name, sign=1.0)
         return self.base_layer
@@ -144,15 +186,43 @@ class LoraLayer(AdapterLayer):
             raise PeftkitError("unmerge the merged adapter (unmerge_adapter) before switching adapters")
         super().set_active(name)
 
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.dora_norms.clear(name)
+
+    def train(self, mode: bool = True) -> LoraLayer:
+        """Switch train / eval mode; the cached DoRA norms are dropped either way (a point where they are fresh)."""
+        self.dora_norms.clear()
+        return super().train(mode)
+
+    def dora_norm(self, name: str) -> torch.Tensor:
+        """‖W + s·B A‖_row for the forward: recomputed while training with gradients (A and B change every step),
+        otherwise computed once and reused until W, A or B change (`dora.NormCache`)."""
+        if self.training and torch.is_grad_enabled():
+            return self._row_norm(name)
+        w, a, b = self.base_layer.weight, self.lora_A[name].weight, self.lora_B[name].weight
+        key = NormCache.key((w, a, b), self.scaling[name])
+        norm = self.dora_norms.get(name, key)
+        if norm is None:
+            norm = self._row_norm(name)
+            self.dora_norms.put(name, key, norm)
+        return norm
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """W x (+ b) + scaling * B(A(dropout(x))), computed in the adapter's dtype and cast back."""
+        """W x (+ b) + scaling * B(A(dropout(x))) (DoRA: `dora.dora_delta`), in the adapter's dtype, cast back."""
         result = self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
         if name is None or self.merged_adapters:
             return result
-        lora_a = self.lora_A[name]
+        lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         h = x.to(lora_a.weight.dtype)
-        delta = self.lora_B[name](lora_a(self.lora_dropout[name](h))) * self.scaling[name]
+        if name in self.lora_magnitude_vector:
+            delta = dora_delta(h, result, base_layer=self.base_layer, fan_in_fan_out=self.fan_in_fan_out,
+                               lora_a=lora_a, lora_b=lora_b, dropout=dropout, scaling=self.scaling[name],
+                               magnitude=self.lora_magnitude_vector[name], norm=self.dora_norm(name),
+                               training=self.training)
+        else:
+            delta = lora_b(lora_a(dropout(h))) * self.scaling[name]
         return result + delta.to(result.dtype)
 
     def extra_repr(self) -> str:

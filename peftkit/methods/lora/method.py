@@ -1,7 +1,7 @@
 """LoRA's registry entry: injection and PEFT-format export / load. The module itself is in `layer.py`, the format
 in `format.py`.
 
-Trainable parameters: r * (d_in + d_out) per adapted matrix (plus d_out with `lora_bias`).
+Trainable parameters: r * (d_in + d_out) per adapted matrix (plus d_out with `lora_bias`, or DoRA's magnitude).
 """
 
 from __future__ import annotations
@@ -47,12 +47,13 @@ class LoraMethod(Method):
                 module = LoraLayer(module)
                 replace_module(model, path, module)
             r, alpha = config.rank_alpha(path)
-            module.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init, config.lora_bias)
+            module.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init,
+                               config.lora_bias, config.use_dora)
 
     def export(self, model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         """PEFT's LoRA layout; a PiSSA adapter becomes a plain rank-2r LoRA against the original weights."""
         config: LoraConfig = adapters(model)[adapter_name].config
-        factors = {}
+        factors, magnitudes = {}, {}
         for path, layer in _lora_layers(model, adapter_name):
             a = layer.lora_A[adapter_name].weight.detach()
             b = layer.lora_B[adapter_name].weight.detach()
@@ -62,9 +63,11 @@ class LoraMethod(Method):
                 b = torch.cat([b.float(), -b0.to(b.device)], 1).to(b.dtype)
             bias = layer.lora_B[adapter_name].bias
             factors[path] = (a, b, None if bias is None else bias.detach())
+            if adapter_name in layer.lora_magnitude_vector:
+                magnitudes[path] = layer.lora_magnitude_vector[adapter_name].detach()
         saved, saved_tensors = export_saved(model, adapter_name)
         config_json = _peft_config(model, config, list(factors), saved or None)
-        return config_json, {**lora_tensors(factors), **saved_tensors}
+        return config_json, {**lora_tensors(factors, magnitudes=magnitudes), **saved_tensors}
 
     def load(self, model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], adapter_name: str) -> LoraConfig:
         """Inject a LoRA adapter saved by peftkit or HF PEFT and copy its tensors in (shapes checked)."""
@@ -105,6 +108,7 @@ def _peft_config(model: nn.Module, config: LoraConfig, paths: list[str], saved: 
     return peft_lora_config(
         r=r, lora_alpha=alpha, target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
         use_rslora=config.use_rslora, lora_dropout=config.lora_dropout, lora_bias=config.lora_bias,
+        use_dora=config.use_dora,
         fan_in_fan_out=any(model.get_submodule(p).fan_in_fan_out for p in paths), modules_to_save=saved,
     )
 
