@@ -61,6 +61,10 @@ class QloraConfig(LoraConfig):
         if self.init == "pissa":
             raise PeftkitError("qlora cannot use init=pissa (it rewrites the base weights, which are quantized); "
                                "use init=default or gaussian")
+        if self.use_dora:
+            raise PeftkitError("qlora cannot use use_dora yet: DoRA's row norm needs the full-precision base weight, "
+                               "which a quantized layer does not hold; use --method lora --set use_dora=true, or "
+                               "qlora without DoRA")
 
     @property
     def quantize(self) -> str:

@@ -142,6 +142,7 @@ def test_fsdp_on_cpu_is_refused(base, monkeypatch):
     ({"quant_type": "int4"}, "quant_type must be one of nf4, fp4, got 'int4'"),
     ({"compute_dtype": "fp8"}, "compute_dtype must be one of auto, fp32, bf16, fp16"),
     ({"init": "pissa"}, "qlora cannot use init=pissa"),
+    ({"use_dora": True}, "qlora cannot use use_dora"),
 ])
 def test_bad_options_are_refused(options, message):
     with pytest.raises(PeftkitError, match=message):
