@@ -70,7 +70,7 @@ def to_example(row: dict[str, Any], fmt: str, index: int) -> Example:
         return [{"role": "user", "content": alpaca_prompt(instruction, extra)},
                 {"role": "assistant", "content": output}]
     turns = next((row[name] for name in MESSAGE_COLUMNS if row.get(name) is not None), None)
-    return _messages(turns, where)
+    return parse_messages(turns, where)
 
 
 def _string(value: Any, where: str, field: str) -> str:
@@ -84,7 +84,9 @@ def _string(value: Any, where: str, field: str) -> str:
     return value
 
 
-def _messages(turns: Any, where: str) -> list[dict[str, str]]:
+def parse_messages(turns: Any, where: str, need_answer: bool = True) -> list[dict[str, str]]:
+    """A list of {role, content} (or ShareGPT {from, value}) turns as chat-template messages; errors name `where`.
+    need_answer: refuse a conversation without an assistant turn (there would be nothing to learn)."""
     if not isinstance(turns, list) or not turns:
         raise PeftkitError(f"{where}: 'messages' must be a non-empty list of {{role, content}}, got {turns!r:.60}")
     messages = []
@@ -96,6 +98,6 @@ def _messages(turns: Any, where: str) -> list[dict[str, str]]:
         if not isinstance(role, str) or not isinstance(content, str):
             raise PeftkitError(f"{where}: message {number} needs text 'role' and 'content', got {turn!r:.80}")
         messages.append({"role": _ROLE_ALIASES.get(role, role), "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_answer and not any(m["role"] == "assistant" for m in messages):
         raise PeftkitError(f"{where}: the conversation has no assistant turn, so there is nothing to learn")
     return messages

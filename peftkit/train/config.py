@@ -19,6 +19,7 @@ import yaml
 
 from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
+from peftkit.train.objectives import check_objective, objective_defaults
 from peftkit.train.recipe_keys import translate
 from peftkit.train.schema import coerce_fields
 
@@ -74,6 +75,11 @@ class TrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
+    # objective (objectives.py): sft, or a preference objective on {prompt, chosen, rejected} rows
+    objective: str = "sft"
+    beta: float | None = None
+    simpo_gamma: float | None = None
+    precompute_ref: bool = False
     # run folder
     output: str | None = None
     overwrite: bool = False
@@ -94,6 +100,7 @@ class TrainConfig:
             raise PeftkitError(f"eval_split must be a split name, a share in (0, 1) or a whole number of rows, got "
                                f"{self.eval_split!r}")
         get_method(self.method).build_config(self.method_options())  # unknown method or bad options: now, not later
+        check_objective(self, get_method(self.method).trains_base)
 
     def method_options(self) -> dict[str, Any]:
         """The method's options (shared names + `set` fields), unset ones left out, for `Method.build_config`."""
@@ -165,4 +172,5 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     method = get_method(cfg.method)
     if cfg.lr is None and (cfg.data is not None or method.trains_base):
         fill["lr"] = method.default_lr
+    fill.update(objective_defaults(cfg))
     return dataclasses.replace(cfg, **fill)

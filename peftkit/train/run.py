@@ -35,6 +35,7 @@ from peftkit.train.loop import Loop, fit
 from peftkit.train.loss import supports_logits_to_keep
 from peftkit.train.optim import optimizer_and_schedule, total_steps
 from peftkit.train.precision import make_accelerator, upcast_trainable
+from peftkit.train.preference_run import Preference, describe, setup
 from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
 from peftkit.train.rundir import RUN_CONFIG, check_run_dir, fresh_run_dir
 
@@ -67,8 +68,9 @@ def memory_estimate(cfg: TrainConfig, model: Any) -> Any:
     gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else None
     precision = "fp32" if cfg.precision in ("auto", "fp16") and gpu_gb is None else cfg.precision
     return estimate_memory(model.config, cfg.method, precision="amp" if precision in ("auto", "fp16") else precision,
-                           batch_size=cfg.batch_size, seq_len=cfg.max_length, gpu_memory_gb=gpu_gb,
-                           gradient_checkpointing=cfg.gradient_checkpointing, **options)
+                           batch_size=cfg.batch_size * (1 if cfg.objective == "sft" else 2),  # chosen + rejected
+                           seq_len=cfg.max_length, gpu_memory_gb=gpu_gb, gradient_checkpointing=cfg.gradient_checkpointing,
+                           **options)
 
 
 @dataclass
@@ -149,18 +151,20 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     model.to(acc.device)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, s.steps)
     keep = supports_logits_to_keep(model)
+    pref = setup(s, keep) if cfg.objective != "sft" else None  # preference objective: pairs, reference, loss
     prepared, optimizer = acc.prepare(model, optimizer)
     pos = Position()
     if s.resume_from is not None:
         pos = load_checkpoint(s.resume_from, model, optimizer, scheduler, acc.process_index)
         say(f"resuming from {s.resume_from} (step {pos.step}, epoch {pos.epoch}, micro-batch {pos.micro})")
     metrics = Metrics(s.run_dir, main, resume_step=pos.step if s.resume_from else None)
-    evaluate = _evaluator(s, metrics, keep)
+    evaluate = _evaluator(s, metrics, keep, pref)
     before = _earlier_eval(metrics, 0) if s.resume_from else evaluate(0, generate=True)
     _say_eval("before", before, say)
     bar = Progress(s.steps, pos.step, enabled=main and progress)
 
     def on_log(record: dict) -> None:
+        record = {**pref.step.stats(acc), **record} if pref else record
         metrics.write("train", record)
         bar.update(record)
 
@@ -172,6 +176,8 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
                 keep_checkpoints=cfg.keep_checkpoints, run_dir=s.run_dir, keep_logits=keep, on_log=on_log,
                 on_eval=lambda step: evaluate(step, generate=False),
                 on_checkpoint=on_checkpoint or (lambda step: None))
+    if pref:
+        pref.adapt(loop)
     try:
         pos = fit(loop, pos)
     except BaseException as exc:
@@ -189,18 +195,19 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     return result
 
 
-def _evaluator(s: Session, metrics: Metrics, keep: bool) -> Callable[..., dict]:
+def _evaluator(s: Session, metrics: Metrics, keep: bool, pref: Preference | None = None) -> Callable[..., dict]:
     """evaluate(step, generate) -> eval loss (and exact match when generating) on the main process, recorded."""
     if s.eval_split is None:
         return lambda step, generate: {}
-    collate = splits.collate_fn(s.eval_split, s.tokenizer.pad_token_id, s.cfg.packing, s.accelerator.device)
+    collate = pref.eval_collate if pref else splits.collate_fn(s.eval_split, s.tokenizer.pad_token_id, s.cfg.packing,
+                                                               s.accelerator.device)
     plan = splits.plan_fn(s.eval_split, s.cfg, shuffle=False)(0)
 
     def evaluate(step: int, generate: bool) -> dict:
         result: dict[str, Any] = {}
         if s.main:
             with s.accelerator.autocast():  # under amp: half-precision base weights meet fp32 adapter weights
-                result = eval_loss(s.model, collate, plan, keep)
+                result = (pref.score if pref else eval_loss)(s.model, collate, plan, keep)
                 if generate and s.eval_split.references:
                     result.update(exact_match(s.model, s.tokenizer, s.eval_split.references, s.prompt_format))
             metrics.write("eval", {"step": step, **result})
@@ -268,8 +275,8 @@ def _earlier_eval(metrics: Metrics, step: int) -> dict:
 
 
 def _say_eval(when: str, result: dict, say: Callable[[str], None]) -> None:
-    if not result:
-        return
+    if not result or "preference_accuracy" in result:
+        return say(f"eval {when}: {describe(result)}") if result else None
     em = result.get("exact_match")
     em_text = f", exact match {em:.0%} of {result['n']}" if em is not None else ""
     say(f"eval {when}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}{em_text}")

@@ -54,15 +54,20 @@ def _tokenized(rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict,
 def load_splits(cfg: TrainConfig, tokenizer: Any, prompt_format: dict) -> tuple[Split, Split | None, str]:
     """(train split, eval split or None, detected format); every data error is raised here, before any write."""
     from peftkit import data
+    from peftkit.data.preference import is_preference
 
-    source = cfg.data or str(data.BUNDLED_TRAIN)
+    preference = cfg.objective != "sft"  # preference pairs (train/preference_run.py)
+    source = cfg.data or str(data.BUNDLED_PREFERENCE_TRAIN if preference else data.BUNDLED_TRAIN)
     rows = data.load_rows(source)
     if len(rows) == 0:
         raise PeftkitError(f"the data {source!r} has no rows")
-    fmt = data.detect_format(rows.column_names) if cfg.format == "auto" else cfg.format
+    if not preference and is_preference(rows.column_names):
+        raise PeftkitError("the data has preference rows (prompt, chosen, rejected); train on them with "
+                           "--objective dpo, orpo or simpo")
     eval_rows = None
     if cfg.eval_data or (cfg.data is None and cfg.eval_split is None):
-        eval_rows = data.load_rows(cfg.eval_data or str(data.BUNDLED_EVAL))
+        bundled_eval = data.BUNDLED_PREFERENCE_EVAL if preference else data.BUNDLED_EVAL
+        eval_rows = data.load_rows(cfg.eval_data or str(bundled_eval))
     elif isinstance(cfg.eval_split, str) and not _is_number(cfg.eval_split):
         eval_rows = data.load_rows(source, split=cfg.eval_split)
     else:
@@ -73,6 +78,11 @@ def load_splits(cfg: TrainConfig, tokenizer: Any, prompt_format: dict) -> tuple[
         if size:
             parts = rows.train_test_split(test_size=int(size) if size >= 1 else size, seed=cfg.seed)
             rows, eval_rows = parts["train"], parts["test"]
+    if preference:
+        from peftkit.train.preference_run import pair_splits
+
+        return pair_splits(rows, eval_rows, tokenizer, cfg, prompt_format)
+    fmt = data.detect_format(rows.column_names) if cfg.format == "auto" else cfg.format
     train = _tokenized(rows, tokenizer, cfg, prompt_format, fmt, "training")
     held = None
     if eval_rows is not None and len(eval_rows):
