@@ -1,5 +1,6 @@
-"""A preference objective inside a training run: tokenized pairs, DPO's precomputed reference, the loop's loss and
-count, and the held-out score. run.py calls `setup(session, keep_logits)` once, then uses what it returns:
+"""A preference objective inside a training run: DPO's precomputed reference, the loop's collate, loss and count,
+and the held-out score (the pairs come from `splits.load_splits`). run.py calls `setup(session, keep_logits)` once,
+then uses what it returns:
 
     pref.adapt(loop)                    # the loop's collate / loss / count become the pairs'
     pref.step.stats(accelerator)        # per optimizer step: rewards, margins, accuracies (all processes)
@@ -20,33 +21,9 @@ from typing import Any
 import torch
 
 from peftkit.core.ops import disable_adapters
-from peftkit.data.preference import Pairs, collate_pairs, is_preference, pair_kind, tokenize_pairs
-from peftkit.errors import PeftkitError
+from peftkit.data.preference import Pairs, collate_pairs
+from peftkit.train import splits
 from peftkit.train.preference import PreferenceStep, count_pairs, sequence_logps
-
-
-def pair_splits(rows: Any, eval_rows: Any, tokenizer: Any, cfg: Any, prompt_format: dict) -> tuple[Pairs, Pairs | None,
-                                                                                                      str]:
-    """(train pairs, eval pairs or None, a description of the format) from `datasets` rows."""
-    if not is_preference(rows.column_names):
-        raise PeftkitError(f"--objective {cfg.objective} needs preference rows {{prompt, chosen, rejected}}; the "
-                           f"data has the columns {rows.column_names}")
-    train = _pairs(rows, tokenizer, cfg, prompt_format, "training")
-    held = None
-    if eval_rows is not None and len(eval_rows):
-        if not is_preference(eval_rows.column_names):
-            raise PeftkitError(f"the eval data needs preference rows too; it has the columns {eval_rows.column_names}")
-        held = _pairs(eval_rows.select(range(min(len(eval_rows), cfg.eval_examples))), tokenizer, cfg, prompt_format,
-                      "eval")
-    return train, held, f"preference pairs, {pair_kind(rows[0])}"
-
-
-def _pairs(rows: Any, tokenizer: Any, cfg: Any, prompt_format: dict, what: str) -> Pairs:
-    pairs = tokenize_pairs(rows, tokenizer, max_length=cfg.max_length, prompt_format=prompt_format)
-    if not len(pairs):
-        raise PeftkitError(f"no {what} pair has response tokens left after truncation to --max-length "
-                           f"{cfg.max_length}; raise --max-length")
-    return pairs
 
 
 def collate_fn(pairs: Pairs, pad_token_id: int, device: Any) -> Callable[[list[int]], dict[str, torch.Tensor]]:
@@ -85,8 +62,6 @@ class Preference:
 def setup(s: Any, keep_logits: bool) -> Preference:
     """The run's Preference (s: the run's Session, model on its device); precomputes DPO's reference first when
     --precompute-ref asks (before a resumed checkpoint is loaded: the reference is the model before training)."""
-    from peftkit.train import splits
-
     cfg, device, pad = s.cfg, s.accelerator.device, s.tokenizer.pad_token_id
     step = PreferenceStep(cfg.objective, cfg.beta, s.model, cfg.simpo_gamma or 0.0)
     held = s.eval_split
