@@ -21,6 +21,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from make_dataset import write_jsonl  # scripts/make_dataset.py: the bundled SFT task's writer (same bytes)
+
 DATA = Path(__file__).resolve().parent.parent / "peftkit" / "data"
 ANSWER = re.compile(r"name=(?P<name>[^;]+); city=(?P<city>[^;]+); date=(?P<y>\d{4})-(?P<m>\d\d)-(?P<d>\d\d)")
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -79,12 +81,6 @@ def to_pair(row: dict, rng: random.Random) -> dict:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main() -> None:

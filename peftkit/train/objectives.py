@@ -36,6 +36,9 @@ def check_objective(cfg: Any, trains_base: bool) -> None:
     if preference and cfg.packing:
         raise PeftkitError(f"--packing does not work with --objective {cfg.objective}: chosen and rejected "
                            "responses are scored as separate padded rows; drop --packing")
+    if preference and (cfg.train_on_prompt or cfg.format != "auto"):
+        raise PeftkitError(f"--train-on-prompt and --format are SFT options; --objective {cfg.objective} scores only "
+                           "the responses of {prompt, chosen, rejected} rows, whose shape is detected from the values")
     if cfg.objective == "dpo" and trains_base and not cfg.precompute_ref:
         raise PeftkitError(f"DPO with --method {cfg.method} needs --precompute-ref: the reference is the model "
                            "before training, and without an adapter to switch off it can only be kept by "

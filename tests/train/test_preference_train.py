@@ -113,6 +113,7 @@ def test_resume_equals_an_uninterrupted_run(setup):
     ({"objective": "dpo", "simpo_gamma": 0.5}, "simpo_gamma is SimPO's margin"),
     ({"objective": "orpo", "precompute_ref": True}, "only --objective dpo uses a reference model"),
     ({"objective": "dpo", "beta": 0}, "beta must be > 0"),
+    ({"objective": "simpo", "train_on_prompt": True}, "--train-on-prompt and --format are SFT options"),
 ])
 def test_refusals(options, message):
     with pytest.raises(PeftkitError, match=message):
