@@ -105,7 +105,7 @@ class PreferenceStep:
         pairs = logps.shape[0] // 2
         pi_c, pi_r, n_c, n_r = logps[:pairs], logps[pairs:], counts[:pairs], counts[pairs:]
         if self.objective == "dpo":
-            ref_c, ref_r = self.reference(batch, keep_logits)
+            ref_c, ref_r = self.reference(batch, keep_logits, model)
             losses, r_c, r_r = dpo_loss(pi_c, pi_r, ref_c, ref_r, self.beta)
         elif self.objective == "orpo":
             losses, r_c, r_r = orpo_loss(pi_c, pi_r, n_c, n_r, self.beta)
@@ -114,13 +114,16 @@ class PreferenceStep:
         self._add(losses.detach(), r_c, r_r, (pi_c / n_c - pi_r / n_r).detach())
         return losses.sum()
 
-    def reference(self, batch: dict[str, torch.Tensor], keep_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference(self, batch: dict[str, torch.Tensor], keep_logits: bool,
+                  model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """DPO's reference log-prob sums (chosen, rejected): precomputed in the batch, or the model without its
-        adapters, now, under no_grad."""
+        adapters, now, under no_grad. `model` is the (maybe DDP / FSDP-wrapped) model of the step: the adapters
+        are switched off on `base`, whose modules the wrapper shares, and the forward goes through the wrapper
+        (FSDP's sharded weights are only whole inside it)."""
         if "ref_chosen" in batch:
             return batch["ref_chosen"], batch["ref_rejected"]
         with torch.no_grad(), disable_adapters(self.base):
-            logps, _ = sequence_logps(self.base, batch, keep_logits)
+            logps, _ = sequence_logps(self.base if model is None else model, batch, keep_logits)
         pairs = logps.shape[0] // 2
         return logps[:pairs], logps[pairs:]
 
