@@ -71,11 +71,19 @@ MISTAKES: list[Callable[[dict], str | None]] = [_swap_day_month, _unpadded, _wro
                                                 _first_name_only, _date_as_written, _prose, _missing_date]
 
 
+# Share of rows whose wrong answer is the input sentence repeated: the untrained model's most common failure, and
+# the one it prefers to the right answer (copying is easy); the other mistakes it already ranks below the answer.
+COPY_SHARE = 0.4
+
+
 def to_pair(row: dict, rng: random.Random) -> dict:
-    """The SFT row as a preference row with a wrong answer drawn from MISTAKES (one that applies)."""
+    """The SFT row as a preference row: the rejected answer is the sentence repeated (COPY_SHARE of the rows) or
+    a wrong line drawn from MISTAKES (one that applies)."""
     fields = ANSWER.fullmatch(row["output"]).groupdict()
     choices = rng.sample(MISTAKES, len(MISTAKES))
     rejected = next(wrong for mistake in choices if (wrong := mistake(fields)) is not None)
+    if rng.random() < COPY_SHARE:
+        rejected = row["input"]
     return {"prompt": f"{row['instruction']}\n\n{row['input']}", "chosen": row["output"], "rejected": rejected}
 
 

@@ -141,6 +141,10 @@ def test_defaults_and_other_tools_recipe_keys(tmp_path):
     assert (simpo.beta, simpo.simpo_gamma) == (2.0, 1.0)
     assert resolve_defaults(load_train_config(None, {"objective": "dpo"})).beta == 0.1
     assert resolve_defaults(load_train_config(None, {})).beta is None
+    bundled = resolve_defaults(load_train_config(None, {"objective": "dpo"}))
+    assert (bundled.max_steps, bundled.batch_size, bundled.lr, bundled.max_length) == (20, 4, 2e-3, 128)
+    assert resolve_defaults(load_train_config(None, {"objective": "dpo", "epochs": 2})).max_steps is None
+    assert resolve_defaults(load_train_config(None, {"objective": "dpo", "data": "x.jsonl"})).max_steps is None
 
 
 def test_two_processes_equal_one(setup):
