@@ -54,12 +54,14 @@ def _tokenized(rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict,
     return Split(ds["input_ids"], ds["labels"], ds["length"], refs)
 
 
-def load_splits(cfg: TrainConfig, tokenizer: Any, prompt_format: dict) -> tuple[Split, Split | None, str]:
-    """(train split, eval split or None, detected format); every data error is raised here, before any write."""
+def load_splits(cfg: TrainConfig, tokenizer: Any,
+                prompt_format: dict) -> tuple[Split | Pairs, Split | Pairs | None, str]:
+    """(train split, eval split or None, detected format); every data error is raised here, before any write.
+    A preference objective gets `Pairs` (pair_splits), from the bundled preference task when there is no --data."""
     from peftkit import data
     from peftkit.data.preference import is_preference
 
-    preference = cfg.objective != "sft"  # preference pairs (train/preference_run.py)
+    preference = cfg.objective != "sft"
     source = cfg.data or str(data.BUNDLED_PREFERENCE_TRAIN if preference else data.BUNDLED_TRAIN)
     rows = data.load_rows(source)
     if len(rows) == 0:
