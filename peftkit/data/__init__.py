@@ -24,7 +24,10 @@ from peftkit.data.tokenizing import tokenize
 
 BUNDLED_TRAIN = Path(__file__).parent / "task_train.jsonl"
 BUNDLED_EVAL = Path(__file__).parent / "task_eval.jsonl"
+# the same task as preference pairs (chosen = the answer, rejected = a plausible wrong one): README.md
+BUNDLED_PREFERENCE_TRAIN = Path(__file__).parent / "preference_train.jsonl"
+BUNDLED_PREFERENCE_EVAL = Path(__file__).parent / "preference_eval.jsonl"
 
 
-__all__ = ["BUNDLED_EVAL", "BUNDLED_TRAIN", "FORMATS", "IGNORE_INDEX", "batches", "collate", "detect_format", "load_mixture",
-           "load_rows", "tokenize"]
+__all__ = ["BUNDLED_EVAL", "BUNDLED_PREFERENCE_EVAL", "BUNDLED_PREFERENCE_TRAIN", "BUNDLED_TRAIN", "FORMATS",
+           "IGNORE_INDEX", "batches", "collate", "detect_format", "load_mixture", "load_rows", "tokenize"]

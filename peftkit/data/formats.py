@@ -94,7 +94,7 @@ def to_example(row: dict[str, Any], fmt: str, index: int) -> Example:
         return [{"role": "user", "content": alpaca_prompt(instruction, extra)},
                 {"role": "assistant", "content": output}]
     turns = next((row[name] for name in MESSAGE_COLUMNS if row.get(name) is not None), None)
-    return _messages(turns, where)
+    return parse_messages(turns, where)
 
 
 def _string(value: Any, where: str, field: str) -> str:
@@ -114,12 +114,15 @@ def _prompt_completion(prompt: Any, completion: Any, where: str) -> Example:
             raise PeftkitError(f"{where}: 'prompt' and 'completion' must both be text or both be lists of "
                                f"{{role, content}}, got {type(prompt).__name__} and {type(completion).__name__}")
         prompt_turns = [{**m, "train": False} if m["role"] == "assistant" else m
-                        for m in _messages(prompt, where, "prompt", need_answer=False)]
-        return prompt_turns + _messages(completion, where, "completion")
+                        for m in parse_messages(prompt, where, "prompt", need_answer=False)]
+        return prompt_turns + parse_messages(completion, where, "completion")
     return Completion(_string(prompt, where, "prompt"), _string(completion, where, "completion"))
 
 
-def _messages(turns: Any, where: str, field: str = "messages", need_answer: bool = True) -> list[dict[str, Any]]:
+def parse_messages(turns: Any, where: str, field: str = "messages", need_answer: bool = True) -> list[dict[str, Any]]:
+    """A list of {role, content} (or ShareGPT {from, value}) turns as chat-template messages (an assistant turn
+    may carry `"train": false`); errors name `where` and the column `field`.
+    need_answer: refuse a conversation without a trained assistant turn (there would be nothing to learn)."""
     if not isinstance(turns, list) or not turns:
         raise PeftkitError(f"{where}: {field!r} must be a non-empty list of {{role, content}}, got {turns!r:.60}")
     messages = []

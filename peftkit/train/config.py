@@ -19,6 +19,7 @@ import yaml
 
 from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
+from peftkit.train.objectives import check_objective, objective_defaults
 from peftkit.train.recipe_keys import translate
 from peftkit.train.schema import coerce_fields
 from peftkit.train.tracking import parse_report_to
@@ -80,6 +81,11 @@ class TrainConfig:
     compile: bool | None = None            # torch.compile each decoder layer; None: when the run is long enough
     batch_tokens: int | None = None        # micro-batches by padded-token budget instead of batch_size rows
     seed: int = 0
+    # objective (objectives.py): sft, or a preference objective on {prompt, chosen, rejected} rows
+    objective: str = "sft"
+    beta: float | None = None
+    simpo_gamma: float | None = None
+    precompute_ref: bool = False
     # run folder
     output: str | None = None
     overwrite: bool = False
@@ -111,6 +117,7 @@ class TrainConfig:
                                f"{self.eval_split!r}")
         parse_report_to(self.report_to)  # unknown tracker names: now, not after the model is loaded
         get_method(self.method).build_config(self.method_options())  # unknown method or bad options: now, not later
+        check_objective(self, get_method(self.method).trains_base)
 
     def method_options(self) -> dict[str, Any]:
         """The method's options (shared names + `set` fields), unset ones left out, for `Method.build_config`."""
@@ -182,6 +189,7 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     method = get_method(cfg.method)
     if cfg.lr is None and (cfg.data is not None or method.trains_base):
         fill["lr"] = method.default_lr
+    fill.update(objective_defaults(cfg))
     resolved = dataclasses.replace(cfg, **fill)
     if resolved.batch_tokens is not None and resolved.batch_tokens < resolved.max_length:
         raise PeftkitError(f"batch_tokens ({resolved.batch_tokens}) must be at least max_length "

@@ -55,6 +55,10 @@ class Loop:
     on_log: Callable[[dict], None] = lambda record: None
     on_eval: Callable[[int], None] = lambda step: None
     on_checkpoint: Callable[[int], None] = field(default=lambda step: None)
+    # Another objective (preference.py): loss_fn(model, batch, loss_path) -> summed loss (default micro_loss),
+    # count_fn(batch) -> what that sum is normalised by over the step (default count_targets).
+    loss_fn: Callable[..., torch.Tensor] | None = None
+    count_fn: Callable[[dict[str, torch.Tensor]], int] | None = None
 
 
 def micro_batches(loop: Loop, pos: Position) -> Iterator[tuple[list[int], int, int]]:
@@ -83,7 +87,7 @@ def fit(loop: Loop, pos: Position) -> Position:
         group = [next(stream) for _ in range(loop.grad_accum * world)]
         pos.epoch, pos.micro = group[-1][1], group[-1][2]
         mine = [loop.collate(indices) for indices, _, _ in group[rank::world]]
-        counts = torch.tensor([sum(count_targets(b) for b in mine),
+        counts = torch.tensor([sum((loop.count_fn or count_targets)(b) for b in mine),
                                sum(loop.lengths[i] for idx, _, _ in group[rank::world] for i in idx)],
                               dtype=torch.float64, device=acc.device)
         n_targets, n_tokens = acc.reduce(counts, reduction="sum").tolist()  # whole step, all processes
@@ -92,7 +96,7 @@ def fit(loop: Loop, pos: Position) -> Position:
         for i, batch in enumerate(mine):
             sync = nullcontext() if i == len(mine) - 1 else acc.no_sync(model)
             with sync, acc.autocast():
-                token_losses = micro_loss(model, batch, loop.loss_path)    # sum over this micro-batch
+                token_losses = (loop.loss_fn or micro_loss)(model, batch, loop.loss_path)  # sum over this micro-batch
                 acc.backward(token_losses * world / max(n_targets, 1.0))
             loss_sum += token_losses.detach().double()
         loss = (acc.reduce(loss_sum, reduction="sum") / max(n_targets, 1.0)).item()

@@ -26,7 +26,8 @@ def memory_estimate(cfg: TrainConfig, model: Any, precision: str) -> Any:
     options = field_options(cfg.method, cfg.method_options())
     gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else None
     return estimate_memory(model.config, cfg.method, precision="amp" if precision == "fp16" else precision,
-                           batch_size=cfg.batch_size, seq_len=cfg.max_length, gpu_memory_gb=gpu_gb,
+                           batch_size=cfg.batch_size * (1 if cfg.objective == "sft" else 2),  # chosen + rejected
+                           seq_len=cfg.max_length, gpu_memory_gb=gpu_gb,
                            gradient_checkpointing=cfg.gradient_checkpointing, **options)
 
 

@@ -28,6 +28,8 @@ ALIASES: dict[str, str] = {
     "sequence_len": "max_length", "num_epochs": "epochs", "micro_batch_size": "batch_size",
     "lr_scheduler": "scheduler", "sample_packing": "packing", "train_on_inputs": "train_on_prompt",
     "val_set_size": "eval_split",
+    # preference training: LLaMA-Factory's pref_* keys, TRL's DPOConfig
+    "pref_beta": "beta", "pref_loss": "objective", "precompute_ref_log_probs": "precompute_ref",
 }
 # keys whose names suggest a peftkit key but whose meaning differs: say what to use instead
 DIFFERENT = {
@@ -62,6 +64,8 @@ def _value(key: str, value: Any) -> Any:
         return ",".join(str(v) for v in value) or "none"
     if key == "lora_target" and value == "all":
         return "all-linear"
+    if key == "pref_loss" and value == "sigmoid":  # LLaMA-Factory's name for the DPO loss
+        return "dpo"
     return value
 
 

@@ -87,6 +87,13 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> Path | N
     return path
 
 
+def preference_text(record: dict[str, Any]) -> str:
+    """A preference step's reward accuracy and margin for the progress line ("" for SFT)."""
+    if "rewards/accuracies" not in record:
+        return ""
+    return f"reward acc {record['rewards/accuracies']:.0%} margin {record['rewards/margins']:.3f}"
+
+
 class Progress:
     """A rich progress bar: step, loss, useful tokens/s, ETA. Disabled on non-main processes or when quiet."""
 
@@ -98,8 +105,9 @@ class Progress:
         from rich.progress import Progress as Bar
 
         self.bar = Bar(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                       TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA"), TimeRemainingColumn())
-        self.task = self.bar.add_task("train", total=total, completed=start, loss="-", tps="-")
+                       TextColumn("{task.fields[tps]} tok/s"), TextColumn("{task.fields[extra]}"), TextColumn("ETA"),
+                       TimeRemainingColumn())
+        self.task = self.bar.add_task("train", total=total, completed=start, loss="-", tps="-", extra="")
         self.bar.start()
         self._t0, self._tokens0 = None, 0
 
@@ -111,7 +119,8 @@ class Progress:
             tps = record["step_tokens"] / max(record["elapsed_s"], 1e-9)
         else:
             tps = (record["tokens"] - self._tokens0) / max(record["elapsed_s"] - self._t0, 1e-9)
-        self.bar.update(self.task, completed=record["step"], loss=f"{record['loss']:.4f}", tps=f"{tps:,.0f}")
+        self.bar.update(self.task, completed=record["step"], loss=f"{record['loss']:.4f}", tps=f"{tps:,.0f}",
+                        extra=preference_text(record))
 
     def stop(self) -> None:
         if self.bar is not None:

@@ -37,6 +37,7 @@ from peftkit.train.loss import loss_path
 from peftkit.train.memory_report import report_memory
 from peftkit.train.optim import optimizer_and_schedule, parameter_groups, total_steps
 from peftkit.train.precision import auto_precision, make_accelerator, upcast_trainable
+from peftkit.train.preference_run import Preference, describe, setup
 from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
 from peftkit.train.rundir import RUN_CONFIG, check_run_dir, fresh_run_dir
 from peftkit.train.speed import apply_speed_settings
@@ -144,6 +145,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     model.to(acc.device)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, s.steps)
     path = loss_path(model)
+    pref = setup(s, path != "full") if cfg.objective != "sft" else None  # preference objective: pairs, reference, loss
     prepared, optimizer = acc.prepare(model, optimizer)
     pos = Position()
     if s.resume_from is not None:
@@ -151,12 +153,13 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
         say(f"resuming from {s.resume_from} (step {pos.step}, epoch {pos.epoch}, micro-batch {pos.micro})")
     tracking = Tracking.start(acc, s.run_dir, cfg.to_dict()) if main else None
     metrics = Metrics(s.run_dir, main, resume_step=pos.step if s.resume_from else None, tracking=tracking)
-    evaluate = _evaluator(s, metrics, path)
+    evaluate = _evaluator(s, metrics, path, pref)
     before = _earlier_eval(metrics, 0) if s.resume_from else evaluate(0, generate=True)
     _say_eval("before", before, say)
     bar = Progress(s.steps, pos.step, enabled=main and progress)
 
     def on_log(record: dict) -> None:
+        record = {**pref.step.stats(acc), **record} if pref else record
         metrics.write("train", record)
         bar.update(record)
 
@@ -168,6 +171,8 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
                 keep_checkpoints=cfg.keep_checkpoints, run_dir=s.run_dir, loss_path=path, on_log=on_log,
                 on_eval=lambda step: evaluate(step, generate=False),
                 on_checkpoint=on_checkpoint or (lambda step: None))
+    if pref:
+        pref.adapt(loop)
     try:
         pos = fit(loop, pos)
     except BaseException as exc:
@@ -187,18 +192,20 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     return result
 
 
-def _evaluator(s: Session, metrics: Metrics, path: str) -> Callable[..., dict]:
+def _evaluator(s: Session, metrics: Metrics, path: str, pref: Preference | None = None) -> Callable[..., dict]:
     """evaluate(step, generate) -> eval loss (and exact match when generating) on the main process, recorded."""
     if s.eval_split is None:
         return lambda step, generate: {}
-    collate = splits.collate_fn(s.eval_split, s.tokenizer.pad_token_id, s.cfg.packing, s.accelerator.device)
+    collate = pref.eval_collate if pref else splits.collate_fn(s.eval_split, s.tokenizer.pad_token_id, s.cfg.packing,
+                                                               s.accelerator.device)
     plan = splits.plan_fn(s.eval_split, s.cfg, shuffle=False)(0)
 
     def evaluate(step: int, generate: bool) -> dict:
         result: dict[str, Any] = {}
         if s.main:
             with s.accelerator.autocast():  # under amp: half-precision base weights meet fp32 adapter weights
-                result = eval_loss(s.model, collate, plan, path)
+                result = (pref.score(s.model, collate, plan, path != "full") if pref
+                          else eval_loss(s.model, collate, plan, path))
                 if generate and s.eval_split.references:
                     result.update(exact_match(s.model, s.tokenizer, s.eval_split.references, s.prompt_format))
             metrics.write("eval", {"step": step, **result})
@@ -266,8 +273,8 @@ def _earlier_eval(metrics: Metrics, step: int) -> dict:
 
 
 def _say_eval(when: str, result: dict, say: Callable[[str], None]) -> None:
-    if not result:
-        return
+    if not result or "preference_accuracy" in result:
+        return say(f"eval {when}: {describe(result)}") if result else None
     em = result.get("exact_match")
     em_text = f", exact match {em:.0%} of {result['n']}" if em is not None else ""
     say(f"eval {when}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}{em_text}")

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from peftkit.errors import PeftkitError
 from peftkit.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from peftkit.data.preference import Pairs
 
 
 @dataclass
@@ -51,18 +54,25 @@ def _tokenized(rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict,
     return Split(ds["input_ids"], ds["labels"], ds["length"], refs)
 
 
-def load_splits(cfg: TrainConfig, tokenizer: Any, prompt_format: dict) -> tuple[Split, Split | None, str]:
-    """(train split, eval split or None, detected format); every data error is raised here, before any write."""
+def load_splits(cfg: TrainConfig, tokenizer: Any,
+                prompt_format: dict) -> tuple[Split | Pairs, Split | Pairs | None, str]:
+    """(train split, eval split or None, detected format); every data error is raised here, before any write.
+    A preference objective gets `Pairs` (pair_splits), from the bundled preference task when there is no --data."""
     from peftkit import data
+    from peftkit.data.preference import is_preference
 
-    source = cfg.data or str(data.BUNDLED_TRAIN)
+    preference = cfg.objective != "sft"
+    source = cfg.data or str(data.BUNDLED_PREFERENCE_TRAIN if preference else data.BUNDLED_TRAIN)
     rows = data.load_mixture(source, cfg.columns, cfg.seed)  # one source, or several mixed by weight (mixing.py)
     if len(rows) == 0:
         raise PeftkitError(f"the data {source!r} has no rows")
-    fmt = data.detect_format(rows.column_names) if cfg.format == "auto" else cfg.format
+    if not preference and is_preference(rows.column_names):
+        raise PeftkitError("the data has preference rows (prompt, chosen, rejected); train on them with "
+                           "--objective dpo, orpo or simpo")
     eval_rows = None
     if cfg.eval_data or (cfg.data is None and cfg.eval_split is None):
-        eval_rows = data.load_mixture(cfg.eval_data or str(data.BUNDLED_EVAL), cfg.columns, cfg.seed)
+        bundled_eval = data.BUNDLED_PREFERENCE_EVAL if preference else data.BUNDLED_EVAL
+        eval_rows = data.load_mixture(cfg.eval_data or str(bundled_eval), cfg.columns, cfg.seed)
     elif isinstance(cfg.eval_split, str) and not _is_number(cfg.eval_split):
         eval_rows = data.load_mixture(source, cfg.columns, cfg.seed, split=cfg.eval_split)
     else:
@@ -73,12 +83,43 @@ def load_splits(cfg: TrainConfig, tokenizer: Any, prompt_format: dict) -> tuple[
         if size:
             parts = rows.train_test_split(test_size=int(size) if size >= 1 else size, seed=cfg.seed)
             rows, eval_rows = parts["train"], parts["test"]
+    if preference:
+        return pair_splits(rows, eval_rows, tokenizer, cfg, prompt_format)
+    fmt = data.detect_format(rows.column_names) if cfg.format == "auto" else cfg.format
     train = _tokenized(rows, tokenizer, cfg, prompt_format, fmt, "training")
     held = None
     if eval_rows is not None and len(eval_rows):
         eval_rows = eval_rows.select(range(min(len(eval_rows), cfg.eval_examples)))
         held = _tokenized(eval_rows, tokenizer, cfg, prompt_format, fmt, "eval")
     return train, held, fmt
+
+
+def pair_splits(rows: Any, eval_rows: Any, tokenizer: Any, cfg: TrainConfig,
+                prompt_format: dict) -> tuple[Pairs, Pairs | None, str]:
+    """(train pairs, eval pairs or None, a description of the format) from `datasets` rows (a preference objective)."""
+    from peftkit.data.preference import is_preference, pair_kind
+
+    if not is_preference(rows.column_names):
+        raise PeftkitError(f"--objective {cfg.objective} needs preference rows {{prompt, chosen, rejected}}; the "
+                           f"data has the columns {rows.column_names}")
+    train = _pairs(rows, tokenizer, cfg, prompt_format, "training")
+    held = None
+    if eval_rows is not None and len(eval_rows):
+        if not is_preference(eval_rows.column_names):
+            raise PeftkitError(f"the eval data needs preference rows too; it has the columns {eval_rows.column_names}")
+        held = _pairs(eval_rows.select(range(min(len(eval_rows), cfg.eval_examples))), tokenizer, cfg, prompt_format,
+                      "eval")
+    return train, held, f"preference pairs, {pair_kind(rows[0])}"
+
+
+def _pairs(rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict, what: str) -> Pairs:
+    from peftkit.data.preference import tokenize_pairs
+
+    pairs = tokenize_pairs(rows, tokenizer, max_length=cfg.max_length, prompt_format=prompt_format)
+    if not len(pairs):
+        raise PeftkitError(f"no {what} pair has response tokens left after truncation to --max-length "
+                           f"{cfg.max_length}; raise --max-length")
+    return pairs
 
 
 def _is_number(text: str) -> bool:

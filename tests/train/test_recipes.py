@@ -3,6 +3,7 @@ embedded model build and report (--dry-run) on a tiny model, writing nothing."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,10 @@ def test_small_recipe_dry_run(recipe, tiny, tmp_path, monkeypatch, capsys):
     model, data = tiny
     monkeypatch.chdir(tmp_path)
     extra = ["--set", "layers=1"] if load_train_config(recipe).method == "freeze" else []  # the tiny model has 2 layers
+    if load_train_config(recipe).objective != "sft":  # a preference recipe needs {prompt, chosen, rejected} rows
+        data = tmp_path.parent / f"{recipe.stem}-pairs.jsonl"
+        data.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) + "\n"
+                                for i in range(8)))
     main(["train", "--config", str(recipe), "--model", str(model), "--data", str(data), "--dry-run", "--quiet", *extra])
     out = capsys.readouterr().out
     assert "trainable" in out and "optimizer steps" in out
