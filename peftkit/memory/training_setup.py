@@ -24,6 +24,7 @@ METHODS = ("full", "freeze", "lora", "qlora", "adapter", "prefix", "prompt")
 PRECISIONS = ("fp32", "bf16", "amp")
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
 QUANT_BITS = (4, 8)
+DEEPSPEED_PRESETS = {"zero1": 1, "zero2": 2, "zero3": 3}  # `--deepspeed NAME` -> ZeRO stage
 PEFT_METHODS = ("lora", "qlora", "adapter", "prefix", "prompt")
 
 # Options that mean something only for some methods: option -> the methods it applies to.
@@ -116,6 +117,28 @@ class TrainingSetup:
     def shard_stage(self) -> int:
         """What is sharded across GPUs: 0 nothing, 1 optimizer states, 2 + gradients, 3 + weights (FSDP = 3)."""
         return 3 if self.fsdp else self.zero
+
+
+def deepspeed_stage(spec: str | None) -> int:
+    """The ZeRO stage of a `--deepspeed` value (train and estimate spell it alike): zero1 | zero2 | zero3, or a
+    DeepSpeed JSON config (its zero_optimization.stage); 0 when None."""
+    from pathlib import Path
+
+    from peftkit.io.fs import read_json_object
+
+    if not spec:
+        return 0
+    if spec in DEEPSPEED_PRESETS:
+        return DEEPSPEED_PRESETS[spec]
+    if not spec.endswith(".json"):
+        raise PeftkitError(f"--deepspeed must be {', '.join(DEEPSPEED_PRESETS)} or a DeepSpeed .json config file, "
+                           f"got {spec!r}")
+    if not Path(spec).is_file():
+        raise PeftkitError(f"--deepspeed {spec}: no such file (give zero1, zero2, zero3 or a DeepSpeed JSON config)")
+    stage = (read_json_object(Path(spec), "a DeepSpeed config").get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise PeftkitError(f"{spec}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return stage
 
 
 def registry_method(method: str) -> str:

@@ -19,6 +19,7 @@ import yaml
 
 from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
+from peftkit.memory.training_setup import deepspeed_stage
 from peftkit.train.recipe_keys import translate
 from peftkit.train.schema import coerce_fields
 
@@ -74,6 +75,9 @@ class TrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
+    # sharding over the processes of a launcher (peftkit/train/sharding.py)
+    fsdp: bool = False
+    deepspeed: str | None = None
     # run folder
     output: str | None = None
     overwrite: bool = False
@@ -88,6 +92,9 @@ class TrainConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_choice("format", self.format, FORMATS)
+        if self.fsdp and self.deepspeed:
+            raise PeftkitError("--fsdp and --deepspeed are two ways to shard; pick one")
+        deepspeed_stage(self.deepspeed)  # zero1 | zero2 | zero3 | a readable JSON config with a valid stage
         if self.overwrite and self.resume:
             raise PeftkitError("--overwrite and --resume contradict each other; pick one")
         if isinstance(self.eval_split, float) and not (0 < self.eval_split < 1 or self.eval_split.is_integer()):

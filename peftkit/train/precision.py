@@ -17,13 +17,15 @@ import torch
 from peftkit.errors import PeftkitError
 
 
-def make_accelerator(precision: str, trains_base: bool = False) -> tuple[Any, torch.dtype, str]:
+def make_accelerator(precision: str, trains_base: bool = False, cfg: Any = None) -> tuple[Any, torch.dtype, str]:
     """(Accelerator, dtype to load the base weights in, resolved precision name).
 
     trains_base: the method trains the base weights (full / freeze), which then stay fp32 under amp / fp16.
+    cfg: the TrainConfig, for its sharding options (`--fsdp`, `--deepspeed`: peftkit/train/sharding.py).
     """
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+
+    from peftkit.train.sharding import build_accelerator
 
     gpu = torch.cuda.is_available()
     if precision == "auto":
@@ -32,7 +34,7 @@ def make_accelerator(precision: str, trains_base: bool = False) -> tuple[Any, to
         raise PeftkitError("--precision fp16 needs a GPU (fp16 autocast with loss scaling); use fp32 or bf16 on a CPU")
     mixed = {"amp": "bf16", "fp16": "fp16"}.get(precision, "no")
     AcceleratorState._reset_state()  # a fresh precision setting per run when several runs share one process
-    acc = Accelerator(cpu=not gpu, mixed_precision=mixed)
+    acc = build_accelerator(not gpu, mixed, cfg)
     half_base = precision == "bf16" or (precision in ("amp", "fp16") and not trains_base)
     dtype = {"fp16": torch.float16}.get(precision, torch.bfloat16) if half_base else torch.float32
     return acc, dtype, precision

@@ -36,6 +36,7 @@ from peftkit.train.loss import supports_logits_to_keep
 from peftkit.train.optim import optimizer_and_schedule, total_steps
 from peftkit.train.precision import make_accelerator, upcast_trainable
 from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
+from peftkit.train.sharding import is_sharded, whole_model
 from peftkit.train.rundir import RUN_CONFIG, check_run_dir, fresh_run_dir
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def prepare(cfg: TrainConfig) -> Session:
 
     cfg = resolve_defaults(cfg)
     method = get_method(cfg.method)
-    acc, dtype, precision = make_accelerator(cfg.precision, method.trains_base)
+    acc, dtype, precision = make_accelerator(cfg.precision, method.trains_base, cfg)
     say = log.info if acc.is_main_process else (lambda *_args: None)
     run_dir, resume_from = check_run_dir(cfg) if not cfg.dry_run else (None, None)
     model, tokenizer = load_model(cfg.model, dtype=dtype)
@@ -146,7 +147,8 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     acc.wait_for_everyone()
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
-    model.to(acc.device)
+    if not is_sharded(acc):
+        model.to(acc.device)      # sharded: prepare places each process's shard (the whole model never moves)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, s.steps)
     keep = supports_logits_to_keep(model)
     prepared, optimizer = acc.prepare(model, optimizer)
@@ -183,8 +185,9 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     after = evaluate(pos.step, generate=True)
     _say_eval("after", after, say)
     result = RunResult(s.run_dir, before=before, after=after, steps=pos.step, main=main)
-    if main:
-        _finish(s, result, metrics, pos)
+    with whole_model(acc, model, not s.method.trains_base, "the trained result") as writer:  # sharded: gathered
+        if writer:
+            _finish(s, result, metrics, pos)
     acc.wait_for_everyone()
     return result
 
@@ -198,12 +201,13 @@ def _evaluator(s: Session, metrics: Metrics, keep: bool) -> Callable[..., dict]:
 
     def evaluate(step: int, generate: bool) -> dict:
         result: dict[str, Any] = {}
-        if s.main:
+        if s.main or is_sharded(s.accelerator):  # sharded: every process takes part in each forward
             with s.accelerator.autocast():  # under amp: half-precision base weights meet fp32 adapter weights
                 result = eval_loss(s.model, collate, plan, keep)
                 if generate and s.eval_split.references:
                     result.update(exact_match(s.model, s.tokenizer, s.eval_split.references, s.prompt_format))
-            metrics.write("eval", {"step": step, **result})
+            if s.main:
+                metrics.write("eval", {"step": step, **result})
         s.accelerator.wait_for_everyone()
         return result
 
