@@ -46,7 +46,7 @@ ESTIMATOR_ONLY_OPTIONS = ("bits",)  # options of estimator-only methods (qlora),
 class TrainingSetup:
     """One training configuration. `method_options` holds method fields (r, target_modules, bits, ...).
 
-    Sharding: `zero` is the DeepSpeed ZeRO stage (0 = plain DDP; 1 shards optimizer states, 2 also gradients,
+    Sharding: `zero` is the DeepSpeed ZeRO stage (`--deepspeed zeroN`, see `deepspeed_stage`) (0 = plain DDP; 1 shards optimizer states, 2 also gradients,
     3 also weights); `fsdp=True` is FSDP full sharding, which shards like ZeRO-3. `offload` moves optimizer states
     (and, at stage 3, weights) to CPU memory.
     """
@@ -77,9 +77,10 @@ class TrainingSetup:
         if self.zero not in (0, 1, 2, 3):
             raise PeftkitError(f"zero must be 0, 1, 2 or 3, got {self.zero!r}")
         if self.fsdp and self.zero:
-            raise PeftkitError("choose either --fsdp or --zero N, not both (FSDP full sharding is like ZeRO-3)")
+            raise PeftkitError("choose either --fsdp or --deepspeed, not both (FSDP full sharding is like ZeRO-3)")
         if self.offload and not (self.zero or self.fsdp):
-            raise PeftkitError("--offload needs sharding: pass --zero 1/2/3 or --fsdp (offload is a ZeRO/FSDP feature)")
+            raise PeftkitError("--offload needs sharding: pass --deepspeed zero1|zero2|zero3 or --fsdp (offload is a "
+                               "ZeRO/FSDP feature)")
         if self.method == "prefix" and self.gradient_checkpointing:
             raise PeftkitError("prefix tuning cannot train with gradient checkpointing (transformers drops the KV cache "
                                "that holds the prefix); drop --gradient-checkpointing or pick another method")

@@ -33,7 +33,9 @@ ALIASES: dict[str, str] = {
 DIFFERENT = {
     "dataset": "data (a data file, datasets folder or hub name; LLaMA-Factory's dataset names a dataset_info.json entry)",
     "datasets": "data (one data file, datasets folder or hub name)",
+    "fsdp_config": "fsdp: true (FSDP2 full shard, one unit per decoder layer; the other FSDP settings are peftkit's)",
 }
+FSDP_FULL_SHARD = "full_shard"  # TrainingArguments' / axolotl's `fsdp: "full_shard auto_wrap"` (or a list)
 
 
 def translate(data: dict[str, Any], valid: list[str], source: str) -> dict[str, Any]:
@@ -59,6 +61,12 @@ def _value(key: str, value: Any) -> Any:
         return ",".join(str(v) for v in value)
     if key == "lora_target" and value == "all":
         return "all-linear"
+    if key == "fsdp" and isinstance(value, str | list):
+        words = value.split() if isinstance(value, str) else [str(v) for v in value]
+        if FSDP_FULL_SHARD not in words:
+            raise PeftkitError(f"fsdp: {value!r} is not supported; peftkit shards with FSDP2 full shard (fsdp: true, "
+                               "or TrainingArguments' 'full_shard auto_wrap')")
+        return True
     return value
 
 

@@ -36,8 +36,8 @@ from peftkit.train.loss import supports_logits_to_keep
 from peftkit.train.optim import optimizer_and_schedule, total_steps
 from peftkit.train.precision import make_accelerator, upcast_trainable
 from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
-from peftkit.train.sharding import is_sharded, whole_model
 from peftkit.train.rundir import RUN_CONFIG, check_run_dir, fresh_run_dir
+from peftkit.train.sharding import is_sharded, whole_model
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,9 @@ class RunResult:
     main: bool = True               # False on the other processes of a distributed run (they print nothing)
 
 
-def memory_estimate(cfg: TrainConfig, model: Any) -> Any:
-    """peftkit.memory's estimate for this run (per process): the one place the trainer talks to the estimator.
+def memory_estimate(cfg: TrainConfig, model: Any, processes: int = 1) -> Any:
+    """peftkit.memory's estimate for this run per process (`processes` of the launcher, sharded as --fsdp /
+    --deepspeed say): the one place the trainer talks to the estimator.
     Raises PeftkitError when the estimator declines the setup; the caller reports why and trains anyway."""
     import torch
 
@@ -69,7 +70,8 @@ def memory_estimate(cfg: TrainConfig, model: Any) -> Any:
     precision = "fp32" if cfg.precision in ("auto", "fp16") and gpu_gb is None else cfg.precision
     return estimate_memory(model.config, cfg.method, precision="amp" if precision in ("auto", "fp16") else precision,
                            batch_size=cfg.batch_size, seq_len=cfg.max_length, gpu_memory_gb=gpu_gb,
-                           gradient_checkpointing=cfg.gradient_checkpointing, **options)
+                           gradient_checkpointing=cfg.gradient_checkpointing, gpus=processes, fsdp=cfg.fsdp,
+                           deepspeed=cfg.deepspeed, **options)
 
 
 @dataclass
@@ -129,7 +131,7 @@ def prepare(cfg: TrainConfig) -> Session:
     say(f"model {cfg.model or 'embedded SmolLM2-135M-Instruct'} | method {cfg.method} | trainable {trainable:,} of "
         f"{total:,} parameters ({100 * trainable / total:.3f}%) | precision {precision}")
     say(f"data: {len(train_split)} training examples ({fmt}), {len(eval_split) if eval_split else 0} eval")
-    _report_memory(cfg, model, say)
+    _report_memory(cfg, model, say, acc.num_processes)
     plan = splits.plan_fn(train_split, cfg)
     steps = total_steps(cfg, len(plan(0)), acc.num_processes)
     say(f"{steps} optimizer step{'s' if steps != 1 else ''} of {cfg.batch_size} x {cfg.grad_accum} x "
@@ -279,17 +281,19 @@ def _say_eval(when: str, result: dict, say: Callable[[str], None]) -> None:
     say(f"eval {when}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}{em_text}")
 
 
-def _report_memory(cfg: TrainConfig, model: Any, say: Callable[[str], None]) -> None:
+def _report_memory(cfg: TrainConfig, model: Any, say: Callable[[str], None], processes: int = 1) -> None:
     """Print the estimate's total and largest parts; warn when it exceeds this GPU's memory. An estimate is
     advisory: when the estimator declines the setup, say why and go on."""
     try:
-        estimate = memory_estimate(cfg, model)
+        estimate = memory_estimate(cfg, model, processes)
     except PeftkitError as exc:
         say(f"memory estimate: not available ({exc})")
         return
     parts = sorted(estimate.breakdown.items(), key=lambda kv: -kv[1])[:3]
     shown = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f}" for k, v in parts)
-    say(f"memory estimate: {estimate.total_bytes / 1e9:.2f} GB per device (GB = 1e9 bytes; largest: {shown})")
+    shards = " sharded" if cfg.fsdp or cfg.deepspeed else ""
+    say(f"memory estimate: {estimate.total_bytes / 1e9:.2f} GB per device ({processes}{shards} process"
+        f"{'es' if processes > 1 else ''}; GB = 1e9 bytes; largest: {shown})")
     if estimate.fits is False:
         say(f"warning: the estimate exceeds this GPU's {estimate.gpu_memory_gb:.1f} GB; lower --batch-size or "
             "--max-length, or use --gradient-checkpointing")

@@ -99,7 +99,7 @@ def _fill(template: Any, saved: Any, file: Path, path: str) -> Any:
                                "with the same --model, method options and number of processes")
         return {k: _fill(template[k], saved[k], file, f"{path}.{k}" if path else str(k)) for k in template}
     if isinstance(template, list | tuple) and isinstance(saved, list | tuple) and len(saved) == len(template):
-        return type(template)(_fill(t, s, file, f"{path}.{i}") for i, (t, s) in enumerate(zip(template, saved)))
+        return type(template)(_fill(t, s, file, f"{path}.{i}") for i, (t, s) in enumerate(zip(template, saved, strict=True)))
     if isinstance(template, torch.Tensor):
         local = template.to_local() if isinstance(template, DTensor) else template
         if not isinstance(saved, torch.Tensor) or saved.shape != local.shape:

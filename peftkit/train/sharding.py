@@ -166,7 +166,10 @@ def full_parameters(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterato
     """
     originals: list[tuple[nn.Module, str, nn.Parameter]] = []
     replaced: dict[int, nn.Parameter] = {}
+    wrapped = type(model)
     try:
+        if type(model).__name__.startswith("FSDP") and len(wrapped.__bases__) == 2:
+            model.__class__ = wrapped.__bases__[1]  # fully_shard's FSDP<Class>: writers record the model's own class
         for name, param in model.named_parameters(remove_duplicate=False):
             if name not in state and id(param) not in replaced:
                 continue
@@ -178,6 +181,7 @@ def full_parameters(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterato
             owner._parameters[leaf] = replaced[id(param)]
         yield model
     finally:
+        model.__class__ = wrapped
         for owner, leaf, param in reversed(originals):
             owner._parameters[leaf] = param
 

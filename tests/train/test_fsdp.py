@@ -108,3 +108,45 @@ def test_fsdp_sigkill_then_resume_equals_uninterrupted(runs):
     assert max(float(t.abs().max()) for k, t in want.items() if "lora_B" in k) > 1e-3
     for key in want:
         assert float((want[key] - got[key]).abs().max()) <= 1e-6, key
+
+
+def test_fsdp_two_nodes(runs):
+    """Two "nodes" of one process each, rendezvous over c10d on localhost: the same run as 2 processes on one."""
+    root, options = runs
+    port = _free_port()
+    args = [str(REPO / "cli.py"), "train", *_flags({**options, "grad_accum": 1, "fsdp": True, "output": root / "nodes",
+                                                    "quiet": True})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+                               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                               f"127.0.0.1:{port}", *args], cwd=root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert sum(out.count("run folder:") for out in outputs) == 1  # one main process over both nodes
+    want = load_file(str(root / "two" / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(root / "nodes" / "adapter" / "adapter_model.safetensors"))
+    for key in want:
+        assert float((want[key] - got[key]).abs().max()) <= 1e-6, key
+
+
+def test_fsdp_full_fine_tune_saves_a_loadable_model(runs):
+    from transformers import AutoModelForCausalLM
+
+    root, options = runs
+    full = {**options, "method": "full", "lr": 1e-3, "max_steps": 2, "save_steps": None}
+    full = {k: v for k, v in full.items() if k not in ("rank", "dropout") and v is not None}
+    proc = _torchrun([str(REPO / "cli.py"), "train", *_flags({**full, "grad_accum": 1, "fsdp": True,
+                                                              "output": root / "full2", "quiet": True})], root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    one = train(load_train_config(None, {**full, "grad_accum": 2, "output": str(root / "full1")}), progress=False)
+    base = AutoModelForCausalLM.from_pretrained(options["model"]).state_dict()
+    want = AutoModelForCausalLM.from_pretrained(str(one.saved)).state_dict()
+    saved = root / "full2" / "model"
+    assert '"LlamaForCausalLM"' in (saved / "config.json").read_text()
+    got = AutoModelForCausalLM.from_pretrained(str(saved)).state_dict()
+    assert want.keys() == got.keys()
+    update = max(float((want[k] - base[k]).abs().max()) for k in want)
+    assert update > 1e-4
+    for key in want:
+        assert float((want[key] - got[key]).abs().max()) <= 0.01 * update, key
