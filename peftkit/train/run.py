@@ -187,7 +187,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     after = evaluate(pos.step, generate=True)
     _say_eval("after", after, say)
     result = RunResult(s.run_dir, before=before, after=after, steps=pos.step, main=main)
-    with whole_model(acc, model, not s.method.trains_base, "the trained result") as writer:  # sharded: gathered
+    with whole_model(acc, prepared, not s.method.trains_base, "the trained result") as writer:  # sharded: gathered
         if writer:
             _finish(s, result, metrics, pos)
     acc.wait_for_everyone()

@@ -45,6 +45,7 @@ def build_accelerator(cpu: bool, mixed_precision: str, cfg: Any = None) -> Any:
     if cfg is not None and cfg.fsdp:
         kwargs["fsdp_plugin"] = fsdp_plugin()
     elif cfg is not None and cfg.deepspeed:
+        check_deepspeed_run(cfg)
         kwargs["deepspeed_plugin"] = deepspeed_plugin(cfg.deepspeed, cpu, batch_size=cfg.batch_size,
                                                       grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
                                                       precision=cfg.precision)
@@ -61,11 +62,13 @@ def build_accelerator(cpu: bool, mixed_precision: str, cfg: Any = None) -> Any:
 
 
 def fsdp_plugin() -> Any:
-    """accelerate's FSDP2 plugin: full shard, one unit per decoder layer (the model's `_no_split_modules`)."""
+    """accelerate's FSDP2 plugin: full shard, one unit per decoder layer (the model's `_no_split_modules`), and
+    CPU-RAM-efficient loading: only local rank 0 of each node reads the weights (transformers loads the others on
+    the meta device) and `prepare` sends each process its shard, so 8 processes of a 72B model do not each hold it."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
-                                          auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=False)
+                                          auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=True)
 
 
 def _fsdp_on_cpu(acc: Any, plugin: Any, mixed_precision: str) -> None:
@@ -104,6 +107,18 @@ def deepspeed_config(spec: str, batch_size: int = 1, grad_accum: int = 1, max_gr
     if precision in ("bf16", "amp") and "bf16" not in config and "fp16" not in config:
         config["bf16"] = {"enabled": True}
     return config
+
+
+def check_deepspeed_run(cfg: Any) -> None:
+    """What peftkit's loop does not do under DeepSpeed, refused before anything is loaded: accumulation (DeepSpeed's
+    engine divides each micro-batch's loss by its own count, which the loop's whole-step normalisation already
+    does) and checkpoints (DeepSpeed's are pickles, which peftkit does not read back)."""
+    if cfg.grad_accum > 1:
+        raise PeftkitError("--deepspeed with --grad-accum > 1 is not supported (the DeepSpeed engine scales the loss "
+                           "by its own accumulation count); raise --batch-size or the process count, or use --fsdp")
+    if cfg.save_steps or cfg.resume:
+        raise PeftkitError("--deepspeed runs write no checkpoints (DeepSpeed's checkpoints are pickles, which peftkit "
+                           "never loads); drop --save-steps / --resume, or use --fsdp for resumable sharded runs")
 
 
 def deepspeed_plugin(spec: str, cpu: bool, **run: Any) -> Any:
@@ -187,15 +202,19 @@ def full_parameters(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterato
 
 
 @contextmanager
-def whole_model(accelerator: Any, model: nn.Module, trainable_only: bool, what: str) -> Iterator[bool]:
-    """Inside: on the main process, `model` holds its whole trained parameters (gathered when sharded, checked);
-    yields whether this process should write. Every process must enter it."""
+def whole_model(accelerator: Any, prepared: nn.Module, trainable_only: bool, what: str) -> Iterator[bool]:
+    """Inside: on the main process, the model (`prepared` unwrapped) holds its whole trained parameters (gathered
+    when sharded, checked); yields whether this process should write. Every process must enter it."""
     if not is_sharded(accelerator):
         yield accelerator.is_main_process
         return
-    shapes = {n: s for n, s in declared_shapes(model).items()
-              if n in {m for m, p in model.named_parameters() if p.requires_grad or not trainable_only}}
-    state = gathered_state(model, trainable_only)
+    model = accelerator.unwrap_model(prepared)
+    wanted = {n for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
+    shapes = {n: s for n, s in declared_shapes(model).items() if n in wanted}
+    if accelerator.distributed_type == "DEEPSPEED":  # ZeRO-3: the engine consolidates 16-bit weights on rank 0
+        state = {n: t.detach().clone() for n, t in (accelerator.get_state_dict(prepared) or {}).items() if n in wanted}
+    else:
+        state = gathered_state(model, trainable_only)
     if not accelerator.is_main_process:
         yield False
         return
