@@ -3,8 +3,9 @@
     OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --repeats 3
 
 Both sides train LoRA r=8 (alpha 16, q_proj/v_proj, no dropout) with AdamW, lr 2e-4, cosine, no warmup, grad-norm
-clip 1.0, one epoch over the same examples, tokenized once by peftkit.data (identical input_ids and labels), fp32
-CPU. Defaults: 100 examples, batch 4, max_length 512 (peftkit's defaults for user data) = 25 optimizer steps.
+clip 1.0, one epoch over the same examples, tokenized once by peftkit.data (identical input_ids and labels), on
+the CPU in the same precision: --precision fp32 (default), or amp (bf16 autocast: peftkit's `--precision amp`, the
+Trainer's `bf16=True`; peftkit also stores the frozen base in bf16, the Trainer keeps it in fp32). Defaults: 100 examples, batch 4, max_length 512 (peftkit's defaults for user data) = 25 optimizer steps.
 Each side runs in its own fresh process so peak RSS (ru_maxrss) is its own. Reported per side (medians over
 --repeats, with the min-max spread): useful tokens/s (the examples' own, non-padding tokens / training time),
 training time (first step start to last step end, measured the same way on both sides: peftkit's `fit` clock,
@@ -146,7 +147,7 @@ def run_peftkit(args: argparse.Namespace, rows_file: str, lengths: list[int], pa
         cfg = TrainConfig(method="lora", rank=LORA["r"], alpha=LORA["lora_alpha"], dropout=LORA["lora_dropout"],
                           target_modules=",".join(LORA["target_modules"]), data=rows_file, format="alpaca",
                           eval_split="0", lr=LR, epochs=1, batch_size=args.batch_size, max_length=args.max_length,
-                          packing=packing, warmup=0, precision="fp32", seed=SEED, output=f"{tmp}/run")
+                          packing=packing, warmup=0, precision=args.precision, seed=SEED, output=f"{tmp}/run")
         result = train(cfg, progress=False)
         records = [json.loads(x) for x in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
     ends = [r["elapsed_s"] for r in records if r["kind"] == "train"]
@@ -207,7 +208,7 @@ def run_hf(args: argparse.Namespace, rows_file: str, collator_kind: str) -> dict
         targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=args.batch_size, learning_rate=LR,
                                   num_train_epochs=1, lr_scheduler_type="cosine", warmup_steps=0, report_to=[],
                                   logging_steps=10_000, save_strategy="no", use_cpu=True, seed=SEED,
-                                  dataloader_num_workers=0, remove_unused_columns=False,
+                                  dataloader_num_workers=0, remove_unused_columns=False, bf16=args.precision == "amp",
                                   train_sampling_strategy="group_by_length" if collator_kind == "grouped" else "random")
         trainer = Trainer(model=model, args=targs, train_dataset=datasets.Dataset.from_list(examples),
                           data_collator=collator, callbacks=[clock])
@@ -235,7 +236,9 @@ def run_fixed(args: argparse.Namespace, rows_file: str, side: str) -> dict:
     opt = torch.optim.AdamW(params, lr=LR)
     start, ends = time.perf_counter(), []
     for batch in batches:
-        step_loss(batch).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "amp"):
+            loss = step_loss(batch)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -292,7 +295,7 @@ def length_summary(args: argparse.Namespace) -> str:
 def run_child(args: argparse.Namespace, side: str) -> dict:
     """Run one side in a fresh Python process; its parsed RESULT line."""
     cmd = [sys.executable, __file__, "--side", side, "--examples", str(args.examples), "--data", args.data,
-           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
+           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--precision", args.precision]
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -306,6 +309,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--precision", choices=("fp32", "amp"), default="fp32", help="The same on both sides.")
     parser.add_argument("--repeats", type=int, default=1, help="Runs per side; medians and min-max are reported.")
     parser.add_argument("--sides", default=",".join(DEFAULT_SIDES), help=f"Comma list of: {', '.join(SIDES)}")
     parser.add_argument("--json", help="Also write every run's raw result to this file.")

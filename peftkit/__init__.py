@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs; at run time __ge
     from peftkit.methods.lora import LoraConfig
     from peftkit.methods.prefix import PrefixConfig
     from peftkit.methods.prompt import PromptConfig
+    from peftkit.methods.qlora import QloraConfig
 
 # Public name -> the module that defines it.
 _LAZY = {
@@ -41,6 +42,7 @@ _LAZY = {
     "AdapterConfig": "peftkit.methods.bottleneck",
     "PrefixConfig": "peftkit.methods.prefix",
     "PromptConfig": "peftkit.methods.prompt",
+    "QloraConfig": "peftkit.methods.qlora",
     "inject": "peftkit.core.inject",
     "load_adapter": "peftkit.io.adapters",
     "save_adapter": "peftkit.io.adapters",
@@ -61,6 +63,7 @@ __all__ = [
     "AdapterConfig",
     "PrefixConfig",
     "PromptConfig",
+    "QloraConfig",
     "inject",
     "load_adapter",
     "save_adapter",

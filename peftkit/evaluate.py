@@ -18,7 +18,7 @@ from peftkit.errors import PeftkitError
 from peftkit.io.adapters import load_adapter
 from peftkit.io.models import load_model
 from peftkit.train.evaluate import eval_loss, exact_match, row_to_chat
-from peftkit.train.loss import supports_logits_to_keep
+from peftkit.train.loss import loss_path
 
 
 def evaluate(model_name: str | None, adapter: str | None, source: str | None = None, *, fmt: str = "auto",
@@ -49,7 +49,7 @@ def evaluate(model_name: str | None, adapter: str | None, source: str | None = N
 
     plan = [list(range(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
     result: dict[str, Any] = {"format": fmt, "n_examples": len(ds), **eval_loss(lm, collate, plan,
-                                                                                 supports_logits_to_keep(lm))}
+                                                                                 loss_path(lm))}
     if fmt in ("alpaca", "messages"):
         refs = [row_to_chat(row, fmt, i) for i, row in enumerate(rows)]
         result.update(exact_match(lm, tokenizer, [r for r in refs if r[1] is not None], prompt_format, batch_size))

@@ -9,6 +9,9 @@ expected numbers depend on them, so a test keeps the preset it was written for:
   the LoRA, PEFT-interop, load-error, merging, data and CLI tests.
 - WIDE: vocab 96, hidden 64 (heads of 16), intermediate 96, initializer_range 0.1: the bottleneck / prefix /
   prompt tests (bottleneck reduction factors and prefix KV widths need hidden 64).
+- QUANT: vocab 128, hidden 64, intermediate 128: the QLoRA tests that run a model loaded by plain transformers +
+  bitsandbytes (PEFT's side): on an AVX512-BF16 CPU bitsandbytes' 4-bit eval kernel needs input widths that are
+  multiples of 64 (peftkit turns that kernel off, `peftkit.io.quantize.keep_trainable_layout`).
 
 `tiny_model` is seeded (same seed, same weights), fp32, in eval mode, dropout off, and never stops generating at
 an EOS (tests compare a fixed number of new tokens). `save_tiny_checkpoint` saves a tiny Llama with the embedded
@@ -56,6 +59,7 @@ class Size:
 
 SMALL = Size(vocab=128, hidden=32, intermediate=64, bias_std=0.1)
 WIDE = Size(vocab=96, hidden=64, intermediate=96, init_std=0.1)
+QUANT = Size(vocab=128, hidden=64, intermediate=128, bias_std=0.1)  # see QUANT in the module docstring
 
 
 def tiny_config(arch: str, size: Size = SMALL, **overrides) -> PretrainedConfig:

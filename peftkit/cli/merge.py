@@ -33,6 +33,8 @@ def merge_cmd(
     dtype: Dtype = None,
     overwrite: Overwrite = False,
     check_logits: Annotated[bool, typer.Option("--check-logits", help="Also load both models and compare logits (needs the model to fit in memory).")] = False,
+    merge_base: Annotated[str | None, typer.Option("--merge-base", help="QLoRA adapters: quantized (default: the de-quantized base they were trained over) | original (the unquantized weights).")] = None,
+    base_probe: Annotated[bool, typer.Option("--base-probe/--no-base-probe", help="QLoRA adapters: print the logit difference between the two merge bases on a probe (loads the model twice, one at a time).")] = True,
     as_json: Json = False,
 ) -> None:
     """Merge LoRA adapters into the base weights and write a new model folder (loads with from_pretrained)."""
@@ -44,11 +46,17 @@ def merge_cmd(
     limit_heap_growth()
     adapters = adapter or []
     report = merge_to_disk(base, adapters, output, weights=weights, combination=combination, rank=rank,
-                           dtype=dtype, overwrite=overwrite)
+                           dtype=dtype, overwrite=overwrite, merge_base=merge_base)
     if check_logits:
         from peftkit.merging.check import check_logits as run_check
 
-        report.logits_max_abs_diff = run_check(base, adapters, output, parse_weights(weights, len(adapters)), combination, rank)
+        report.logits_max_abs_diff = run_check(base, adapters, output, parse_weights(weights, len(adapters)),
+                                               combination, rank, quant=report.quantization if report.merge_base == "quantized" else None)
+    if report.quantization is not None and base_probe:
+        from peftkit.merging.check import base_logits_difference
+
+        report.base_logits_diff = base_logits_difference(base, adapters, parse_weights(weights, len(adapters)),
+                                                         report.quantization, combination, rank)
     if as_json:
         print_json(asdict(report))
         return
@@ -59,5 +67,20 @@ def merge_cmd(
           f"tolerance {report.tolerance:.0e}")
     if report.untied_lm_head:
         print("  lm_head was tied to the input embedding: it now has its own merged tensor (tie_word_embeddings=false)")
+    _print_merge_base(report)
     if report.logits_max_abs_diff is not None:
         print(f"  --check-logits: max |logit difference| vs base + adapter unmerged: {report.logits_max_abs_diff:.2e}")
+
+
+def _print_merge_base(report: MergeReport) -> None:
+    """For a QLoRA adapter: which base it went into, and how much the other choice would change the logits."""
+    q = report.quantization
+    if q is None:
+        return
+    kind = "8-bit int8" if q["bits"] == 8 else f"4-bit {q['quant_type']}" + (" double-quant" if q["double_quant"] else "")
+    other = {"quantized": "original (the unquantized weights)", "original": "quantized (the de-quantized base)"}
+    print(f"  merge base: {report.merge_base} (the adapter was trained over a {kind} base; --merge-base "
+          f"{other[report.merge_base]} is the other choice)")
+    if report.base_logits_diff is not None:
+        print(f"  probe (8 tokens): max |logit difference| between merging into the de-quantized and the original "
+              f"base: {report.base_logits_diff:.3e}")

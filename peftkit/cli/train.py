@@ -47,8 +47,10 @@ def train_cmd(
     reduction_factor: ReductionFactor = None,
     num_virtual_tokens: NumVirtualTokens = None,
     sets: Set = None,
-    data: Annotated[str | None, Opt("--data", "-d", help="json/jsonl/csv/parquet file, datasets folder or hub name; default: the bundled task.")] = None,
-    format: Annotated[str | None, Opt("--format", help="auto | alpaca | messages | text.")] = None,
+    data: Annotated[list[str] | None, Opt("--data", "-d", help="json/jsonl/csv/parquet file, datasets folder or hub name; default: the bundled task. Several mix: repeat --data, or a.jsonl:0.7,b.jsonl:0.3 (weights: shares of the mixed rows).")] = None,
+    format: Annotated[str | None, Opt("--format", help="auto | alpaca | messages | text | prompt_completion.")] = None,
+    columns: Annotated[list[str] | None, Opt("--columns", help="Map the data's column names to peftkit's: instruction=question,output=answer (peftkit's name=the dataset's).")] = None,
+    chat_template: Annotated[str | None, Opt("--chat-template", help="Chat template for a model without one (or to replace its own): chatml | llama3 | alpaca, or a Jinja file; saved with the result.")] = None,
     eval_data: Annotated[str | None, Opt("--eval-data", help="Held-out data file.")] = None,
     eval_split: Annotated[str | None, Opt("--eval-split", help="A split name of --data, or a share (0.05) / count of rows to hold out.")] = None,
     lr: Annotated[float | None, Opt("--lr", help="Peak learning rate.")] = None,
@@ -59,7 +61,10 @@ def train_cmd(
     max_length: Annotated[int | None, Opt("--max-length", help="Tokens per example (packed row).")] = None,
     packing: Annotated[bool | None, Opt("--packing/--no-packing", help="Pack examples into rows (padding-free).")] = None,
     gradient_checkpointing: Annotated[bool | None, Opt("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in the backward pass: less activation memory, slower steps.")] = None,
-    precision: Annotated[str | None, Opt("--precision", help="auto | fp32 | bf16 | fp16 | amp.")] = None,
+    precision: Annotated[str | None, Opt("--precision", help="auto (bf16 autocast where the GPU or CPU has fast bf16, else fp32) | fp32 | bf16 | fp16 | amp.")] = None,
+    attention: Annotated[str | None, Opt("--attention", help="auto | eager | sdpa: the attention kernel (auto: the faster one for this device, precision and length).")] = None,
+    compile: Annotated[bool | None, Opt("--compile/--no-compile", help="torch.compile each decoder layer (default: only runs long enough to win back the compile time).")] = None,
+    batch_tokens: Annotated[int | None, Opt("--batch-tokens", help="Micro-batches of at most N padded tokens (rows x longest row) instead of --batch-size rows.")] = None,
     warmup: Annotated[float | None, Opt("--warmup", help="Warmup steps, or a fraction < 1 of the steps.")] = None,
     scheduler: Annotated[str | None, Opt("--scheduler", help="cosine | linear | constant.")] = None,
     fsdp: Annotated[bool | None, Opt("--fsdp/--no-fsdp", help="Shard weights, gradients and optimizer states over the launcher's processes with FSDP2 (full shard).")] = None,
@@ -71,6 +76,7 @@ def train_cmd(
     save_steps: Annotated[int | None, Opt("--save-steps", help="Checkpoint every N steps.")] = None,
     eval_steps: Annotated[int | None, Opt("--eval-steps", help="Eval loss every N steps.")] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue the run in --output from its last checkpoint.")] = False,
+    report_to: Annotated[list[str] | None, Opt("--report-to", help="Experiment trackers: none | tensorboard | wandb | mlflow; several comma-separated or repeated (written to RUN/tracking/).")] = None,
     dry_run: Annotated[bool, Opt("--dry-run", help="Build everything, print counts and memory, train nothing.")] = False,
     quiet: Annotated[bool, Opt("--quiet", help="No progress bar.")] = False,
     print_config: Annotated[bool, Opt("--print-config", help="Print the fully resolved recipe (flags, recipe and defaults merged) as YAML and exit.")] = False,
@@ -83,7 +89,8 @@ def train_cmd(
     from peftkit.train.run import train
 
     flags.update(set=parse_sets(sets) or None, overwrite=overwrite or None, resume=resume or None,
-                 dry_run=dry_run or None)
+                 dry_run=dry_run or None, report_to=",".join(report_to) if report_to else None,
+                 data=",".join(data) if data else None, columns=_columns(columns) or None)
     cfg = load_train_config(config, flags)
     if print_config:
         import yaml
@@ -101,6 +108,20 @@ def train_cmd(
     print(f"  loss curve: {result.run_dir / 'loss_curve.png'}")
     flag = f"--model {shlex.quote(str(saved))}" if whole_model else f"--adapter {shlex.quote(str(saved))}"
     print(f"chat with it:\n  peftkit generate {flag} {_shell_quote(_example_prompt(result))}")
+
+
+def _columns(values: list[str] | None) -> dict[str, str]:
+    """{"instruction": "question", ...} from ["instruction=question,output=answer", ...]."""
+    from peftkit.errors import PeftkitError
+
+    out: dict[str, str] = {}
+    for pair in (part for value in values or [] for part in value.split(",") if part.strip()):
+        ours, sep, theirs = pair.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            raise PeftkitError(f"--columns expects peftkit_name=dataset_column pairs, e.g. instruction=question; "
+                               f"got {pair!r}")
+        out[ours.strip()] = theirs.strip()
+    return out
 
 
 def _example_prompt(result) -> str:

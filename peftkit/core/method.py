@@ -105,6 +105,11 @@ class Method:
         """For `trains_base` methods: set `requires_grad` on the base weights this method trains."""
         raise NotImplementedError
 
+    def load_options(self, config: Any) -> dict[str, Any]:
+        """Keyword arguments of `peftkit.io.models.load_model` this method needs the base loaded with (the trainer
+        passes them): qlora asks for a quantized base (`quantize`, `double_quant`, `compute_dtype`); most need none."""
+        return {}
+
     def export(self, model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         """(adapter_config.json dict, tensors keyed as PEFT saves them) for one adapter."""
         raise NotImplementedError

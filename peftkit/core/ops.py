@@ -42,6 +42,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 def _require_mergeable(model: nn.Module, names: Sequence[str]) -> None:
     """Refuse, with the method's reason, when one of the adapters cannot be folded into the weights."""
+    if getattr(model, "is_quantized", False):
+        raise PeftkitError("cannot merge into a quantized (bitsandbytes) base in memory: its weights are 4/8-bit. Save "
+                           "the adapter and run `peftkit merge`, which merges into the de-quantized base")
     for name in names:
         method = get_method(adapters(model)[name].method)
         if not method.mergeable:

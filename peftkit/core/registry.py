@@ -58,7 +58,7 @@ def get_method(name: str) -> Method:
 
 
 def method_for_peft_type(peft_type: str) -> Method:
-    """The method that saves adapters with this `peft_type`."""
+    """The method that saves adapters with this `peft_type` (the first registered: lora before qlora for LORA)."""
     for method in _registered().values():
         if method.peft_type is not None and method.peft_type == peft_type:
             return method
@@ -67,8 +67,10 @@ def method_for_peft_type(peft_type: str) -> Method:
 
 
 def method_for_config(config: Any) -> Method:
-    """The method whose config class `config` is an instance of."""
-    for method in _registered().values():
+    """The method whose config class `config` is an instance of (its exact class first: QloraConfig subclasses
+    LoraConfig)."""
+    methods = _registered().values()
+    for method in [m for m in methods if type(config) is m.config_cls] + list(methods):
         if isinstance(config, method.config_cls):
             return method
     raise PeftkitError(f"{type(config).__name__} is not the config of a registered method ({', '.join(method_names())})")

@@ -1,6 +1,7 @@
 """The training data pipeline: rows -> token ids + labels -> micro-batches.
 
     rows = load_rows("data.jsonl")                       # sources.py: file, save_to_disk folder, hub name
+    rows = load_mixture("a.jsonl:0.7,b.jsonl:0.3", columns={"instruction": "question"}, seed=0)  # mixing.py
     ds = tokenize(rows, tokenizer, max_length=512)       # formats.py + rendering.py + tokenizing.py (cached)
     for indices in batches(ds["length"], batch_size=4, max_length=512, packing=True, shuffle=True, seed=0):
         batch = collate([ds[i] for i in indices], tokenizer.pad_token_id, packing=True)   # collator.py
@@ -17,6 +18,7 @@ from pathlib import Path
 from peftkit.data.batching import batches
 from peftkit.data.collator import IGNORE_INDEX, collate
 from peftkit.data.formats import FORMATS, detect_format
+from peftkit.data.mixing import load_mixture
 from peftkit.data.sources import load_rows
 from peftkit.data.tokenizing import tokenize
 
@@ -24,5 +26,5 @@ BUNDLED_TRAIN = Path(__file__).parent / "task_train.jsonl"
 BUNDLED_EVAL = Path(__file__).parent / "task_eval.jsonl"
 
 
-__all__ = ["BUNDLED_EVAL", "BUNDLED_TRAIN", "FORMATS", "IGNORE_INDEX", "batches", "collate", "detect_format", "load_rows",
-           "tokenize"]
+__all__ = ["BUNDLED_EVAL", "BUNDLED_TRAIN", "FORMATS", "IGNORE_INDEX", "batches", "collate", "detect_format", "load_mixture",
+           "load_rows", "tokenize"]

@@ -9,6 +9,12 @@ With packing, examples are concatenated into one row with no padding (see collat
 examples up to a budget of `batch_size * max_length` tokens, filled first-fit (each example goes into the first
 micro-batch of its chunk that still has room; longest first inside a chunk), so a packed micro-batch costs about
 what an unpacked one of `batch_size` full-length rows would.
+
+With a token budget (`batch_tokens`), an unpacked micro-batch is not a fixed number of rows but as many
+length-sorted rows as fit in `batch_tokens` padded positions (rows x the longest row): short rows travel many to
+a batch, long ones few, so every micro-batch costs about the same compute and activation memory (bounded by the
+budget) and grouping by length no longer piles the longest rows into one oversized batch. With packing, the budget
+replaces `batch_size * max_length`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ def batches(
     seed: int,
     epoch: int = 0,
     group_by_length: bool = True,
+    batch_tokens: int | None = None,
 ) -> list[list[int]]:
     """Micro-batches (lists of indices into `lengths`) covering every example exactly once.
 
@@ -43,13 +50,16 @@ def batches(
     if shuffle:
         rng.shuffle(order)
     if packing:
-        result = _pack(order, lengths, batch_size * max_length)
+        result = _pack(order, lengths, batch_tokens or batch_size * max_length)
+    elif batch_tokens:
+        result = _budgeted(order, lengths, batch_tokens)
     elif group_by_length:
         result = _grouped(order, lengths, batch_size)
     else:
         result = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if shuffle and len(result) > 1:
-        _shuffle_batches(result, lengths, rng, keep_last=not packing and len(result[-1]) < batch_size)
+        short_last = not packing and not batch_tokens and len(result[-1]) < batch_size
+        _shuffle_batches(result, lengths, rng, keep_last=short_last)
     return result
 
 
@@ -74,11 +84,34 @@ def _grouped(order: list[int], lengths: list[int], batch_size: int) -> list[list
     return result
 
 
-def _pack(order: list[int], lengths: list[int], budget: int) -> list[list[int]]:
-    """First-fit-decreasing inside chunks of about PACK_CHUNK_BINS budgets of tokens."""
+def _budgeted(order: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Sort each mega-chunk by length (longest first), then cut it into runs of rows whose padded size
+    (rows x the run's first, longest row) stays within `budget`. A mega-chunk holds about MEGA_CHUNK_BATCHES
+    batches of rows of the mean length."""
+    _check_fits(order, lengths, budget)
+    mean = sum(lengths[i] for i in order) / max(len(order), 1)
+    chunk = max(1, int(budget // max(mean, 1))) * MEGA_CHUNK_BATCHES
+    result: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        batch: list[int] = []
+        for index in sorted(order[start : start + chunk], key=lambda i: -lengths[i]):
+            if batch and (len(batch) + 1) * lengths[batch[0]] > budget:
+                result.append(batch)
+                batch = []
+            batch.append(index)
+        result.append(batch)
+    return result
+
+
+def _check_fits(order: list[int], lengths: list[int], budget: int) -> None:
     too_long = next((i for i in order if lengths[i] > budget), None)
     if too_long is not None:
         raise ValueError(f"example {too_long} has {lengths[too_long]} tokens, more than the budget {budget}")
+
+
+def _pack(order: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """First-fit-decreasing inside chunks of about PACK_CHUNK_BINS budgets of tokens."""
+    _check_fits(order, lengths, budget)
     result: list[list[int]] = []
     chunk: list[int] = []
     tokens = 0

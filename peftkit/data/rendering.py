@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from peftkit.data.formats import Example
+from peftkit.data.formats import Completion, Example, trained
 from peftkit.errors import PeftkitError
 
 Segment = tuple[str | int, bool]
@@ -32,6 +32,8 @@ def render_segments(
     """Segments of one example (see the module docstring). train_on_prompt marks every segment as a target."""
     if isinstance(example, str):
         segments: list[Segment] = [(example, True), (_eos_id(tokenizer), True)]
+    elif isinstance(example, Completion):  # TRL's standard prompt-completion: plain text, no template
+        segments = [(example.prompt, False), (example.completion, True), (_eos_id(tokenizer), True)]
     elif "chat_template" in prompt_format:
         segments = _chat_segments(example, tokenizer, prompt_format["chat_template"])
     else:
@@ -44,10 +46,10 @@ def render_segments(
 def uses_special_prefix(example: Example, prompt_format: dict[str, str]) -> bool:
     """Whether the tokenizer's own special tokens (BOS) go in front: yes for plain text, no for chat templates
     (a chat template writes its own BOS, and `apply_chat_template(tokenize=True)` adds none either)."""
-    return isinstance(example, str) or "chat_template" not in prompt_format
+    return isinstance(example, (str, Completion)) or "chat_template" not in prompt_format
 
 
-def _chat_segments(messages: list[dict[str, str]], tokenizer: Any, template: str) -> list[Segment]:
+def _chat_segments(messages: list[dict[str, Any]], tokenizer: Any, template: str) -> list[Segment]:
     def render(turns: list[dict[str, str]], generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(
             turns, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
@@ -57,7 +59,7 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer: Any, template: str
     segments: list[Segment] = []
     done = 0  # characters of `full` already assigned to a segment
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if not trained(message):  # untrained assistant turns stay in the masked text between targets
             continue
         through = render(messages[: i + 1], False)
         end = len(through.rstrip())
@@ -77,15 +79,16 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer: Any, template: str
     return segments
 
 
-def _plain_segments(messages: list[dict[str, str]], tokenizer: Any, template: str) -> list[Segment]:
+def _plain_segments(messages: list[dict[str, Any]], tokenizer: Any, template: str) -> list[Segment]:
     segments: list[Segment] = []
     pending: list[str] = []  # system / user contents since the previous answer
     for message in messages:
         if message["role"] != "assistant":
             pending.append(message["content"])
             continue
-        segments += [(template.format(prompt="\n\n".join(pending)), False), (message["content"], True),
-                     (_eos_id(tokenizer), True)]
+        target = trained(message)
+        segments += [(template.format(prompt="\n\n".join(pending)), False), (message["content"], target),
+                     (_eos_id(tokenizer), target)]
         pending = []
     return segments
 

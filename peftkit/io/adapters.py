@@ -37,6 +37,7 @@ from peftkit.errors import PeftkitError
 from peftkit.io.finite import check_finite
 from peftkit.io.fs import atomic_dir, read_json_object
 from peftkit.io.models import EMBEDDED_HUB_ID
+from peftkit.io.quantize import quantization_record
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -98,6 +99,9 @@ def _export(model: nn.Module, name: str | None, prompt_format: dict | None) -> t
         "prompt_format": prompt_format or prompt_format_of(model),
         "base_model_note": base_model_note(model),
     }
+    quantization = quantization_record(model)
+    if quantization is not None:  # the base it was trained over (qlora): `peftkit merge` reproduces it
+        meta["quantization"] = quantization
     return config_json, tensors, meta
 
 

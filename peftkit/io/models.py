@@ -27,6 +27,7 @@ from peftkit.errors import PeftkitError
 from peftkit.io.fs import atomic_dir
 from peftkit.io.gguf import CONVERSION_VERSION, conversion_version, convert_gguf, write_conversion_version
 from peftkit.io.model_config import complete_config
+from peftkit.io.quantize import bnb_config, check_quantize, fsdp_requested, keep_trainable_layout
 
 log = logging.getLogger(__name__)
 
@@ -122,28 +123,41 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
+    quantize: str | None = None,
+    double_quant: bool = True,
+    compute_dtype: str | torch.dtype | None = None,
 ) -> tuple[nn.Module, object]:
     """(model, tokenizer) for a hub id, a local folder, a .gguf file, or None / "smollm2-135m" (embedded default).
 
     dtype: "fp32" | "bf16" | "fp16" | torch dtype (None keeps the checkpoint's). The tokenizer gets a pad token
     (its eos) when it has none; training masks padding by position, so pad == eos is safe.
+    quantize: "nf4" | "fp4" | "int8" loads the linear layers quantized by bitsandbytes (QLoRA's base, see
+    `peftkit.io.quantize`); double_quant and compute_dtype (default: `dtype`, else fp32) apply to 4-bit.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, extra, hub_id = _source(name_or_path)
     torch_dtype = resolve_dtype(dtype)
+    quantized: dict[str, Any] = {}
+    if check_quantize(quantize) is not None:
+        compute = resolve_dtype(compute_dtype) or torch_dtype or torch.float32
+        quantized["quantization_config"] = bnb_config(quantize, double_quant, compute, fsdp_requested())
+        if device is not None:  # bitsandbytes quantizes as the weights reach their device: place them at load
+            quantized["device_map"] = {"": str(device)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code, **extra
+            source, dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code, **extra, **quantized
         )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeftkitError(f"could not load model {name_or_path!r}: {first}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if device is not None:
+    if device is not None and quantize is None:
         model.to(device)
+    if quantize is not None:
+        keep_trainable_layout(model)
     if hub_id is not None:
         set_base_model(model, hub_id, EMBEDDED_NOTE)
     model.eval()

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from peftkit.core.inject import apply_method
-from peftkit.memory.training_setup import ESTIMATOR_ONLY_OPTIONS, TrainingSetup
+from peftkit.memory.training_setup import TrainingSetup
 
 
 def build_meta_model(config: PretrainedConfig, setup: TrainingSetup) -> nn.Module:
@@ -25,8 +25,7 @@ def build_meta_model(config: PretrainedConfig, setup: TrainingSetup) -> nn.Modul
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    options = {k: v for k, v in setup.method_options.items() if k not in ESTIMATOR_ONLY_OPTIONS}
-    apply_method(model, setup.registry_method, options)
+    apply_method(model, setup.method, setup.method_options)
     frozen_dtype = torch.float32 if setup.precision == "fp32" else torch.bfloat16
     trainable_dtype = torch.bfloat16 if setup.precision == "bf16" else torch.float32
     for p in model.parameters():

@@ -1,7 +1,7 @@
 """`TrainingSetup`: everything about a run that decides its memory, validated once.
 
 Method options are named as the methods' config fields (r, lora_alpha, target_modules, layers, ...: the
-vocabulary of `Method.field_options`), plus `bits` for qlora, which only the estimator knows so far.
+vocabulary of `Method.field_options`); qlora's (bits, quant_type, double_quant, compute_dtype) are its config's.
 
 Precision regimes (the trainer's, see peftkit/train/precision.py):
 - fp32: weights, gradients, optimizer states and activations in fp32;
@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from peftkit.core.method import parse_scalar
 from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
 
@@ -39,7 +38,6 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "layers": ("freeze",),
 }
 ADAPTER_VARIANTS = ("houlsby", "pfeiffer", "parallel")
-ESTIMATOR_ONLY_OPTIONS = ("bits",)  # options of estimator-only methods (qlora), not of a registered config
 
 
 @dataclass(frozen=True)
@@ -110,11 +108,6 @@ class TrainingSetup:
         return self.method_options.get(key, default)
 
     @property
-    def registry_method(self) -> str:
-        """The registered method this setup builds (qlora is LoRA over a quantized base)."""
-        return registry_method(self.method)
-
-    @property
     def shard_stage(self) -> int:
         """What is sharded across GPUs: 0 nothing, 1 optimizer states, 2 + gradients, 3 + weights (FSDP = 3)."""
         return 3 if self.fsdp else self.zero
@@ -142,19 +135,12 @@ def deepspeed_stage(spec: str | None) -> int:
     return stage
 
 
-def registry_method(method: str) -> str:
-    """The registered method an estimator method builds: qlora is LoRA over a quantized base."""
-    return "lora" if method.lower() == "qlora" else method.lower()
-
-
 def field_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """Options named as on the command line (rank, alpha, --set fields) in the estimator's vocabulary: the
-    registered method's config fields (`Method.field_options`), plus the estimator-only ones (bits) as given.
-    Whether each option applies to the method is checked by `TrainingSetup`."""
+    registered method's config fields (`Method.field_options`). Whether each option applies to the method is
+    checked by `TrainingSetup`."""
     _choice("method", method.lower(), METHODS)
-    own = {k: parse_scalar(v) if isinstance(v, str) else v for k, v in options.items() if k in ESTIMATOR_ONLY_OPTIONS}
-    rest = {k: v for k, v in options.items() if k not in ESTIMATOR_ONLY_OPTIONS}
-    return {**get_method(registry_method(method)).field_options(rest, check=False), **own}
+    return get_method(method).field_options(options, check=False)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

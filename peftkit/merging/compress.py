@@ -2,7 +2,8 @@
 
 For every linear weight (nn.Linear, GPT-2 Conv1D), in fp32: Δ = W_ft − W_base ([out, in]); keep the top r singular
 triplets (`svd.py`: randomized with q ≈ 2r, niter 2, fixed seed; exact once r is a large fraction of min(m, n));
-A = √S Vᵀ, B = U √S, alpha = r (scale 1). The rank is fixed (--rank) or the smallest keeping a share `energy` of
+A = √S Vᵀ, B = U √S, written at one rank (the largest, zero-padded: `format.one_rank` says why) with alpha = r
+(scale 1). The rank is fixed (--rank) or the smallest keeping a share `energy` of
 ‖Δ‖²_F (--energy), never above --max-rank nor above m·n/(m+n), where a LoRA stops being smaller than the dense delta
 (lift that cap with size_cap=False, e.g. to reproduce a fine-tune exactly).
 
@@ -39,7 +40,7 @@ from peftkit.io.finite import cast_checked, check_finite
 from peftkit.io.models import EMBEDDED_HUB_ID, resolve_dtype
 from peftkit.io.outputs import check_output
 from peftkit.merging.svd import check_rank_energy, dense_cap, energy_svd, relative_error, top_svd
-from peftkit.methods.lora.format import lora_tensors, scale_one_config
+from peftkit.methods.lora.format import lora_tensors, one_rank, scale_one_config, target_modules_for
 from peftkit.methods.lora.layer import split_factors
 
 
@@ -117,8 +118,10 @@ def compress(base: str | None, finetuned: str, output: str, *, rank: int | None 
         raise PeftkitError("no linear layer changed between base and fine-tune; there is nothing to compress")
     base_id = EMBEDDED_HUB_ID if base is None else base
     conv1d = any(isinstance(meta.get_submodule(m), Conv1D) for m in ranks)
-    config = scale_one_config(ranks, base_model=base_id, lora_bias=lora_bias, modules_to_save=sorted(saved) or None,
-                              fan_in_fan_out=conv1d)
+    linear = [n for n, m in meta.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    targets = target_modules_for(list(ranks), adaptable=linear)
+    config = scale_one_config(max(ranks.values()), targets, base_model=base_id, lora_bias=lora_bias,
+                              modules_to_save=sorted(saved) or None, fan_in_fan_out=conv1d)
     meta = {"method": "lora", "compressed_from": str(finetuned)}
     folder = write_adapter_folder(output, config, tensors, meta, command="compress")
     report.adapter_bytes = (folder / WEIGHTS_NAME).stat().st_size
@@ -204,7 +207,8 @@ def _kept(factors: dict, ft_ck: Checkpoint, meta: nn.Module, report: CompressRep
         for row in report.rows:
             if row.module == module:
                 row.note, row.rank, row.rel_error, row.energy = "kept whole (bias delta, no lora_bias)", 0, 0.0, 1.0
-    tensors = lora_tensors({m: (a, b, bias if lora_bias else None) for m, (a, b, bias) in factors.items()}, lora_bias)
+    kept = {m: (a, b, bias if lora_bias else None) for m, (a, b, bias) in factors.items()}
+    tensors = lora_tensors(one_rank(kept)[0] if kept else {}, lora_bias)
     keys = set(ft_ck.key_to_shard)
     for module in saved:  # PEFT saves every parameter of a kept module, changed or not
         for name, _ in meta.get_submodule(module).named_parameters(recurse=False):

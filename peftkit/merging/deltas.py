@@ -26,9 +26,11 @@ from peftkit.merging.svd import low_rank_svd
 from peftkit.methods.lora.format import (
     lora_config_from_json,
     lora_tensors,
+    one_rank,
     parse_keys,
     saved_module_names,
     scale_one_config,
+    target_modules_for,
 )
 from peftkit.methods.lora.layer import split_factors
 from peftkit.methods.lora.saved import split_saved
@@ -58,6 +60,7 @@ class LoraDeltas:
     meta: dict = field(default_factory=dict)
     fan_in_fan_out: bool = False  # the targets are GPT-2 Conv1D layers (PEFT records this in the config)
     sources: list[str] = field(default_factory=list)  # the adapter folders these deltas were read from
+    target_names: list[str] | None = None  # the sources' target_modules when every one is a list of names
 
 
 def _explain_not_lora(peft_type: str, path: str) -> PeftkitError:
@@ -107,8 +110,10 @@ def read_lora(path: str | os.PathLike, weight: float = 1.0) -> LoraDeltas:
                 raise PeftkitError(f"adapter {str(path)!r}: {name} of module {module!r} times its weight {weight:g} "
                                    f"and scale {lora_scale:g} overflows float32; give smaller --weights")
         deltas[module] = delta
+    targets = config_json.get("target_modules")
+    names = list(targets) if isinstance(targets, list) and all(isinstance(t, str) for t in targets) else None
     return LoraDeltas(deltas, {k: [(weight, v)] for k, v in full.items()}, config_json.get("base_model_name_or_path"),
-                      meta, bool(config_json.get("fan_in_fan_out", False)), [str(path)])
+                      meta, bool(config_json.get("fan_in_fan_out", False)), [str(path)], names)
 
 
 def combine(parts: list[LoraDeltas], how: str = "concat", rank: int | None = None) -> LoraDeltas:
@@ -133,8 +138,12 @@ def combine(parts: list[LoraDeltas], how: str = "concat", rank: int | None = Non
     for part in parts:
         for key, entries in part.full.items():
             full.setdefault(key, []).extend(entries)
-    return LoraDeltas(deltas, full, parts[0].base_model, parts[0].meta, any(p.fan_in_fan_out for p in parts),
-                      [s for p in parts for s in p.sources])
+    names = None if any(p.target_names is None for p in parts) else sorted({n for p in parts for n in p.target_names})
+    meta = dict(parts[0].meta)
+    if any(p.meta.get("quantization") != meta.get("quantization") for p in parts):  # no one base they all trained over
+        meta.pop("quantization", None)
+    return LoraDeltas(deltas, full, parts[0].base_model, meta, any(p.fan_in_fan_out for p in parts),
+                      [s for p in parts for s in p.sources], names)
 
 
 def _svd_delta(module: str, delta: ModuleDelta, rank: int) -> ModuleDelta:
@@ -166,17 +175,18 @@ def parse_weights(text: str | None, count: int) -> list[float]:
 
 
 def write_lora(deltas: LoraDeltas, path: str | os.PathLike, *, overwrite: bool = False) -> dict:
-    """Save combined deltas as a PEFT LoRA adapter (scale 1 per module via rank_pattern / alpha_pattern)."""
+    """Save combined deltas as a PEFT LoRA adapter: every module at one rank (zero-padded, `format.one_rank`) with
+    scale 1 and no rank / alpha patterns, so HF PEFT, vLLM and llama.cpp apply the same deltas."""
     if deltas.full:
         raise PeftkitError("the adapters carry full modules (modules_to_save), which cannot be combined without "
                            "the base weights; merge them into the base with `peftkit merge` instead")
     check_output(path, overwrite, inputs=deltas.sources)
     with_bias = any(d.bias is not None for d in deltas.deltas.values())
-    factors = {m: (d.a, d.b, d.bias) for m, d in deltas.deltas.items()}
-    ranks = {m: d.a.shape[0] for m, d in deltas.deltas.items()}
-    config = scale_one_config(ranks, base_model=deltas.base_model, lora_bias=with_bias,
+    factors, rank = one_rank({m: (d.a, d.b, d.bias) for m, d in deltas.deltas.items()})
+    targets = target_modules_for(list(factors), names=deltas.target_names)
+    config = scale_one_config(rank, targets, base_model=deltas.base_model, lora_bias=with_bias,
                               fan_in_fan_out=deltas.fan_in_fan_out)
-    meta = {"method": "lora", **{k: v for k, v in deltas.meta.items() if k == "prompt_format"}}
+    meta = {"method": "lora", **{k: v for k, v in deltas.meta.items() if k in ("prompt_format", "quantization")}}
     tensors = lora_tensors(factors, with_bias)
     for key, tensor in tensors.items():
         check_finite(tensor, f"tensor {key!r} of the combined adapter")

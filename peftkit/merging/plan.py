@@ -30,6 +30,7 @@ class Target:
     transpose: bool = False  # Conv1D stores W as [in, out]
     bias_of: str | None = None  # adapter module whose bias delta is added (biases)
     full: str | None = None  # key in LoraDeltas.full of a replacement tensor
+    dequantize: dict | None = None  # merge into the weight de-quantized as this records (merging/quantized.py)
 
 
 @dataclass
@@ -39,7 +40,7 @@ class MergePlan:
     added: dict[str, str] = field(default_factory=dict)  # new output key -> the existing key it is written after
 
 
-def _find_key(path: str, keys: set[str], prefix: str) -> str | None:
+def find_key(path: str, keys: set[str], prefix: str) -> str | None:
     """Checkpoint key of parameter `path`: as is, or without the model's base prefix (old GPT-2 checkpoints)."""
     if path in keys:
         return path
@@ -72,10 +73,10 @@ def plan_merge(deltas: LoraDeltas, meta: nn.Module, shapes: dict[str, tuple[tupl
         conv = isinstance(module, Conv1D)
         d_out, d_in = delta.b.shape[0], delta.a.shape[1]
         want = (d_in, d_out) if conv else (d_out, d_in)
-        key = _find_key(f"{path}.weight", keys, prefix)
+        key = find_key(f"{path}.weight", keys, prefix)
         source = key
         if tied and path == out_embed:
-            source = _find_key(f"{in_embed}.weight", keys, prefix)
+            source = find_key(f"{in_embed}.weight", keys, prefix)
             key = f"{path}.weight"
             plan.untie = True
             if key not in keys:
@@ -87,12 +88,12 @@ def plan_merge(deltas: LoraDeltas, meta: nn.Module, shapes: dict[str, tuple[tupl
                                f"{path!r} needs {want}; the adapter was trained for another model")
         plan.targets[key] = Target(key=key, source=source, module=path, transpose=conv)
         if delta.bias is not None:
-            bias_key = _find_key(f"{path}.bias", keys, prefix)
+            bias_key = find_key(f"{path}.bias", keys, prefix)
             if bias_key is None:
                 raise PeftkitError(f"the adapter has a LoRA bias for {path!r}, whose layer has no bias to merge it into")
             plan.targets[bias_key] = Target(key=bias_key, source=bias_key, bias_of=path)
     for name, entries in deltas.full.items():
-        key = _find_key(name, keys, prefix)
+        key = find_key(name, keys, prefix)
         if key is None:
             raise PeftkitError(f"the adapter saves a full tensor for {name!r} (modules_to_save), which this base model lacks")
         if tuple(shapes[key][0]) != tuple(entries[0][1].shape):

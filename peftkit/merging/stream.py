@@ -46,8 +46,10 @@ from peftkit.io.fs import atomic_dir
 from peftkit.io.model_config import complete_config
 from peftkit.io.models import resolve_dtype
 from peftkit.io.outputs import check_output
+from peftkit.io.quantize import dequantized
 from peftkit.merging.deltas import LoraDeltas, combine, parse_weights, read_lora
 from peftkit.merging.plan import MergePlan, Target, plan_merge
+from peftkit.merging.quantized import add_dequantized, merge_base_quantization, recorded_quantization
 
 
 @dataclass
@@ -66,6 +68,9 @@ class MergeReport:
     copied: list[str] = field(default_factory=list)
     seconds: float = 0.0
     logits_max_abs_diff: float | None = None
+    merge_base: str = "original"  # "quantized": into the de-quantized base a QLoRA adapter was trained over
+    quantization: dict | None = None  # the quantization the adapters recorded (peftkit.json "quantization")
+    base_logits_diff: float | None = None  # max |logit difference| between the two merge bases on a probe
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -75,8 +80,11 @@ def tolerance(dtype: torch.dtype) -> float:
 
 def merge_to_disk(base: str | None, adapters: list[str], output: str, *, weights: str | list[float] | None = None,
                   combination: str = "concat", rank: int | None = None, dtype: str | None = None,
-                  overwrite: bool = False, seed: int = 0) -> MergeReport:
-    """Merge LoRA `adapters` (weighted, combined by `combination`) into `base`, writing a model folder at `output`."""
+                  overwrite: bool = False, seed: int = 0, merge_base: str | None = None) -> MergeReport:
+    """Merge LoRA `adapters` (weighted, combined by `combination`) into `base`, writing a model folder at `output`.
+
+    merge_base: "quantized" (the default for QLoRA adapters: into the de-quantized base they were trained over)
+    or "original" (see `peftkit.merging.quantized`)."""
     start = time.perf_counter()
     if not adapters:
         raise PeftkitError("give at least one --adapter to merge")
@@ -85,15 +93,22 @@ def merge_to_disk(base: str | None, adapters: list[str], output: str, *, weights
     check_output(output, overwrite, inputs=[folder, *adapters])
     ckpt = open_checkpoint(folder)
     weight_list = check_weights(weights) if isinstance(weights, list) else parse_weights(weights, len(adapters))
-    deltas = combine([read_lora(a, w) for a, w in zip(adapters, weight_list, strict=True)], combination, rank)
+    parts = [read_lora(a, w) for a, w in zip(adapters, weight_list, strict=True)]
+    recorded = recorded_quantization(parts)
+    quant = merge_base_quantization(merge_base, recorded)
+    deltas = combine(parts, combination, rank)
     from transformers import AutoConfig
 
     from peftkit.core.counting import meta_model
 
     config = AutoConfig.from_pretrained(folder)
     header = shapes(ckpt)
-    plan = plan_merge(deltas, meta_model(config), header)
-    report = MergeReport(output=str(output), base_folder=str(folder), untied_lm_head=plan.untie)
+    meta = meta_model(config)
+    plan = plan_merge(deltas, meta, header)
+    if quant is not None:
+        add_dequantized(plan, meta, header, quant)
+    report = MergeReport(output=str(output), base_folder=str(folder), untied_lm_head=plan.untie,
+                         merge_base="quantized" if quant is not None else "original", quantization=recorded)
     with atomic_dir(output, command="merge") as tmp:
         weight_map: dict[str, str] = {}
         for shard in ckpt.shards:
@@ -160,8 +175,11 @@ def _write_shard(ckpt, shard: str, path: Path, layout: dict, plan: MergePlan, de
 
 
 def _apply(target: Target, tensor: torch.Tensor, deltas: LoraDeltas, seed: int) -> tuple[torch.Tensor, tuple]:
-    """(merged fp32 tensor, probe) for one target. The probe's expectation never uses the dense merged tensor."""
+    """(merged fp32 tensor, probe) for one target. The probe's expectation never uses the dense merged tensor.
+    A `dequantize` target starts from the de-quantized weight (transformers quantizes Conv1D's [in, out] as [out, in])."""
     w = tensor.float()
+    if target.dequantize is not None:
+        w = dequantized(w.T, target.dequantize).T if target.transpose else dequantized(w, target.dequantize)
     if target.module is not None:
         d = deltas.deltas[target.module]
         x = _probe(d.a.shape[1], target.key, seed)
@@ -173,7 +191,8 @@ def _apply(target: Target, tensor: torch.Tensor, deltas: LoraDeltas, seed: int) 
         merged = w + deltas.deltas[target.bias_of].bias
         return merged, (None, merged.clone(), False)
     merged = w.clone()
-    for weight, full in deltas.full[target.full]:  # W + Σ w_i (F_i − W): a single adapter at weight 1 gives F
+    # W + Σ w_i (F_i − W): a single adapter at weight 1 gives F; no entry: a quantized weight no adapter touches
+    for weight, full in deltas.full.get(target.full, []):
         merged += weight * (full - w)
     if merged.dim() != 2:
         return merged, (None, merged.clone(), False)

@@ -3,10 +3,11 @@
     lora        LoRA (methods/lora/)                    adapter       bottleneck adapters (methods/bottleneck/)
     prefix      prefix tuning                           prompt        prompt tuning (both on virtual_tokens.py)
     full        full fine-tune (whole.py)               freeze        last N layers (whole.py)
+    qlora       LoRA over a bitsandbytes-quantized base (qlora.py; registered after lora, which loads LORA files)
 
 A method imports only `peftkit.core` (and `peftkit.errors`); nothing outside this package names a method.
 """
 
-from peftkit.methods import bottleneck, lora, prefix, prompt, whole
+from peftkit.methods import bottleneck, lora, prefix, prompt, qlora, whole
 
-__all__ = ["bottleneck", "lora", "prefix", "prompt", "whole"]
+__all__ = ["bottleneck", "lora", "prefix", "prompt", "qlora", "whole"]

@@ -22,10 +22,12 @@ from peftkit.errors import PeftkitError
 from peftkit.memory.training_setup import deepspeed_stage
 from peftkit.train.recipe_keys import translate
 from peftkit.train.schema import coerce_fields
+from peftkit.train.tracking import parse_report_to
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "amp")
 SCHEDULERS = ("cosine", "linear", "constant")
-FORMATS = ("auto", "alpaca", "messages", "text")
+FORMATS = ("auto", "alpaca", "messages", "text", "prompt_completion")
+ATTENTIONS = ("auto", "eager", "sdpa")  # train/speed.py says when auto picks which
 # From the measurements in peftkit/data/README.md (q,v LoRA r=8, lr 2e-3, batch 8: 86% exact match after 30
 # steps; the longest example is 122 tokens): the zero-argument run uses these.
 BUNDLED_DEFAULTS = {"lr": 2e-3, "max_steps": 30, "batch_size": 8, "max_length": 128}
@@ -74,6 +76,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    attention: str = "auto"                # auto | eager | sdpa (train/speed.py)
+    compile: bool | None = None            # torch.compile each decoder layer; None: when the run is long enough
+    batch_tokens: int | None = None        # micro-batches by padded-token budget instead of batch_size rows
     seed: int = 0
     # sharding over the processes of a launcher (peftkit/train/sharding.py)
     fsdp: bool = False
@@ -86,8 +91,17 @@ class TrainConfig:
     eval_steps: int | None = None
     keep_checkpoints: int = 2
     dry_run: bool = False
+    # experiment trackers (tracking.py): "none" or a comma-separated list of tensorboard, wandb, mlflow
+    report_to: str = "none"
+    # data mapping and prompts (peftkit/data/mixing.py, chat_templates.py); `data` may also be a mixture
+    # ("a.jsonl:0.7,b.jsonl:0.3"; a recipe list of paths / {path, weight} is kept in that form)
+    columns: dict[str, str] = field(default_factory=dict)   # peftkit's column name -> the dataset's
+    chat_template: str | None = None                         # a shipped template name or a Jinja file
 
     def __post_init__(self) -> None:
+        from peftkit.data.mixing import mixture_text
+
+        self.data = mixture_text(self.data)  # a recipe's list of sources -> "a.jsonl:0.7,b.jsonl:0.3" (validated)
         coerce_fields(self)  # types and bounds of every field (schema.py)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
@@ -95,11 +109,13 @@ class TrainConfig:
         if self.fsdp and self.deepspeed:
             raise PeftkitError("--fsdp and --deepspeed are two ways to shard; pick one")
         deepspeed_stage(self.deepspeed)  # zero1 | zero2 | zero3 | a readable JSON config with a valid stage
+        _check_choice("attention", self.attention, ATTENTIONS)
         if self.overwrite and self.resume:
             raise PeftkitError("--overwrite and --resume contradict each other; pick one")
         if isinstance(self.eval_split, float) and not (0 < self.eval_split < 1 or self.eval_split.is_integer()):
             raise PeftkitError(f"eval_split must be a split name, a share in (0, 1) or a whole number of rows, got "
                                f"{self.eval_split!r}")
+        parse_report_to(self.report_to)  # unknown tracker names: now, not after the model is loaded
         get_method(self.method).build_config(self.method_options())  # unknown method or bad options: now, not later
 
     def method_options(self) -> dict[str, Any]:
@@ -172,4 +188,8 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     method = get_method(cfg.method)
     if cfg.lr is None and (cfg.data is not None or method.trains_base):
         fill["lr"] = method.default_lr
-    return dataclasses.replace(cfg, **fill)
+    resolved = dataclasses.replace(cfg, **fill)
+    if resolved.batch_tokens is not None and resolved.batch_tokens < resolved.max_length:
+        raise PeftkitError(f"batch_tokens ({resolved.batch_tokens}) must be at least max_length "
+                           f"({resolved.max_length}) so that the longest row fits in a micro-batch")
+    return resolved

@@ -34,14 +34,14 @@ def row_to_chat(row: dict[str, Any], fmt: str, index: int = 0) -> tuple[list[dic
 
 @torch.no_grad()
 def eval_loss(model: nn.Module, collate: Callable[[list[int]], dict], batches: list[list[int]],
-              keep_logits: bool = True) -> dict[str, float]:
+              path: str = "fused") -> dict[str, float]:
     """Mean token loss and perplexity over `batches` (lists of example indices of a tokenized dataset)."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for indices in batches:
         batch = collate(indices)
-        total += float(micro_loss(model, batch, keep_logits))
+        total += float(micro_loss(model, batch, path))
         n += count_targets(batch)
     model.train(was_training)
     loss = total / max(n, 1)
@@ -50,7 +50,7 @@ def eval_loss(model: nn.Module, collate: Callable[[list[int]], dict], batches: l
 
 @torch.no_grad()
 def exact_match(model: nn.Module, tokenizer: Any, examples: list[tuple[list[dict], str]],
-                prompt_format: dict | None, batch_size: int = 25, max_new_tokens: int | None = None) -> dict:
+                prompt_format: dict | None, batch_size: int = 64, max_new_tokens: int | None = None) -> dict:
     """Share of examples whose greedy answer equals the reference; also returns a few (prompt, got, want) samples.
 
     examples: (prompt messages, reference). max_new_tokens defaults to the longest reference + 8 tokens.

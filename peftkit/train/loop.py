@@ -51,7 +51,7 @@ class Loop:
     eval_steps: int | None = None
     keep_checkpoints: int = 2
     run_dir: Path | None = None
-    keep_logits: bool = True
+    loss_path: str = "fused"                # loss.loss_path(model): fused | keep | full
     on_log: Callable[[dict], None] = lambda record: None
     on_eval: Callable[[int], None] = lambda step: None
     on_checkpoint: Callable[[int], None] = field(default=lambda step: None)
@@ -92,7 +92,7 @@ def fit(loop: Loop, pos: Position) -> Position:
         for i, batch in enumerate(mine):
             sync = nullcontext() if i == len(mine) - 1 else acc.no_sync(model)
             with sync, acc.autocast():
-                token_losses = micro_loss(model, batch, loop.keep_logits)    # sum over this micro-batch
+                token_losses = micro_loss(model, batch, loop.loss_path)    # sum over this micro-batch
                 acc.backward(token_losses * world / max(n_targets, 1.0))
             loss_sum += token_losses.detach().double()
         loss = (acc.reduce(loss_sum, reduction="sum") / max(n_targets, 1.0)).item()

@@ -32,7 +32,8 @@ ALIASES: dict[str, str] = {
 # keys whose names suggest a peftkit key but whose meaning differs: say what to use instead
 DIFFERENT = {
     "dataset": "data (a data file, datasets folder or hub name; LLaMA-Factory's dataset names a dataset_info.json entry)",
-    "datasets": "data (one data file, datasets folder or hub name)",
+    "datasets": "data (a data file, datasets folder or hub name, or a list of them / of {path, weight} to mix; "
+                "columns: maps column names)",
     "fsdp_config": "fsdp: true (FSDP2 full shard, one unit per decoder layer; the other FSDP settings are peftkit's)",
 }
 FSDP_FULL_SHARD = "full_shard"  # TrainingArguments' / axolotl's `fsdp: "full_shard auto_wrap"` (or a list)
@@ -59,6 +60,8 @@ def _value(key: str, value: Any) -> Any:
     """Values whose form differs between the tools."""
     if key in ("lora_target_modules", "lora_target") and isinstance(value, list):
         return ",".join(str(v) for v in value)
+    if key == "report_to" and isinstance(value, list):  # HF / TRL / LLaMA-Factory also take a list of trackers
+        return ",".join(str(v) for v in value) or "none"
     if key == "lora_target" and value == "all":
         return "all-linear"
     if key == "fsdp" and isinstance(value, str | list):

@@ -1,15 +1,19 @@
-"""What a run shows and leaves behind: the progress bar, metrics.jsonl and loss_curve.png.
+"""What a run shows and leaves behind: the progress bar, metrics.jsonl and loss_curve.png (and the trackers).
 
-metrics.jsonl has one JSON object per line: {"kind": "train", "step", "loss", "lr", ...} per optimizer step,
-{"kind": "eval", "step", "loss", "exact_match", ...} per evaluation. On resume the lines after the checkpoint's
-step are dropped first, so the file always describes one consistent run.
+metrics.jsonl has one JSON object per line: {"kind": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s",
+...} per optimizer step, {"kind": "eval", "step", "loss", "exact_match", ...} per evaluation. With `--report-to`,
+every record also goes to the trackers (`tracking.Tracking.log`: its numeric fields as "train/loss", ...). On
+resume the lines after the checkpoint's step are dropped first, so the file always describes one consistent run.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
+
+from peftkit.train.tracking import Tracking
 
 METRICS = "metrics.jsonl"
 CURVE = "loss_curve.png"
@@ -18,9 +22,12 @@ CURVE = "loss_curve.png"
 class Metrics:
     """Append-only metrics.jsonl (main process only; other processes get a writer that does nothing)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None,
+                 tracking: Tracking | None = None) -> None:
         self.path = Path(run_dir) / METRICS
         self.enabled = enabled
+        self.tracking = tracking if enabled else None
+        self._last_write = time.perf_counter()
         if enabled and resume_step is not None and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
@@ -29,9 +36,24 @@ class Metrics:
             self.path.unlink()
 
     def write(self, kind: str, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"kind": kind, **record}) + "\n")
+        """Append one record and send it to the trackers. A train record gains `tokens_per_s`: the step's tokens
+        over the wall time since the previous record (so an evaluation in between is not counted as training)."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if kind == "train" and "step_tokens" in record:
+            record = {**record, "tokens_per_s": record["step_tokens"] / max(now - self._last_write, 1e-9)}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"kind": kind, **record}) + "\n")
+        self._last_write = time.perf_counter()
+        if self.tracking is not None:
+            self.tracking.log(kind, record)
+
+    def close(self) -> None:
+        """Flush and close the trackers."""
+        if self.tracking is not None:
+            self.tracking.finish()
+            self.tracking = None
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.is_file():

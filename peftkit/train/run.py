@@ -23,6 +23,7 @@ from peftkit.core.inject import apply_method
 from peftkit.core.method import Method
 from peftkit.core.registry import get_method
 from peftkit.core.state import prompt_format as prompt_format_of
+from peftkit.data.chat_templates import use_chat_template
 from peftkit.data.prompting import default_prompt_format
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import save_adapter
@@ -32,12 +33,15 @@ from peftkit.train.checkpoint import Position, list_checkpoints, load_checkpoint
 from peftkit.train.config import TrainConfig, resolve_defaults, save_config
 from peftkit.train.evaluate import eval_loss, exact_match
 from peftkit.train.loop import Loop, fit
-from peftkit.train.loss import supports_logits_to_keep
+from peftkit.train.loss import loss_path
+from peftkit.train.memory_report import report_memory
 from peftkit.train.optim import optimizer_and_schedule, total_steps
-from peftkit.train.precision import make_accelerator, upcast_trainable
+from peftkit.train.precision import auto_precision, make_accelerator, upcast_trainable
 from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
 from peftkit.train.rundir import RUN_CONFIG, check_run_dir, fresh_run_dir
 from peftkit.train.sharding import is_sharded, whole_model
+from peftkit.train.speed import apply_speed_settings
+from peftkit.train.tracking import Tracking, tracker_names
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +58,6 @@ class RunResult:
     wall_s: float = 0.0
     summary: dict = field(default_factory=dict)
     main: bool = True               # False on the other processes of a distributed run (they print nothing)
-
-
-def memory_estimate(cfg: TrainConfig, model: Any, processes: int = 1) -> Any:
-    """peftkit.memory's estimate for this run per process (`processes` of the launcher, sharded as --fsdp /
-    --deepspeed say): the one place the trainer talks to the estimator.
-    Raises PeftkitError when the estimator declines the setup; the caller reports why and trains anyway."""
-    import torch
-
-    from peftkit.memory import estimate_memory
-    from peftkit.memory.training_setup import field_options
-
-    options = field_options(cfg.method, cfg.method_options())
-    gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else None
-    precision = "fp32" if cfg.precision in ("auto", "fp16") and gpu_gb is None else cfg.precision
-    return estimate_memory(model.config, cfg.method, precision="amp" if precision in ("auto", "fp16") else precision,
-                           batch_size=cfg.batch_size, seq_len=cfg.max_length, gpu_memory_gb=gpu_gb,
-                           gradient_checkpointing=cfg.gradient_checkpointing, gpus=processes, fsdp=cfg.fsdp,
-                           deepspeed=cfg.deepspeed, **options)
 
 
 @dataclass
@@ -118,24 +104,30 @@ def prepare(cfg: TrainConfig) -> Session:
 
     cfg = resolve_defaults(cfg)
     method = get_method(cfg.method)
-    acc, dtype, precision = make_accelerator(cfg.precision, method.trains_base, cfg)
+    acc, dtype, precision = make_accelerator(cfg.precision, method.trains_base, tracker_names(cfg.report_to), cfg)
     say = log.info if acc.is_main_process else (lambda *_args: None)
     run_dir, resume_from = check_run_dir(cfg) if not cfg.dry_run else (None, None)
-    model, tokenizer = load_model(cfg.model, dtype=dtype)
+    load_options = method.load_options(method.build_config(cfg.method_options()))  # qlora: a quantized base
+    model, tokenizer = load_model(cfg.model, dtype=dtype, **load_options)
     prompt_format = prompt_format_of(model) or default_prompt_format(tokenizer)
+    prompt_format = use_chat_template(tokenizer, cfg.chat_template) or prompt_format  # --chat-template
     train_split, eval_split, fmt = splits.load_splits(cfg, tokenizer, prompt_format)
     set_seed(cfg.seed)                    # before the adapter is initialised: same command, same adapter
     apply_method(model, cfg.method, cfg.method_options())
     upcast_trainable(model, precision)
     trainable, total = trainable_parameters(model)
+    why = f" (auto: {auto_precision()[1]}; --precision fp32 to change)" if cfg.precision == "auto" else ""
     say(f"model {cfg.model or 'embedded SmolLM2-135M-Instruct'} | method {cfg.method} | trainable {trainable:,} of "
-        f"{total:,} parameters ({100 * trainable / total:.3f}%) | precision {precision}")
+        f"{total:,} parameters ({100 * trainable / total:.3f}%) | precision {precision}{why}")
     say(f"data: {len(train_split)} training examples ({fmt}), {len(eval_split) if eval_split else 0} eval")
-    _report_memory(cfg, model, say, acc.num_processes)
+    report_memory(cfg, model, precision, say, acc.num_processes)
     plan = splits.plan_fn(train_split, cfg)
     steps = total_steps(cfg, len(plan(0)), acc.num_processes)
-    say(f"{steps} optimizer step{'s' if steps != 1 else ''} of {cfg.batch_size} x {cfg.grad_accum} x "
-        f"{acc.num_processes} examples, lr {cfg.lr}")
+    rows = f"<= {cfg.batch_tokens} tokens" if cfg.batch_tokens else f"{cfg.batch_size} examples"
+    say(f"{steps} optimizer step{'s' if steps != 1 else ''} of {cfg.grad_accum} x {acc.num_processes} micro-batches "
+        f"of {rows}, lr {cfg.lr}")
+    planned = steps * cfg.grad_accum * acc.num_processes * sum(train_split.lengths) // max(len(plan(0)), 1)
+    apply_speed_settings(model, cfg, precision, acc.device.type, planned, say)
     return Session(cfg, method, acc, model, tokenizer, prompt_format, train_split, eval_split, plan, steps, run_dir,
                    resume_from)
 
@@ -152,14 +144,15 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     if not is_sharded(acc):
         model.to(acc.device)      # sharded: prepare places each process's shard (the whole model never moves)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, s.steps)
-    keep = supports_logits_to_keep(model)
+    path = loss_path(model)
     prepared, optimizer = acc.prepare(model, optimizer)
     pos = Position()
     if s.resume_from is not None:
         pos = load_checkpoint(s.resume_from, model, optimizer, scheduler, acc.process_index)
         say(f"resuming from {s.resume_from} (step {pos.step}, epoch {pos.epoch}, micro-batch {pos.micro})")
-    metrics = Metrics(s.run_dir, main, resume_step=pos.step if s.resume_from else None)
-    evaluate = _evaluator(s, metrics, keep)
+    tracking = Tracking.start(acc, s.run_dir, cfg.to_dict()) if main else None
+    metrics = Metrics(s.run_dir, main, resume_step=pos.step if s.resume_from else None, tracking=tracking)
+    evaluate = _evaluator(s, metrics, path)
     before = _earlier_eval(metrics, 0) if s.resume_from else evaluate(0, generate=True)
     _say_eval("before", before, say)
     bar = Progress(s.steps, pos.step, enabled=main and progress)
@@ -173,7 +166,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
                 collate=splits.collate_fn(s.train_split, s.tokenizer.pad_token_id, cfg.packing, acc.device),
                 lengths=s.train_split.lengths, total_steps=s.steps, grad_accum=cfg.grad_accum,
                 max_grad_norm=cfg.max_grad_norm, save_steps=cfg.save_steps, eval_steps=cfg.eval_steps,
-                keep_checkpoints=cfg.keep_checkpoints, run_dir=s.run_dir, keep_logits=keep, on_log=on_log,
+                keep_checkpoints=cfg.keep_checkpoints, run_dir=s.run_dir, loss_path=path, on_log=on_log,
                 on_eval=lambda step: evaluate(step, generate=False),
                 on_checkpoint=on_checkpoint or (lambda step: None))
     try:
@@ -181,6 +174,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     except BaseException as exc:
         if not isinstance(exc, Exception):  # Ctrl-C, or the CLI's SIGTERM: say how to continue
             _say_interrupted(s)
+        metrics.close()
         raise
     finally:
         bar.stop()
@@ -190,11 +184,12 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     with whole_model(acc, prepared, not s.method.trains_base, "the trained result") as writer:  # sharded: gathered
         if writer:
             _finish(s, result, metrics, pos)
+    metrics.close()  # flush the trackers
     acc.wait_for_everyone()
     return result
 
 
-def _evaluator(s: Session, metrics: Metrics, keep: bool) -> Callable[..., dict]:
+def _evaluator(s: Session, metrics: Metrics, path: str) -> Callable[..., dict]:
     """evaluate(step, generate) -> eval loss (and exact match when generating) on the main process, recorded."""
     if s.eval_split is None:
         return lambda step, generate: {}
@@ -205,7 +200,7 @@ def _evaluator(s: Session, metrics: Metrics, keep: bool) -> Callable[..., dict]:
         result: dict[str, Any] = {}
         if s.main or is_sharded(s.accelerator):  # sharded: every process takes part in each forward
             with s.accelerator.autocast():  # under amp: half-precision base weights meet fp32 adapter weights
-                result = eval_loss(s.model, collate, plan, keep)
+                result = eval_loss(s.model, collate, plan, path)
                 if generate and s.eval_split.references:
                     result.update(exact_match(s.model, s.tokenizer, s.eval_split.references, s.prompt_format))
             if s.main:
@@ -279,21 +274,3 @@ def _say_eval(when: str, result: dict, say: Callable[[str], None]) -> None:
     em = result.get("exact_match")
     em_text = f", exact match {em:.0%} of {result['n']}" if em is not None else ""
     say(f"eval {when}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}{em_text}")
-
-
-def _report_memory(cfg: TrainConfig, model: Any, say: Callable[[str], None], processes: int = 1) -> None:
-    """Print the estimate's total and largest parts; warn when it exceeds this GPU's memory. An estimate is
-    advisory: when the estimator declines the setup, say why and go on."""
-    try:
-        estimate = memory_estimate(cfg, model, processes)
-    except PeftkitError as exc:
-        say(f"memory estimate: not available ({exc})")
-        return
-    parts = sorted(estimate.breakdown.items(), key=lambda kv: -kv[1])[:3]
-    shown = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f}" for k, v in parts)
-    shards = " sharded" if cfg.fsdp or cfg.deepspeed else ""
-    say(f"memory estimate: {estimate.total_bytes / 1e9:.2f} GB per device ({processes}{shards} process"
-        f"{'es' if processes > 1 else ''}; GB = 1e9 bytes; largest: {shown})")
-    if estimate.fits is False:
-        say(f"warning: the estimate exceeds this GPU's {estimate.gpu_memory_gb:.1f} GB; lower --batch-size or "
-            "--max-length, or use --gradient-checkpointing")

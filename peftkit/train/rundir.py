@@ -63,8 +63,10 @@ def _local(source: str | None) -> str | None:
     return source if source is not None and Path(source).expanduser().exists() else None
 
 
+# What a resumed run may change: where and how often it writes, how long it runs, what it reports to, and how fast it
+# computes the same thing (attention kernel, compiling); not the model, data, batches or hyper-parameters.
 RESUME_MAY_CHANGE = {"resume", "overwrite", "output", "max_steps", "epochs", "save_steps", "eval_steps", "keep_checkpoints",
-                     "dry_run"}
+                     "dry_run", "report_to", "attention", "compile"}
 
 
 def _check_same_run(run_dir: Path, cfg: TrainConfig) -> None:

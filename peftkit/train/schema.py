@@ -38,6 +38,7 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "save_steps": (1, BIG, True),
     "eval_steps": (1, BIG, True),
     "keep_checkpoints": (1, 1 << 20, True),
+    "batch_tokens": (2, 1 << 30, True),
 }
 OPEN_ABOVE = {"dropout"}  # [0, 1): a dropout of 1 drops everything
 

@@ -34,14 +34,14 @@ from peftkit.memory.training_setup import deepspeed_stage
 log = logging.getLogger(__name__)
 
 
-def build_accelerator(cpu: bool, mixed_precision: str, cfg: Any = None) -> Any:
+def build_accelerator(cpu: bool, mixed_precision: str, cfg: Any = None, **options: Any) -> Any:
     """An Accelerator, sharding with FSDP2 or DeepSpeed when `cfg` (a TrainConfig) asks for it, or when the config
-    of `accelerate launch` says so."""
+    of `accelerate launch` says so; `options` go to the Accelerator as they are (trackers)."""
     import os
 
     from accelerate import Accelerator
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(options)
     if cfg is not None and cfg.fsdp:
         kwargs["fsdp_plugin"] = fsdp_plugin()
     elif cfg is not None and cfg.deepspeed:

@@ -56,15 +56,15 @@ def load_splits(cfg: TrainConfig, tokenizer: Any, prompt_format: dict) -> tuple[
     from peftkit import data
 
     source = cfg.data or str(data.BUNDLED_TRAIN)
-    rows = data.load_rows(source)
+    rows = data.load_mixture(source, cfg.columns, cfg.seed)  # one source, or several mixed by weight (mixing.py)
     if len(rows) == 0:
         raise PeftkitError(f"the data {source!r} has no rows")
     fmt = data.detect_format(rows.column_names) if cfg.format == "auto" else cfg.format
     eval_rows = None
     if cfg.eval_data or (cfg.data is None and cfg.eval_split is None):
-        eval_rows = data.load_rows(cfg.eval_data or str(data.BUNDLED_EVAL))
+        eval_rows = data.load_mixture(cfg.eval_data or str(data.BUNDLED_EVAL), cfg.columns, cfg.seed)
     elif isinstance(cfg.eval_split, str) and not _is_number(cfg.eval_split):
-        eval_rows = data.load_rows(source, split=cfg.eval_split)
+        eval_rows = data.load_mixture(source, cfg.columns, cfg.seed, split=cfg.eval_split)
     else:
         size = float(cfg.eval_split) if cfg.eval_split is not None else _default_holdout(len(rows), cfg)
         if size >= 1 and size >= len(rows) or 0 < size < 1 and round(size * len(rows)) < 1:
@@ -103,7 +103,8 @@ def plan_fn(split: Split, cfg: TrainConfig, shuffle: bool = True) -> Callable[[i
         if epoch not in cache:
             cache.clear()
             cache[epoch] = data.batches(split.lengths, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                        packing=cfg.packing, shuffle=shuffle, seed=cfg.seed, epoch=epoch)
+                                        packing=cfg.packing, shuffle=shuffle, seed=cfg.seed, epoch=epoch,
+                                        batch_tokens=cfg.batch_tokens)
         return cache[epoch]
 
     return plan

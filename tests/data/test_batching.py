@@ -52,6 +52,33 @@ def test_packed_batches_respect_the_token_budget():
         batches([10, 300], batch_size=1, max_length=64, packing=True, shuffle=False, seed=0)
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_token_budget_batches_bound_padded_size_and_cover_every_index(shuffle):
+    # Long-tailed lengths: a few long rows among many short ones.
+    rng = random.Random(1)
+    lengths = [min(512, int(20 / (1 - rng.random()) ** 0.8)) for _ in range(400)]
+    kwargs = dict(batch_size=8, max_length=512, packing=False, shuffle=shuffle, seed=2, batch_tokens=1024)
+    result = batches(lengths, **kwargs)
+    assert sorted(_flat(result)) == list(range(len(lengths)))
+    assert batches(lengths, **kwargs) == result
+    padded = [len(b) * max(lengths[i] for i in b) for b in result]
+    assert max(padded) <= 1024, "every micro-batch fits the budget"
+    rows = [len(b) for b in result]
+    assert max(rows) > 8 > min(rows), "short rows travel many to a batch, long ones few"
+    # With a fixed row count the longest rows pile up into one oversized batch.
+    fixed = batches(lengths, **{**kwargs, "batch_tokens": None})
+    assert max(len(b) * max(lengths[i] for i in b) for b in fixed) > 1024
+    # Few batches are far below the budget (length grouping keeps rows alike).
+    assert sum(padded) / (len(result) * 1024) > 0.7
+    if shuffle:
+        assert max(lengths[i] for i in result[0]) == max(lengths), "the longest batch comes first"
+
+
+def test_token_budget_refuses_a_row_longer_than_the_budget():
+    with pytest.raises(ValueError, match="more than the budget"):
+        batches([10, 300], batch_size=1, max_length=512, packing=False, shuffle=False, seed=0, batch_tokens=256)
+
+
 def test_padding_is_masked_by_position_even_when_pad_is_eos():
     eos = pad = 2
     examples = [{"input_ids": [5, 6, 7, eos], "labels": [IGNORE_INDEX, IGNORE_INDEX, 7, eos]},

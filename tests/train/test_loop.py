@@ -56,11 +56,13 @@ def test_grad_accum_normalises_by_all_target_tokens(tmp_path):
         assert torch.allclose(whole[name], split[name], atol=1e-6), name
 
 
-def test_logits_to_keep_matches_full_logits(tmp_path):
+def test_loss_paths_agree_on_the_embedded_tokenizer_model(tmp_path):
     folder = save_tiny_checkpoint(tmp_path / "tiny")
     model, _ = peftkit.load_model(str(folder))
     batch = _collate([0, 2, 3])
-    assert torch.allclose(micro_loss(model, batch, True), micro_loss(model, batch, False), atol=1e-5)
+    full = micro_loss(model, batch, "full")
+    for path in ("keep", "fused"):
+        assert torch.allclose(micro_loss(model, batch, path), full, atol=1e-5), path
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -76,9 +78,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     real = loop_module.micro_loss
     calls = {"n": 0}
 
-    def poisoned(model, batch, keep=True):
+    def poisoned(model, batch, path="fused"):
         calls["n"] += 1
-        loss = real(model, batch, keep)
+        loss = real(model, batch, path)
         return loss * float("nan") if calls["n"] == 3 else loss  # step 3 (one micro-batch per step)
 
     monkeypatch.setattr(loop_module, "micro_loss", poisoned)

@@ -138,14 +138,46 @@ def peft_lora_config(*, r: int, lora_alpha: float, target_modules: list[str] | s
     }
 
 
-def scale_one_config(ranks: dict[str, int], **fields) -> dict:
-    """adapter_config.json for modules of their own ranks with scale 1 everywhere (alpha = r), the form of
-    combined and compressed adapters: the most common rank is `r`, the others go to rank / alpha patterns."""
-    default = max(set(ranks.values()), key=list(ranks.values()).count)
-    pattern = {m: r for m, r in ranks.items() if r != default}
-    targets = "^(" + "|".join(re.escape(m) for m in ranks) + ")$"
-    return peft_lora_config(r=default, lora_alpha=default, target_modules=targets, rank_pattern=pattern,
-                            alpha_pattern=dict(pattern), **fields)
+def one_rank(factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+             ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], int]:
+    """Every module at the largest rank R: zero rows appended to A and zero columns to B, so B A is unchanged.
+
+    Why one rank: for a module of rank r_m, HF PEFT applies alpha_m / r_m (alpha_pattern / rank_pattern), vLLM
+    applies lora_alpha / r to every module (it reads neither pattern) and llama.cpp's GGUF adapters apply
+    lora_alpha / (the tensor's own rank). With ranks that differ, vLLM's and llama.cpp's scales differ by r / r_m
+    whatever alpha, patterns or factors folded into B are written, so no such adapter means the same in all three;
+    at one rank, with no patterns, all three apply lora_alpha / R.
+    """
+    rank = max(a.shape[0] for a, _, _ in factors.values())
+    padded = {}
+    for path, (a, b, bias) in factors.items():
+        extra = rank - a.shape[0]
+        if extra:
+            a = torch.cat([a, a.new_zeros(extra, a.shape[1])], 0)
+            b = torch.cat([b, b.new_zeros(b.shape[0], extra)], 1)
+        padded[path] = (a, b, bias)
+    return padded, rank
+
+
+def target_modules_for(paths: list[str], *, adaptable: list[str] | None = None,
+                       names: list[str] | None = None) -> list[str] | str:
+    """`target_modules` that selects exactly `paths` under PEFT's rule (a listed name matches a module path equal to
+    it or ending in "." + it): the paths' last names (["q_proj", "v_proj"]) when they select no other module, else
+    a regex of the full paths. Checked against `adaptable` (every linear module path of the base) or, without the
+    base, `names` (the union of the source adapters' own target lists, each of which selected exactly its modules,
+    so their union selects exactly the union of the modules)."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    if adaptable is not None:
+        exact = {p for p in adaptable if p.rsplit(".", 1)[-1] in leaves} == set(paths)
+    else:
+        exact = names is not None and set(leaves) <= set(names)
+    return leaves if exact else "^(" + "|".join(re.escape(p) for p in paths) + ")$"
+
+
+def scale_one_config(rank: int, target_modules: list[str] | str, **fields) -> dict:
+    """adapter_config.json for modules all of rank `rank` (`one_rank`) with scale 1 (alpha = r) and no rank /
+    alpha patterns, the form of combined and compressed adapters: PEFT, vLLM and llama.cpp all read it alike."""
+    return peft_lora_config(r=rank, lora_alpha=rank, target_modules=target_modules, **fields)
 
 
 def lora_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
@@ -188,7 +220,7 @@ def _check_shapes(model: nn.Module, config: LoraConfig, tensors: dict, keys: dic
                 "(was the adapter trained for another base model?)"
             )
         w = base.weight
-        d_out, d_in = (w.shape[1], w.shape[0]) if not isinstance(base, nn.Linear) else tuple(w.shape)
+        d_out, d_in = (w.shape[1], w.shape[0]) if not isinstance(base, nn.Linear) else (base.out_features, base.in_features)
         r, _ = config.rank_alpha(path)
         expected = {"A": (r, d_in), "B": (d_out, r), "bias": (d_out,)}
         for slot, key in slots.items():

@@ -27,7 +27,8 @@ class LoraLayer(AdapterLayer):
         self.base_layer = base_layer
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # GPT-2 Conv1D stores W as [in, out]
         weight = base_layer.weight
-        self.out_features, self.in_features = (weight.shape[1], weight.shape[0]) if self.fan_in_fan_out else weight.shape
+        # nn.Linear's own sizes: a bitsandbytes 4-bit weight is stored packed, so its shape is not [out, in]
+        self.out_features, self.in_features = (weight.shape[1], weight.shape[0]) if self.fan_in_fan_out else (base_layer.out_features, base_layer.in_features)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()

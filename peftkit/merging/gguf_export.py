@@ -1,0 +1,157 @@
+"""A LoRA adapter folder -> a llama.cpp LoRA adapter (GGUF), written with the `gguf` package.
+
+It writes what llama.cpp's convert_lora_to_gguf.py writes: the metadata `general.architecture`, `general.type` =
+"adapter", `adapter.type` = "lora", `adapter.lora.alpha` (float32), `general.name`, `general.quantization_version`;
+for every adapted linear layer the tensors `<gguf name>.lora_a` (A, [r, d_in]) and `<gguf name>.lora_b` (B,
+[d_out, r]), float32, named through gguf's `TensorNameMap` (model.layers.0.self_attn.q_proj -> blk.0.attn_q.weight),
+in the order of the adapter's keys. Like the converter, B of q_proj / k_proj in Llama-family models gets the
+row permutation llama.cpp applies to those weights (its RoPE layout).
+
+llama.cpp applies alpha / r_m to a module whose tensors have rank r_m, and reads no rank_pattern / alpha_pattern;
+HF PEFT applies alpha_m / r_m (or alpha_m / sqrt(r_m) with rsLoRA). Where the two differ, the ratio is folded into
+that module's B, so the GGUF applies exactly PEFT's deltas (the converter would apply them at the wrong strength).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from peftkit.errors import PeftkitError
+from peftkit.io.adapters import read_adapter
+from peftkit.io.checkpoint import resolve_base
+from peftkit.io.fs import refuse_protected
+from peftkit.methods.lora.format import lora_config_from_json, parse_keys, saved_module_names
+
+log = logging.getLogger(__name__)
+
+# HF model_type -> (gguf architecture, whether llama.cpp permutes q_proj / k_proj rows); the converter's choices.
+ARCHITECTURES = {
+    "llama": ("LLAMA", True),
+    "mistral": ("LLAMA", True),
+    "qwen2": ("QWEN2", False),
+    "qwen3": ("QWEN3", False),
+    "gemma": ("GEMMA", False),
+}
+
+
+def permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row order: within each head, interleaved rotary halves become contiguous
+    ([heads, 2, d/2] -> [heads, d/2, 2] over the output rows)."""
+    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def base_config(adapter_config: dict, base: str | os.PathLike | None) -> dict:
+    """The base model's config.json: from `base`, else from the adapter's base_model_name_or_path (a local folder,
+    the embedded model or a hub id in the local cache)."""
+    folder = resolve_base(str(base) if base is not None else adapter_config.get("base_model_name_or_path"))
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise PeftkitError(f"base model folder {str(folder)!r} has no config.json; give --base with the base model")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def gguf_lora_tensors(adapter: str | os.PathLike, config: dict) -> tuple[float, list[tuple[str, torch.Tensor]]]:
+    """(alpha, [(gguf name, float32 tensor)]) for the LoRA adapter folder `adapter` on a base of `config`."""
+    import gguf
+
+    config_json, tensors, _ = read_adapter(adapter)
+    where = f"adapter {str(adapter)!r}"
+    why = _unsupported(config_json, tensors)
+    if why:
+        raise PeftkitError(f"{where} cannot be written as a llama.cpp adapter: {why}")
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise PeftkitError(f"peftkit writes GGUF adapters for {', '.join(sorted(ARCHITECTURES))} models, not "
+                           f"{model_type!r}; use llama.cpp's convert_lora_to_gguf.py for other architectures")
+    arch_name, permute = ARCHITECTURES[model_type]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch_name], config["num_hidden_layers"])
+    keys = parse_keys(tensors)
+    lora = lora_config_from_json(config_json, keys, where=where)
+    alpha = float(lora.lora_alpha)
+    out = []
+    for module, slots in keys.items():
+        a, b = tensors[slots["A"]].float(), tensors[slots["B"]].float()
+        r, alpha_m = lora.rank_alpha(module)
+        peft_scale = alpha_m / math.sqrt(r) if lora.use_rslora else alpha_m / r
+        if peft_scale != alpha / r:  # fold PEFT's own scale in, so llama.cpp's alpha / r applies it
+            b = b * (peft_scale * r / alpha)
+        hf_name = f"{module}.weight"
+        name = names.get_name(hf_name, try_suffixes=(".weight",))
+        if name is None:
+            raise PeftkitError(f"{where}: module {module!r} has no llama.cpp tensor name for {arch_name.lower()}")
+        if permute and module.endswith(("q_proj", "k_proj")):
+            heads = config["num_attention_heads"]
+            if module.endswith("k_proj"):
+                heads = config.get("num_key_value_heads") or heads
+            b = permute_rows(b, heads)
+        out += [(f"{name}.lora_a", a.contiguous()), (f"{name}.lora_b", b.contiguous())]
+    return alpha, out
+
+
+def _unsupported(config_json: dict, tensors: dict) -> str | None:
+    """Why llama.cpp cannot apply this adapter, or None."""
+    if config_json.get("peft_type") != "LORA":
+        return f"it is {config_json.get('peft_type')}, and llama.cpp applies only LoRA adapters"
+    if config_json.get("use_dora"):
+        return "it is DoRA (use_dora), which llama.cpp does not implement"
+    if saved_module_names(config_json):
+        return "it carries whole modules (modules_to_save), which a llama.cpp adapter cannot replace"
+    if any(k.endswith(".lora_B.bias") for k in tensors):
+        return "it has lora_B biases (lora_bias), which llama.cpp adapters cannot hold"
+    if any(".lora_embedding_" in k for k in tensors):
+        return "it adapts embeddings (lora_embedding_A/B); use llama.cpp's converter for those"
+    return None
+
+
+def export_gguf_adapter(adapter: str | os.PathLike, output: str | os.PathLike, *, base: str | os.PathLike | None = None,
+                        overwrite: bool = False) -> Path:
+    """Write the LoRA adapter folder `adapter` as the llama.cpp adapter file `output` (see the module docstring)."""
+    import gguf
+
+    target = check_file_output(output, overwrite)
+    config_json, _, _ = read_adapter(adapter)
+    config = base_config(config_json, base)
+    alpha, tensors = gguf_lora_tensors(adapter, config)
+    arch_name, _ = ARCHITECTURES[config["model_type"]]
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch_name]])
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_name(Path(adapter).resolve().name)
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for name, tensor in tensors:
+            writer.add_tensor(name, tensor.numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def check_file_output(output: str | os.PathLike, overwrite: bool) -> Path:
+    """A .gguf output file in an existing folder; an existing one is replaced only with --overwrite and only when
+    it is a GGUF file (so no input, folder or foreign file is ever replaced)."""
+    target = Path(output).expanduser()
+    if target.suffix != ".gguf":
+        raise PeftkitError(f"output {str(output)!r} must be a file name ending in .gguf")
+    refuse_protected(target.resolve(), str(output))
+    if not target.parent.is_dir():
+        raise PeftkitError(f"the folder of output {str(output)!r} does not exist; create it first")
+    if target.is_symlink() or target.exists():
+        if not overwrite:
+            raise PeftkitError(f"output {str(output)!r} already exists; pass --overwrite to replace it")
+        if target.is_symlink() or not target.is_file() or target.open("rb").read(4) != b"GGUF":
+            raise PeftkitError(f"output {str(output)!r} is not a GGUF file; --overwrite replaces only GGUF files")
+    return target

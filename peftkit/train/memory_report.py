@@ -1,0 +1,49 @@
+"""The trainer's memory report: peftkit.memory's estimate for the run about to start (per process), printed once.
+
+An estimate is advisory: when the estimator declines a setup, the trainer says why and trains anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from peftkit.errors import PeftkitError
+from peftkit.train.config import TrainConfig
+
+
+def memory_estimate(cfg: TrainConfig, model: Any, precision: str, processes: int = 1) -> Any:
+    """peftkit.memory's estimate for this run: the one place the trainer talks to the estimator.
+
+    precision: the resolved one (`make_accelerator`'s), so `auto` is estimated as what it runs as.
+    processes: the launcher's process count; the figure is per process, sharded as --fsdp / --deepspeed say.
+    Raises PeftkitError when the estimator declines the setup.
+    """
+    import torch
+
+    from peftkit.memory import estimate_memory
+    from peftkit.memory.training_setup import field_options
+
+    options = field_options(cfg.method, cfg.method_options())
+    gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else None
+    return estimate_memory(model.config, cfg.method, precision="amp" if precision == "fp16" else precision,
+                           batch_size=cfg.batch_size, seq_len=cfg.max_length, gpu_memory_gb=gpu_gb,
+                           gradient_checkpointing=cfg.gradient_checkpointing, gpus=processes, fsdp=cfg.fsdp,
+                           deepspeed=cfg.deepspeed, **options)
+
+
+def report_memory(cfg: TrainConfig, model: Any, precision: str, say: Callable[[str], None], processes: int = 1) -> None:
+    """Print the estimate's total and largest parts; warn when it exceeds this GPU's memory."""
+    try:
+        estimate = memory_estimate(cfg, model, precision, processes)
+    except PeftkitError as exc:
+        say(f"memory estimate: not available ({exc})")
+        return
+    parts = sorted(estimate.breakdown.items(), key=lambda kv: -kv[1])[:3]
+    shown = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f}" for k, v in parts)
+    shards = " sharded" if cfg.fsdp or cfg.deepspeed else ""
+    say(f"memory estimate: {estimate.total_bytes / 1e9:.2f} GB per device ({processes}{shards} process"
+        f"{'es' if processes > 1 else ''}; GB = 1e9 bytes; largest: {shown})")
+    if estimate.fits is False:
+        say(f"warning: the estimate exceeds this GPU's {estimate.gpu_memory_gb:.1f} GB; lower --batch-size or "
+            "--max-length, or use --gradient-checkpointing")
