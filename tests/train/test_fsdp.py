@@ -2,8 +2,7 @@
 
 Setup as in test_distributed.py: 1 process with micro-batches of 2 and grad_accum 2 sees the same 4 examples per
 step as 2 processes with one micro-batch each, and the loss is normalised by the whole step's target tokens, so the
-updates are mathematically equal (fp32; under amp FSDP2 casts the base to bf16 for compute where the single
-process autocasts, ~0.5% of the update measured, hence the 1% bound). Under FSDP2 each process holds half of every LoRA matrix (and of its AdamW
+updates are mathematically equal (fp32: measured equal). Under FSDP2 each process holds half of every LoRA matrix (and of its AdamW
 moments); the saved adapter must still be the whole one. Each launch costs ~15-25 s (imports on a busy 2-core
 machine), so the uninterrupted 2-process run is shared by the tests of this module.
 """
@@ -25,9 +24,7 @@ from peftkit.train.run import train
 from tests.tiny import save_tiny_checkpoint, write_rows
 from tests.train.test_distributed import REPO, _free_port
 
-# amp: fp32 LoRA weights over a bf16 frozen base, the mix FSDP2 must accept (one dtype among a unit's trainable
-# parameters; the base is gathered in bf16 by accelerate's MixedPrecisionPolicy)
-COMMON = dict(max_steps=4, batch_size=2, max_length=64, lr=1e-2, rank=4, dropout=0.0, precision="amp", seed=3,
+COMMON = dict(max_steps=4, batch_size=2, max_length=64, lr=1e-2, rank=4, dropout=0.0, precision="fp32", seed=3,
               save_steps=2, eval_split="0")
 
 
@@ -113,12 +110,16 @@ def test_fsdp_sigkill_then_resume_equals_uninterrupted(runs):
         assert float((want[key] - got[key]).abs().max()) <= 1e-6, key
 
 
-def test_fsdp_two_nodes(runs):
-    """Two "nodes" of one process each, rendezvous over c10d on localhost: the same run as 2 processes on one."""
+def test_fsdp_two_nodes_under_amp(runs):
+    """Two "nodes" of one process each, rendezvous over c10d on localhost, under amp: fp32 LoRA weights over a bf16
+    frozen base, the dtype mix FSDP2 must accept (one dtype among a unit's trainable parameters; accelerate's
+    MixedPrecisionPolicy gathers the base in bf16). Compared with the fp32 one-node run: bf16 compute moves the
+    update by a few percent (2% measured on one process vs FSDP2), so the bound is 10% of the update; a broken
+    gather would fail the shape and every-row checks outright."""
     root, options = runs
     port = _free_port()
     args = [str(REPO / "cli.py"), "train", *_flags({**options, "grad_accum": 1, "fsdp": True, "output": root / "nodes",
-                                                    "quiet": True})]
+                                                    "precision": "amp", "quiet": True})]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
                                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
@@ -129,15 +130,19 @@ def test_fsdp_two_nodes(runs):
     assert sum(out.count("run folder:") for out in outputs) == 1  # one main process over both nodes
     want = load_file(str(root / "two" / "adapter" / "adapter_model.safetensors"))
     got = load_file(str(root / "nodes" / "adapter" / "adapter_model.safetensors"))
+    assert want.keys() == got.keys()
     for key in want:
-        assert float((want[key] - got[key]).abs().max()) <= 1e-6, key
+        assert got[key].shape == want[key].shape and got[key].dtype == want[key].dtype, key  # fp32 adapters
+        if "lora_B" in key:
+            assert bool((got[key].abs().sum(dim=1) > 0).all()), key
+            assert float((want[key] - got[key]).abs().max()) <= 0.1 * float(want[key].abs().max()), key
 
 
 def test_fsdp_full_fine_tune_saves_a_loadable_model(runs):
     from transformers import AutoModelForCausalLM
 
     root, options = runs
-    full = {**options, "method": "full", "lr": 1e-3, "max_steps": 2, "save_steps": None, "precision": "fp32"}
+    full = {**options, "method": "full", "lr": 1e-3, "max_steps": 2, "save_steps": None}
     full = {k: v for k, v in full.items() if k not in ("rank", "dropout") and v is not None}
     proc = _torchrun([str(REPO / "cli.py"), "train", *_flags({**full, "grad_accum": 1, "fsdp": True,
                                                               "output": root / "full2", "quiet": True})], root)
