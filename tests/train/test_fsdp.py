@@ -110,16 +110,12 @@ def test_fsdp_sigkill_then_resume_equals_uninterrupted(runs):
         assert float((want[key] - got[key]).abs().max()) <= 1e-6, key
 
 
-def test_fsdp_two_nodes_under_amp(runs):
-    """Two "nodes" of one process each, rendezvous over c10d on localhost, under amp: fp32 LoRA weights over a bf16
-    frozen base, the dtype mix FSDP2 must accept (one dtype among a unit's trainable parameters; accelerate's
-    MixedPrecisionPolicy gathers the base in bf16). Compared with the fp32 one-node run: bf16 compute moves the
-    update by a few percent (2% measured on one process vs FSDP2), so the bound is 10% of the update; a broken
-    gather would fail the shape and every-row checks outright."""
+def test_fsdp_two_nodes(runs):
+    """Two "nodes" of one process each, rendezvous over c10d on localhost: the same run as 2 processes on one."""
     root, options = runs
     port = _free_port()
     args = [str(REPO / "cli.py"), "train", *_flags({**options, "grad_accum": 1, "fsdp": True, "output": root / "nodes",
-                                                    "precision": "amp", "quiet": True})]
+                                                    "quiet": True})]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
                                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
@@ -132,10 +128,7 @@ def test_fsdp_two_nodes_under_amp(runs):
     got = load_file(str(root / "nodes" / "adapter" / "adapter_model.safetensors"))
     assert want.keys() == got.keys()
     for key in want:
-        assert got[key].shape == want[key].shape and got[key].dtype == want[key].dtype, key  # fp32 adapters
-        if "lora_B" in key:
-            assert bool((got[key].abs().sum(dim=1) > 0).all()), key
-            assert float((want[key] - got[key]).abs().max()) <= 0.1 * float(want[key].abs().max()), key
+        assert float((want[key] - got[key]).abs().max()) <= 1e-6, key
 
 
 def test_fsdp_full_fine_tune_saves_a_loadable_model(runs):
