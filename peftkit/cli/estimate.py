@@ -2,6 +2,9 @@
 
     peftkit estimate --model qwen1.5-7b --method lora --rank 8 --seq-len 2048 --precision bf16 \
         --gradient-checkpointing --gpus 1 --gpu-memory 80
+    peftkit estimate --model qwen1.5-72b --method full --gradient-checkpointing --fsdp --gpus 18 --gpu-memory 80
+
+Sharding is spelled as in `peftkit train`: --fsdp, or --deepspeed zero1|zero2|zero3|CONFIG.json.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def _print(est: MemoryEstimate) -> None:
     if est.gpu_memory_gb is not None:
         verdict = "fits" if est.fits else "does NOT fit"
         console.print(f"{verdict} on one {est.gpu_memory_gb:g} GB GPU with this sharding; GPUs needed: "
-                      f"{est.gpus_needed if est.gpus_needed else 'none (plain data parallel does not shard; try --zero 3 or --fsdp)'}; "
+                      f"{est.gpus_needed if est.gpus_needed else 'none (plain data parallel does not shard; try --fsdp or --deepspeed zero3)'}; "
                       f"largest batch at this length: {est.max_batch_size}; largest length at this batch: {est.max_seq_len}")  # fmt: skip
     for line in est.assumptions:
         console.print(f"[dim]assumes: {line}[/dim]")
@@ -122,8 +125,9 @@ def estimate_cmd(
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in the backward pass (less activation memory).")] = False,
     gpus: Annotated[int, typer.Option("--gpus", help="Data-parallel GPU count.")] = 1,
     gpu_memory: Annotated[float | None, typer.Option("--gpu-memory", help="Memory of one GPU in GB (10^9 bytes).")] = None,
-    zero: Annotated[int, typer.Option("--zero", help="DeepSpeed ZeRO stage 0-3.")] = 0,
-    fsdp: Annotated[bool, typer.Option("--fsdp", help="FSDP full sharding.")] = False,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="FSDP2 full sharding (as `peftkit train --fsdp`).")] = False,
+    deepspeed: Annotated[str | None, typer.Option("--deepspeed", help="DeepSpeed ZeRO as `peftkit train --deepspeed`: zero1 | zero2 | zero3 | a DeepSpeed JSON config.")] = None,
+    zero: Annotated[int | None, typer.Option("--zero", hidden=True, help="Renamed: --deepspeed zeroN.")] = None,
     offload: Annotated[bool, typer.Option("--offload", help="Offload optimizer states (and ZeRO-3 weights) to CPU.")] = False,
     trace: Annotated[bool, typer.Option("--trace", help="Also trace one real step on fake tensors (exact tensor peak).")] = False,
     list_presets: Annotated[bool, typer.Option("--list", help="List the model presets and exit.")] = False,
@@ -134,6 +138,9 @@ def estimate_cmd(
     from peftkit.memory.trace_estimate import traced_estimate
     from peftkit.memory.training_setup import field_options
 
+    if zero is not None:
+        raise PeftkitError(f"--zero was renamed to match `peftkit train`: use --deepspeed zero{zero}" if zero else
+                           "--zero was renamed to match `peftkit train`: leave it out for plain data parallel")
     if list_presets:
         _print_presets(as_json)
         return
@@ -144,7 +151,7 @@ def estimate_cmd(
     options = field_options(method, given)
     kwargs = dict(precision="amp" if precision.lower() == "auto" else precision, optimizer=optimizer,
                   batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing, gpus=gpus,
-                  zero=zero, fsdp=fsdp, offload=offload, gpu_memory_gb=gpu_memory)  # fmt: skip
+                  deepspeed=deepspeed, fsdp=fsdp, offload=offload, gpu_memory_gb=gpu_memory)  # fmt: skip
     est = estimate_memory(model, method, **kwargs, **options)
     if trace:
         est = traced_estimate(model, est)

@@ -68,6 +68,8 @@ def train_cmd(
     warmup: Annotated[float | None, Opt("--warmup", help="Warmup steps, or a fraction < 1 of the steps.")] = None,
     scheduler: Annotated[str | None, Opt("--scheduler", help="cosine | linear | constant.")] = None,
     loraplus_lr_ratio: Annotated[float | None, Opt("--loraplus-lr-ratio", help="LoRA+: LoRA's B matrices (and 1-D adapter parameters such as DoRA's magnitude) learn at R x --lr.")] = None,
+    fsdp: Annotated[bool | None, Opt("--fsdp/--no-fsdp", help="Shard weights, gradients and optimizer states over the launcher's processes with FSDP2 (full shard).")] = None,
+    deepspeed: Annotated[str | None, Opt("--deepspeed", help="Shard with DeepSpeed through accelerate: zero1 | zero2 | zero3 | a DeepSpeed JSON config (needs a GPU).")] = None,
     seed: Annotated[int | None, Opt("--seed", help="Set before the adapter is initialised.")] = None,
     train_on_prompt: Annotated[bool | None, Opt("--train-on-prompt/--no-train-on-prompt", help="Also train on the prompt tokens (default: the loss counts only the answers).")] = None,
     objective: Annotated[str | None, Opt("--objective", help="sft (default) | dpo | orpo | simpo; the last three train on {prompt, chosen, rejected} rows.")] = None,

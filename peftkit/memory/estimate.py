@@ -17,7 +17,7 @@ from peftkit.memory.analytic import ROWS, estimate_rows
 from peftkit.memory.building import build_meta_model
 from peftkit.memory.presets import resolve_config
 from peftkit.memory.shapes import ModelShape, model_shape
-from peftkit.memory.training_setup import TrainingSetup
+from peftkit.memory.training_setup import TrainingSetup, deepspeed_stage
 
 GB = 1e9
 MAX_GPUS = 4096
@@ -85,7 +85,7 @@ def estimate_memory(
     seq_len: int = 2048,
     gradient_checkpointing: bool = False,
     gpus: int = 1,
-    zero: int = 0,
+    deepspeed: str | None = None,
     fsdp: bool = False,
     offload: bool = False,
     gpu_memory_gb: float | None = None,
@@ -95,13 +95,14 @@ def estimate_memory(
 
     `method_options`: r, lora_alpha, target_modules (lora/qlora), bits (qlora: 4 or 8), reduction_factor and
     variant (adapter), num_virtual_tokens (prefix, prompt), layers (freeze). An option that does not apply to the
-    method, a size <= 0 or an unknown preset raises PeftkitError.
+    method, a size <= 0 or an unknown preset raises PeftkitError. Sharding is spelled as in `peftkit train`:
+    `fsdp=True` (FSDP2 full shard) or `deepspeed="zero1" | "zero2" | "zero3" | "<DeepSpeed config>.json"`.
     """
     if gpu_memory_gb is not None and not 0 < gpu_memory_gb <= 1e6:  # also refuses nan and inf
         raise PeftkitError(f"gpu-memory must be a number of GB in (0, 1,000,000], got {gpu_memory_gb!r}")
     opts = {k: v for k, v in method_options.items() if v is not None}
-    setup = TrainingSetup(method, precision, optimizer, batch_size, seq_len, gradient_checkpointing, gpus, zero,
-                          fsdp, offload, opts)  # fmt: skip
+    setup = TrainingSetup(method, precision, optimizer, batch_size, seq_len, gradient_checkpointing, gpus,
+                          deepspeed_stage(deepspeed), fsdp, offload, opts)  # fmt: skip
     config, label = resolve_config(model)
     shape = model_shape(config)
     trainable, total = trainable_parameters(build_meta_model(config, setup))

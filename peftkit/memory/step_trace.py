@@ -112,7 +112,7 @@ def _check_traceable(setup: TrainingSetup) -> None:
     if setup.method == "qlora":
         raise PeftkitError("--trace cannot run qlora: bitsandbytes' 4/8-bit kernels do not run on fake CPU tensors")
     if setup.gpus > 1 or setup.shard_stage or setup.offload:
-        raise PeftkitError("--trace traces one unsharded device; drop --gpus/--zero/--fsdp/--offload to trace")
+        raise PeftkitError("--trace traces one unsharded device; drop --gpus/--deepspeed/--fsdp/--offload to trace")
 
 
 def _measure(model: nn.Module, setup: TrainingSetup, foreach: bool, ids: torch.Tensor, start: float) -> TraceResult:

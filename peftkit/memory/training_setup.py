@@ -23,6 +23,7 @@ METHODS = ("full", "freeze", "lora", "qlora", "adapter", "prefix", "prompt")
 PRECISIONS = ("fp32", "bf16", "amp")
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
 QUANT_BITS = (4, 8)
+DEEPSPEED_PRESETS = {"zero1": 1, "zero2": 2, "zero3": 3}  # `--deepspeed NAME` -> ZeRO stage
 PEFT_METHODS = ("lora", "qlora", "adapter", "prefix", "prompt")
 
 # Options that mean something only for some methods: option -> the methods it applies to.
@@ -43,7 +44,7 @@ ADAPTER_VARIANTS = ("houlsby", "pfeiffer", "parallel")
 class TrainingSetup:
     """One training configuration. `method_options` holds method fields (r, target_modules, bits, ...).
 
-    Sharding: `zero` is the DeepSpeed ZeRO stage (0 = plain DDP; 1 shards optimizer states, 2 also gradients,
+    Sharding: `zero` is the DeepSpeed ZeRO stage (`--deepspeed zeroN`, see `deepspeed_stage`) (0 = plain DDP; 1 shards optimizer states, 2 also gradients,
     3 also weights); `fsdp=True` is FSDP full sharding, which shards like ZeRO-3. `offload` moves optimizer states
     (and, at stage 3, weights) to CPU memory.
     """
@@ -74,9 +75,10 @@ class TrainingSetup:
         if self.zero not in (0, 1, 2, 3):
             raise PeftkitError(f"zero must be 0, 1, 2 or 3, got {self.zero!r}")
         if self.fsdp and self.zero:
-            raise PeftkitError("choose either --fsdp or --zero N, not both (FSDP full sharding is like ZeRO-3)")
+            raise PeftkitError("choose either --fsdp or --deepspeed, not both (FSDP full sharding is like ZeRO-3)")
         if self.offload and not (self.zero or self.fsdp):
-            raise PeftkitError("--offload needs sharding: pass --zero 1/2/3 or --fsdp (offload is a ZeRO/FSDP feature)")
+            raise PeftkitError("--offload needs sharding: pass --deepspeed zero1|zero2|zero3 or --fsdp (offload is a "
+                               "ZeRO/FSDP feature)")
         if self.method == "prefix" and self.gradient_checkpointing:
             raise PeftkitError("prefix tuning cannot train with gradient checkpointing (transformers drops the KV cache "
                                "that holds the prefix); drop --gradient-checkpointing or pick another method")
@@ -109,6 +111,28 @@ class TrainingSetup:
     def shard_stage(self) -> int:
         """What is sharded across GPUs: 0 nothing, 1 optimizer states, 2 + gradients, 3 + weights (FSDP = 3)."""
         return 3 if self.fsdp else self.zero
+
+
+def deepspeed_stage(spec: str | None) -> int:
+    """The ZeRO stage of a `--deepspeed` value (train and estimate spell it alike): zero1 | zero2 | zero3, or a
+    DeepSpeed JSON config (its zero_optimization.stage); 0 when None."""
+    from pathlib import Path
+
+    from peftkit.io.fs import read_json_object
+
+    if not spec:
+        return 0
+    if spec in DEEPSPEED_PRESETS:
+        return DEEPSPEED_PRESETS[spec]
+    if not spec.endswith(".json"):
+        raise PeftkitError(f"--deepspeed must be {', '.join(DEEPSPEED_PRESETS)} or a DeepSpeed .json config file, "
+                           f"got {spec!r}")
+    if not Path(spec).is_file():
+        raise PeftkitError(f"--deepspeed {spec}: no such file (give zero1, zero2, zero3 or a DeepSpeed JSON config)")
+    stage = (read_json_object(Path(spec), "a DeepSpeed config").get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise PeftkitError(f"{spec}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return stage
 
 
 def field_options(method: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,8 @@ Loading reads and checks every file before changing anything: a missing file, on
 safetensors / JSON, or tensors whose names or shapes do not fit the model and optimizer is a one-line PeftkitError
 naming the file and what to do. A checkpoint of the old pickle format (optimizer.pt, scheduler.pt, rng.pt) is
 refused without being opened. Only the main process writes; every process takes part in gathering the RNG states.
+Under FSDP the trained parameters and optimizer state stay sharded: each process writes its slices as
+`shard-<r>-of-<n>.safetensors` + `.json` in place of trainable.safetensors and optimizer.* (sharded_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import json
 import random
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 from peftkit.io.fs import atomic_dir
+from peftkit.train.sharded_checkpoint import has_shards, is_sharded_model, load_shard, save_shard
 from peftkit.train.state_io import load_state_dict, one_line, read_json, read_tensors, save_state_dict
 
 CHECKPOINTS = "checkpoints"
@@ -90,18 +93,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, pos: Position,
                     accelerator: Any, keep: int = 2) -> Path:
-    """Write checkpoint `step-<pos.step>` (main process only) and prune all but the newest `keep`."""
-    from accelerate.utils import gather_object
+    """Write checkpoint `step-<pos.step>` (the main process; under FSDP every process adds its shard of the trained
+    state, see sharded_checkpoint.py) and prune all but the newest `keep`."""
+    from accelerate.utils import broadcast_object_list, gather_object
 
     rngs = gather_object([rng_state()])  # one entry per process, in rank order
     folder = Path(run_dir) / CHECKPOINTS / f"step-{pos.step:06d}"
-    if accelerator.is_main_process:
-        with atomic_dir(folder, command="train") as tmp:
-            save_file(trainable_state(model), str(tmp / TRAINABLE))
-            save_state_dict(tmp, "optimizer", optimizer.state_dict())
+    main, sharded = accelerator.is_main_process, is_sharded_model(model)
+    with atomic_dir(folder, command="train") if main else nullcontext() as tmp:
+        if sharded:  # every process writes its slices into the main process's temporary folder
+            where = Path(broadcast_object_list([str(tmp) if main else None])[0])
+            save_shard(where, model, optimizer, accelerator.process_index, accelerator.num_processes)
+            accelerator.wait_for_everyone()
+        if main:
+            if not sharded:
+                save_file(trainable_state(model), str(tmp / TRAINABLE))
+                save_state_dict(tmp, "optimizer", optimizer.state_dict())
             save_state_dict(tmp, "scheduler", scheduler.state_dict(), with_tensors=False)
             save_state_dict(tmp, "rng", [_rng_to_saved(r) for r in rngs])
             (tmp / STATE_NAME).write_text(json.dumps(asdict(pos), indent=2) + "\n")
+    if main:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -123,6 +134,11 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: A
     """
     folder = Path(folder)
     _refuse_old_format(folder)
+    if is_sharded_model(model) != has_shards(folder):
+        raise PeftkitError(f"{folder} was written by a{' sharded' if has_shards(folder) else 'n unsharded'} run; "
+                           "resume with the same sharding option (--fsdp / --deepspeed) as the original run")
+    if has_shards(folder):
+        return _load_sharded(folder, model, optimizer, scheduler, process_index)
     with _or_earlier(folder):
         trainable = read_tensors(folder / TRAINABLE, "the trained parameters")
         optim_state = load_state_dict(folder, "optimizer", "the optimizer's state (AdamW moments and steps)")
@@ -139,6 +155,22 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: Any, scheduler: A
             params[name].copy_(value.to(params[name].device, params[name].dtype))
     with _or_earlier(folder):
         _apply(folder / "optimizer.json", optimizer.load_state_dict, optim_state)
+        _apply(folder / "scheduler.json", scheduler.load_state_dict, sched_state)
+        _apply(folder / "rng.json", set_rng_state, rng)
+    return pos
+
+
+def _load_sharded(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, process_index: int) -> Position:
+    """`load_checkpoint` of a sharded run: this process's slices, then the shared scheduler, RNG and position."""
+    import torch.distributed as dist
+
+    with _or_earlier(folder):
+        sched_state = load_state_dict(folder, "scheduler", "the learning-rate schedule's position", with_tensors=False)
+        rng = _rng_from_saved(folder / "rng.json", load_state_dict(folder, "rng", "the processes' RNG states"),
+                              process_index)
+        pos = _position(folder / STATE_NAME)
+        _check_scheduler(folder / "scheduler.json", sched_state, scheduler)
+        load_shard(folder, model, optimizer, process_index, dist.get_world_size())
         _apply(folder / "scheduler.json", scheduler.load_state_dict, sched_state)
         _apply(folder / "rng.json", set_rng_state, rng)
     return pos

@@ -19,6 +19,7 @@ import yaml
 
 from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
+from peftkit.memory.training_setup import deepspeed_stage
 from peftkit.train.objectives import check_objective, objective_defaults
 from peftkit.train.recipe_keys import translate
 from peftkit.train.schema import coerce_fields
@@ -86,6 +87,9 @@ class TrainConfig:
     beta: float | None = None
     simpo_gamma: float | None = None
     precompute_ref: bool = False
+    # sharding over the processes of a launcher (peftkit/train/sharding.py)
+    fsdp: bool = False
+    deepspeed: str | None = None
     # run folder
     output: str | None = None
     overwrite: bool = False
@@ -109,6 +113,9 @@ class TrainConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_choice("format", self.format, FORMATS)
+        if self.fsdp and self.deepspeed:
+            raise PeftkitError("--fsdp and --deepspeed are two ways to shard; pick one")
+        deepspeed_stage(self.deepspeed)  # zero1 | zero2 | zero3 | a readable JSON config with a valid stage
         _check_choice("attention", self.attention, ATTENTIONS)
         if self.overwrite and self.resume:
             raise PeftkitError("--overwrite and --resume contradict each other; pick one")

@@ -12,10 +12,11 @@ from peftkit.errors import PeftkitError
 from peftkit.train.config import TrainConfig
 
 
-def memory_estimate(cfg: TrainConfig, model: Any, precision: str) -> Any:
+def memory_estimate(cfg: TrainConfig, model: Any, precision: str, processes: int = 1) -> Any:
     """peftkit.memory's estimate for this run: the one place the trainer talks to the estimator.
 
     precision: the resolved one (`make_accelerator`'s), so `auto` is estimated as what it runs as.
+    processes: the launcher's process count; the figure is per process, sharded as --fsdp / --deepspeed say.
     Raises PeftkitError when the estimator declines the setup.
     """
     import torch
@@ -28,19 +29,22 @@ def memory_estimate(cfg: TrainConfig, model: Any, precision: str) -> Any:
     return estimate_memory(model.config, cfg.method, precision="amp" if precision == "fp16" else precision,
                            batch_size=cfg.batch_size * (1 if cfg.objective == "sft" else 2),  # chosen + rejected
                            seq_len=cfg.max_length, gpu_memory_gb=gpu_gb,
-                           gradient_checkpointing=cfg.gradient_checkpointing, **options)
+                           gradient_checkpointing=cfg.gradient_checkpointing, gpus=processes, fsdp=cfg.fsdp,
+                           deepspeed=cfg.deepspeed, **options)
 
 
-def report_memory(cfg: TrainConfig, model: Any, precision: str, say: Callable[[str], None]) -> None:
+def report_memory(cfg: TrainConfig, model: Any, precision: str, say: Callable[[str], None], processes: int = 1) -> None:
     """Print the estimate's total and largest parts; warn when it exceeds this GPU's memory."""
     try:
-        estimate = memory_estimate(cfg, model, precision)
+        estimate = memory_estimate(cfg, model, precision, processes)
     except PeftkitError as exc:
         say(f"memory estimate: not available ({exc})")
         return
     parts = sorted(estimate.breakdown.items(), key=lambda kv: -kv[1])[:3]
     shown = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f}" for k, v in parts)
-    say(f"memory estimate: {estimate.total_bytes / 1e9:.2f} GB per device (GB = 1e9 bytes; largest: {shown})")
+    shards = " sharded" if cfg.fsdp or cfg.deepspeed else ""
+    say(f"memory estimate: {estimate.total_bytes / 1e9:.2f} GB per device ({processes}{shards} process"
+        f"{'es' if processes > 1 else ''}; GB = 1e9 bytes; largest: {shown})")
     if estimate.fits is False:
         say(f"warning: the estimate exceeds this GPU's {estimate.gpu_memory_gb:.1f} GB; lower --batch-size or "
             "--max-length, or use --gradient-checkpointing")

@@ -20,15 +20,17 @@ from peftkit.errors import PeftkitError
 from peftkit.train.tracking import TRACKING
 
 
-def make_accelerator(precision: str, trains_base: bool = False,
-                     log_with: list[str] | None = None) -> tuple[Any, torch.dtype, str]:
+def make_accelerator(precision: str, trains_base: bool = False, log_with: list[str] | None = None,
+                     cfg: Any = None) -> tuple[Any, torch.dtype, str]:
     """(Accelerator, dtype to load the base weights in, resolved precision name).
 
     trains_base: the method trains the base weights (full / freeze), which then stay fp32 under amp / fp16.
     log_with: accelerate tracker names (`tracking.tracker_names`); their folder is set when the run starts.
+    cfg: the TrainConfig, for its sharding options (`--fsdp`, `--deepspeed`: peftkit/train/sharding.py).
     """
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+
+    from peftkit.train.sharding import build_accelerator
 
     gpu = torch.cuda.is_available()
     if precision == "auto":
@@ -38,7 +40,7 @@ def make_accelerator(precision: str, trains_base: bool = False,
     mixed = {"amp": "bf16", "fp16": "fp16"}.get(precision, "no")
     AcceleratorState._reset_state()  # a fresh precision setting per run when several runs share one process
     trackers = {"log_with": log_with, "project_dir": TRACKING} if log_with else {}  # the folder: Tracking.start
-    acc = Accelerator(cpu=not gpu, mixed_precision=mixed, **trackers)
+    acc = build_accelerator(not gpu, mixed, cfg, **trackers)
     half_base = precision == "bf16" or (precision in ("amp", "fp16") and not trains_base)
     dtype = {"fp16": torch.float16}.get(precision, torch.bfloat16) if half_base else torch.float32
     return acc, dtype, precision

@@ -36,7 +36,9 @@ DIFFERENT = {
     "dataset": "data (a data file, datasets folder or hub name; LLaMA-Factory's dataset names a dataset_info.json entry)",
     "datasets": "data (a data file, datasets folder or hub name, or a list of them / of {path, weight} to mix; "
                 "columns: maps column names)",
+    "fsdp_config": "fsdp: true (FSDP2 full shard, one unit per decoder layer; the other FSDP settings are peftkit's)",
 }
+FSDP_FULL_SHARD = "full_shard"  # TrainingArguments' / axolotl's `fsdp: "full_shard auto_wrap"` (or a list)
 
 
 def translate(data: dict[str, Any], valid: list[str], source: str) -> dict[str, Any]:
@@ -66,6 +68,12 @@ def _value(key: str, value: Any) -> Any:
         return "all-linear"
     if key == "pref_loss" and value == "sigmoid":  # LLaMA-Factory's name for the DPO loss
         return "dpo"
+    if key == "fsdp" and isinstance(value, str | list):
+        words = value.split() if isinstance(value, str) else [str(v) for v in value]
+        if FSDP_FULL_SHARD not in words:
+            raise PeftkitError(f"fsdp: {value!r} is not supported; peftkit shards with FSDP2 full shard (fsdp: true, "
+                               "or TrainingArguments' 'full_shard auto_wrap')")
+        return True
     return value
 
 

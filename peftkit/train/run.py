@@ -40,6 +40,7 @@ from peftkit.train.precision import auto_precision, make_accelerator, upcast_tra
 from peftkit.train.preference_run import Preference, describe, setup
 from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
 from peftkit.train.rundir import RUN_CONFIG, check_run_dir, fresh_run_dir
+from peftkit.train.sharding import is_sharded, whole_model
 from peftkit.train.speed import apply_speed_settings
 from peftkit.train.tracking import Tracking, tracker_names
 
@@ -104,7 +105,7 @@ def prepare(cfg: TrainConfig) -> Session:
 
     cfg = resolve_defaults(cfg)
     method = get_method(cfg.method)
-    acc, dtype, precision = make_accelerator(cfg.precision, method.trains_base, tracker_names(cfg.report_to))
+    acc, dtype, precision = make_accelerator(cfg.precision, method.trains_base, tracker_names(cfg.report_to), cfg)
     say = log.info if acc.is_main_process else (lambda *_args: None)
     run_dir, resume_from = check_run_dir(cfg) if not cfg.dry_run else (None, None)
     load_options = method.load_options(method.build_config(cfg.method_options()))  # qlora: a quantized base
@@ -121,7 +122,7 @@ def prepare(cfg: TrainConfig) -> Session:
     say(f"model {cfg.model or 'embedded SmolLM2-135M-Instruct'} | method {cfg.method} | trainable {trainable:,} of "
         f"{total:,} parameters ({100 * trainable / total:.3f}%) | precision {precision}{why}")
     say(f"data: {len(train_split)} training examples ({fmt}), {len(eval_split) if eval_split else 0} eval")
-    report_memory(cfg, model, precision, say)
+    report_memory(cfg, model, precision, say, acc.num_processes)
     plan = splits.plan_fn(train_split, cfg)
     steps = total_steps(cfg, len(plan(0)), acc.num_processes)
     rows = f"<= {cfg.batch_tokens} tokens" if cfg.batch_tokens else f"{cfg.batch_size} examples"
@@ -142,7 +143,8 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     acc.wait_for_everyone()
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
-    model.to(acc.device)
+    if not is_sharded(acc):
+        model.to(acc.device)      # sharded: prepare places each process's shard (the whole model never moves)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, s.steps)
     path = loss_path(model)
     pref = setup(s, path != "full") if cfg.objective != "sft" else None  # preference objective: pairs, reference, loss
@@ -185,8 +187,9 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     after = evaluate(pos.step, generate=True)
     _say_eval("after", after, say)
     result = RunResult(s.run_dir, before=before, after=after, steps=pos.step, main=main)
-    if main:
-        _finish(s, result, metrics, pos)
+    with whole_model(acc, prepared, not s.method.trains_base, "the trained result") as writer:  # sharded: gathered
+        if writer:
+            _finish(s, result, metrics, pos)
     metrics.close()  # flush the trackers
     acc.wait_for_everyone()
     return result
@@ -202,13 +205,14 @@ def _evaluator(s: Session, metrics: Metrics, path: str, pref: Preference | None 
 
     def evaluate(step: int, generate: bool) -> dict:
         result: dict[str, Any] = {}
-        if s.main:
+        if s.main or is_sharded(s.accelerator):  # sharded: every process takes part in each forward
             with s.accelerator.autocast():  # under amp: half-precision base weights meet fp32 adapter weights
                 result = (pref.score(s.model, collate, plan, path != "full") if pref
                           else eval_loss(s.model, collate, plan, path))
                 if generate and s.eval_split.references:
                     result.update(exact_match(s.model, s.tokenizer, s.eval_split.references, s.prompt_format))
-            metrics.write("eval", {"step": step, **result})
+            if s.main:
+                metrics.write("eval", {"step": step, **result})
         s.accelerator.wait_for_everyone()
         return result
 

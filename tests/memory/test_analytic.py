@@ -47,12 +47,12 @@ def test_qwen15_7b_full_amp_needs_sharding():
     one = estimate_memory("qwen1.5-7b", "full", precision="amp", seq_len=1024, gpu_memory_gb=80)
     assert not one.fits and one.gpus_needed is None  # plain data parallel never helps
     two = estimate_memory("qwen1.5-7b", "full", precision="amp", seq_len=1024, gradient_checkpointing=True,
-                          gpus=2, zero=3, gpu_memory_gb=80)  # fmt: skip
+                          gpus=2, deepspeed="zero3", gpu_memory_gb=80)  # fmt: skip
     assert two.fits and two.gpus_needed == 2
 
 
 def test_qwen15_72b_full_needs_about_twenty_80gb_gpus():
-    est = estimate_memory("qwen1.5-72b", "full", precision="amp", gradient_checkpointing=True, gpus=16, zero=3,
+    est = estimate_memory("qwen1.5-72b", "full", precision="amp", gradient_checkpointing=True, gpus=16, deepspeed="zero3",
                           gpu_memory_gb=80)  # fmt: skip
     assert 16 <= est.gpus_needed <= 24
 
@@ -66,7 +66,7 @@ def test_lora_7b_with_checkpointing_fits_24gb_at_1024():
 def test_breakdown_sums_to_total_and_sharding_lowers_it():
     plain = estimate_memory("llama-2-7b", "full", precision="bf16")
     assert sum(plain.breakdown.values()) == plain.total_bytes
-    zero = [estimate_memory("llama-2-7b", "full", precision="bf16", gpus=4, zero=z).total_bytes for z in (1, 2, 3)]
+    zero = [estimate_memory("llama-2-7b", "full", precision="bf16", gpus=4, deepspeed=f"zero{z}").total_bytes for z in (1, 2, 3)]
     assert plain.total_bytes > zero[0] > zero[1] > zero[2]
 
 
@@ -81,7 +81,7 @@ def test_breakdown_sums_to_total_and_sharding_lowers_it():
         (dict(method="full", r=8), "does not apply"),
         (dict(method="prefix", reduction_factor=4), "does not apply"),
         (dict(method="qlora", bits=3), "bits"),
-        (dict(zero=2, fsdp=True), "either"),
+        (dict(deepspeed="zero2", fsdp=True), "either"),
         (dict(offload=True), "sharding"),
         (dict(method="dora"), "method"),
         (dict(method="prefix", gradient_checkpointing=True), "checkpointing"),

@@ -53,3 +53,22 @@ def test_trace_reports_corrections(capsys):
 def test_errors_exit_2_with_one_line(capsys, args, message):
     code, _, err = run(capsys, *args)
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_sharding_is_spelled_as_in_train(capsys, tmp_path):
+    """--fsdp and --deepspeed zeroN|CONFIG.json as in `peftkit train`; the old --zero N names its replacement."""
+    common = ("--model", "qwen1.5-7b", "--method", "full", "--gpus", "2", "--gpu-memory", "80", "--json")
+    totals = {}
+    for flags in (("--deepspeed", "zero2"), ("--deepspeed", "zero3"), ("--fsdp",)):
+        code, out, err = run(capsys, *common, *flags)
+        assert code == 0, err
+        totals[flags[-1]] = json.loads(out)["total_bytes"]
+    assert totals["zero2"] > totals["zero3"]
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
+    code, out, _ = run(capsys, *common, "--deepspeed", str(config))
+    assert code == 0 and json.loads(out)["total_bytes"] == totals["zero3"]
+    code, _, err = run(capsys, *common, "--zero", "3")
+    assert code == 2 and "--deepspeed zero3" in err and "Traceback" not in err
+    code, _, err = run(capsys, *common, "--deepspeed", "zero9")
+    assert code == 2 and "zero1, zero2, zero3" in err
