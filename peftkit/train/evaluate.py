@@ -50,7 +50,7 @@ def eval_loss(model: nn.Module, collate: Callable[[list[int]], dict], batches: l
 
 @torch.no_grad()
 def exact_match(model: nn.Module, tokenizer: Any, examples: list[tuple[list[dict], str]],
-                prompt_format: dict | None, batch_size: int = 64, max_new_tokens: int | None = None) -> dict:
+                prompt_format: dict | None, batch_size: int = 25, max_new_tokens: int | None = None) -> dict:
     """Share of examples whose greedy answer equals the reference; also returns a few (prompt, got, want) samples.
 
     examples: (prompt messages, reference). max_new_tokens defaults to the longest reference + 8 tokens.
