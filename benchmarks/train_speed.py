@@ -168,7 +168,8 @@ def main() -> None:
         tps = statistics.median(values)
         flops = 4 * linear_params * tps
         versus = f"{tps / statistics.median(hf[precision]):.2f}x" if precision in hf and name in speeds else ""
-        print(f"{name:10} {precision:>9} {tps:8.0f} {flops / peak['amp']:9.1%} {flops / peak['fp32']:9.1%} {versus:>7}")
+        fp32_mfu = f"{flops / peak['fp32']:9.1%}" if precision == "fp32" else f"{'-':>9}"  # amp vs fp32 peak: moot
+        print(f"{name:10} {precision:>9} {tps:8.0f} {flops / peak['amp']:9.1%} {fp32_mfu} {versus:>7}")
 
 
 if __name__ == "__main__":
