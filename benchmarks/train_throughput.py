@@ -158,7 +158,7 @@ def run_peftkit(args: argparse.Namespace, rows_file: str, lengths: list[int], pa
 
 def _diffs(ends: list[float]) -> list[float]:
     """Per-step seconds from cumulative step end times."""
-    return [round(b - a, 3) for a, b in zip([0.0, *ends], ends, strict=True)]
+    return [round(b - a, 3) for a, b in zip([0.0, *ends[:-1]], ends, strict=True)]
 
 
 class _Counting:
