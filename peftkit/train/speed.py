@@ -1,11 +1,11 @@
 """Speed settings of a training run: the attention kernel, and compiling the decoder layers.
 
 Attention (`--attention auto|eager|sdpa`). PyTorch's fused attention (SDPA) is the right default almost
-everywhere, but on a CPU under bf16 its backward pass is slow (3-3.5x its fp32 cost, measured on the embedded
-model): there the eager attention (matmul + softmax) trained the embedded model ~1.3x faster at 128 tokens and
-~30% slower at 512 (SDPA's cost grows more slowly with length). `auto` picks eager on a CPU under bf16 when rows
-are at most EAGER_MAX_LENGTH tokens (between the two measured lengths; the exact crossover was not measured),
-else leaves the model's own choice (SDPA where it supports it).
+everywhere, but on a CPU under bf16 its backward pass is slow. Measured on the embedded model (a LoRA training
+step, eager / SDPA tokens/s): on an AMX-BF16 Xeon eager was ~1.3x faster at 128 tokens and ~0.7x at 512; on an
+AVX512-BF16 EPYC 1.14x at 128, 1.06x at 256, 1.08x at 512, then 0.58x at 1024 and 0.43x at 2048 (SDPA's cost grows
+more slowly with length). `auto` picks eager on a CPU under bf16 when rows are at most EAGER_MAX_LENGTH tokens,
+on the faster side on both CPUs, else leaves the model's own choice (SDPA where it supports it).
 
 Compiling (`--compile / --no-compile`). `torch.compile` of each decoder layer (not the whole model: one graph per
 layer class compiles in tens of seconds instead of minutes, and recompiles per layer are shared) fuses the
