@@ -126,8 +126,8 @@ def prepare(cfg: TrainConfig) -> Session:
     plan = splits.plan_fn(train_split, cfg)
     steps = total_steps(cfg, len(plan(0)), acc.num_processes)
     rows = f"<= {cfg.batch_tokens} tokens" if cfg.batch_tokens else f"{cfg.batch_size} examples"
-    say(f"{steps} optimizer step{'s' if steps != 1 else ''} of {cfg.grad_accum} x {acc.num_processes} micro-batches "
-        f"of {rows}, lr {cfg.lr}")
+    say(f"{steps} optimizer step{'s' if steps != 1 else ''}, each {cfg.grad_accum} x {acc.num_processes} micro-batches "
+        f"(accumulated x processes) of {rows}, lr {cfg.lr}")
     planned = steps * cfg.grad_accum * acc.num_processes * sum(train_split.lengths) // max(len(plan(0)), 1)
     apply_speed_settings(model, cfg, precision, acc.device.type, planned, say)
     return Session(cfg, method, acc, model, tokenizer, prompt_format, train_split, eval_split, plan, steps, run_dir,
