@@ -198,7 +198,9 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
         fill["lr"] = method.default_lr
     fill.update(objective_defaults(cfg))
     resolved = dataclasses.replace(cfg, **fill)
-    if resolved.batch_tokens is not None and resolved.batch_tokens < resolved.max_length:
-        raise PeftkitError(f"batch_tokens ({resolved.batch_tokens}) must be at least max_length "
-                           f"({resolved.max_length}) so that the longest row fits in a micro-batch")
+    rows = 1 if resolved.objective == "sft" else 2  # a preference pair is two rows (chosen, rejected)
+    if resolved.batch_tokens is not None and resolved.batch_tokens < rows * resolved.max_length:
+        what = "max_length" if rows == 1 else "2 x max_length (a preference pair is two rows)"
+        raise PeftkitError(f"batch_tokens ({resolved.batch_tokens}) must be at least {what} "
+                           f"({rows * resolved.max_length}) so that the longest example fits in a micro-batch")
     return resolved

@@ -11,8 +11,9 @@ scales those by the incoming gradient. It costs the same matmuls as the plain pa
 input that needs a gradient), in the same dtypes (under autocast, the matmuls run in its dtype; the softmax in
 fp32), and holds one chunk of logits at a time.
 
-The gradients are computed during the forward pass only for the inputs that need one (`ctx.needs_input_grad`),
-so evaluation under `torch.no_grad()` costs only the forward matmuls.
+The gradients are computed during the forward pass only when grad mode is on and only for the inputs that need
+one (`ctx.needs_input_grad`), so evaluation under `torch.no_grad()` costs only the forward matmuls, even for a
+trainable head.
 """
 
 from __future__ import annotations
@@ -30,15 +31,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     chunk_rows: rows per chunk (default: CHUNK_ELEMENTS // V).
     """
     rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
+    # Inside forward grad mode is always off, and needs_input_grad follows requires_grad even under no_grad: say
+    # from here whether gradients are wanted at all (evaluation of a trainable head must not compute them).
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows, torch.is_grad_enabled())
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and every needed gradient chunk by chunk; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    def forward(ctx, hidden, weight, bias, targets, rows, grad_enabled):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3] if grad_enabled else (False, False, False)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
@@ -70,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = next(saved) * grad_out if need_h else None
         grad_w = (next(saved) * grad_out).to(ctx.dtypes[0]) if need_w else None
         grad_b = (next(saved) * grad_out).to(ctx.dtypes[1]) if need_b else None
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def _matmul_dtype(weight: torch.Tensor) -> torch.dtype:

@@ -55,12 +55,20 @@ def _plain_head(model: nn.Module) -> nn.Linear | None:
     inner = getattr(model, "module", model)  # DDP
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     config = getattr(inner, "config", None)
-    if type(head) is not nn.Linear or "forward" in vars(head) or config is None:
+    if type(head) is not nn.Linear or "forward" in vars(head) or config is None or _sharded(head.weight):
         return None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if any(getattr(text, name, None) not in (None, 1.0) for name in POST_HEAD_FIELDS):
         return None
     return head
+
+
+def _sharded(weight: torch.Tensor) -> bool:
+    """A weight that is not whole outside the module's own forward: an FSDP2 DTensor, a DeepSpeed ZeRO-3
+    partition (`ds_id`). The fused path uses the head's weight after the model's forward, so it needs it whole."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(weight, DTensor) or hasattr(weight, "ds_id")
 
 
 @contextmanager

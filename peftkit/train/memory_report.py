@@ -27,10 +27,18 @@ def memory_estimate(cfg: TrainConfig, model: Any, precision: str, processes: int
     options = field_options(cfg.method, cfg.method_options())
     gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else None
     return estimate_memory(model.config, cfg.method, precision="amp" if precision == "fp16" else precision,
-                           batch_size=cfg.batch_size * (1 if cfg.objective == "sft" else 2),  # chosen + rejected
+                           batch_size=_rows(cfg),
                            seq_len=cfg.max_length, gpu_memory_gb=gpu_gb,
                            gradient_checkpointing=cfg.gradient_checkpointing, gpus=processes, fsdp=cfg.fsdp,
                            deepspeed=cfg.deepspeed, **options)
+
+
+def _rows(cfg: TrainConfig) -> int:
+    """Rows of max_length per micro-batch in the worst case: --batch-tokens bounds the padded positions (rows x the
+    longest row), else batch_size rows (a preference pair is two)."""
+    if cfg.batch_tokens:
+        return -(-cfg.batch_tokens // cfg.max_length)
+    return cfg.batch_size * (1 if cfg.objective == "sft" else 2)  # chosen + rejected
 
 
 def report_memory(cfg: TrainConfig, model: Any, precision: str, say: Callable[[str], None], processes: int = 1) -> None:

@@ -57,6 +57,23 @@ def test_linear_cross_entropy_computes_only_the_gradients_asked_for():
     assert torch.allclose(value, F.cross_entropy(F.linear(hidden, weight, b), targets, reduction="sum"))
 
 
+def test_evaluating_a_trainable_head_computes_no_gradient(monkeypatch):
+    """Under no_grad, needs_input_grad still follows requires_grad: the function must not compute (and throw away)
+    the head's vocab x hidden gradient while evaluating a whole-model fine-tune."""
+    hidden, weight, b, targets = _inputs()
+    made = []
+    real_zeros = torch.zeros
+
+    def spying_zeros(*args, **kwargs):
+        made.append(args)
+        return real_zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", spying_zeros)
+    with torch.no_grad():
+        linear_cross_entropy(hidden, weight, b, targets, 3)
+    assert not [a for a in made if a and tuple(a[0]) == tuple(weight.shape)], "a weight-gradient buffer was made"
+
+
 def _batch(vocab, seed=3):
     """Three rows of different lengths: padding, prompt tokens masked, and one row with no target at all."""
     gen = torch.Generator().manual_seed(seed)
@@ -125,4 +142,11 @@ def test_models_that_post_process_logits_do_not_take_the_fused_path():
 def test_an_adapter_on_the_lm_head_takes_the_logits_path():
     model = tiny_model("llama")
     peftkit.inject(model, peftkit.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    assert loss_path(model) == "keep"
+
+
+def test_a_sharded_head_weight_takes_the_logits_path():
+    """FSDP2 keeps a DTensor, DeepSpeed ZeRO-3 a partition (ds_id) outside the forward: not whole, so no fusing."""
+    model = tiny_model("llama")
+    model.lm_head.weight.ds_id = 7  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
     assert loss_path(model) == "keep"

@@ -112,3 +112,18 @@ def test_batch_tokens_must_hold_the_longest_row():
     with pytest.raises(PeftkitError, match="batch_tokens .* at least max_length"):
         resolve_defaults(load_train_config(None, {"batch_tokens": 100, "max_length": 128}))
     assert resolve_defaults(load_train_config(None, {"batch_tokens": 1024})).batch_tokens == 1024
+
+
+def test_batch_tokens_must_hold_a_whole_preference_pair():
+    with pytest.raises(PeftkitError, match="2 x max_length"):
+        resolve_defaults(load_train_config(None, {"batch_tokens": 200, "max_length": 128, "objective": "dpo"}))
+    assert resolve_defaults(load_train_config(None, {"batch_tokens": 256, "max_length": 128,
+                                                     "objective": "dpo"})).batch_tokens == 256
+
+
+def test_the_memory_report_counts_the_token_budget():
+    from peftkit.train.memory_report import _rows
+
+    cfg = resolve_defaults(load_train_config(None, {"batch_tokens": 8192, "max_length": 512, "data": "x.jsonl"}))
+    assert _rows(cfg) == 16  # 8192 padded positions = 16 rows of 512, not batch_size 4
+    assert _rows(resolve_defaults(load_train_config(None, {"data": "x.jsonl"}))) == 4
