@@ -40,14 +40,15 @@ STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewar
 
 
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor],
-                   keep_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   path: str = "keep") -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probs of each row's target tokens [N], number of target tokens [N]).
 
-    Like `loss.micro_loss`, logits are computed only where some row has a target (`logits_to_keep`)."""
+    path: the run's loss path (`loss.loss_path`). Per-row sums need the logits, so "fused" reads as "keep":
+    logits only where some row has a target (`logits_to_keep`); "full" everywhere."""
     labels = batch["labels"]                                  # [N, T]
     targets = labels[:, 1:]                                   # [N, T-1]
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    if keep_logits:
+    if path != "full":
         keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
         logits = model(**inputs, use_cache=False, logits_to_keep=keep - labels.shape[1]).logits  # [N, K, V]
         targets = targets[:, keep]
@@ -88,7 +89,7 @@ def simpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, n_c: torch.Tensor, n_r: t
 
 @dataclass
 class PreferenceStep:
-    """The loop's loss for a preference objective: `step(model, batch, keep_logits)` -> sum of pair losses.
+    """The loop's loss for a preference objective: `step(model, batch, path)` -> sum of pair losses.
 
     base: the unwrapped model (its adapters are switched off for DPO's reference). Every call adds its pairs'
     statistics to running sums; `stats(accelerator)` returns their means over all processes and resets them.
@@ -100,12 +101,12 @@ class PreferenceStep:
     gamma: float = 0.0
     sums: dict[str, float] = field(default_factory=dict)
 
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], keep_logits: bool = True) -> torch.Tensor:
-        logps, counts = sequence_logps(model, batch, keep_logits)
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], path: str = "keep") -> torch.Tensor:
+        logps, counts = sequence_logps(model, batch, path)
         pairs = logps.shape[0] // 2
         pi_c, pi_r, n_c, n_r = logps[:pairs], logps[pairs:], counts[:pairs], counts[pairs:]
         if self.objective == "dpo":
-            ref_c, ref_r = self.reference(batch, keep_logits, model)
+            ref_c, ref_r = self.reference(batch, path, model)
             losses, r_c, r_r = dpo_loss(pi_c, pi_r, ref_c, ref_r, self.beta)
         elif self.objective == "orpo":
             losses, r_c, r_r = orpo_loss(pi_c, pi_r, n_c, n_r, self.beta)
@@ -114,7 +115,7 @@ class PreferenceStep:
         self._add(losses.detach(), r_c, r_r, (pi_c / n_c - pi_r / n_r).detach())
         return losses.sum()
 
-    def reference(self, batch: dict[str, torch.Tensor], keep_logits: bool,
+    def reference(self, batch: dict[str, torch.Tensor], path: str,
                   model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """DPO's reference log-prob sums (chosen, rejected): precomputed in the batch, or the model without its
         adapters, now, under no_grad. `model` is the (maybe DDP / FSDP-wrapped) model of the step: the adapters
@@ -123,7 +124,7 @@ class PreferenceStep:
         if "ref_chosen" in batch:
             return batch["ref_chosen"], batch["ref_rejected"]
         with torch.no_grad(), disable_adapters(self.base):
-            logps, _ = sequence_logps(self.base if model is None else model, batch, keep_logits)
+            logps, _ = sequence_logps(self.base if model is None else model, batch, path)
         pairs = logps.shape[0] // 2
         return logps[:pairs], logps[pairs:]
 

@@ -1,5 +1,5 @@
 """A preference objective inside a training run: DPO's precomputed reference, the loop's collate, loss and count,
-and the held-out score (the pairs come from `splits.load_splits`). run.py calls `setup(session, keep_logits)` once,
+and the held-out score (the pairs come from `splits.load_splits`). run.py calls `setup(session, loss_path)` once,
 then uses what it returns:
 
     pref.adapt(loop)                    # the loop's collate / loss / count become the pairs'
@@ -43,26 +43,24 @@ class Preference:
     eval_collate: Callable[[list[int]], dict[str, torch.Tensor]] | None
 
     def adapt(self, loop: Any) -> None:
-        """Swap the loop's batches, loss and normaliser for the pairs'. The loop passes its loss path
-        (fused / keep / full); sequence log-probabilities need the logits, kept where the model allows."""
-        loop.collate, loop.count_fn = self.collate, count_pairs
-        loop.loss_fn = lambda model, batch, path: self.step(model, batch, path != "full")
+        """Swap the loop's batches, loss and normaliser for the pairs' (the step takes the loop's loss path)."""
+        loop.collate, loop.loss_fn, loop.count_fn = self.collate, self.step, count_pairs
 
     @torch.no_grad()
-    def score(self, model: Any, collate: Callable, plan: list[list[int]], keep_logits: bool = True) -> dict:
+    def score(self, model: Any, collate: Callable, plan: list[list[int]], path: str = "keep") -> dict:
         """Held-out loss and statistics, averaged over pairs (the eval keeps its own running sums)."""
         was_training = model.training
         model.eval()
         scorer = PreferenceStep(self.step.objective, self.step.beta, self.step.base, self.step.gamma)
         try:
             for indices in plan:
-                scorer(model, collate(indices), keep_logits)
+                scorer(model, collate(indices), path)
         finally:
             model.train(was_training)
         return scorer.stats()
 
 
-def setup(s: Any, keep_logits: bool) -> Preference:
+def setup(s: Any, path: str) -> Preference:
     """The run's Preference (s: the run's Session, model on its device); precomputes DPO's reference first when
     --precompute-ref asks (before a resumed checkpoint is loaded: the reference is the model before training)."""
     cfg, device, pad = s.cfg, s.accelerator.device, s.tokenizer.pad_token_id
@@ -73,14 +71,14 @@ def setup(s: Any, keep_logits: bool) -> Preference:
             if pairs is not None:
                 plan = splits.plan_fn(pairs, cfg, shuffle=False)(0)
                 with s.accelerator.autocast():
-                    precompute_reference(s.model, pairs, plan, collate_fn(pairs, pad, device), keep_logits)
+                    precompute_reference(s.model, pairs, plan, collate_fn(pairs, pad, device), path)
     return Preference(step, collate_fn(s.train_split, pad, device),
                       collate_fn(held, pad, device) if held is not None else None)
 
 
 @torch.no_grad()
 def precompute_reference(model: Any, pairs: Pairs, plan: list[list[int]], collate: Callable,
-                         keep_logits: bool = True) -> None:
+                         path: str = "keep") -> None:
     """Fill pairs.ref_chosen / ref_rejected with the model's log-prob sums, adapters off, in eval mode."""
     chosen, rejected = [0.0] * len(pairs), [0.0] * len(pairs)
     was_training = model.training
@@ -88,7 +86,7 @@ def precompute_reference(model: Any, pairs: Pairs, plan: list[list[int]], collat
     try:
         with disable_adapters(model):
             for indices in plan:
-                logps, _ = sequence_logps(model, collate(indices), keep_logits)
+                logps, _ = sequence_logps(model, collate(indices), path)
                 for row, index in enumerate(indices):
                     chosen[index], rejected[index] = float(logps[row]), float(logps[len(indices) + row])
     finally:

@@ -147,7 +147,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
         model.to(acc.device)      # sharded: prepare places each process's shard (the whole model never moves)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, s.steps)
     path = loss_path(model)
-    pref = setup(s, path != "full") if cfg.objective != "sft" else None  # preference objective: pairs, reference, loss
+    pref = setup(s, path) if cfg.objective != "sft" else None  # preference objective: pairs, reference, loss
     prepared, optimizer = acc.prepare(model, optimizer)
     pos = Position()
     if s.resume_from is not None:
@@ -207,8 +207,7 @@ def _evaluator(s: Session, metrics: Metrics, path: str, pref: Preference | None 
         result: dict[str, Any] = {}
         if s.main or is_sharded(s.accelerator):  # sharded: every process takes part in each forward
             with s.accelerator.autocast():  # under amp: half-precision base weights meet fp32 adapter weights
-                result = (pref.score(s.model, collate, plan, path != "full") if pref
-                          else eval_loss(s.model, collate, plan, path))
+                result = (pref.score if pref else eval_loss)(s.model, collate, plan, path)
                 if generate and s.eval_split.references:
                     result.update(exact_match(s.model, s.tokenizer, s.eval_split.references, s.prompt_format))
             if s.main:

@@ -129,7 +129,7 @@ def test_reference_is_the_base_model_and_precomputing_agrees(tiny):
 def test_sequence_logps_with_and_without_logits_to_keep(tiny):
     model, _, batch = tiny
     with torch.no_grad():
-        kept, n_kept = sequence_logps(model, batch, keep_logits=True)
-        full, n_full = sequence_logps(model, batch, keep_logits=False)
+        kept, n_kept = sequence_logps(model, batch, path="keep")
+        full, n_full = sequence_logps(model, batch, path="full")
     assert torch.allclose(kept, full, atol=1e-5) and torch.equal(n_kept, n_full)
     assert (n_full > 0).all()
