@@ -41,7 +41,7 @@ def evaluate(model_name: str | None, adapter: str | None, source: str | None = N
     ds = data.tokenize(rows, tokenizer, fmt=fmt, max_length=max_length, prompt_format=prompt_format)
     if len(ds) == 0:
         raise PeftkitError(f"no example has an answer token within --max-length {max_length}")
-    ids, labels = ds["input_ids"], ds["labels"]
+    ids, labels = ds["input_ids"][:], ds["labels"][:]  # lists: a datasets Column reads Arrow on every index
 
     def collate(indices: list[int]) -> dict:
         batch = data.collate([{"input_ids": ids[i], "labels": labels[i]} for i in indices], tokenizer.pad_token_id, False)
@@ -52,5 +52,5 @@ def evaluate(model_name: str | None, adapter: str | None, source: str | None = N
                                                                                  loss_path(lm))}
     if fmt in ("alpaca", "messages"):
         refs = [row_to_chat(row, fmt, i) for i, row in enumerate(rows)]
-        result.update(exact_match(lm, tokenizer, [r for r in refs if r[1] is not None], prompt_format, batch_size))
+        result.update(exact_match(lm, tokenizer, [r for r in refs if r[1] is not None], prompt_format))
     return result

@@ -64,6 +64,7 @@ def train_cmd(
     precision: Annotated[str | None, Opt("--precision", help="auto (bf16 autocast where the GPU or CPU has fast bf16, else fp32) | fp32 | bf16 | fp16 | amp.")] = None,
     attention: Annotated[str | None, Opt("--attention", help="auto | eager | sdpa: the attention kernel (auto: the faster one for this device, precision and length).")] = None,
     compile: Annotated[bool | None, Opt("--compile/--no-compile", help="torch.compile each decoder layer (default: only runs long enough to win back the compile time).")] = None,
+    share_prefix: Annotated[bool | None, Opt("--share-prefix/--no-share-prefix", help="Compute a prompt prefix that all rows of a micro-batch share (system prompt, instruction) once, not once per row (default: on where the model allows it).")] = None,
     batch_tokens: Annotated[int | None, Opt("--batch-tokens", help="Micro-batches of at most N padded tokens (rows x longest row) instead of --batch-size rows.")] = None,
     warmup: Annotated[float | None, Opt("--warmup", help="Warmup steps, or a fraction < 1 of the steps.")] = None,
     scheduler: Annotated[str | None, Opt("--scheduler", help="cosine | linear | constant.")] = None,

@@ -160,8 +160,30 @@ def load_model(
         keep_trainable_layout(model)
     if hub_id is not None:
         set_base_model(model, hub_id, EMBEDDED_NOTE)
+    contiguous_head_input(model)
     model.eval()
     return model, tokenizer
+
+
+def contiguous_head_input(model: nn.Module) -> None:
+    """Make the LM head's input contiguous before it runs (a forward pre-hook; idempotent).
+
+    Causal LMs slice the last position (`hidden[:, -1:, :]`, a strided view) before the head when generating.
+    torch's linear cannot fold a strided 3-D input into one matmul: it expands the weight per row and runs a
+    batched matmul, which for a 50-row prompt batch and a 49k vocabulary costs ~3 s in bf16 on a CPU against
+    ~12 ms for the same product on a contiguous copy of the (tiny) input.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Module) and not getattr(head, "_peftkit_contiguous", False):
+        head.register_forward_pre_hook(_contiguous_first)
+        head._peftkit_contiguous = True
+
+
+def _contiguous_first(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: the first positional input made contiguous (None, i.e. unchanged, when it already is)."""
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
 
 
 def load_model_config(name_or_path: str | None = None, trust_remote_code: bool = False):

@@ -81,6 +81,7 @@ class TrainConfig:
     attention: str = "auto"                # auto | eager | sdpa (train/speed.py)
     compile: bool | None = None            # torch.compile each decoder layer; None: when the run is long enough
     batch_tokens: int | None = None        # micro-batches by padded-token budget instead of batch_size rows
+    share_prefix: bool = True              # a prompt prefix all rows of a micro-batch share is computed once
     seed: int = 0
     # objective (objectives.py): sft, or a preference objective on {prompt, chosen, rejected} rows
     objective: str = "sft"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,8 @@ from torch import nn
 
 from peftkit.core.labels import IGNORE_INDEX
 from peftkit.train.linear_ce import linear_cross_entropy
+from peftkit.train.shared_prefix import KEY as SHARED_KEY
+from peftkit.train.shared_prefix import shared_forward
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -85,11 +88,12 @@ def _identity(hidden: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
-def micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], path: str = "fused") -> torch.Tensor:
+def micro_loss(model: nn.Module, batch: dict[str, Any], path: str = "fused") -> torch.Tensor:
     """Sum over target tokens of -log p(token | prefix) for one micro-batch (a 0-d tensor with grad).
 
     batch: input_ids [B, T], labels [B, T] aligned with input_ids (-100 = no loss), and attention_mask [B, T]
-    (padded rows) or position_ids [B, T] (packed rows; positions restart per example, no KV cache is built).
+    (padded rows) or position_ids [B, T] (packed rows; positions restart per example, no KV cache is built);
+    optionally `shared_prefix` (an int: the rows' first columns are computed once, shared_prefix.py).
     path: "fused" | "keep" | "full" (`loss_path`); "fused" falls back to "keep" where the head does not allow it.
     """
     labels = batch["labels"]                                  # [B, T]
@@ -102,11 +106,17 @@ def micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], path: str = "fu
     targets = targets[:, keep]                                # [B, K]
     # Negative indices count from the end, so they stay right if a method prepends virtual tokens.
     head = _plain_head(model) if path == "fused" else None
+    prefix = batch.get(SHARED_KEY, 0)
+
+    def forward() -> torch.Tensor:  # [B, K, V] logits, or [B, K, H] hidden states while the head is the identity
+        if prefix:
+            return shared_forward(model, inputs, prefix, logits_to_keep=keep - labels.shape[1]).logits
+        return model(**inputs, use_cache=False, logits_to_keep=keep - labels.shape[1]).logits
+
     if head is None:
-        logits = model(**inputs, use_cache=False, logits_to_keep=keep - labels.shape[1]).logits  # [B, K, V]
-        return _cross_entropy(logits, targets)
+        return _cross_entropy(forward(), targets)
     with _head_as_identity(head):
-        hidden = model(**inputs, use_cache=False, logits_to_keep=keep - labels.shape[1]).logits  # [B, K, H]
+        hidden = forward()
     rows = targets != IGNORE_INDEX                            # [B, K]: the exact target positions
     return linear_cross_entropy(hidden[rows], head.weight, head.bias, targets[rows])
 

@@ -77,6 +77,7 @@ class Session:
     steps: int
     run_dir: Path | None
     resume_from: Path | None
+    share_prefix: bool = False  # batches mark the prompt prefix their rows share (shared_prefix.py)
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -129,9 +130,10 @@ def prepare(cfg: TrainConfig) -> Session:
     say(f"{steps} optimizer step{'s' if steps != 1 else ''}, each {cfg.grad_accum} x {acc.num_processes} micro-batches "
         f"(accumulated x processes) of {rows}, lr {cfg.lr}")
     planned = steps * cfg.grad_accum * acc.num_processes * sum(train_split.lengths) // max(len(plan(0)), 1)
-    apply_speed_settings(model, cfg, precision, acc.device.type, planned, say)
+    share = apply_speed_settings(model, cfg, precision, acc.device.type, planned, say,
+                                 sharded=acc.distributed_type in ("FSDP", "DEEPSPEED"))
     return Session(cfg, method, acc, model, tokenizer, prompt_format, train_split, eval_split, plan, steps, run_dir,
-                   resume_from)
+                   resume_from, share)
 
 
 def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None) -> RunResult:
@@ -167,7 +169,8 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
 
     loop = Loop(model=prepared, optimizer=optimizer, scheduler=scheduler, accelerator=acc,
                 plan=s.plan,
-                collate=splits.collate_fn(s.train_split, s.tokenizer.pad_token_id, cfg.packing, acc.device),
+                collate=splits.collate_fn(s.train_split, s.tokenizer.pad_token_id, cfg.packing, acc.device,
+                                          s.share_prefix),
                 lengths=s.train_split.lengths, total_steps=s.steps, grad_accum=cfg.grad_accum,
                 max_grad_norm=cfg.max_grad_norm, save_steps=cfg.save_steps, eval_steps=cfg.eval_steps,
                 keep_checkpoints=cfg.keep_checkpoints, run_dir=s.run_dir, loss_path=path, on_log=on_log,
@@ -200,7 +203,7 @@ def _evaluator(s: Session, metrics: Metrics, path: str, pref: Preference | None 
     if s.eval_split is None:
         return lambda step, generate: {}
     collate = pref.eval_collate if pref else splits.collate_fn(s.eval_split, s.tokenizer.pad_token_id, s.cfg.packing,
-                                                               s.accelerator.device)
+                                                               s.accelerator.device, s.share_prefix)
     plan = splits.plan_fn(s.eval_split, s.cfg, shuffle=False)(0)
 
     def evaluate(step: int, generate: bool) -> dict:

@@ -64,9 +64,9 @@ def _local(source: str | None) -> str | None:
 
 
 # What a resumed run may change: where and how often it writes, how long it runs, what it reports to, and how fast it
-# computes the same thing (attention kernel, compiling); not the model, data, batches or hyper-parameters.
+# computes the same thing (attention kernel, compiling, shared prefixes); not the model, data, batches or hyper-parameters.
 RESUME_MAY_CHANGE = {"resume", "overwrite", "output", "max_steps", "epochs", "save_steps", "eval_steps", "keep_checkpoints",
-                     "dry_run", "report_to", "attention", "compile"}
+                     "dry_run", "report_to", "attention", "compile", "share_prefix"}
 
 
 def _check_same_run(run_dir: Path, cfg: TrainConfig) -> None:

@@ -1,4 +1,4 @@
-"""Speed settings of a training run: the attention kernel, and compiling the decoder layers.
+"""Speed settings of a training run: the attention kernel, compiling the decoder layers, shared prompt prefixes.
 
 Attention (`--attention auto|eager|sdpa`). PyTorch's fused attention (SDPA) is the right default almost
 everywhere, but on a CPU under bf16 its backward pass is slow. Measured on the embedded model (a LoRA training
@@ -13,6 +13,9 @@ RMSNorm / RoPE / SiLU / residual elementwise ops and the dtype casts into a few 
 batches of other lengths do not recompile. The inductor cache is kept under peftkit's cache folder, so a second
 run of the same model starts compiled in seconds. Compiling costs tens of seconds up front on a cold cache, so
 the default (`None` = auto) compiles only runs long enough to win that back: at least COMPILE_MIN_TOKENS tokens.
+
+Shared prefixes (`--share-prefix / --no-share-prefix`, on by default): the prompt tokens every row of a
+micro-batch starts with are computed once (shared_prefix.py), where the model and the run allow it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 from peftkit.core.archs import decoder_layers
 from peftkit.errors import PeftkitError
 from peftkit.io.models import cache_dir
+from peftkit.train.shared_prefix import sharing_blocker
 
 EAGER_MAX_LENGTH = 256
 COMPILE_MIN_TOKENS = 300_000
@@ -68,12 +72,26 @@ def compile_layers(model: Any, backend: str = "inductor") -> int:
 
 
 def apply_speed_settings(model: Any, cfg: Any, precision: str, device_type: str, planned_tokens: int,
-                         say: Callable[[str], None]) -> None:
+                         say: Callable[[str], None], sharded: bool = False) -> bool:
     """Set the attention kernel and maybe compile the decoder layers of `model` for the run `cfg` (a TrainConfig,
-    defaults resolved); say what was chosen and why."""
+    defaults resolved); say what was chosen and why. Returns whether batches may share their prompt prefix
+    (sharded: FSDP or DeepSpeed wraps the model, from the flags or the launcher's config)."""
     implementation, why = choose_attention(cfg.attention, device_type, precision, cfg.max_length)
     used = set_attention(model, implementation)
     compiled, reason = should_compile(cfg.compile, planned_tokens)
     if compiled:
         compile_layers(model)
     say(f"attention {used} ({why}); decoder layers {'compiled' if compiled else 'not compiled'} ({reason})")
+    share, blocker = should_share_prefix(model, cfg, sharded)
+    say(f"shared prompt prefixes: {'computed once per micro-batch' if share else 'off'} ({blocker})")
+    return share
+
+
+def should_share_prefix(model: Any, cfg: Any, sharded: bool = False) -> tuple[bool, str]:
+    """(compute the prompt prefix a micro-batch's rows share once?, why) for the run `cfg`."""
+    if not cfg.share_prefix:
+        return False, "--no-share-prefix"
+    if cfg.objective != "sft":
+        return False, "a preference objective batches its pairs itself"
+    blocker = sharing_blocker(model, cfg.packing, cfg.gradient_checkpointing, sharded or bool(cfg.fsdp or cfg.deepspeed))
+    return blocker is None, blocker or "--no-share-prefix to turn off"
