@@ -15,12 +15,14 @@ One run measures, in this order and in one process (so the load on a shared mach
 
 MFU = tokens/s x 4 x (linear parameters incl. the LM head) / peak FLOP/s of the same precision (the usual count for
 training through a frozen base: forward 2 FLOPs per weight, backward 2 for the input gradients; computing fewer
-logits, as peftkit does, therefore counts as speed). Printed per variant: median tokens/s over --repeats, MFU
+logits, or computing a prompt prefix the rows share once, as peftkit does, therefore counts as speed: the count is
+every row's tokens, so with a shared prefix "MFU" is the nominal model's, above what the matmul units did). Printed per variant: median tokens/s over --repeats, MFU
 against the bf16 and the fp32 peak, and the ratio to the HF run of the same precision.
 
 Variants (peftkit): fp32; auto (what `--precision auto` picks here; on a bf16 CPU: amp, eager attention, fused
 loss); amp-sdpa (amp with SDPA attention); amp-keep (amp without the fused loss: logits at kept positions);
-compiled (auto + --compile; the first steps include compilation, hence --skip); b16 (auto, 16 rows per micro-batch).
+compiled (auto + --compile; the first steps include compilation, hence --skip); b16 (auto, 16 rows per micro-batch);
+unshared (auto with --no-share-prefix: every row computes the shared system prompt and instruction itself).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ VARIANTS = {
     "amp-keep": {"precision": "amp", "loss_path": "keep"},
     "compiled": {"precision": "auto", "compile": True},
     "b16": {"precision": "auto", "batch_size": 16},
+    "unshared": {"precision": "auto", "share_prefix": False},
 }
 SETTINGS = {"method": "lora", "rank": 8, "max_length": 128, "batch_size": 8, "lr": 2e-3, "eval_split": "0",
             "warmup": 0, "seed": 0}

@@ -14,10 +14,11 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 import peftkit
 from peftkit.core.labels import IGNORE_INDEX
 from peftkit.data import collate
-from peftkit.train.config import load_train_config
+from peftkit.train.config import load_train_config, resolve_defaults
 from peftkit.train.loss import micro_loss
 from peftkit.train.run import train
 from peftkit.train.shared_prefix import ARCHITECTURES, KEY, MIN_SHARED, shared_length, sharing_blocker
+from peftkit.train.speed import apply_speed_settings, compile_layers
 from peftkit.train.splits import Split, collate_fn
 from tests.tiny import ARCHS, save_tiny_checkpoint, tiny_model, write_rows
 
@@ -144,3 +145,33 @@ def test_a_run_with_shared_prefixes_trains_the_same_adapter(tmp_path, caplog):
     assert "shared prompt prefixes: off (--no-share-prefix)" in caplog.text
     assert max(float(t.abs().max()) for k, t in adapters[True].items() if "lora_B" in k) > 1e-3
     assert max(float((adapters[True][k] - adapters[False][k]).abs().max()) for k in adapters[False]) <= 1e-5
+
+
+def test_shared_prefix_through_compiled_decoder_layers(tmp_path, monkeypatch):
+    """Compiled layers (dynamo's "eager" backend: capture, not kernels) take the cache the prefix filled."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    ids, labels = _rows(seed=5)
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = _model("llama")
+        peftkit.inject(model, peftkit.LoraConfig(r=2))
+        if compiled:
+            compile_layers(model, backend="eager")
+        results.append(_loss_and_grads(model, _batch(ids, labels, shared_length(ids, labels)), "fused"))
+    (plain_loss, plain), (comp_loss, comp) = results
+    torch.testing.assert_close(comp_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in plain.items():
+        torch.testing.assert_close(comp[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiling_and_sharing_exclude_each_other(caplog):
+    """Compiled layers recompile for each layer's cache: auto compile yields to sharing, --compile turns it off."""
+    said = []
+    for compile_flag in (None, True):
+        model = tiny_model("llama")
+        cfg = resolve_defaults(load_train_config(None, {"compile": compile_flag}))
+        share = apply_speed_settings(model, cfg, "fp32", "cpu", 10**9, said.append)
+        assert share is (compile_flag is None)
+    assert "not compiled (shared prompt prefixes" in said[0] and "computed once" in said[1]
+    assert " compiled (" in said[2] and "off (--compile" in said[3]
