@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from peftkit import data
 from peftkit.core.state import prompt_format as prompt_format_of
 from peftkit.data.prompting import default_prompt_format
@@ -19,6 +17,8 @@ from peftkit.io.adapters import load_adapter
 from peftkit.io.models import load_model
 from peftkit.train.evaluate import eval_loss, exact_match, row_to_chat
 from peftkit.train.loss import loss_path
+from peftkit.train.shared_prefix import sharing_blocker
+from peftkit.train.splits import Split, collate_fn
 
 
 def evaluate(model_name: str | None, adapter: str | None, source: str | None = None, *, fmt: str = "auto",
@@ -41,11 +41,9 @@ def evaluate(model_name: str | None, adapter: str | None, source: str | None = N
     ds = data.tokenize(rows, tokenizer, fmt=fmt, max_length=max_length, prompt_format=prompt_format)
     if len(ds) == 0:
         raise PeftkitError(f"no example has an answer token within --max-length {max_length}")
-    ids, labels = ds["input_ids"][:], ds["labels"][:]  # lists: a datasets Column reads Arrow on every index
-
-    def collate(indices: list[int]) -> dict:
-        batch = data.collate([{"input_ids": ids[i], "labels": labels[i]} for i in indices], tokenizer.pad_token_id, False)
-        return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    tokenized = Split(ds["input_ids"][:], ds["labels"][:], ds["length"][:], [])  # lists, not datasets Columns
+    share = sharing_blocker(lm, packing=False, checkpointing=False, sharded=False) is None
+    collate = collate_fn(tokenized, tokenizer.pad_token_id, False, next(lm.parameters()).device, share)
 
     plan = [list(range(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
     result: dict[str, Any] = {"format": fmt, "n_examples": len(ds), **eval_loss(lm, collate, plan,
