@@ -49,10 +49,10 @@ def loss_path(model: nn.Module) -> str:
     """The best loss path the (unwrapped) model allows: "fused", "keep" or "full" (see the module docstring)."""
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
         return "full"
-    return "fused" if _plain_head(model) is not None else "keep"
+    return "fused" if plain_head(model) is not None else "keep"
 
 
-def _plain_head(model: nn.Module) -> nn.Linear | None:
+def plain_head(model: nn.Module) -> nn.Linear | None:
     """The model's LM head when the fused path can stand in for it: a plain nn.Linear (not an adapter wrapper, not
     hooked by accelerate) whose output the model returns as it is."""
     inner = getattr(model, "module", model)  # DDP
@@ -75,7 +75,7 @@ def _sharded(weight: torch.Tensor) -> bool:
 
 
 @contextmanager
-def _head_as_identity(head: nn.Linear) -> Iterator[None]:
+def head_as_identity(head: nn.Linear) -> Iterator[None]:
     """While inside, the head returns its input: the model's `logits` are the final hidden states."""
     head.forward = _identity
     try:
@@ -105,7 +105,7 @@ def micro_loss(model: nn.Module, batch: dict[str, Any], path: str = "fused") -> 
     keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # [K] positions some row needs a logit at
     targets = targets[:, keep]                                # [B, K]
     # Negative indices count from the end, so they stay right if a method prepends virtual tokens.
-    head = _plain_head(model) if path == "fused" else None
+    head = plain_head(model) if path == "fused" else None
     prefix = batch.get(SHARED_KEY, 0)
 
     def forward() -> torch.Tensor:  # [B, K, V] logits, or [B, K, H] hidden states while the head is the identity
@@ -115,7 +115,7 @@ def micro_loss(model: nn.Module, batch: dict[str, Any], path: str = "fused") -> 
 
     if head is None:
         return _cross_entropy(forward(), targets)
-    with _head_as_identity(head):
+    with head_as_identity(head):
         hidden = forward()
     rows = targets != IGNORE_INDEX                            # [B, K]: the exact target positions
     return linear_cross_entropy(hidden[rows], head.weight, head.bias, targets[rows])

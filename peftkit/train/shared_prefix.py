@@ -45,7 +45,7 @@ def sharing_blocker(model: nn.Module, packing: bool, checkpointing: bool, sharde
     params = inspect.signature(model.forward).parameters
     if kind not in ARCHITECTURES:
         return f"not checked for {kind or 'this model'} (checked: {', '.join(sorted(ARCHITECTURES))})"
-    if "logits_to_keep" not in params or "position_ids" not in params or _cache_kwarg(model) is None:
+    if "logits_to_keep" not in params or "position_ids" not in params or cache_kwarg(model) is None:
         return "the model's forward takes no cache, position ids or logits_to_keep"
     if any(hasattr(module, "num_virtual") for module in model.modules()):
         return "a forward-time method (prefix / prompt tuning) owns the KV cache"
@@ -81,31 +81,6 @@ def common_length(rows: list[list[int]]) -> int:
     return n
 
 
-def prompt_batch(model: nn.Module, prompts: list[list[int]], pad_id: int, device: Any) -> dict[str, Any]:
-    """`generate()` inputs for a batch of prompts (token ids), left-padded so every answer starts at one column.
-
-    When the prompts share a prefix of at least MIN_SHARED tokens and the model allows it, the prefix is computed
-    once into a KV cache (repeated to every row) and the padding goes after it, where the mask hides it and the
-    positions (counted over the mask) skip it: [prefix | pad | rest of the prompt].
-    """
-    shared = common_length(prompts) if sharing_blocker(model, False, False, False) is None else 0
-    shared = shared if shared >= MIN_SHARED else 0
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        start = shared + width - len(prompt)  # the rest of the prompt ends at the last column
-        ids[row, :shared], mask[row, :shared] = torch.tensor(prompt[:shared]), 1
-        ids[row, start:], mask[row, start:] = torch.tensor(prompt[shared:]), 1
-    inputs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    if shared:
-        out = model(input_ids=inputs["input_ids"][:1, :shared], use_cache=True, logits_to_keep=1)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        cache.batch_repeat_interleave(len(prompts))
-        inputs[_cache_kwarg(model)] = cache
-    return inputs
-
-
 def shared_forward(model: nn.Module, inputs: dict[str, torch.Tensor], prefix: int, **kwargs: Any) -> Any:
     """The model's output for columns prefix..T-1 of every row, the first `prefix` columns computed once.
 
@@ -118,7 +93,7 @@ def shared_forward(model: nn.Module, inputs: dict[str, torch.Tensor], prefix: in
     inner = getattr(model, "module", model)  # DDP: one backward still reaches every parameter once
     kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
     keep = kwargs.pop("logits_to_keep", 0)
-    name = _cache_kwarg(inner)
+    name = cache_kwarg(inner)
     head = inner(input_ids=ids[:1, :prefix], use_cache=True, logits_to_keep=1, **kwargs)
     cache = getattr(head, "cache", None) or head.past_key_values
     cache.batch_repeat_interleave(rows)
@@ -127,7 +102,7 @@ def shared_forward(model: nn.Module, inputs: dict[str, torch.Tensor], prefix: in
                  logits_to_keep=keep, **{name: cache}, **kwargs)
 
 
-def _cache_kwarg(model: nn.Module) -> str | None:
+def cache_kwarg(model: nn.Module) -> str | None:
     """The name the model's forward takes a KV cache under (transformers renamed `past_key_values` to `cache`)."""
     params = inspect.signature(getattr(model, "module", model).forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in params), None)
