@@ -19,7 +19,8 @@ Where it applies (`sharing_blocker` says why not otherwise): a decoder whose for
 own the cache); no gradient checkpointing (transformers then turns the cache off); no packing (a packed row holds
 several examples); no FSDP / DeepSpeed (their hooks expect one forward per backward). Per micro-batch, the shared
 part is the longest prefix all rows have in common, cut before the first position that predicts a target (those
-need their own logits), and only used when it is at least MIN_SHARED tokens.
+need their own logits), and only used when it is at least MIN_SHARED tokens. (speed.should_share_prefix adds the
+run's own conditions: an SFT objective, and rows within the model's sliding window.)
 """
 
 from __future__ import annotations

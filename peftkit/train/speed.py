@@ -103,4 +103,7 @@ def should_share_prefix(model: Any, cfg: Any, sharded: bool = False) -> tuple[bo
     if cfg.objective != "sft":
         return False, "a preference objective batches its pairs itself"
     blocker = sharing_blocker(model, cfg.packing, cfg.gradient_checkpointing, sharded or bool(cfg.fsdp or cfg.deepspeed))
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    if blocker is None and window and cfg.max_length > window:  # a sliding cache would drop the prefix's keys
+        blocker = f"rows of up to {cfg.max_length} tokens exceed the model's sliding window of {window}"
     return blocker is None, blocker or "--no-share-prefix to turn off"

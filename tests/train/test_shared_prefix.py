@@ -18,7 +18,7 @@ from peftkit.train.config import load_train_config, resolve_defaults
 from peftkit.train.loss import micro_loss
 from peftkit.train.run import train
 from peftkit.train.shared_prefix import ARCHITECTURES, KEY, MIN_SHARED, shared_length, sharing_blocker
-from peftkit.train.speed import apply_speed_settings, compile_layers
+from peftkit.train.speed import apply_speed_settings, compile_layers, should_share_prefix
 from peftkit.train.splits import Split, collate_fn
 from tests.tiny import ARCHS, save_tiny_checkpoint, tiny_model, write_rows
 
@@ -175,3 +175,12 @@ def test_compiling_and_sharing_exclude_each_other(caplog):
         assert share is (compile_flag is None)
     assert "not compiled (shared prompt prefixes" in said[0] and "computed once" in said[1]
     assert " compiled (" in said[2] and "off (--compile" in said[3]
+
+
+def test_rows_longer_than_a_sliding_window_do_not_share():
+    model = tiny_model("mistral")
+    model.config.sliding_window = 64
+    cfg = resolve_defaults(load_train_config(None, {"max_length": 128}))
+    share, why = should_share_prefix(model, cfg)
+    assert not share and "sliding window of 64" in why
+    assert should_share_prefix(model, resolve_defaults(load_train_config(None, {"max_length": 64})))[0]
