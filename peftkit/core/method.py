@@ -163,7 +163,11 @@ def config_fields(config: Any) -> dict[str, Any]:
     return out
 
 
+SIZE_MAX = 1 << 20  # no layer count, virtual-token count or hidden width of a real model comes near it
+
+
 def check_positive(field: str, value: object) -> None:
-    """Raise PeftkitError unless `value` is a positive int (bools are not ints here)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise PeftkitError(f"{field} must be a positive integer, got {value!r}")
+    """Raise PeftkitError unless `value` is a positive int of at most SIZE_MAX (bools are not ints here): these
+    values size tensors, and an absurd one would otherwise fail deep in torch with an overflow."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= SIZE_MAX:
+        raise PeftkitError(f"{field} must be a positive integer of at most {SIZE_MAX}, got {value!r}")

@@ -4,14 +4,17 @@
    draft | right padding]: every prompt ends at one column W, so every answer starts there; the prefix all prompts
    share is computed once into the KV cache (shared_prefix.py), and the mask hides the padding, which positions
    (counted over the mask) skip.
-2. The reference is the draft. One teacher-forced forward over the whole layout gives the greedy choice at each
-   draft position. A row whose greedy choices are its draft's tokens and then the end token is exactly what greedy
-   decoding produces, so its answer is known without generating: speculative decoding, with the reference as the
-   draft model. (Exact up to floating-point rounding, in which a batched forward and step-by-step decoding differ
-   as much as any two batch shapes of generate() do.) It applies where the generation config does nothing but
-   take the argmax, and only to drafts that decode back to their reference.
-3. The other rows generate, continuing from the same cache cut back to their prompts (no second prefill), and each
-   stops once its answer can no longer equal its reference (`Diverged`): a miss is a miss whatever follows.
+2. The reference is the draft (speculative decoding, with the reference as the draft model). A pass over the
+   prompts (what generate()'s prefill computes) gives each row's first greedy token; when a quarter of the rows got
+   their draft's first token, one teacher-forced pass over the draft columns gives greedy's next token after each
+   draft prefix, so each row knows greedy's tokens for as long as greedy follows its draft, plus greedy's own next
+   one. Those tokens settle a row when they reach the end token or max_new_tokens (a right answer is its reference
+   and then the end token) or when their text can no longer equal the reference (a miss whatever follows: cut
+   there). Exact up to floating-point rounding, in which a batched pass and step-by-step decoding differ as much as
+   two batch sizes of generate() do; used only where the generation config takes the plain argmax, with drafts
+   that decode back to their reference.
+3. Only unsettled rows call generate(), continuing from the same cache cut back to their prompts (no second
+   prefill); each stops once its answer can no longer equal its reference (`Diverged`).
 """
 
 from __future__ import annotations

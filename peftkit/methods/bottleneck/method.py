@@ -23,7 +23,7 @@ from torch import nn
 
 from peftkit.core.archs import arch_spec, get_submodule, hidden_size
 from peftkit.core.inject import inject, replace_module
-from peftkit.core.method import PEFT_PREFIX, Method, config_fields
+from peftkit.core.method import PEFT_PREFIX, Method, check_positive, config_fields
 from peftkit.core.registry import register
 from peftkit.core.state import adapters
 from peftkit.errors import PeftkitError
@@ -57,8 +57,8 @@ class AdapterConfig:
             raise PeftkitError(f"unknown adapter variant {self.variant!r}; the variants are {', '.join(VARIANTS)}")
         for field in ("reduction_factor", "bottleneck_size"):
             value = getattr(self, field)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise PeftkitError(f"{field} must be a positive integer, got {value!r}")
+            if value is not None:
+                check_positive(field, value)
         if self.non_linearity not in ACTIVATIONS:
             raise PeftkitError(f"unknown non_linearity {self.non_linearity!r}; choose one of {', '.join(ACTIVATIONS)}")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:

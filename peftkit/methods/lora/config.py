@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from peftkit.core.method import check_positive
 from peftkit.errors import PeftkitError
 
 INITS = ("default", "gaussian", "pissa")
@@ -34,8 +35,7 @@ class LoraConfig:
     use_dora: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise PeftkitError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        check_positive("LoRA rank r", self.r)
         if self.lora_alpha is None:
             object.__setattr__(self, "lora_alpha", 2 * self.r)
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
@@ -54,8 +54,7 @@ class LoraConfig:
             layers = self.layers_to_transform
             object.__setattr__(self, "layers_to_transform", (layers,) if isinstance(layers, int) else tuple(layers))
         for key, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise PeftkitError(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
+            check_positive(f"rank_pattern[{key!r}]", rank)
 
     def rank_alpha(self, path: str) -> tuple[int, float]:
         """(r, alpha) for the module at `path`, after rank_pattern / alpha_pattern (PEFT's suffix-regex rule)."""
