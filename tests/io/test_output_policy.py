@@ -151,7 +151,8 @@ def test_real_full_disk_on_a_1mb_tmpfs(files, tmp_path):
 
 
 SLOW_MERGE = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when a background job's runner ignores it
 import peftkit.merging.stream as stream
 real = stream._write_shard
 def slow(*args, **kwargs):
