@@ -12,7 +12,9 @@ on; the cache is repeated to B rows, and the rest of the batch runs on top of it
 Causal attention makes this exact: no column before P looks at anything after it, so the prefix's keys and
 values are the same in every row. The loss and gradients match the plain forward to float rounding (tested per
 architecture in fp32). What it saves is (B-1)/B of the prefix's share of the FLOPs: ~40% of a training step of
-the bundled task at 8 rows per micro-batch.
+the bundled task at 8 rows per micro-batch. With dropout (LoRA's lora_dropout, default 0), the prefix's positions
+draw one dropout mask for the whole micro-batch instead of one per row: the gradient is still an unbiased
+estimate, with rows' noise correlated on those positions.
 
 Where it applies (`sharing_blocker` says why not otherwise): a decoder whose forward takes a cache, position ids and
 `logits_to_keep`, of an architecture tested here (ARCHITECTURES); no forward-time method (prefix / prompt tuning
