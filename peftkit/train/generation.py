@@ -27,7 +27,14 @@ from torch import nn
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from peftkit.train.loss import head_as_identity, plain_head
-from peftkit.train.shared_prefix import MIN_SHARED, cache_kwarg, common_length, sharing_blocker
+from peftkit.train.shared_prefix import (
+    MIN_SHARED,
+    cache_kwarg,
+    common_length,
+    prefix_cache,
+    returned_cache,
+    sharing_blocker,
+)
 
 GENERATE_TOKENS = 8192  # exact match's batches: rows x (prompt + answer) tokens of KV cache, ~4 GB for a 7B model
 # generation-config fields that make generate() pick something other than the argmax (their defaults do not)
@@ -51,8 +58,10 @@ def greedy_answers(model: nn.Module, tokenizer: Any, prompts: list[list[int]], r
                    max_new_tokens: int) -> tuple[list[str], list[bool]]:
     """(greedy answer text, whether it was cut short as a sure miss) for each prompt of one batch (module doc)."""
     device = next(model.parameters()).device
-    drafts = [_draft(tokenizer, ref, max_new_tokens) or [] for ref in references] if _checkable(model) else []
-    inputs, width = layout(model, prompts, drafts, tokenizer.pad_token_id, device)
+    shareable = sharing_blocker(model, False, False, False) is None  # the shared-prefix machinery handles it
+    checkable = shareable and _plain_argmax(model)
+    drafts = [_draft(tokenizer, ref, max_new_tokens) or [] for ref in references] if checkable else []
+    inputs, width = layout(model, prompts, drafts, tokenizer.pad_token_id, device, shareable)
     answers: list[str | None] = [None] * len(prompts)
     cut = [False] * len(prompts)
     if any(drafts):
@@ -94,12 +103,14 @@ def may_still_match(text: str, reference: str) -> bool:
     return reference.strip().startswith(settled)
 
 
-def layout(model: nn.Module, prompts: list[list[int]], drafts: list[list[int]], pad_id: int,
-           device: Any) -> tuple[dict[str, Any], int]:
+def layout(model: nn.Module, prompts: list[list[int]], drafts: list[list[int]], pad_id: int, device: Any,
+           shareable: bool | None = None) -> tuple[dict[str, Any], int]:
     """(inputs, W): input_ids / attention_mask [B, W + longest draft] laid out as in the module doc, the KV cache of
     the shared prefix when there is one (under the model's cache keyword) and `cached`, the columns the cache
-    holds; W is where answers start."""
-    shared = common_length(prompts) if sharing_blocker(model, False, False, False) is None else 0
+    holds; W is where answers start. shareable: whether the model passes `sharing_blocker` (None: check here)."""
+    if shareable is None:
+        shareable = sharing_blocker(model, False, False, False) is None
+    shared = common_length(prompts) if shareable else 0
     shared = shared if shared >= MIN_SHARED else 0
     width = max(len(p) for p in prompts)
     total = width + max((len(d) for d in drafts), default=0)
@@ -114,19 +125,16 @@ def layout(model: nn.Module, prompts: list[list[int]], drafts: list[list[int]], 
             ids[row, width:end], mask[row, width:end] = torch.tensor(drafts[row]), 1
     inputs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "cached": 0}
     if shared:
-        out = model(input_ids=inputs["input_ids"][:1, :shared], use_cache=True, logits_to_keep=1)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        cache.batch_repeat_interleave(len(prompts))
+        cache = prefix_cache(model, inputs["input_ids"][:1, :shared], len(prompts))
         inputs[cache_kwarg(model)], inputs["cached"] = cache, shared
     return inputs, width
 
 
-def _checkable(model: nn.Module) -> bool:
-    """Whether drafts can be checked: a model the shared-prefix machinery handles, decoding by plain argmax."""
+def _plain_argmax(model: nn.Module) -> bool:
+    """Whether generate() takes the plain argmax: no generation-config field that changes the pick is set."""
     config = getattr(model, "generation_config", None) or GenerationConfig()
     default = GenerationConfig()
-    pure = all(getattr(config, name, None) == getattr(default, name, None) for name in _PROCESSORS)
-    return pure and sharing_blocker(model, False, False, False) is None
+    return all(getattr(config, name, None) == getattr(default, name, None) for name in _PROCESSORS)
 
 
 def _draft(tokenizer: Any, reference: str, max_new_tokens: int) -> list[int] | None:
@@ -178,7 +186,7 @@ def _greedy(model: nn.Module, inputs: dict[str, Any], columns: int, end: int, ke
         with head_as_identity(head):  # hidden states: no [B, keep, V] logits at once
             out = model(**kwargs)
         choices = _chunked_argmax(out.logits, head)
-    inputs[name] = getattr(out, "cache", None) or out.past_key_values
+    inputs[name] = returned_cache(out)
     inputs["cached"] = end
     return choices
 

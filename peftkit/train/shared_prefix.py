@@ -84,25 +84,33 @@ def common_length(rows: list[list[int]]) -> int:
     return n
 
 
-def shared_forward(model: nn.Module, inputs: dict[str, torch.Tensor], prefix: int, **kwargs: Any) -> Any:
+def shared_forward(model: nn.Module, inputs: dict[str, torch.Tensor], prefix: int,
+                   logits_to_keep: int | torch.Tensor = 0) -> Any:
     """The model's output for columns prefix..T-1 of every row, the first `prefix` columns computed once.
 
     inputs: input_ids [B, T] and attention_mask [B, T] (right-padded rows whose first `prefix` ids are equal).
-    kwargs go to both calls except logits_to_keep (suffix only; negative indices count from the end, so the same
-    values select the same columns as in a plain forward).
+    logits_to_keep applies to the suffix (negative indices count from the end, so the same values select the same
+    columns as in a plain forward).
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     rows, total = ids.shape
     inner = getattr(model, "module", model)  # DDP: one backward still reaches every parameter once
-    kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
-    keep = kwargs.pop("logits_to_keep", 0)
-    name = cache_kwarg(inner)
-    head = inner(input_ids=ids[:1, :prefix], use_cache=True, logits_to_keep=1, **kwargs)
-    cache = getattr(head, "cache", None) or head.past_key_values
-    cache.batch_repeat_interleave(rows)
+    cache = prefix_cache(inner, ids[:1, :prefix], rows)
     positions = torch.arange(prefix, total, device=ids.device).expand(rows, -1)
     return model(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions, use_cache=True,
-                 logits_to_keep=keep, **{name: cache}, **kwargs)
+                 logits_to_keep=logits_to_keep, **{cache_kwarg(inner): cache})
+
+
+def prefix_cache(model: nn.Module, prefix_ids: torch.Tensor, rows: int) -> Any:
+    """The KV cache of one row's prefix [1, P] (computed with the model's current grad mode), repeated to `rows`."""
+    cache = returned_cache(model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1))
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a forward returned (transformers renamed `past_key_values` to `cache`)."""
+    return getattr(output, "cache", None) or output.past_key_values
 
 
 def cache_kwarg(model: nn.Module) -> str | None:
