@@ -1,0 +1,151 @@
+"""`Option`: one user-facing option, declared once, from which the CLI, recipe validation, `--set`, `--print-config`
+and the docs' options table are all generated.
+
+An option says its name (the recipe key, snake_case), its type, default, bounds or choices, help text, CLI flags
+and the names other tools give it in their recipes (LLaMA-Factory, axolotl, TRL / HF TrainingArguments). The
+trainer's own options are declared on `TrainConfig`'s fields; a method declares the options it reads (`Method.options`,
+e.g. LoRA's `rank` -> its config field `r`), and an objective those it reads (`Objective.options`, e.g. DPO's `beta`).
+
+`Option.check(value)` is the one validation: it coerces (`"1e-4"` -> 1e-4 from YAML 1.1 or `--set`, `3.0` -> 3)
+and bounds the value, with one error line naming the option, whichever way the value arrived (flag, `--set`,
+recipe, Python). No torch here: everything is checked before a model loads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from peftkit.errors import PeftkitError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option. `kind` is the value's type (int, float, bool, str, dict or list); `default` None means "unset:
+    the default for this run is resolved later" (so None is then an allowed value).
+
+    Bounds: `low` / `high` (inclusive unless `low_open` / `high_open`). `choices`: the allowed values of a str
+    option. `flags`: CLI spellings (default: `--name-with-dashes`; a bool option gets `--x/--no-x`). `aliases`:
+    other tools' recipe keys with the same meaning. `field`: the config field it sets in a method's or objective's
+    config (default: `name`). `cli=False` keeps it out of the command line (recipe and `--set` only).
+    """
+
+    name: str
+    kind: type
+    default: Any = None
+    help: str = ""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    field: str | None = None
+    cli: bool = True
+
+    @property
+    def target(self) -> str:
+        """The config field this option sets."""
+        return self.field or self.name
+
+    @property
+    def cli_flags(self) -> tuple[str, ...]:
+        """The flags spelled on the command line (`--name-with-dashes` unless declared)."""
+        return self.flags or ("--" + self.name.replace("_", "-"),)
+
+    def check(self, value: Any) -> Any:
+        """`value` coerced to this option's type, bounded; PeftkitError (one line naming the option) otherwise."""
+        if value is None:
+            if self.default is None:
+                return None
+            raise PeftkitError(f"{self.name} needs a value")
+        value = coerce(self.name, value, self.kind)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            self._check_bounds(value)
+        if self.choices and value not in self.choices:
+            raise PeftkitError(f"{self.name} must be one of {', '.join(self.choices)}; got {value!r}")
+        return value
+
+    def _check_bounds(self, value: float) -> None:
+        if not math.isfinite(value):
+            raise PeftkitError(f"{self.name} must be a finite number, got {value!r}")
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        if not (low_ok and high_ok):
+            raise PeftkitError(f"{self.name} must be {self.describe_bounds()}, got {value!r}")
+
+    def describe_bounds(self) -> str:
+        """'>= 1 and <= 65,536', '> 0', ... (empty when unbounded)."""
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {_num(self.low)}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {_num(self.high)}")
+        return " and ".join(parts)
+
+
+def coerce(name: str, value: Any, kind: type) -> Any:
+    """`value` as `kind` (int, float, bool, str, dict, list), or PeftkitError naming `name`.
+
+    Strings from YAML 1.1 recipes or `--set` are read as numbers where the type wants one ("1e-4", "8"); a float
+    that is whole becomes an int where an int is wanted; True is never the number 1; "true" / "false" are bools.
+    """
+    converted = _convert(value, kind)
+    if converted is _NO:
+        raise PeftkitError(f"{name} must be {describe_kind(kind)}, got {value!r}")
+    return converted
+
+
+def describe_kind(kind: type) -> str:
+    """How an error names a type: 'a whole number', 'a number', ..."""
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "text",
+            dict: "a mapping of key: value", list: "a list"}.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+_NO = object()
+
+
+def _num(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+
+
+def _convert(value: Any, kind: type) -> Any:
+    """`value` as `kind`, or _NO when it is not one."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = value.strip().lower() if isinstance(value, str) else None
+        return {"true": True, "false": False}.get(text, _NO) if text is not None else _NO
+    if isinstance(value, bool):
+        return _NO  # True is not the number 1 here
+    if kind is int:
+        return _to_int(value)
+    if kind is float:
+        return _to_float(value)
+    if kind is str:
+        return value if isinstance(value, str) else _NO
+    if kind in (dict, list):
+        return value if isinstance(value, kind) else _NO
+    return value
+
+
+def _to_float(value: Any) -> Any:
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return _NO
+    return _NO
+
+
+def _to_int(value: Any) -> Any:
+    if isinstance(value, int):
+        return value
+    number = _to_float(value)
+    if number is _NO or not math.isfinite(number) or not float(number).is_integer():
+        return _NO
+    return int(number)
