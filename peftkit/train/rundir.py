@@ -150,9 +150,9 @@ class RunDir:
             return [], []
         found, skipped = [], []
         for entry in root.iterdir():
-            step = self.step_of(entry)
             if entry.name.startswith("."):
                 continue  # a temporary of a checkpoint being written (io.fs.atomic_dir cleans up killed ones)
+            step = self.step_of(entry)
             if step is None or entry.name != self.checkpoint(step).name:
                 skipped.append(f"{entry.name} (not a step-NNNNNN name)")
             elif entry.is_symlink() or not entry.is_dir():
@@ -195,6 +195,7 @@ class RunDir:
 
     @staticmethod
     def _newest_run(method: str) -> RunDir:
+        """The newest runs/<method>-<date>-<time> folder (names sort by time); none is a one-line error."""
         found = sorted(p for p in Path("runs").glob(f"{method}-*") if p.is_dir() and not p.is_symlink())
         if not found:
             raise PeftkitError(f"--resume: no run folder runs/{method}-* to resume; pass --output RUN_FOLDER")
