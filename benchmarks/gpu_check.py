@@ -127,8 +127,8 @@ def run_peftkit(args: argparse.Namespace, vocab: int, qlora: bool) -> dict:
                           eval_split="0", lr=LR, max_steps=args.steps, batch_size=args.batch_size,
                           max_length=args.seq_len, packing=True, warmup=0, precision="amp",
                           gradient_checkpointing=args.gradient_checkpointing, seed=SEED, output=f"{tmp}/run")
-        train(cfg, progress=False)
-        records = [json.loads(x) for x in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+        result = train(cfg, progress=False)
+        records = [json.loads(x) for x in result.run_dir.metrics.read_text().splitlines()]
     train_records = [r for r in records if r["kind"] == "train"]
     return {"ends": [r["elapsed_s"] for r in train_records], "tokens": [r["step_tokens"] for r in train_records]}
 

@@ -93,7 +93,7 @@ def peftkit_tokens_per_s(variant: dict, steps: int, skip: int) -> tuple[float, s
     try:
         with tempfile.TemporaryDirectory() as tmp:
             result = train(load_train_config(None, {**options, "output": f"{tmp}/run"}), progress=False)
-            records = [json.loads(x) for x in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+            records = [json.loads(x) for x in result.run_dir.metrics.read_text().splitlines()]
     finally:
         run_module.loss_path = original
     del result

@@ -149,7 +149,7 @@ def run_peftkit(args: argparse.Namespace, rows_file: str, lengths: list[int], pa
                           eval_split="0", lr=LR, epochs=1, batch_size=args.batch_size, max_length=args.max_length,
                           packing=packing, warmup=0, precision=args.precision, seed=SEED, output=f"{tmp}/run")
         result = train(cfg, progress=False)
-        records = [json.loads(x) for x in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(x) for x in result.run_dir.metrics.read_text().splitlines()]
     ends = [r["elapsed_s"] for r in records if r["kind"] == "train"]
     plan = peftkit_plan(args, lengths, packing)
     positions = [sum(lengths[i] for i in b) for b in plan] if packing else padded_positions(plan, lengths)

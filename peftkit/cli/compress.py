@@ -45,7 +45,7 @@ def compress_cmd(
     as_json: Json = False,
 ) -> None:
     """Compress FT - BASE into a LoRA adapter (per-module ranks); prints a summary and the worst modules."""
-    from peftkit.io.checkpoint import limit_heap_growth
+    from peftkit.io.shards import limit_heap_growth
 
     if not output:
         raise PeftkitError("give --output DIR for the adapter")

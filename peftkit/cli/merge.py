@@ -38,7 +38,7 @@ def merge_cmd(
     as_json: Json = False,
 ) -> None:
     """Merge LoRA adapters into the base weights and write a new model folder (loads with from_pretrained)."""
-    from peftkit.io.checkpoint import limit_heap_growth
+    from peftkit.io.shards import limit_heap_growth
     from peftkit.merging.deltas import parse_weights
 
     if not output:

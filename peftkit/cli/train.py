@@ -110,8 +110,8 @@ def train_cmd(
     whole_model = get_method(cfg.method).trains_base
     print(f"\nrun folder: {result.run_dir}  ({result.wall_s:.0f} s)")
     print(f"  {'model' if whole_model else 'adapter'}: {saved}")
-    print(f"  config: {result.run_dir / 'run_config.yaml'}\n  metrics: {result.run_dir / 'metrics.jsonl'}")
-    print(f"  loss curve: {result.run_dir / 'loss_curve.png'}")
+    print(f"  config: {result.run_dir.config}\n  metrics: {result.run_dir.metrics}")
+    print(f"  loss curve: {result.run_dir.curve}")
     flag = f"--model {shlex.quote(str(saved))}" if whole_model else f"--adapter {shlex.quote(str(saved))}"
     print(f"chat with it:\n  peftkit generate {flag} {_shell_quote(_example_prompt(result))}")
 

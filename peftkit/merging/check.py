@@ -12,7 +12,7 @@ import tempfile
 import torch
 
 from peftkit.io.adapters import load_adapter
-from peftkit.io.checkpoint import resolve_base
+from peftkit.io.shards import resolve_base
 from peftkit.merging.deltas import combine, read_lora, write_lora
 from peftkit.merging.quantized import dequantize_model
 

@@ -27,7 +27,10 @@ from transformers.pytorch_utils import Conv1D
 from peftkit.core.method import PEFT_PREFIX
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import WEIGHTS_NAME, write_adapter_folder
-from peftkit.io.checkpoint import (
+from peftkit.io.finite import cast_checked, check_finite
+from peftkit.io.models import EMBEDDED_HUB_ID, resolve_dtype
+from peftkit.io.outputs import check_output
+from peftkit.io.shards import (
     TORCH_DTYPES,
     Checkpoint,
     iter_tensors,
@@ -36,9 +39,6 @@ from peftkit.io.checkpoint import (
     resolve_base,
     shapes,
 )
-from peftkit.io.finite import cast_checked, check_finite
-from peftkit.io.models import EMBEDDED_HUB_ID, resolve_dtype
-from peftkit.io.outputs import check_output
 from peftkit.merging.svd import check_rank_energy, dense_cap, energy_svd, relative_error, top_svd
 from peftkit.methods.lora.format import lora_tensors, one_rank, scale_one_config, target_modules_for
 from peftkit.methods.lora.layer import split_factors

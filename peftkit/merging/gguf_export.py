@@ -24,8 +24,8 @@ import torch
 
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import read_adapter
-from peftkit.io.checkpoint import resolve_base
 from peftkit.io.fs import refuse_protected
+from peftkit.io.shards import resolve_base
 from peftkit.methods.lora.format import lora_config_from_json, parse_keys, saved_module_names
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@
     W' = round_to_dtype( m / ‖V‖_row ⊙ V ),  V = float32(W) + s B A   (one DoRA adapter, alone: `deltas.py`)
 
 Each shard of the base is read memory-mapped tensor by tensor; each output shard is declared up front and written
-tensor by tensor (`peftkit.io.checkpoint.ShardWriter`), so peak memory is about one tensor plus the adapter, whatever the model
+tensor by tensor (`peftkit.io.shards.ShardWriter`), so peak memory is about one tensor plus the adapter, whatever the model
 size. Deltas are computed in fp32 and rounded once; each tensor is checked finite after that rounding, before it is
 written (`finite.py`: NaN weights or adapters, or a value beyond the output dtype's range, are refused by name).
 Config, tokenizer and generation config are copied, the config completed (`architectures`, the dtype written:
@@ -31,7 +31,13 @@ import torch
 from safetensors import safe_open
 
 from peftkit.errors import PeftkitError
-from peftkit.io.checkpoint import (
+from peftkit.io.finite import cast_checked, check_weights
+from peftkit.io.fs import atomic_dir
+from peftkit.io.model_config import complete_config
+from peftkit.io.models import resolve_dtype
+from peftkit.io.outputs import check_output
+from peftkit.io.quantize import dequantized
+from peftkit.io.shards import (
     SINGLE_NAME,
     TORCH_DTYPES,
     ShardWriter,
@@ -42,12 +48,6 @@ from peftkit.io.checkpoint import (
     shapes,
     write_index,
 )
-from peftkit.io.finite import cast_checked, check_weights
-from peftkit.io.fs import atomic_dir
-from peftkit.io.model_config import complete_config
-from peftkit.io.models import resolve_dtype
-from peftkit.io.outputs import check_output
-from peftkit.io.quantize import dequantized
 from peftkit.merging.deltas import LoraDeltas, combine, parse_weights, read_lora
 from peftkit.merging.plan import MergePlan, Target, plan_merge
 from peftkit.merging.quantized import add_dequantized, merge_base_quantization, recorded_quantization
@@ -211,7 +211,7 @@ def _probe(n: int, key: str, seed: int) -> torch.Tensor:
 
 def _verify(path: Path, probes: dict, report: MergeReport) -> None:
     """Read each changed tensor back from the written shard; keep the worst probe error relative to its tolerance."""
-    for key, (x, expected, transpose) in probes.items():  # one mapping per tensor, as in peftkit.io.checkpoint.iter_tensors
+    for key, (x, expected, transpose) in probes.items():  # one mapping per tensor, as in peftkit.io.shards.iter_tensors
         report.changed += 1
         with safe_open(str(path), framework="pt") as f:
             stored = f.get_tensor(key)

@@ -18,15 +18,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.train.checkpoint import Position, list_checkpoints, save_checkpoint
+from peftkit.train.checkpoints import Position, save_checkpoint
 from peftkit.train.loss import count_targets, micro_loss
+from peftkit.train.rundir import RunDir
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Loop:
     save_steps: int | None = None
     eval_steps: int | None = None
     keep_checkpoints: int = 2
-    run_dir: Path | None = None
+    run_dir: RunDir | None = None
     loss_path: str = "fused"                # loss.loss_path(model): fused | keep | full
     on_log: Callable[[dict], None] = lambda record: None
     on_eval: Callable[[int], None] = lambda step: None
@@ -126,8 +126,8 @@ def fit(loop: Loop, pos: Position) -> Position:
 
 def _stop_on_nan(loop: Loop, step: int, loss: float) -> None:
     """Stop with a message naming the last good checkpoint (the weights are left as they were before this step)."""
-    ckpts = list_checkpoints(loop.run_dir) if loop.run_dir else []
-    where = f"the last good checkpoint is {ckpts[-1]} (continue with --resume after lowering --lr)" if ckpts \
+    newest = loop.run_dir.latest_checkpoint() if loop.run_dir else None
+    where = f"the last good checkpoint is {newest} (continue with --resume after lowering --lr)" if newest \
         else "no checkpoint was saved yet (use --save-steps)"
     raise PeftkitError(f"the loss became {loss} at step {step}; training stopped, {where}. "
                        "A lower --lr, --precision fp32 or a larger --warmup usually avoids this")

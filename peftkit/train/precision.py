@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from peftkit.errors import PeftkitError
-from peftkit.train.tracking import TRACKING
+from peftkit.train.rundir import RunDir
 
 
 def make_accelerator(precision: str, trains_base: bool = False, log_with: list[str] | None = None,
@@ -39,7 +39,7 @@ def make_accelerator(precision: str, trains_base: bool = False, log_with: list[s
         raise PeftkitError("--precision fp16 needs a GPU (fp16 autocast with loss scaling); use fp32 or bf16 on a CPU")
     mixed = {"amp": "bf16", "fp16": "fp16"}.get(precision, "no")
     AcceleratorState._reset_state()  # a fresh precision setting per run when several runs share one process
-    trackers = {"log_with": log_with, "project_dir": TRACKING} if log_with else {}  # the folder: Tracking.start
+    trackers = {"log_with": log_with, "project_dir": RunDir.TRACKING} if log_with else {}  # the folder: Tracking.start
     acc = build_accelerator(not gpu, mixed, cfg, **trackers)
     half_base = precision == "bf16" or (precision in ("amp", "fp16") and not trains_base)
     dtype = {"fp16": torch.float16}.get(precision, torch.bfloat16) if half_base else torch.float32

@@ -4,6 +4,7 @@ metrics.jsonl has one JSON object per line: {"kind": "train", "step", "loss", "l
 ...} per optimizer step, {"kind": "eval", "step", "loss", "exact_match", ...} per evaluation. With `--report-to`,
 every record also goes to the trackers (`tracking.Tracking.log`: its numeric fields as "train/loss", ...). On
 resume the lines after the checkpoint's step are dropped first, so the file always describes one consistent run.
+Where the files are is the run folder's business (`rundir.RunDir.metrics`, `.curve`).
 """
 
 from __future__ import annotations
@@ -13,26 +14,28 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peftkit.train.rundir import RunDir
 from peftkit.train.tracking import Tracking
-
-METRICS = "metrics.jsonl"
-CURVE = "loss_curve.png"
 
 
 class Metrics:
-    """Append-only metrics.jsonl (main process only; other processes get a writer that does nothing)."""
+    """Append-only metrics.jsonl (main process only; other processes get a writer that does nothing).
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None,
+    `keep_until`: the step of the checkpoint a resumed run continues from; records after it are dropped (they are
+    redone). None (a fresh run) starts a new file.
+    """
+
+    def __init__(self, run_dir: RunDir, enabled: bool, keep_until: int | None = None,
                  tracking: Tracking | None = None) -> None:
-        self.path = Path(run_dir) / METRICS
+        self.path = run_dir.metrics
         self.enabled = enabled
         self.tracking = tracking if enabled else None
         self._last_write = time.perf_counter()
-        if enabled and resume_step is not None and self.path.is_file():
+        if enabled and keep_until is not None and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_until]
             self.path.write_text("".join(line + "\n" for line in kept))
-        elif enabled and resume_step is None and self.path.exists():
+        elif enabled and keep_until is None and self.path.exists():
             self.path.unlink()
 
     def write(self, kind: str, record: dict[str, Any]) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +27,7 @@ from peftkit.errors import PeftkitError
 from peftkit.io.adapters import save_adapter
 from peftkit.io.models import load_model, save_model_folder
 from peftkit.train import splits
-from peftkit.train.checkpoint import Position, list_checkpoints, load_checkpoint
+from peftkit.train.checkpoints import Position, load_checkpoint
 from peftkit.train.config import TrainConfig, resolve_defaults, save_config
 from peftkit.train.evaluate import eval_loss, exact_match
 from peftkit.train.loop import Loop, fit
@@ -38,8 +36,8 @@ from peftkit.train.memory_report import report_memory
 from peftkit.train.optim import optimizer_and_schedule, parameter_groups, total_steps
 from peftkit.train.precision import auto_precision, make_accelerator, upcast_trainable
 from peftkit.train.preference_run import Preference, describe, setup
-from peftkit.train.report import CURVE, Metrics, Progress, plot_loss
-from peftkit.train.rundir import RUN_CONFIG, check_run_dir, fresh_run_dir
+from peftkit.train.report import Metrics, Progress, plot_loss
+from peftkit.train.rundir import RunDir
 from peftkit.train.sharding import is_sharded, whole_model
 from peftkit.train.speed import apply_speed_settings
 from peftkit.train.tracking import Tracking, tracker_names
@@ -51,7 +49,7 @@ log = logging.getLogger(__name__)
 class RunResult:
     """Where a run's outputs are and how evaluation changed."""
 
-    run_dir: Path | None
+    run_dir: RunDir | None
     saved: Path | None = None
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
@@ -75,8 +73,8 @@ class Session:
     eval_split: splits.Split | None
     plan: Callable[[int], list[list[int]]]  # epoch -> micro-batches of train_split (cached per epoch)
     steps: int
-    run_dir: Path | None
-    resume_from: Path | None
+    run_dir: RunDir | None
+    resume_from: Path | None      # the checkpoint this run continues from (None: a fresh run)
     share_prefix: bool = False  # batches mark the prompt prefix their rows share (shared_prefix.py)
     started: float = field(default_factory=time.perf_counter)
 
@@ -95,7 +93,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_checkpoint: Callable[[int]
     if cfg.dry_run:
         trainable, total = trainable_parameters(session.model)
         return RunResult(None, summary={"trainable": trainable, "total": total, "steps": session.steps})
-    with fresh_run_dir(session.run_dir, enabled=session.main and session.resume_from is None):
+    with session.run_dir.fresh(enabled=session.main and session.resume_from is None):
         return _run(session, progress, on_checkpoint)
 
 
@@ -108,7 +106,7 @@ def prepare(cfg: TrainConfig) -> Session:
     method = get_method(cfg.method)
     acc, dtype, precision = make_accelerator(cfg.precision, method.trains_base, tracker_names(cfg.report_to), cfg)
     say = log.info if acc.is_main_process else (lambda *_args: None)
-    run_dir, resume_from = check_run_dir(cfg) if not cfg.dry_run else (None, None)
+    run_dir, resume_from = RunDir.locate(cfg) if not cfg.dry_run else (None, None)
     load_options = method.load_options(method.build_config(cfg.method_options()))  # qlora: a quantized base
     model, tokenizer = load_model(cfg.model, dtype=dtype, **load_options)
     prompt_format = prompt_format_of(model) or default_prompt_format(tokenizer)
@@ -141,7 +139,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     cfg, acc, model, main = s.cfg, s.accelerator, s.model, s.main
     say = log.info if main else (lambda *_args: None)
     if main:
-        save_config(cfg, s.run_dir / RUN_CONFIG)
+        save_config(cfg, s.run_dir.config)
     acc.wait_for_everyone()
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
@@ -155,8 +153,8 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     if s.resume_from is not None:
         pos = load_checkpoint(s.resume_from, model, optimizer, scheduler, acc.process_index)
         say(f"resuming from {s.resume_from} (step {pos.step}, epoch {pos.epoch}, micro-batch {pos.micro})")
-    tracking = Tracking.start(acc, s.run_dir, cfg.to_dict()) if main else None
-    metrics = Metrics(s.run_dir, main, resume_step=pos.step if s.resume_from else None, tracking=tracking)
+    tracking = Tracking.start(acc, s.run_dir.tracking, s.run_dir.name, cfg.to_dict()) if main else None
+    metrics = Metrics(s.run_dir, main, keep_until=pos.step if s.resume_from else None, tracking=tracking)
     evaluate = _evaluator(s, metrics, path, pref)
     before = _earlier_eval(metrics, 0) if s.resume_from else evaluate(0, generate=True)
     _say_eval("before", before, say)
@@ -224,11 +222,11 @@ def _evaluator(s: Session, metrics: Metrics, path: str, pref: Preference | None 
 def _finish(s: Session, result: RunResult, metrics: Metrics, pos: Position) -> None:
     """Save the trained result, the loss curve and summary.json (main process)."""
     result.saved = _save(s.model, s.tokenizer, s.run_dir, s.method, s.prompt_format)
-    plot_loss(metrics.read(), s.run_dir / CURVE, f"{s.cfg.method} on {s.cfg.model or 'SmolLM2-135M-Instruct'}")
+    plot_loss(metrics.read(), s.run_dir.curve, f"{s.cfg.method} on {s.cfg.model or 'SmolLM2-135M-Instruct'}")
     result.wall_s = time.perf_counter() - s.started
     summary = {"steps": pos.step, "tokens": pos.tokens, "wall_s": round(result.wall_s, 1), "before": result.before,
                "after": result.after, "saved": str(result.saved)}
-    (s.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    s.run_dir.summary.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     result.summary = summary
 
 
@@ -236,15 +234,15 @@ def _say_interrupted(s: Session) -> None:
     """Ctrl-C or SIGTERM: where the newest checkpoint is and the command that continues from it."""
     if not s.main:
         return
-    ckpts = list_checkpoints(s.run_dir) if s.run_dir else []
-    if ckpts:
+    newest = s.run_dir.latest_checkpoint() if s.run_dir else None
+    if newest:
         log.warning("interrupted; the newest checkpoint is %s: continue with `peftkit train ... --output %s --resume` "
-                    "(the same options)", ckpts[-1], s.run_dir)
+                    "(the same options)", newest, s.run_dir)
     else:
         log.warning("interrupted before the first checkpoint (--save-steps N writes them); nothing to resume")
 
 
-def _save(model: Any, tokenizer: Any, run_dir: Path, method: Method, prompt_format: dict) -> Path:
+def _save(model: Any, tokenizer: Any, run_dir: RunDir, method: Method, prompt_format: dict) -> Path:
     """The trained result: a whole model folder (methods that train the base) or the adapter in PEFT format.
 
     If it cannot be written (a full disk, a read-only or vanished folder), the trained weights are not lost: they
@@ -254,9 +252,9 @@ def _save(model: Any, tokenizer: Any, run_dir: Path, method: Method, prompt_form
     try:
         return _write_result(model, tokenizer, run_dir, method, prompt_format)
     except OSError as exc:
-        rescue = Path(tempfile.gettempdir()) / f"peftkit-rescue-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        ckpts = list_checkpoints(run_dir)
-        newest = f"; the newest checkpoint is {ckpts[-1]}" if ckpts else ""
+        rescue = RunDir.rescue()
+        latest = run_dir.latest_checkpoint()
+        newest = f"; the newest checkpoint is {latest}" if latest else ""
         try:
             kept = _write_result(model, tokenizer, rescue, method, prompt_format)
         except OSError as again:
@@ -266,10 +264,10 @@ def _save(model: Any, tokenizer: Any, run_dir: Path, method: Method, prompt_form
                            f"weights were saved to {kept} instead{newest}") from None
 
 
-def _write_result(model: Any, tokenizer: Any, folder: Path, method: Method, prompt_format: dict) -> Path:
+def _write_result(model: Any, tokenizer: Any, folder: RunDir, method: Method, prompt_format: dict) -> Path:
     if method.trains_base:
-        return save_model_folder(model, tokenizer, folder / "model", {"method": method.name, "prompt_format": prompt_format})
-    return save_adapter(model, folder / "adapter", prompt_format=prompt_format)
+        return save_model_folder(model, tokenizer, folder.model, {"method": method.name, "prompt_format": prompt_format})
+    return save_adapter(model, folder.adapter, prompt_format=prompt_format)
 
 
 def _earlier_eval(metrics: Metrics, step: int) -> dict:

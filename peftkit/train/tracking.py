@@ -1,8 +1,8 @@
 """Experiment trackers (`--report-to tensorboard,wandb,mlflow`) through accelerate's trackers.
 
     names = tracker_names("tensorboard,wandb")     # validated: known and installed, else a one-line error
-    acc = Accelerator(log_with=names, project_dir=TRACKING)   # precision.make_accelerator(..., log_with=names)
-    tracking = Tracking.start(acc, run_dir, config)  # RUN/tracking/, the run config as hyper-parameters
+    acc = Accelerator(log_with=names, project_dir=...)     # precision.make_accelerator(..., log_with=names)
+    tracking = Tracking.start(acc, run_dir.tracking, run_dir.name, config)  # RUN/tracking/, the config as hparams
     tracking.log("train", {"step": 3, "loss": 1.2, ...})    # every numeric field as "train/loss" at step 3
     tracking.finish()
 
@@ -22,7 +22,6 @@ from typing import Any
 
 from peftkit.errors import PeftkitError
 
-TRACKING = "tracking"  # the trackers' folder inside the run folder
 PROJECT = "peftkit"    # TensorBoard sub-folder, W&B project, MLflow experiment
 # tracker -> (module that must be importable, what to pip install)
 TRACKERS: dict[str, tuple[str, str]] = {
@@ -72,17 +71,17 @@ class Tracking:
         self.accelerator = accelerator
 
     @classmethod
-    def start(cls, accelerator: Any, run_dir: Path, config: dict[str, Any]) -> Tracking | None:
-        """Start the trackers named at the accelerator's creation, writing into RUN/tracking/, and record
-        `config` (the run config) as the run's hyper-parameters. None when no tracker was asked for."""
+    def start(cls, accelerator: Any, folder: Path, run_name: str, config: dict[str, Any]) -> Tracking | None:
+        """Start the trackers named at the accelerator's creation, writing into `folder` (the run folder's
+        `RunDir.tracking`), name the run `run_name` and record `config` (the run config) as its hyper-parameters.
+        None when no tracker was asked for."""
         if not accelerator.log_with:
             return None
-        folder = Path(run_dir) / TRACKING
+        folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         accelerator.project_configuration.set_directories(str(folder))
         accelerator.project_configuration.logging_dir = str(folder)  # set_directories keeps an earlier one
-        init = {"wandb": {"dir": str(folder), "name": Path(run_dir).name},
-                "mlflow": {"run_name": Path(run_dir).name}}
+        init = {"wandb": {"dir": str(folder), "name": run_name}, "mlflow": {"run_name": run_name}}
         if "mlflow" in [str(name) for name in accelerator.log_with]:
             _default_mlflow_store(folder)
         try:

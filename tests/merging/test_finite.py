@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 import peftkit.merging.stream as ms
 from peftkit.cli import main
 from peftkit.errors import PeftkitError
-from peftkit.io.checkpoint import ShardWriter
 from peftkit.io.finite import cast_checked, check_finite
+from peftkit.io.shards import ShardWriter
 from peftkit.merging.compress import compress
 from peftkit.merging.deltas import combine, parse_weights, read_lora
 from peftkit.merging.stream import merge_to_disk

@@ -1,5 +1,5 @@
 """Checkpoints and adapters are read without unpickling anything: a planted pickle never runs, and a damaged file
-is one PeftkitError line naming it (peftkit/train/checkpoint.py describes the format).
+is one PeftkitError line naming it (peftkit/train/checkpoints/ describes the format).
 
 The malicious payload is a pickle whose loading creates a marker file (`pathlib.Path.touch`); a test first checks
 that unpickling it really does, then plants it in place of (or beside) every file a resume or an adapter load reads.
@@ -26,8 +26,9 @@ import peftkit
 from peftkit import LoraConfig, PeftkitError
 from peftkit.cli import main
 from peftkit.io.fs import MARKER_NAME
-from peftkit.train.checkpoint import Position, list_checkpoints, load_checkpoint, save_checkpoint
-from peftkit.train.state_io import load_state_dict, save_state_dict, unflatten_state
+from peftkit.train.checkpoints import Position, load_checkpoint, save_checkpoint
+from peftkit.train.checkpoints.state import load_state_dict, save_state_dict, unflatten_state
+from peftkit.train.rundir import RunDir
 from tests.tiny import perturb_adapter, save_tiny_checkpoint, tiny_model, write_rows
 
 ACCELERATOR = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)  # one process
@@ -126,7 +127,7 @@ def saved(tmp_path):
     net, opt, sched = build(0)
     for n in (1, 2):
         step(net, opt, sched)
-        folder = save_checkpoint(tmp_path / "run", net, opt, sched, Position(step=n, micro=n, tokens=10 * n), ACCELERATOR)
+        folder = save_checkpoint(RunDir(tmp_path / "run"), net, opt, sched, Position(step=n, micro=n, tokens=10 * n), ACCELERATOR)
     return folder, tmp_path / "MARKER"
 
 
@@ -148,7 +149,7 @@ def test_round_trip_restores_optimizer_scheduler_and_rng_exactly(tmp_path):
     net, opt, sched = build(0)
     for _ in range(3):
         step(net, opt, sched)
-    folder = save_checkpoint(tmp_path, net, opt, sched, Position(step=3, epoch=1, micro=2, tokens=77), ACCELERATOR)
+    folder = save_checkpoint(RunDir(tmp_path), net, opt, sched, Position(step=3, epoch=1, micro=2, tokens=77), ACCELERATOR)
     opt_state, sched_state = copy.deepcopy(opt.state_dict()), sched.state_dict()
     assert isinstance(opt_state["state"][0]["step"], torch.Tensor)  # AdamW keeps its step count as a tensor
     want = step(net, opt, sched)
@@ -164,7 +165,7 @@ def test_round_trip_restores_optimizer_scheduler_and_rng_exactly(tmp_path):
 def test_checkpoint_holds_only_safetensors_and_json(saved):
     folder, _ = saved
     assert sorted(p.name for p in folder.iterdir()) == sorted([*NEW_FORMAT, MARKER_NAME])  # + peftkit's marker
-    assert {p.name for p in list_checkpoints(folder.parent.parent)} == {"step-000001", "step-000002"}
+    assert {p.name for p in RunDir.holding(folder).checkpoints()} == {"step-000001", "step-000002"}
     assert set(load_file(str(folder / "optimizer.safetensors"))) == {
         f"state.{i}.{name}" for i in range(4) for name in ("step", "exp_avg", "exp_avg_sq")}
     assert set(load_file(str(folder / "rng.safetensors"))) == {"0.torch", "0.numpy.key"}
@@ -340,7 +341,7 @@ def _resume(argv: list[str], tmp_path: Path, capsys) -> tuple[list[str], str]:
 def test_resume_from_a_damaged_checkpoint_is_one_line_that_says_what_to_do(cli_run, tmp_path, capsys):
     argv, run = cli_run
     shutil.copytree(run, tmp_path / "run")
-    newest = list_checkpoints(tmp_path / "run")[-1]
+    newest = RunDir(tmp_path / "run").checkpoints()[-1]
     _truncate(newest / "optimizer.safetensors")
     argv, line = _resume(argv, tmp_path, capsys)
     assert "optimizer.safetensors is not a valid safetensors file" in line
@@ -354,7 +355,7 @@ def test_resume_from_an_old_pickle_checkpoint_is_refused_unopened(cli_run, tmp_p
     argv, run = cli_run
     shutil.copytree(run, tmp_path / "run")
     marker = tmp_path / "MARKER"
-    for folder in list_checkpoints(tmp_path / "run"):
+    for folder in RunDir(tmp_path / "run").checkpoints():
         for name in ("optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.safetensors", "rng.json"):
             (folder / name).unlink()
         for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from peftkit.train.checkpoint import list_checkpoints
 from peftkit.train.config import load_train_config
 from peftkit.train.run import train
+from peftkit.train.rundir import RunDir
 from tests.tiny import save_tiny_checkpoint, write_rows
 from tests.train.test_distributed import REPO, _free_port
 
@@ -98,7 +98,7 @@ def test_fsdp_sigkill_then_resume_equals_uninterrupted(runs):
     """))
     proc = _torchrun([str(script)], root)
     assert proc.returncode != 0
-    assert [p.name for p in list_checkpoints(killed)] == ["step-000002"]
+    assert [p.name for p in RunDir(killed).checkpoints()] == ["step-000002"]
     assert not (killed / "adapter").exists()
     proc = _torchrun([str(REPO / "cli.py"), "train", *_flags({**options, "grad_accum": 1, "fsdp": True,
                                                               "output": killed, "resume": True, "quiet": True})], root)

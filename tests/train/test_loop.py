@@ -8,7 +8,7 @@ import torch
 from accelerate import Accelerator
 
 import peftkit
-from peftkit.train.checkpoint import Position
+from peftkit.train.checkpoints import Position
 from peftkit.train.loop import Loop, fit
 from peftkit.train.loss import micro_loss
 from tests.tiny import save_tiny_checkpoint

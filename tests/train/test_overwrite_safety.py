@@ -98,7 +98,7 @@ def test_failed_final_save_keeps_the_weights(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(run_module, "_write_result", full_disk)
     with pytest.raises(PeftkitError, match="No space left on device.*saved to") as err:
         train(_cfg(tiny, tmp_path / "run"), progress=False)
-    rescue = calls[1] / "adapter"
+    rescue = calls[1].adapter
     assert str(rescue) in str(err.value) and (rescue / "adapter_model.safetensors").is_file()
 
 

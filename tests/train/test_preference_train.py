@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from peftkit.errors import PeftkitError
 from peftkit.train.config import load_train_config, read_recipe, resolve_defaults
 from peftkit.train.run import train
+from peftkit.train.rundir import RunDir
 from tests.tiny import save_tiny_checkpoint
 
 GOOD = ["alpha", "beta", "gamma", "delta"]
@@ -46,7 +47,7 @@ def _options(setup, output, **extra):
 
 
 def _records(run_dir, kind):
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+    return [r for r in map(json.loads, RunDir(run_dir).metrics.read_text().splitlines()) if r["kind"] == kind]
 
 
 @pytest.mark.parametrize("objective, beta", [("dpo", None), ("orpo", 1.0), ("simpo", None)])

@@ -11,9 +11,9 @@ import textwrap
 import pytest
 from safetensors.torch import load_file
 
-from peftkit.train.checkpoint import list_checkpoints
 from peftkit.train.config import load_train_config
 from peftkit.train.run import train
+from peftkit.train.rundir import RunDir
 from tests.tiny import save_tiny_checkpoint, write_rows
 
 
@@ -49,7 +49,7 @@ def test_sigkill_then_resume_equals_uninterrupted(setup):
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy())
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert [p.name for p in list_checkpoints(killed)] == ["step-000003", "step-000006"]
+    assert [p.name for p in RunDir(killed).checkpoints()] == ["step-000003", "step-000006"]
     assert not (killed / "adapter").exists()
 
     resumed = train(load_train_config(None, {**_options(root, model, killed), "resume": True}), progress=False)

@@ -6,7 +6,7 @@ import pytest
 
 from peftkit.errors import PeftkitError
 from peftkit.train.config import load_train_config, resolve_defaults, save_config
-from peftkit.train.rundir import RUN_CONFIG, _check_same_run
+from peftkit.train.rundir import RunDir
 
 
 def _cfg(**options):
@@ -14,13 +14,13 @@ def _cfg(**options):
 
 
 def test_resume_may_change_speed_and_reporting_options(tmp_path):
-    save_config(_cfg(), tmp_path / RUN_CONFIG)
-    _check_same_run(tmp_path, _cfg(attention="sdpa", compile=True, report_to="none", max_steps=60, resume=True))
+    save_config(_cfg(), RunDir(tmp_path).config)
+    RunDir(tmp_path).check_same_run(_cfg(attention="sdpa", compile=True, report_to="none", max_steps=60, resume=True))
 
 
 @pytest.mark.parametrize("changed", [{"lr": 1e-3}, {"batch_tokens": 1024}, {"rank": 4}, {"precision": "fp32"}])
 def test_resume_refuses_options_that_change_what_is_trained(tmp_path, changed):
-    save_config(_cfg(), tmp_path / RUN_CONFIG)
+    save_config(_cfg(), RunDir(tmp_path).config)
     key = next(iter(changed))
     with pytest.raises(PeftkitError, match=f"options differ.*{key}"):
-        _check_same_run(tmp_path, _cfg(resume=True, **changed))
+        RunDir(tmp_path).check_same_run(_cfg(resume=True, **changed))

@@ -102,7 +102,7 @@ def test_a_tracker_that_fails_to_start_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(acc, "init_trackers", refuse)
     with pytest.raises(PeftkitError, match=r"^--report-to tensorboard: the tracker did not start \(api_key not "
                                            r"configured \(no-tty\)\); for W&B run `wandb login`"):
-        Tracking.start(acc, tmp_path, {})
+        Tracking.start(acc, tmp_path / "tracking", "run", {})
 
 
 def test_default_writes_no_tracking_folder(tiny, tmp_path):
@@ -250,10 +250,11 @@ def test_tokens_per_s_counts_the_time_since_the_previous_record(tmp_path, monkey
     from types import SimpleNamespace
 
     import peftkit.train.report as report
+    from peftkit.train.rundir import RunDir
 
     clock = iter([10.0, 11.0, 12.5, 14.5, 14.6])  # created; eval written 11.0-12.5; the step ends at 14.5
     monkeypatch.setattr(report, "time", SimpleNamespace(perf_counter=lambda: next(clock)))  # this module's clock
-    metrics = report.Metrics(tmp_path, enabled=True)
+    metrics = report.Metrics(RunDir(tmp_path), enabled=True)
     metrics.write("eval", {"step": 0, "loss": 1.0})
     metrics.write("train", {"step": 1, "loss": 0.9, "step_tokens": 300})
     assert metrics.read()[1]["tokens_per_s"] == 150.0  # 300 tokens in the 2 s after the eval was written

@@ -1,4 +1,4 @@
-"""Safetensors checkpoints for the streaming merge and compress: find the shards, read tensors lazily, write shards.
+"""Model weights as safetensors shards (merge, compress): find the shards, read tensors lazily, write shards.
 
 Reading uses `safetensors.safe_open` (memory-mapped, one tensor at a time); writing uses `ShardWriter`, which
 writes the safetensors header first (shapes and dtypes are known in advance) and then each tensor's bytes as it is

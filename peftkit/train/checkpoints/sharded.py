@@ -7,9 +7,9 @@ into one process's memory, so instead process r writes its slices:
     shard-<r>-of-<n>.safetensors   the local slices, keyed by path: `model.<param name>`, `optimizer.state.<param
                                    name>.exp_avg`, ... (torch.distributed.checkpoint's sharded state dicts, whose
                                    optimizer state is keyed by parameter name, not index)
-    shard-<r>-of-<n>.json          the JSON skeleton of the same (param_groups, hyper-parameters; state_io's format)
+    shard-<r>-of-<n>.json          the JSON skeleton of the same (param_groups, hyper-parameters; state.py's format)
 
-These replace trainable.safetensors and optimizer.* of an unsharded checkpoint (the scheduler, RNG and position
+These replace trainable.safetensors and optimizer.* of an unsharded checkpoint (plain.py) (the scheduler, RNG and position
 files are the same). Nothing is pickled: torch.distributed.checkpoint's own writer (which pickles a .metadata
 file) is not used. The slices are cut by the number of processes, so a checkpoint resumes with the same number of
 processes (checked). Every process must be able to see the run folder (a shared filesystem on several nodes).
@@ -24,7 +24,10 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.train.state_io import load_state_dict, save_state_dict
+from peftkit.train.checkpoints.checks import apply_state, check_scheduler, load_scheduler, or_earlier
+from peftkit.train.checkpoints.position import Position, read_position
+from peftkit.train.checkpoints.rng import load_rng, set_rng_state
+from peftkit.train.checkpoints.state import load_state_dict, save_state_dict
 
 SHARD = "shard-{rank:05d}-of-{world:05d}"
 
@@ -112,3 +115,18 @@ def _fill(template: Any, saved: Any, file: Path, path: str) -> Any:
                                       shape=template.shape, stride=template.stride())
         return value
     return saved
+
+
+def load_sharded(folder: Path, model: nn.Module, optimizer: Any, scheduler: Any, process_index: int) -> Position:
+    """Load a sharded checkpoint: this process's slices, then the shared scheduler, RNG and position."""
+    import torch.distributed as dist
+
+    with or_earlier(folder):
+        sched_state = load_scheduler(folder)
+        rng = load_rng(folder, process_index)
+        pos = read_position(folder)
+        check_scheduler(folder, sched_state, scheduler)
+        load_shard(folder, model, optimizer, process_index, dist.get_world_size())
+        apply_state(folder / "scheduler.json", scheduler.load_state_dict, sched_state)
+        apply_state(folder / "rng.json", set_rng_state, rng)
+    return pos
