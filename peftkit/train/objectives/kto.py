@@ -17,7 +17,7 @@ from peftkit.train.objectives.dpo import BETA, PRECOMPUTE_REF
 from peftkit.train.objectives.pairs import refuse_base_without_reference, refuse_sft_options
 
 OPTIONS = (
-    replace(BETA, help="KTO's temperature (TRL's default 0.1)."),
+    replace(BETA, help="KTO's temperature (as in TRL's KTOConfig)."),
     Option("desirable_weight", float, 1.0, "KTO: the weight of desirable examples' losses.", low=0, high=1e3,
            low_open=True),
     Option("undesirable_weight", float, 1.0, "KTO: the weight of undesirable examples' losses.", low=0, high=1e3,
