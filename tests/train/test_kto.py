@@ -213,7 +213,7 @@ def test_the_wrong_rows_are_refused(tmp_path):
               progress=False)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
-    with pytest.raises(PeftkitError, match="needs unpaired rows"):
+    with pytest.raises(PeftkitError, match="the data has preference rows .* train on them with --objective dpo"):
         train(load_train_config(None, {"model": str(model), "data": str(pairs), "objective": "kto",
                                        "output": str(tmp_path / "b")}), progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
