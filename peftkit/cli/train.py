@@ -41,7 +41,7 @@ def _with_objective_flags(command: Callable) -> Callable:
     help; train/objectives/), in place of its `**objective_options`, so a new objective's options reach the CLI."""
     from peftkit.train.objectives.base import declared_options
 
-    signature = inspect.signature(command)
+    signature = inspect.signature(command, eval_str=True)  # the Annotated hints typer reads, not their text
     params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     for option in (o for o in declared_options() if o.cli):
         flags = option.cli_flags
