@@ -9,7 +9,9 @@ Flags left unset do not override the recipe; every flag is also a recipe key (da
 
 from __future__ import annotations
 
+import inspect
 import shlex
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -34,7 +36,37 @@ from peftkit.cli._options import (
 Opt = typer.Option
 
 
+def _with_objective_flags(command: Callable) -> Callable:
+    """`command` with one keyword flag per option the registered objectives declare (`Option`: flags, type,
+    help; train/objectives/), in place of its `**objective_options`, so a new objective's options reach the CLI."""
+    from peftkit.train.objectives.base import declared_options
+
+    signature = inspect.signature(command, eval_str=True)  # the Annotated hints typer reads, not their text
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    for option in (o for o in declared_options() if o.cli):
+        flags = option.cli_flags
+        if option.kind is bool and "/" not in flags[0]:
+            flags = (f"{flags[0]}/--no-{flags[0][2:]}",)
+        hint = Annotated[option.kind | None, Opt(*flags, help=_objective_help(option.name))]
+        params.append(inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=hint))
+    command.__signature__ = signature.replace(parameters=params)
+    command.__annotations__ = {**command.__annotations__, **{p.name: p.annotation for p in params}}
+    return command
+
+
+def _objective_help(name: str) -> str:
+    """The help of an objective option: each declaring objective's text and default."""
+    from peftkit.train.objectives.base import get_objective, objective_names
+
+    declared = [(n, o) for n in objective_names() for o in get_objective(n).options if o.name == name]
+    texts = {o.help for _, o in declared}
+    if len(texts) == 1:
+        return f"{declared[0][1].help} --objective {', '.join(n for n, _ in declared)} (default {declared[0][1].default})."
+    return " ".join(f"{n}: {o.help.rstrip('.')} (default {o.default})." for n, o in declared)
+
+
 @app.command("train")
+@_with_objective_flags
 def train_cmd(
     config: Annotated[str | None, Opt("--config", "-c", help="YAML recipe; flags override its keys.")] = None,
     model: Model = None,
@@ -73,10 +105,7 @@ def train_cmd(
     deepspeed: Annotated[str | None, Opt("--deepspeed", help="Shard with DeepSpeed through accelerate: zero1 | zero2 | zero3 | a DeepSpeed JSON config (needs a GPU).")] = None,
     seed: Annotated[int | None, Opt("--seed", help="Set before the adapter is initialised.")] = None,
     train_on_prompt: Annotated[bool | None, Opt("--train-on-prompt/--no-train-on-prompt", help="Also train on the prompt tokens (default: the loss counts only the answers).")] = None,
-    objective: Annotated[str | None, Opt("--objective", help="sft (default) | dpo | orpo | simpo; the last three train on {prompt, chosen, rejected} rows.")] = None,
-    beta: Annotated[float | None, Opt("--beta", help="DPO / SimPO temperature, ORPO's lambda (default 0.1; SimPO 2.0).")] = None,
-    simpo_gamma: Annotated[float | None, Opt("--simpo-gamma", help="SimPO's target reward margin (default 1.0).")] = None,
-    precompute_ref: Annotated[bool | None, Opt("--precompute-ref/--no-precompute-ref", help="DPO: compute the reference log-probs once before training (needed by --method full / freeze).")] = None,
+    objective: Annotated[str | None, Opt("--objective", help="sft (default) | dpo | orpo | simpo (on {prompt, chosen, rejected} rows) | kto (on {prompt, completion, label} rows), or a plugin's.")] = None,
     output: Output = None,
     overwrite: Overwrite = False,
     save_steps: Annotated[int | None, Opt("--save-steps", help="Checkpoint every N steps.")] = None,
@@ -86,10 +115,13 @@ def train_cmd(
     dry_run: Annotated[bool, Opt("--dry-run", help="Build everything, print counts and memory, train nothing.")] = False,
     quiet: Annotated[bool, Opt("--quiet", help="No progress bar.")] = False,
     print_config: Annotated[bool, Opt("--print-config", help="Print the fully resolved recipe (flags, recipe and defaults merged) as YAML and exit.")] = False,
+    **objective_options: object,  # one flag per objective option (`_with_objective_flags`): --beta, ...
 ) -> None:
     """Fine-tune a model; with no options, LoRA on the embedded model and the bundled task."""
     flags = {k: v for k, v in locals().items()
-             if k not in ("config", "sets", "quiet", "overwrite", "resume", "dry_run", "print_config")}
+             if k not in ("config", "sets", "quiet", "overwrite", "resume", "dry_run", "print_config",
+                          "objective_options")}
+    flags.update(objective_options)
     from peftkit.core.registry import get_method
     from peftkit.train.config import load_train_config, resolve_defaults
     from peftkit.train.run import train

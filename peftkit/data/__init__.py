@@ -27,7 +27,10 @@ BUNDLED_EVAL = Path(__file__).parent / "task_eval.jsonl"
 # the same task as preference pairs (chosen = the answer, rejected = a plausible wrong one): README.md
 BUNDLED_PREFERENCE_TRAIN = Path(__file__).parent / "preference_train.jsonl"
 BUNDLED_PREFERENCE_EVAL = Path(__file__).parent / "preference_eval.jsonl"
+# the same task as unpaired rows for KTO (label true: the answer, false: a wrong one): README.md
+BUNDLED_KTO_TRAIN = Path(__file__).parent / "kto_train.jsonl"
+BUNDLED_KTO_EVAL = Path(__file__).parent / "kto_eval.jsonl"
 
 
-__all__ = ["BUNDLED_EVAL", "BUNDLED_PREFERENCE_EVAL", "BUNDLED_PREFERENCE_TRAIN", "BUNDLED_TRAIN", "FORMATS",
+__all__ = ["BUNDLED_EVAL", "BUNDLED_KTO_EVAL", "BUNDLED_KTO_TRAIN", "BUNDLED_PREFERENCE_EVAL", "BUNDLED_PREFERENCE_TRAIN", "BUNDLED_TRAIN", "FORMATS",
            "IGNORE_INDEX", "batches", "collate", "detect_format", "load_mixture", "load_rows", "tokenize"]

@@ -4,8 +4,9 @@
     cfg = resolve_defaults(cfg)                                                   # then the defaults that depend on it
 
 Every key of a recipe is a field of `TrainConfig` (the same names as the CLI flags, with `_` for `-`), except
-`set`, a mapping of extra method-config fields (`--set key=value`). An unknown key is an error listing the valid
-ones, so a typo in a recipe never silently trains with a default.
+`set`, a mapping of extra method-config fields (`--set key=value`), and the objectives' options (`beta`, ...:
+declared by the objectives, train/objectives/), which are given flat and kept in `objective_options`. An unknown
+key is an error listing the valid ones, so a typo in a recipe never silently trains with a default.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import yaml
 from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
 from peftkit.memory.training_setup import deepspeed_stage
-from peftkit.train.objectives import check_objective, objective_defaults
+from peftkit.train.objectives.base import declared_options, get_objective, option_aliases, resolve_options
 from peftkit.train.recipe_keys import translate
 from peftkit.train.schema import coerce_fields
 from peftkit.train.tracking import parse_report_to
@@ -83,11 +84,10 @@ class TrainConfig:
     batch_tokens: int | None = None        # micro-batches by padded-token budget instead of batch_size rows
     share_prefix: bool = True              # a prompt prefix all rows of a micro-batch share is computed once
     seed: int = 0
-    # objective (objectives.py): sft, or a preference objective on {prompt, chosen, rejected} rows
+    # objective (train/objectives/): sft, dpo, orpo, simpo, kto or a plugin's; its options' values (`beta`, ...),
+    # given flat in recipes and flags, checked by the objective's declarations; resolve_defaults fills the rest
     objective: str = "sft"
-    beta: float | None = None
-    simpo_gamma: float | None = None
-    precompute_ref: bool = False
+    objective_options: dict[str, Any] = field(default_factory=dict)
     # sharding over the processes of a launcher (peftkit/train/sharding.py)
     fsdp: bool = False
     deepspeed: str | None = None
@@ -125,7 +125,10 @@ class TrainConfig:
                                f"{self.eval_split!r}")
         parse_report_to(self.report_to)  # unknown tracker names: now, not after the model is loaded
         get_method(self.method).build_config(self.method_options())  # unknown method or bad options: now, not later
-        check_objective(self, get_method(self.method).trains_base)
+        objective = get_objective(self.objective)  # an unknown objective lists the registered ones
+        self.objective_options = {k: v for k, v in resolve_options(objective, self.objective_options).items()
+                                  if k in self.objective_options}  # checked and coerced; defaults come later
+        objective.check(self, get_method(self.method))
 
     def method_options(self) -> dict[str, Any]:
         """The method's options (shared names + `set` fields), unset ones left out, for `Method.build_config`."""
@@ -134,13 +137,29 @@ class TrainConfig:
         return options
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (YAML / JSON friendly), in field order."""
-        return dataclasses.asdict(self)
+        """Plain dict (YAML / JSON friendly), in field order, the objective's options flat after `objective` (as a
+        recipe gives them, so a saved run_config.yaml loads again)."""
+        out: dict[str, Any] = {}
+        for key, value in dataclasses.asdict(self).items():
+            if key == "objective_options":
+                out.update(value)
+            else:
+                out[key] = value
+        return out
 
 
 def valid_keys() -> list[str]:
-    """The keys a recipe may use."""
-    return [f.name for f in dataclasses.fields(TrainConfig)]
+    """The keys a recipe may use: TrainConfig's fields and every objective's options."""
+    fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "objective_options"]
+    return fields + [option.name for option in declared_options()]
+
+
+def _route_objective_options(values: dict[str, Any]) -> dict[str, Any]:
+    """Flat objective options (`beta: 0.2`) moved into `objective_options`."""
+    names = {option.name for option in declared_options()}
+    options = dict(values.pop("objective_options", None) or {})
+    options.update({k: values.pop(k) for k in list(values) if k in names})
+    return {**values, "objective_options": options} if options else values
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -161,7 +180,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PeftkitError(f"recipe {file} must be a mapping of option: value")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    return translate(data, valid_keys(), f"recipe {file}")
+    return translate(data, valid_keys(), f"recipe {file}", option_aliases())
 
 
 def load_train_config(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -177,7 +196,7 @@ def load_train_config(recipe: str | Path | None = None, overrides: dict[str, Any
         else:
             values[key] = value
     try:
-        return TrainConfig(**values)
+        return TrainConfig(**_route_objective_options(values))
     except TypeError as exc:
         raise PeftkitError(f"invalid training options: {exc}") from None
 
@@ -197,11 +216,13 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     method = get_method(cfg.method)
     if cfg.lr is None and (cfg.data is not None or method.trains_base):
         fill["lr"] = method.default_lr
-    fill.update(objective_defaults(cfg))
+    objective = get_objective(cfg.objective)
+    fill.update(objective.defaults(cfg))
+    fill["objective_options"] = {**objective.option_defaults(), **cfg.objective_options}
     resolved = dataclasses.replace(cfg, **fill)
-    rows = 1 if resolved.objective == "sft" else 2  # a preference pair is two rows (chosen, rejected)
+    rows = objective.rows_per_example  # a preference pair is two rows (chosen, rejected)
     if resolved.batch_tokens is not None and resolved.batch_tokens < rows * resolved.max_length:
-        what = "max_length" if rows == 1 else "2 x max_length (a preference pair is two rows)"
+        what = "max_length" if rows == 1 else f"{rows} x max_length (an example of {cfg.objective} is {rows} rows)"
         raise PeftkitError(f"batch_tokens ({resolved.batch_tokens}) must be at least {what} "
                            f"({rows * resolved.max_length}) so that the longest example fits in a micro-batch")
     return resolved

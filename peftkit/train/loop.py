@@ -2,7 +2,10 @@
 
 Each optimizer step takes the next `grad_accum * world_size` micro-batches of the data plan (crossing into the
 next epoch when one ends, so every process always gets its share); process r takes every world_size-th one.
-The loss is normalised by the number of target tokens of the *whole step* (all micro-batches, all processes):
+The objective (train/objectives/: an `ObjectiveRun`) turns this process's share of those indices into the step's
+micro-batches (`step_batches`: collating, or for an online objective sampling from the model first), gives each
+micro-batch's summed loss (`loss`) and what it is normalised by (`count`: target tokens for SFT, pairs, examples).
+The loss is normalised by that count over the *whole step* (all micro-batches, all processes), for SFT:
 
     loss_i = sum_of_token_losses(micro-batch i) * world_size / targets_in_step
 
@@ -25,7 +28,8 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 from peftkit.train.checkpoints import Position, save_checkpoint
-from peftkit.train.loss import count_targets, micro_loss
+from peftkit.train.objectives.base import ObjectiveRun
+from peftkit.train.objectives.sft import SftRun
 from peftkit.train.rundir import RunDir
 
 
@@ -34,7 +38,8 @@ class Loop:
     """What the loop needs; built by `peftkit.train.run`.
 
     plan(epoch) -> the epoch's micro-batches (lists of example indices), identical on every process.
-    collate(indices) -> a model batch on the right device. lengths[i] = tokens of example i (for tokens/s).
+    objective: the run's ObjectiveRun (step_batches, loss, count); None: SFT over `collate(indices)` -> a model
+    batch on the right device. lengths[i] = tokens of example i (for tokens/s).
     """
 
     model: nn.Module                      # prepared by accelerate (maybe DDP-wrapped)
@@ -42,7 +47,7 @@ class Loop:
     scheduler: Any
     accelerator: Any
     plan: Callable[[int], list[list[int]]]
-    collate: Callable[[list[int]], dict[str, torch.Tensor]]
+    collate: Callable[[list[int]], dict[str, torch.Tensor]] | None
     lengths: list[int]
     total_steps: int
     grad_accum: int = 1
@@ -55,10 +60,7 @@ class Loop:
     on_log: Callable[[dict], None] = lambda record: None
     on_eval: Callable[[int], None] = lambda step: None
     on_checkpoint: Callable[[int], None] = field(default=lambda step: None)
-    # Another objective (preference.py): loss_fn(model, batch, loss_path) -> summed loss (default micro_loss),
-    # count_fn(batch) -> what that sum is normalised by over the step (default count_targets).
-    loss_fn: Callable[..., torch.Tensor] | None = None
-    count_fn: Callable[[dict[str, torch.Tensor]], int] | None = None
+    objective: ObjectiveRun | None = None
 
 
 def micro_batches(loop: Loop, pos: Position) -> Iterator[tuple[list[int], int, int]]:
@@ -80,14 +82,15 @@ def fit(loop: Loop, pos: Position) -> Position:
     world, rank = acc.num_processes, acc.process_index
     params = [p for p in model.parameters() if p.requires_grad]
     stream = micro_batches(loop, pos)
+    objective = loop.objective or SftRun(loop.collate)
     model.train()
     started = time.perf_counter()
     while pos.step < loop.total_steps:
         # 1. This step's micro-batches: grad_accum * world of them; ours are every world-th.
         group = [next(stream) for _ in range(loop.grad_accum * world)]
         pos.epoch, pos.micro = group[-1][1], group[-1][2]
-        mine = [loop.collate(indices) for indices, _, _ in group[rank::world]]
-        counts = torch.tensor([sum((loop.count_fn or count_targets)(b) for b in mine),
+        mine = objective.step_batches(model, [indices for indices, _, _ in group[rank::world]])
+        counts = torch.tensor([sum(objective.count(b) for b in mine),
                                sum(loop.lengths[i] for idx, _, _ in group[rank::world] for i in idx)],
                               dtype=torch.float64, device=acc.device)
         n_targets, n_tokens = acc.reduce(counts, reduction="sum").tolist()  # whole step, all processes
@@ -96,7 +99,7 @@ def fit(loop: Loop, pos: Position) -> Position:
         for i, batch in enumerate(mine):
             sync = nullcontext() if i == len(mine) - 1 else acc.no_sync(model)
             with sync, acc.autocast():
-                token_losses = (loop.loss_fn or micro_loss)(model, batch, loop.loss_path)  # sum over this micro-batch
+                token_losses = objective.loss(model, batch, loop.loss_path)  # sum over this micro-batch
                 acc.backward(token_losses * world / max(n_targets, 1.0))
             loss_sum += token_losses.detach().double()
         loss = (acc.reduce(loss_sum, reduction="sum") / max(n_targets, 1.0)).item()

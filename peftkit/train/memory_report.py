@@ -10,6 +10,7 @@ from typing import Any
 
 from peftkit.errors import PeftkitError
 from peftkit.train.config import TrainConfig
+from peftkit.train.objectives.base import get_objective
 
 
 def memory_estimate(cfg: TrainConfig, model: Any, precision: str, processes: int = 1) -> Any:
@@ -35,10 +36,10 @@ def memory_estimate(cfg: TrainConfig, model: Any, precision: str, processes: int
 
 def _rows(cfg: TrainConfig) -> int:
     """Rows of max_length per micro-batch in the worst case: --batch-tokens bounds the padded positions (rows x the
-    longest row), else batch_size rows (a preference pair is two)."""
+    longest row), else batch_size examples of the objective's rows each (a preference pair is two)."""
     if cfg.batch_tokens:
         return -(-cfg.batch_tokens // cfg.max_length)
-    return cfg.batch_size * (1 if cfg.objective == "sft" else 2)  # chosen + rejected
+    return cfg.batch_size * get_objective(cfg.objective).rows_per_example
 
 
 def report_memory(cfg: TrainConfig, model: Any, precision: str, say: Callable[[str], None], processes: int = 1) -> None:

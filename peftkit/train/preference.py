@@ -23,6 +23,7 @@ tokens in SFT (see loop.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,33 +88,36 @@ def simpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, n_c: torch.Tensor, n_r: t
     return -F.logsigmoid(chosen - rejected - gamma), chosen.detach(), rejected.detach()
 
 
+PairLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any], Rewards]
+
+
 @dataclass
 class PreferenceStep:
-    """The loop's loss for a preference objective: `step(model, batch, path)` -> sum of pair losses.
+    """The loop's loss for a pair objective: `step(model, batch, path)` -> sum of pair losses.
 
-    base: the unwrapped model (its adapters are switched off for DPO's reference). Every call adds its pairs'
+    losses(pi_c, pi_r, n_c, n_r, ref) -> (per-pair losses, chosen rewards, rejected rewards): the objective's
+    formula (its options bound in), `ref` the reference's (chosen, rejected) sums when `uses_reference`, else None.
+    base: the unwrapped model (its adapters are switched off for the reference). Every call adds its pairs'
     statistics to running sums; `stats(accelerator)` returns their means over all processes and resets them.
     """
 
-    objective: str
-    beta: float
+    losses: PairLoss
     base: nn.Module
-    gamma: float = 0.0
+    uses_reference: bool = False
     sums: dict[str, float] = field(default_factory=dict)
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], path: str = "keep") -> torch.Tensor:
         logps, counts = sequence_logps(model, batch, path)
         pairs = logps.shape[0] // 2
         pi_c, pi_r, n_c, n_r = logps[:pairs], logps[pairs:], counts[:pairs], counts[pairs:]
-        if self.objective == "dpo":
-            ref_c, ref_r = self.reference(batch, path, model)
-            losses, r_c, r_r = dpo_loss(pi_c, pi_r, ref_c, ref_r, self.beta)
-        elif self.objective == "orpo":
-            losses, r_c, r_r = orpo_loss(pi_c, pi_r, n_c, n_r, self.beta)
-        else:
-            losses, r_c, r_r = simpo_loss(pi_c, pi_r, n_c, n_r, self.beta, self.gamma)
+        ref = self.reference(batch, path, model) if self.uses_reference else None
+        losses, r_c, r_r = self.losses(pi_c, pi_r, n_c, n_r, ref)
         self._add(losses.detach(), r_c, r_r, (pi_c / n_c - pi_r / n_r).detach())
         return losses.sum()
+
+    def fresh(self) -> PreferenceStep:
+        """The same loss with empty running sums (the held-out score keeps its own)."""
+        return PreferenceStep(self.losses, self.base, self.uses_reference)
 
     def reference(self, batch: dict[str, torch.Tensor], path: str,
                   model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:

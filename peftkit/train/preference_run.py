@@ -1,10 +1,6 @@
-"""A preference objective inside a training run: DPO's precomputed reference, the loop's collate, loss and count,
-and the held-out score (the pairs come from `splits.load_splits`). run.py calls `setup(session, loss_path)` once,
-then uses what it returns:
-
-    pref.adapt(loop)                    # the loop's collate / loss / count become the pairs'
-    pref.step.stats(accelerator)        # per optimizer step: rewards, margins, accuracies (all processes)
-    pref.score(model, collate, plan)    # held-out: loss, rewards, reward accuracy, preference accuracy
+"""A pair objective (dpo, orpo, simpo) inside a training run: the step's chosen + rejected batches, the loss and
+its normaliser, the per-step statistics, the precomputed reference and the held-out score (the pairs come from
+`splits.load_splits`, through the objective's `load_splits`). `objectives/pairs.py` builds it with `setup`.
 
 "preference_accuracy" is the share of held-out pairs whose chosen response has the higher mean token log-prob
 under the model: defined for every objective and for the untrained model, so "before" and "after" compare.
@@ -15,7 +11,6 @@ rewards are 0).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +18,7 @@ import torch
 from peftkit.core.ops import disable_adapters
 from peftkit.data.preference import Pairs, collate_pairs
 from peftkit.train import splits
+from peftkit.train.objectives.base import ObjectiveRun
 from peftkit.train.preference import PreferenceStep, count_pairs, sequence_logps
 
 
@@ -34,46 +30,56 @@ def collate_fn(pairs: Pairs, pad_token_id: int, device: Any) -> Callable[[list[i
     return collate
 
 
-@dataclass
-class Preference:
-    """What a run with a preference objective swaps in (see the module docstring)."""
+class PairRun(ObjectiveRun):
+    """What the loop and the evaluation ask of a pair objective (see `ObjectiveRun`)."""
 
-    step: PreferenceStep
-    collate: Callable[[list[int]], dict[str, torch.Tensor]]
-    eval_collate: Callable[[list[int]], dict[str, torch.Tensor]] | None
+    def __init__(self, step: PreferenceStep, collate: Callable, eval_collate: Callable | None,
+                 eval_plan: list[list[int]] | None) -> None:
+        self.step, self.collate, self.eval_collate, self.eval_plan = step, collate, eval_collate, eval_plan or []
 
-    def adapt(self, loop: Any) -> None:
-        """Swap the loop's batches, loss and normaliser for the pairs' (the step takes the loop's loss path)."""
-        loop.collate, loop.loss_fn, loop.count_fn = self.collate, self.step, count_pairs
+    def step_batches(self, model: Any, indices_per_micro: list[list[int]]) -> list[dict[str, Any]]:
+        return [self.collate(indices) for indices in indices_per_micro]
+
+    def loss(self, model: Any, batch: dict[str, Any], loss_path: str) -> torch.Tensor:
+        return self.step(model, batch, loss_path)
+
+    def count(self, batch: dict[str, Any]) -> int:
+        return count_pairs(batch)
+
+    def stats(self, accelerator: Any = None) -> dict[str, float]:
+        return self.step.stats(accelerator)
 
     @torch.no_grad()
-    def score(self, model: Any, collate: Callable, plan: list[list[int]], path: str = "keep") -> dict:
+    def evaluate(self, model: Any, loss_path: str) -> dict[str, Any]:
         """Held-out loss and statistics, averaged over pairs (the eval keeps its own running sums)."""
         was_training = model.training
         model.eval()
-        scorer = PreferenceStep(self.step.objective, self.step.beta, self.step.base, self.step.gamma)
+        scorer = self.step.fresh()
         try:
-            for indices in plan:
-                scorer(model, collate(indices), path)
+            for indices in self.eval_plan:
+                scorer(model, self.eval_collate(indices), loss_path)
         finally:
             model.train(was_training)
         return scorer.stats()
 
+    def describe(self, result: dict[str, Any]) -> str:
+        return describe(result)
 
-def setup(s: Any, path: str) -> Preference:
-    """The run's Preference (s: the run's Session, model on its device); precomputes DPO's reference first when
-    --precompute-ref asks (before a resumed checkpoint is loaded: the reference is the model before training)."""
+
+def setup(s: Any, path: str, step: PreferenceStep, precompute: bool) -> PairRun:
+    """The run's PairRun (s: the run's Session, model on its device); precomputes the reference first when asked
+    (before a resumed checkpoint is loaded: the reference is the model before training)."""
     cfg, device, pad = s.cfg, s.accelerator.device, s.tokenizer.pad_token_id
-    step = PreferenceStep(cfg.objective, cfg.beta, s.model, cfg.simpo_gamma or 0.0)
     held = s.eval_split
-    if cfg.precompute_ref:
+    if precompute:
         for pairs in (s.train_split, held):
             if pairs is not None:
                 plan = splits.plan_fn(pairs, cfg, shuffle=False)(0)
                 with s.accelerator.autocast():
                     precompute_reference(s.model, pairs, plan, collate_fn(pairs, pad, device), path)
-    return Preference(step, collate_fn(s.train_split, pad, device),
-                      collate_fn(held, pad, device) if held is not None else None)
+    eval_plan = splits.plan_fn(held, cfg, shuffle=False)(0) if held is not None else None
+    return PairRun(step, collate_fn(s.train_split, pad, device),
+                   collate_fn(held, pad, device) if held is not None else None, eval_plan)
 
 
 @torch.no_grad()

@@ -28,8 +28,9 @@ ALIASES: dict[str, str] = {
     "sequence_len": "max_length", "num_epochs": "epochs", "micro_batch_size": "batch_size",
     "lr_scheduler": "scheduler", "sample_packing": "packing", "train_on_inputs": "train_on_prompt",
     "val_set_size": "eval_split",
-    # preference training: LLaMA-Factory's pref_* keys, TRL's DPOConfig
-    "pref_beta": "beta", "pref_loss": "objective", "precompute_ref_log_probs": "precompute_ref",
+    # preference training: LLaMA-Factory's pref_loss (the objectives' own option aliases, e.g. `pref_beta`, are
+    # declared with their options: train/objectives/)
+    "pref_loss": "objective",
 }
 # keys whose names suggest a peftkit key but whose meaning differs: say what to use instead
 DIFFERENT = {
@@ -41,13 +42,16 @@ DIFFERENT = {
 FSDP_FULL_SHARD = "full_shard"  # TrainingArguments' / axolotl's `fsdp: "full_shard auto_wrap"` (or a list)
 
 
-def translate(data: dict[str, Any], valid: list[str], source: str) -> dict[str, Any]:
-    """`data` with the other tools' keys renamed to peftkit's; unknown keys refused with a suggestion."""
+def translate(data: dict[str, Any], valid: list[str], source: str,
+              more_aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    """`data` with the other tools' keys renamed to peftkit's (ALIASES, and `more_aliases`: the objectives'
+    declared ones); unknown keys refused with a suggestion."""
     out: dict[str, Any] = {}
+    aliases = {**ALIASES, **(more_aliases or {})}
     for key, value in data.items():
         if key == "lora_target_linear":  # axolotl's switch for all linear layers (handled below)
             continue
-        name = key if key in valid else ALIASES.get(key)
+        name = key if key in valid else aliases.get(key)
         if name is None:
             raise PeftkitError(f"{source} has the unknown key {key!r}; {_suggest(key, valid)}")
         if name in out:

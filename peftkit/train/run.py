@@ -29,13 +29,13 @@ from peftkit.io.models import load_model, save_model_folder
 from peftkit.train import splits
 from peftkit.train.checkpoints import Position, load_checkpoint
 from peftkit.train.config import TrainConfig, resolve_defaults, save_config
-from peftkit.train.evaluate import eval_loss, exact_match
+from peftkit.train.evaluate import exact_match
 from peftkit.train.loop import Loop, fit
 from peftkit.train.loss import loss_path
 from peftkit.train.memory_report import report_memory
+from peftkit.train.objectives.base import ObjectiveRun, get_objective
 from peftkit.train.optim import optimizer_and_schedule, parameter_groups, total_steps
 from peftkit.train.precision import auto_precision, make_accelerator, upcast_trainable
-from peftkit.train.preference_run import Preference, describe, setup
 from peftkit.train.report import Metrics, Progress, plot_loss
 from peftkit.train.rundir import RunDir
 from peftkit.train.sharding import is_sharded, whole_model
@@ -147,7 +147,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
         model.to(acc.device)      # sharded: prepare places each process's shard (the whole model never moves)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, s.steps)
     path = loss_path(model)
-    pref = setup(s, path) if cfg.objective != "sft" else None  # preference objective: pairs, reference, loss
+    objective = get_objective(cfg.objective).start(s, path)  # batches, loss, statistics, held-out score
     prepared, optimizer = acc.prepare(model, optimizer)
     pos = Position()
     if s.resume_from is not None:
@@ -155,27 +155,24 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
         say(f"resuming from {s.resume_from} (step {pos.step}, epoch {pos.epoch}, micro-batch {pos.micro})")
     tracking = Tracking.start(acc, s.run_dir.tracking, s.run_dir.name, cfg.to_dict()) if main else None
     metrics = Metrics(s.run_dir, main, keep_until=pos.step if s.resume_from else None, tracking=tracking)
-    evaluate = _evaluator(s, metrics, path, pref)
+    evaluate = _evaluator(s, metrics, path, objective)
     before = _earlier_eval(metrics, 0) if s.resume_from else evaluate(0, generate=True)
-    _say_eval("before", before, say)
+    _say_eval("before", before, say, objective)
     bar = Progress(s.steps, pos.step, enabled=main and progress)
 
     def on_log(record: dict) -> None:
-        record = {**pref.step.stats(acc), **record} if pref else record
+        record = {**objective.stats(acc), **record}
         metrics.write("train", record)
         bar.update(record)
 
     loop = Loop(model=prepared, optimizer=optimizer, scheduler=scheduler, accelerator=acc,
                 plan=s.plan,
-                collate=splits.collate_fn(s.train_split, s.tokenizer.pad_token_id, cfg.packing, acc.device,
-                                          s.share_prefix),
+                collate=None, objective=objective,
                 lengths=s.train_split.lengths, total_steps=s.steps, grad_accum=cfg.grad_accum,
                 max_grad_norm=cfg.max_grad_norm, save_steps=cfg.save_steps, eval_steps=cfg.eval_steps,
                 keep_checkpoints=cfg.keep_checkpoints, run_dir=s.run_dir, loss_path=path, on_log=on_log,
                 on_eval=lambda step: evaluate(step, generate=False),
                 on_checkpoint=on_checkpoint or (lambda step: None))
-    if pref:
-        pref.adapt(loop)
     try:
         pos = fit(loop, pos)
     except BaseException as exc:
@@ -186,7 +183,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     finally:
         bar.stop()
     after = evaluate(pos.step, generate=True)
-    _say_eval("after", after, say)
+    _say_eval("after", after, say, objective)
     result = RunResult(s.run_dir, before=before, after=after, steps=pos.step, main=main)
     with whole_model(acc, prepared, not s.method.trains_base, "the trained result") as writer:  # sharded: gathered
         if writer:
@@ -196,19 +193,17 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     return result
 
 
-def _evaluator(s: Session, metrics: Metrics, path: str, pref: Preference | None = None) -> Callable[..., dict]:
-    """evaluate(step, generate) -> eval loss (and exact match when generating) on the main process, recorded."""
+def _evaluator(s: Session, metrics: Metrics, path: str, objective: ObjectiveRun) -> Callable[..., dict]:
+    """evaluate(step, generate) -> the objective's held-out score (and exact match when generating) on the main
+    process, recorded."""
     if s.eval_split is None:
         return lambda step, generate: {}
-    collate = pref.eval_collate if pref else splits.collate_fn(s.eval_split, s.tokenizer.pad_token_id, s.cfg.packing,
-                                                               s.accelerator.device, s.share_prefix)
-    plan = splits.plan_fn(s.eval_split, s.cfg, shuffle=False)(0)
 
     def evaluate(step: int, generate: bool) -> dict:
         result: dict[str, Any] = {}
         if s.main or is_sharded(s.accelerator):  # sharded: every process takes part in each forward
             with s.accelerator.autocast():  # under amp: half-precision base weights meet fp32 adapter weights
-                result = (pref.score if pref else eval_loss)(s.model, collate, plan, path)
+                result = objective.evaluate(s.model, path)
                 if generate and s.eval_split.references:
                     result.update(exact_match(s.model, s.tokenizer, s.eval_split.references, s.prompt_format))
             if s.main:
@@ -276,9 +271,6 @@ def _earlier_eval(metrics: Metrics, step: int) -> dict:
     return {k: v for k, v in found[-1].items() if k not in ("kind", "step")} if found else {}
 
 
-def _say_eval(when: str, result: dict, say: Callable[[str], None]) -> None:
-    if not result or "preference_accuracy" in result:
-        return say(f"eval {when}: {describe(result)}") if result else None
-    em = result.get("exact_match")
-    em_text = f", exact match {em:.0%} of {result['n']}" if em is not None else ""
-    say(f"eval {when}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}{em_text}")
+def _say_eval(when: str, result: dict, say: Callable[[str], None], objective: ObjectiveRun) -> None:
+    if result:
+        say(f"eval {when}: {objective.describe(result)}")

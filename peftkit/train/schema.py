@@ -40,8 +40,6 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "eval_steps": (1, BIG, True),
     "keep_checkpoints": (1, 1 << 20, True),
     "batch_tokens": (2, 1 << 30, True),
-    "beta": (0, 1e3, False),
-    "simpo_gamma": (0, 1e3, True),
 }
 OPEN_ABOVE = {"dropout"}  # [0, 1): a dropout of 1 drops everything
 

@@ -31,6 +31,7 @@ from typing import Any
 from peftkit.core.archs import decoder_layers
 from peftkit.errors import PeftkitError
 from peftkit.io.models import cache_dir
+from peftkit.train.objectives.base import get_objective
 from peftkit.train.shared_prefix import sharing_blocker
 
 EAGER_MAX_LENGTH = 256
@@ -100,8 +101,8 @@ def should_share_prefix(model: Any, cfg: Any, sharded: bool = False) -> tuple[bo
     """(compute the prompt prefix a micro-batch's rows share once?, why) for the run `cfg`."""
     if not cfg.share_prefix:
         return False, "--no-share-prefix"
-    if cfg.objective != "sft":
-        return False, "a preference objective batches its pairs itself"
+    if not get_objective(cfg.objective).shares_prefix:
+        return False, f"--objective {cfg.objective} batches its rows itself"
     blocker = sharing_blocker(model, cfg.packing, cfg.gradient_checkpointing, sharded or bool(cfg.fsdp or cfg.deepspeed))
     window = getattr(getattr(model, "config", None), "sliding_window", None)
     if blocker is None and window and cfg.max_length > window:  # a sliding cache would drop the prefix's keys

@@ -1,7 +1,8 @@
 """From the config's data options to what the loop and the evaluation consume, through `peftkit.data`.
 
 Which data is used:
-- no `--data`: the bundled task (peftkit/data/task_train.jsonl) with its disjoint eval split (task_eval.jsonl);
+- no `--data`: the objective's bundled task (`Objective.bundled`; SFT's: peftkit/data/task_train.jsonl) with its
+  disjoint eval split (task_eval.jsonl);
 - `--eval-data FILE`: that file is the eval set;
 - `--eval-split NAME`: that split of a hub / `datasets` source; `--eval-split 0.1` (a number): a seeded random
   share of the training rows (an integer >= 1: that many rows);
@@ -12,17 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from peftkit.errors import PeftkitError
-from peftkit.train.config import TrainConfig
 from peftkit.train.shared_prefix import KEY as SHARED_KEY
 from peftkit.train.shared_prefix import shared_length
-
-if TYPE_CHECKING:
-    from peftkit.data.preference import Pairs
 
 
 @dataclass
@@ -38,7 +35,7 @@ class Split:
         return len(self.lengths)
 
 
-def _tokenized(rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict, fmt: str, what: str) -> Split:
+def tokenized(rows: Any, tokenizer: Any, cfg: Any, prompt_format: dict, fmt: str, what: str) -> Split:
     from peftkit import data
 
     if len(rows) == 0:
@@ -57,25 +54,25 @@ def _tokenized(rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict,
     return Split(ds["input_ids"][:], ds["labels"][:], ds["length"][:], refs)
 
 
-def load_splits(cfg: TrainConfig, tokenizer: Any,
-                prompt_format: dict) -> tuple[Split | Pairs, Split | Pairs | None, str]:
+def load_splits(cfg: Any, tokenizer: Any, prompt_format: dict) -> tuple[Any, Any | None, str]:
     """(train split, eval split or None, detected format); every data error is raised here, before any write.
-    A preference objective gets `Pairs` (pair_splits), from the bundled preference task when there is no --data."""
+    The rows are chosen here (the objective's bundled task when there is no --data); the objective tokenizes them
+    (`Objective.load_splits`: a `Split` for sft, `Pairs` for a pair objective, ...)."""
     from peftkit import data
-    from peftkit.data.preference import is_preference
+    from peftkit.train.objectives.base import get_objective, names_of, objective_names
 
-    preference = cfg.objective != "sft"
-    source = cfg.data or str(data.BUNDLED_PREFERENCE_TRAIN if preference else data.BUNDLED_TRAIN)
+    objective = get_objective(cfg.objective)
+    bundled_train, bundled_eval = objective.bundled()
+    source = cfg.data or bundled_train
     rows = data.load_mixture(source, cfg.columns, cfg.seed)  # one source, or several mixed by weight (mixing.py)
     if len(rows) == 0:
         raise PeftkitError(f"the data {source!r} has no rows")
-    if not preference and is_preference(rows.column_names):
-        raise PeftkitError("the data has preference rows (prompt, chosen, rejected); train on them with "
-                           "--objective dpo, orpo or simpo")
+    others = [o for o in map(get_objective, objective_names()) if o is not objective and o.accepts(rows.column_names)]
+    if others and not objective.accepts(rows.column_names):
+        raise PeftkitError(f"the data has {others[0].row_shape}; train on them with --objective {names_of(others)}")
     eval_rows = None
     if cfg.eval_data or (cfg.data is None and cfg.eval_split is None):
-        bundled_eval = data.BUNDLED_PREFERENCE_EVAL if preference else data.BUNDLED_EVAL
-        eval_rows = data.load_mixture(cfg.eval_data or str(bundled_eval), cfg.columns, cfg.seed)
+        eval_rows = data.load_mixture(cfg.eval_data or bundled_eval, cfg.columns, cfg.seed)
     elif isinstance(cfg.eval_split, str) and not _is_number(cfg.eval_split):
         eval_rows = data.load_mixture(source, cfg.columns, cfg.seed, split=cfg.eval_split)
     else:
@@ -86,43 +83,7 @@ def load_splits(cfg: TrainConfig, tokenizer: Any,
         if size:
             parts = rows.train_test_split(test_size=int(size) if size >= 1 else size, seed=cfg.seed)
             rows, eval_rows = parts["train"], parts["test"]
-    if preference:
-        return pair_splits(rows, eval_rows, tokenizer, cfg, prompt_format)
-    fmt = data.detect_format(rows.column_names) if cfg.format == "auto" else cfg.format
-    train = _tokenized(rows, tokenizer, cfg, prompt_format, fmt, "training")
-    held = None
-    if eval_rows is not None and len(eval_rows):
-        eval_rows = eval_rows.select(range(min(len(eval_rows), cfg.eval_examples)))
-        held = _tokenized(eval_rows, tokenizer, cfg, prompt_format, fmt, "eval")
-    return train, held, fmt
-
-
-def pair_splits(rows: Any, eval_rows: Any, tokenizer: Any, cfg: TrainConfig,
-                prompt_format: dict) -> tuple[Pairs, Pairs | None, str]:
-    """(train pairs, eval pairs or None, a description of the format) from `datasets` rows (a preference objective)."""
-    from peftkit.data.preference import is_preference, pair_kind
-
-    if not is_preference(rows.column_names):
-        raise PeftkitError(f"--objective {cfg.objective} needs preference rows {{prompt, chosen, rejected}}; the "
-                           f"data has the columns {rows.column_names}")
-    train = _pairs(rows, tokenizer, cfg, prompt_format, "training")
-    held = None
-    if eval_rows is not None and len(eval_rows):
-        if not is_preference(eval_rows.column_names):
-            raise PeftkitError(f"the eval data needs preference rows too; it has the columns {eval_rows.column_names}")
-        held = _pairs(eval_rows.select(range(min(len(eval_rows), cfg.eval_examples))), tokenizer, cfg, prompt_format,
-                      "eval")
-    return train, held, f"preference pairs, {pair_kind(rows[0])}"
-
-
-def _pairs(rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict, what: str) -> Pairs:
-    from peftkit.data.preference import tokenize_pairs
-
-    pairs = tokenize_pairs(rows, tokenizer, max_length=cfg.max_length, prompt_format=prompt_format)
-    if not len(pairs):
-        raise PeftkitError(f"no {what} pair has response tokens left after truncation to --max-length "
-                           f"{cfg.max_length}; raise --max-length")
-    return pairs
+    return objective.load_splits(rows, eval_rows, tokenizer, cfg, prompt_format)
 
 
 def _is_number(text: str) -> bool:
@@ -133,11 +94,11 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def _default_holdout(n_rows: int, cfg: TrainConfig) -> int:
+def _default_holdout(n_rows: int, cfg: Any) -> int:
     return 0 if n_rows < 20 else min(cfg.eval_examples, max(1, n_rows // 20))
 
 
-def plan_fn(split: Split, cfg: TrainConfig, shuffle: bool = True) -> Callable[[int], list[list[int]]]:
+def plan_fn(split: Any, cfg: Any, shuffle: bool = True) -> Callable[[int], list[list[int]]]:
     """epoch -> that epoch's micro-batches (deterministic in seed and epoch, identical on every process)."""
     from peftkit import data
 

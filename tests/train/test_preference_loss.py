@@ -13,7 +13,8 @@ import torch
 import peftkit
 from peftkit.core.ops import disable_adapters
 from peftkit.data.preference import collate_pairs, tokenize_pairs
-from peftkit.train.preference import PreferenceStep, dpo_loss, log1mexp, orpo_loss, sequence_logps, simpo_loss
+from peftkit.train.objectives import get_objective
+from peftkit.train.preference import dpo_loss, log1mexp, orpo_loss, sequence_logps, simpo_loss
 from peftkit.train.preference_run import precompute_reference
 from tests.tiny import save_tiny_checkpoint
 
@@ -95,7 +96,7 @@ def tiny(tmp_path_factory):
 
 def test_dpo_starts_at_ln2_with_an_identity_adapter(tiny):
     model, _, batch = tiny
-    step = PreferenceStep("dpo", 0.1, model)
+    step = get_objective("dpo").step(model, {"beta": 0.1})
     loss = step(model, batch).detach() / 3
     assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
     stats = step.stats()
@@ -111,7 +112,7 @@ def test_reference_is_the_base_model_and_precomputing_agrees(tiny):
         with disable_adapters(model):
             base, _ = sequence_logps(model, batch)
         adapted, _ = sequence_logps(model, batch)
-        step = PreferenceStep("dpo", 0.1, model)
+        step = get_objective("dpo").step(model, {"beta": 0.1})
         assert torch.allclose(torch.cat(step.reference(batch, True)), base)
         assert not torch.allclose(adapted, base)
         in_step = step(model, batch)

@@ -109,10 +109,10 @@ def test_resume_equals_an_uninterrupted_run(setup):
 
 @pytest.mark.parametrize("options, message", [
     ({"objective": "dpo", "packing": True}, "--packing does not work with --objective dpo"),
-    ({"objective": "kto"}, "objective must be one of sft, dpo, orpo, simpo"),
-    ({"beta": 0.2}, "--beta is a preference-objective option"),
-    ({"objective": "dpo", "simpo_gamma": 0.5}, "simpo_gamma is SimPO's margin"),
-    ({"objective": "orpo", "precompute_ref": True}, "only --objective dpo uses a reference model"),
+    ({"objective": "ipo"}, "objective must be one of sft, dpo, orpo, simpo, kto; got 'ipo'"),
+    ({"beta": 0.2}, "--beta is an option of dpo, kto, orpo, simpo; add --objective dpo"),
+    ({"objective": "dpo", "simpo_gamma": 0.5}, "--simpo-gamma is an option of simpo; add --objective simpo"),
+    ({"objective": "orpo", "precompute_ref": True}, "--precompute-ref is an option of dpo, kto; add --objective dpo"),
     ({"objective": "dpo", "beta": 0}, "beta must be > 0"),
     ({"objective": "simpo", "train_on_prompt": True}, "--train-on-prompt and --format are SFT options"),
 ])
@@ -138,10 +138,11 @@ def test_defaults_and_other_tools_recipe_keys(tmp_path):
     recipe = tmp_path / "lf.yaml"
     recipe.write_text("pref_loss: sigmoid\npref_beta: 0.2\nprecompute_ref_log_probs: true\n")
     assert read_recipe(recipe) == {"objective": "dpo", "beta": 0.2, "precompute_ref": True}
-    simpo = resolve_defaults(load_train_config(None, {"objective": "simpo"}))
-    assert (simpo.beta, simpo.simpo_gamma) == (2.0, 1.0)
-    assert resolve_defaults(load_train_config(None, {"objective": "dpo"})).beta == 0.1
-    assert resolve_defaults(load_train_config(None, {})).beta is None
+    assert load_train_config(recipe).objective_options == {"beta": 0.2, "precompute_ref": True}
+    simpo = resolve_defaults(load_train_config(None, {"objective": "simpo"})).objective_options
+    assert (simpo["beta"], simpo["simpo_gamma"]) == (2.0, 1.0)
+    assert resolve_defaults(load_train_config(None, {"objective": "dpo"})).objective_options["beta"] == 0.1
+    assert resolve_defaults(load_train_config(None, {})).objective_options == {}
     bundled = resolve_defaults(load_train_config(None, {"objective": "dpo"}))
     assert (bundled.max_steps, bundled.batch_size, bundled.lr, bundled.max_length) == (20, 4, 2e-3, 128)
     assert resolve_defaults(load_train_config(None, {"objective": "dpo", "epochs": 2})).max_steps is None

@@ -11,6 +11,7 @@ import yaml
 
 from peftkit.cli import main
 from peftkit.train.config import load_train_config
+from peftkit.train.objectives import get_objective
 from tests.tiny import save_tiny_checkpoint, write_rows
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -47,10 +48,11 @@ def test_small_recipe_dry_run(recipe, tiny, tmp_path, monkeypatch, capsys):
     model, data = tiny
     monkeypatch.chdir(tmp_path)
     extra = ["--set", "layers=1"] if load_train_config(recipe).method == "freeze" else []  # the tiny model has 2 layers
-    if load_train_config(recipe).objective != "sft":  # a preference recipe needs {prompt, chosen, rejected} rows
-        data = tmp_path.parent / f"{recipe.stem}-pairs.jsonl"
-        data.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) + "\n"
-                                for i in range(8)))
+    objective = get_objective(load_train_config(recipe).objective)
+    for row in ({"chosen": "yes", "rejected": "no"}, {"completion": "yes", "label": True}):
+        if objective.accepts(["prompt", *row]):  # a preference / KTO recipe needs its own rows
+            data = tmp_path.parent / f"{recipe.stem}-rows.jsonl"
+            data.write_text("".join(json.dumps({"prompt": f"q{i}", **row}) + "\n" for i in range(8)))
     main(["train", "--config", str(recipe), "--model", str(model), "--data", str(data), "--dry-run", "--quiet", *extra])
     out = capsys.readouterr().out
     assert "trainable" in out and "optimizer steps" in out

@@ -1,0 +1,197 @@
+"""The `Objective` interface and the registry of objectives (no torch here: `peftkit train --help` builds its flags
+from the objectives' declared options, and `TrainConfig` validates with them before anything loads).
+
+An objective is one module that subclasses `Objective` and is registered (the built-ins by this package's
+`__init__`; plugins through the `peftkit.objectives` entry-point group, or `register_objective`). It declares:
+
+- `name`, `options` (`core.options.Option`: type, default, bounds, help, flags, other tools' aliases);
+- what its rows look like and how they load (`accepts`, `load_splits`, `bundled`: the data with no `--data`,
+  `bundled_defaults`: that task's step count and batch size);
+- `rows_per_example` (a DPO pair is two model rows: the memory report and `--batch-tokens` count them);
+- `shares_prefix` (whether `speed.should_share_prefix` may mark shared prompt prefixes in its batches),
+  `needs_generation` (online objectives sample from the model while training);
+- `check(cfg, method)`: the combinations it refuses;
+- `start(session, loss_path) -> ObjectiveRun`: the per-run part the loop talks to (see `ObjectiveRun`).
+
+Nothing outside an objective's own module compares objective names (tests/train/test_objective_names.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from peftkit.core.options import Option
+from peftkit.errors import PeftkitError
+
+ENTRY_POINT_GROUP = "peftkit.objectives"
+
+
+class ObjectiveRun:
+    """An objective inside one training run, built by `Objective.start`. The loop calls, per optimizer step:
+
+        batches = run.step_batches(model, indices_per_micro)   # this process's micro-batches of the step
+        n = sum(run.count(b) for b in batches)                 # summed over processes: the step's normaliser
+        loss = run.loss(model, batch, loss_path)               # per micro-batch: the SUM of its losses
+        record.update(run.stats(accelerator))                  # per-step metrics (means over all processes)
+
+    and the evaluation `run.evaluate(model, loss_path)` (held-out score) / `run.describe(result)` (one line).
+    An online objective (e.g. GRPO) generates in `step_batches`: it receives the model of the step, samples
+    completions of the step's prompts, scores them (rewards, advantages, old log-probs) and returns the
+    micro-batches to train on; it may keep them to reuse over several steps (update iterations).
+    """
+
+    def step_batches(self, model: Any, indices_per_micro: list[list[int]]) -> list[dict[str, Any]]:
+        """This process's micro-batches of one optimizer step, on the run's device."""
+        raise NotImplementedError
+
+    def loss(self, model: Any, batch: dict[str, Any], loss_path: str) -> Any:
+        """The SUM of the micro-batch's losses (0-d fp32 tensor); the loop divides by the step's `count`."""
+        raise NotImplementedError
+
+    def count(self, batch: dict[str, Any]) -> int:
+        """What the step's summed loss is normalised by: this micro-batch's share (targets, pairs, rows)."""
+        raise NotImplementedError
+
+    def stats(self, accelerator: Any = None) -> dict[str, float]:
+        """Metrics of the steps since the last call, over every process (merged into each train record)."""
+        return {}
+
+    def evaluate(self, model: Any, loss_path: str) -> dict[str, Any]:
+        """Held-out score on the eval split (the same figures before and after training)."""
+        raise NotImplementedError
+
+    def describe(self, result: dict[str, Any]) -> str:
+        """One line for `eval before` / `eval after`."""
+        raise NotImplementedError
+
+
+class Objective:
+    """A training objective (see the module docstring). Subclasses set the class attributes and implement
+    `load_splits` and `start`; `check` and `defaults` have working defaults."""
+
+    name: str = ""
+    options: tuple[Option, ...] = ()
+    rows_per_example: int = 1          # model rows per example (a preference pair: 2)
+    shares_prefix: bool = False        # batches may mark a prompt prefix all rows share (shared_prefix.py)
+    needs_generation: bool = False     # samples from the model while training (online objectives)
+    row_shape: str = ""                # the rows it trains on, for messages: "{prompt, chosen, rejected} rows"
+    bundled_defaults: dict[str, Any] = {}  # the bundled task's max_steps / batch_size (no --data)
+
+    def bundled(self) -> tuple[str, str]:
+        """(train file, eval file) of the task used when there is no --data."""
+        raise NotImplementedError
+
+    def accepts(self, column_names: list[str]) -> bool:
+        """Whether rows with these columns are this objective's (for "train on them with --objective ...")."""
+        return False
+
+    def load_splits(self, rows: Any, eval_rows: Any, tokenizer: Any, cfg: Any, prompt_format: dict) -> tuple:
+        """(train split, eval split or None, a description of the format) from `datasets` rows; raise
+        PeftkitError for rows of another shape. A split has `lengths`, `references` and `len`."""
+        raise NotImplementedError
+
+    def check(self, cfg: Any, method: Any) -> None:
+        """Refuse option combinations that cannot work (cfg: a TrainConfig, method: its Method)."""
+
+    def defaults(self, cfg: Any) -> dict[str, Any]:
+        """TrainConfig fields left unset that this objective fills: the bundled task's step count and batch size
+        when there is no --data (an explicit --epochs wins over the step count)."""
+        if cfg.data is not None:
+            return {}
+        fill = {k: v for k, v in self.bundled_defaults.items() if getattr(cfg, k) is None}
+        if cfg.epochs != 1.0:
+            fill.pop("max_steps", None)
+        return fill
+
+    def option_defaults(self) -> dict[str, Any]:
+        """{option name: its declared default}."""
+        return {option.name: option.default for option in self.options}
+
+    def start(self, session: Any, loss_path: str) -> ObjectiveRun:
+        """The per-run part (session: run.Session, model on its device, before accelerate prepares it)."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Objective] = {}
+_loaded = False
+
+
+def register_objective(objective: Objective | type[Objective]) -> Objective:
+    """Add an objective (an instance or a class) under its `name`; a second one with the same name replaces it."""
+    if isinstance(objective, type):
+        objective = objective()
+    if not isinstance(objective, Objective) or not objective.name:
+        raise PeftkitError(f"an objective must be a named peftkit Objective, got {objective!r:.80}")
+    _REGISTRY[objective.name] = objective
+    return objective
+
+
+def _load() -> None:
+    """Register the `peftkit.objectives` entry points, once. The built-ins are already registered: Python runs
+    this package's `__init__` (which imports them) before this module, however it is imported."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from importlib.metadata import entry_points
+
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            register_objective(point.load())
+        except Exception as exc:  # noqa: BLE001  (a plugin may raise anything; say which one failed)
+            raise PeftkitError(f"the objective plugin {point.name!r} ({point.value}) failed to load: {exc}") from None
+
+
+def get_objective(name: str) -> Objective:
+    """The registered objective `name`; PeftkitError listing the registered ones otherwise."""
+    _load()
+    if name not in _REGISTRY:
+        raise PeftkitError(f"objective must be one of {', '.join(objective_names())}; got {name!r}")
+    return _REGISTRY[name]
+
+
+def objective_names() -> list[str]:
+    """Registered objective names, in registration order."""
+    _load()
+    return list(_REGISTRY)
+
+
+def declared_options() -> list[Option]:
+    """Every registered objective's options, a name several objectives declare (e.g. `beta`) listed once."""
+    _load()
+    seen: dict[str, Option] = {}
+    for objective in _REGISTRY.values():
+        for option in objective.options:
+            seen.setdefault(option.name, option)
+    return list(seen.values())
+
+
+def declaring(name: str) -> list[str]:
+    """The objectives that declare the option `name`."""
+    _load()
+    return [o.name for o in _REGISTRY.values() if any(opt.name == name for opt in o.options)]
+
+
+def option_aliases() -> dict[str, str]:
+    """{other tools' recipe key: option name} over every objective (LLaMA-Factory's `pref_beta` -> `beta`)."""
+    return {alias: option.name for option in declared_options() for alias in option.aliases}
+
+
+def resolve_options(objective: Objective, given: dict[str, Any]) -> dict[str, Any]:
+    """The objective's option values: `given` checked by each declaration, the rest its defaults. A value for an
+    option it does not declare is refused, naming the objectives that do."""
+    own = {option.name: option for option in objective.options}
+    for key in given:
+        if key not in own:
+            users = declaring(key)
+            where = f"an option of {', '.join(sorted(users))}; add --objective {users[0]}" if users else \
+                "not an option of any objective"
+            raise PeftkitError(f"--{key.replace('_', '-')} is {where} (the objective is {objective.name})")
+    return {name: option.check(given[name]) if name in given else option.default for name, option in own.items()}
+
+
+def names_of(objectives: Iterable[Objective]) -> str:
+    """'dpo, orpo or simpo' for a message."""
+    names = [o.name for o in objectives]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"

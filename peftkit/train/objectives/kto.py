@@ -1,0 +1,101 @@
+"""`kto` (Ethayarajh et al. 2024): Kahneman-Tversky optimisation on unpaired rows `{prompt, completion, label}`
+(label true: a desirable completion, false: an undesirable one), TRL's unpaired preference format, text or
+conversational (data/unpaired.py). The loss and its statistics are train/kto.py's; the options are TRL's KTOConfig's
+(`beta` 0.1, `desirable_weight` / `undesirable_weight` 1.0). Like DPO it needs a reference: the adapter switched
+off, or precomputed (`--precompute-ref`, required by methods that train the base).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from peftkit.core.options import Option
+from peftkit.errors import PeftkitError
+from peftkit.train.objectives.base import Objective, ObjectiveRun, register_objective
+from peftkit.train.objectives.dpo import BETA, PRECOMPUTE_REF
+from peftkit.train.objectives.pairs import refuse_base_without_reference, refuse_sft_options
+
+OPTIONS = (
+    replace(BETA, help="KTO's temperature (as in TRL's KTOConfig)."),
+    Option("desirable_weight", float, 1.0, "KTO: the weight of desirable examples' losses.", low=0, high=1e3,
+           low_open=True),
+    Option("undesirable_weight", float, 1.0, "KTO: the weight of undesirable examples' losses.", low=0, high=1e3,
+           low_open=True),
+    PRECOMPUTE_REF,
+)
+
+
+class Kto(Objective):
+    """Kahneman-Tversky optimisation (see the module docstring)."""
+
+    name = "kto"
+    options = OPTIONS
+    rows_per_example = 2          # each example's row and its mismatched KL row
+    row_shape = "unpaired preference rows (prompt, completion, label)"
+    # A step of 8 examples: 8 rows with gradients + 24 without (KL rows, reference of both), about a bundled
+    # DPO step's cost; 30 steps see 240 of the 500 bundled examples.
+    bundled_defaults = {"max_steps": 30, "batch_size": 8}
+
+    def bundled(self) -> tuple[str, str]:
+        from peftkit import data
+
+        return str(data.BUNDLED_KTO_TRAIN), str(data.BUNDLED_KTO_EVAL)
+
+    def accepts(self, column_names: list[str]) -> bool:
+        from peftkit.data.unpaired import is_unpaired
+
+        return is_unpaired(column_names)
+
+    def load_splits(self, rows: Any, eval_rows: Any, tokenizer: Any, cfg: Any, prompt_format: dict) -> tuple:
+        if not self.accepts(rows.column_names):
+            raise PeftkitError(f"--objective kto needs unpaired rows {{prompt, completion, label}}; the data has the "
+                               f"columns {rows.column_names}")
+        train = _tokenized(rows, tokenizer, cfg, prompt_format, "training")
+        held = None
+        if eval_rows is not None and len(eval_rows):
+            if not self.accepts(eval_rows.column_names):
+                raise PeftkitError(f"the eval data needs unpaired rows too; it has the columns "
+                                   f"{eval_rows.column_names}")
+            held = _tokenized(eval_rows.select(range(min(len(eval_rows), cfg.eval_examples))), tokenizer, cfg,
+                              prompt_format, "eval")
+        good = sum(train.desirable)
+        return train, held, f"unpaired rows, {good} desirable and {len(train) - good} undesirable"
+
+    def check(self, cfg: Any, method: Any) -> None:
+        refuse_sft_options(cfg, self.name, "{prompt, completion, label} rows")
+        if cfg.batch_size == 1:
+            raise PeftkitError("--objective kto needs --batch-size >= 2: the KL term is estimated from the other "
+                               "examples of the micro-batch (with one, it equals the example's own reward)")
+        refuse_base_without_reference(cfg, self.name, method)
+
+    def start(self, session: Any, loss_path: str) -> ObjectiveRun:
+        from peftkit.train import kto, splits
+
+        s, options = session, session.cfg.objective_options
+        device, pad = s.accelerator.device, s.tokenizer.pad_token_id
+        step = kto.KtoStep(options["beta"], s.model, options["desirable_weight"], options["undesirable_weight"])
+        if options["precompute_ref"]:
+            for data in (s.train_split, s.eval_split):
+                if data is not None:
+                    with s.accelerator.autocast():
+                        kto.precompute_reference(s.model, data, splits.plan_fn(data, s.cfg, shuffle=False)(0),
+                                                 kto.collate_fn(data, pad, device), loss_path)
+        held = s.eval_split
+        return kto.KtoRun(step, kto.collate_fn(s.train_split, pad, device),
+                          kto.collate_fn(held, pad, device) if held is not None else None,
+                          splits.plan_fn(held, s.cfg, shuffle=False)(0) if held is not None else None)
+
+
+def _tokenized(rows: Any, tokenizer: Any, cfg: Any, prompt_format: dict, what: str) -> Any:
+    from peftkit.data.unpaired import tokenize_unpaired
+
+    data = tokenize_unpaired(rows, tokenizer, max_length=cfg.max_length, prompt_format=prompt_format)
+    if len(data) < 2:
+        raise PeftkitError(f"the {what} data needs at least 2 unpaired rows with completion tokens left after "
+                           f"truncation to --max-length {cfg.max_length} (KTO's KL term pairs each prompt with "
+                           f"another row's completion); it has {len(data)}")
+    return data
+
+
+register_objective(Kto())

@@ -1,0 +1,99 @@
+"""What dpo, orpo and simpo share: `{prompt, chosen, rejected}` rows (`data.preference.Pairs`, two model rows per
+example), the bundled preference task, the refusals of SFT-only options, and a run (`preference_run.PairRun`)
+whose loss is `train/preference.py`'s PreferenceStep. A pair objective only says its options and its formula
+(`pair_loss`) and whether it needs a reference model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peftkit.errors import PeftkitError
+from peftkit.train.objectives.base import Objective, ObjectiveRun
+
+# The bundled preference task with no --data: a step of 4 pairs is 8 rows (+ DPO's no_grad reference forward of
+# them), about the cost of a bundled SFT step of 8 examples; 20 steps keep the zero-argument run to minutes.
+BUNDLED_PAIR_DEFAULTS = {"max_steps": 20, "batch_size": 4}
+
+
+class PairObjective(Objective):
+    """A preference objective on chosen / rejected pairs (see the module docstring)."""
+
+    rows_per_example = 2
+    uses_reference = False        # DPO: the model before training scores each pair too
+    row_shape = "preference rows (prompt, chosen, rejected)"
+    bundled_defaults = BUNDLED_PAIR_DEFAULTS
+
+    def pair_loss(self, options: dict[str, Any]) -> Any:
+        """(pi_c, pi_r, n_c, n_r, ref) -> (per-pair losses, chosen rewards, rejected rewards), `options` bound in
+        (train/preference.py's formulas; ref: the reference's (chosen, rejected) sums or None)."""
+        raise NotImplementedError
+
+    def step(self, model: Any, options: dict[str, Any]) -> Any:
+        """The loop's loss for this objective over `model` (the unwrapped model: its adapters give the reference)."""
+        from peftkit.train.preference import PreferenceStep
+
+        return PreferenceStep(self.pair_loss(options), model, self.uses_reference)
+
+    def bundled(self) -> tuple[str, str]:
+        from peftkit import data
+
+        return str(data.BUNDLED_PREFERENCE_TRAIN), str(data.BUNDLED_PREFERENCE_EVAL)
+
+    def accepts(self, column_names: list[str]) -> bool:
+        from peftkit.data.preference import is_preference
+
+        return is_preference(column_names)
+
+    def load_splits(self, rows: Any, eval_rows: Any, tokenizer: Any, cfg: Any, prompt_format: dict) -> tuple:
+        from peftkit.data.preference import pair_kind
+
+        if not self.accepts(rows.column_names):
+            raise PeftkitError(f"--objective {self.name} needs preference rows {{prompt, chosen, rejected}}; the "
+                               f"data has the columns {rows.column_names}")
+        train = _pairs(rows, tokenizer, cfg, prompt_format, "training")
+        held = None
+        if eval_rows is not None and len(eval_rows):
+            if not self.accepts(eval_rows.column_names):
+                raise PeftkitError(f"the eval data needs preference rows too; it has the columns "
+                                   f"{eval_rows.column_names}")
+            held = _pairs(eval_rows.select(range(min(len(eval_rows), cfg.eval_examples))), tokenizer, cfg,
+                          prompt_format, "eval")
+        return train, held, f"preference pairs, {pair_kind(rows[0])}"
+
+    def check(self, cfg: Any, method: Any) -> None:
+        refuse_sft_options(cfg, self.name, "{prompt, chosen, rejected} rows")
+
+    def start(self, session: Any, loss_path: str) -> ObjectiveRun:
+        from peftkit.train.preference_run import setup
+
+        options = session.cfg.objective_options
+        return setup(session, loss_path, self.step(session.model, options), bool(options.get("precompute_ref")))
+
+
+def refuse_sft_options(cfg: Any, name: str, rows: str) -> None:
+    """--packing, --train-on-prompt and --format are SFT's; an objective scoring whole responses refuses them."""
+    if cfg.packing:
+        raise PeftkitError(f"--packing does not work with --objective {name}: its responses are scored as "
+                           "separate padded rows; drop --packing")
+    if cfg.train_on_prompt or cfg.format != "auto":
+        raise PeftkitError(f"--train-on-prompt and --format are SFT options; --objective {name} scores only "
+                           f"the responses of {rows}, whose shape is detected from the values")
+
+
+def refuse_base_without_reference(cfg: Any, name: str, method: Any) -> None:
+    """A reference is the adapter switched off; a method training the base itself needs it precomputed."""
+    if method.trains_base and not cfg.objective_options.get("precompute_ref"):
+        raise PeftkitError(f"{name.upper()} with --method {method.name} needs --precompute-ref: the reference is "
+                           "the model before training, and without an adapter to switch off it can only be kept by "
+                           "computing its log-probabilities once before the first step")
+
+
+def _pairs(rows: Any, tokenizer: Any, cfg: Any, prompt_format: dict, what: str) -> Any:
+    from peftkit.data.preference import tokenize_pairs
+
+    pairs = tokenize_pairs(rows, tokenizer, max_length=cfg.max_length, prompt_format=prompt_format)
+    if not len(pairs):
+        raise PeftkitError(f"no {what} pair has response tokens left after truncation to --max-length "
+                           f"{cfg.max_length}; raise --max-length")
+    return pairs
