@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from transformers import Cache, DynamicCache, PretrainedConfig
+from transformers import Cache, DynamicCache, PretrainedConfig, PreTrainedModel
 
 from peftkit.core.method import AdapterLayer
 from peftkit.errors import PeftkitError
@@ -175,6 +175,12 @@ def _config(model: nn.Module) -> PretrainedConfig:
     """The config of the CausalLM `model` (the hooks see it as an nn.Module, whose attributes are typed
     `Tensor | Module`)."""
     return cast(PretrainedConfig, model.config)
+
+
+def input_embeddings(model: nn.Module) -> nn.Embedding:
+    """The CausalLM's input embedding layer (`get_input_embeddings()`: an nn.Embedding or a subclass, which
+    transformers types as any nn.Module), for the layers that only see the model as an nn.Module."""
+    return cast(nn.Embedding, cast(PreTrainedModel, model).get_input_embeddings())
 
 
 def _shift_positions(position_ids: torch.Tensor, p: int, prepended: int) -> torch.Tensor:
