@@ -37,10 +37,10 @@ def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str,
     ratio = cfg.loraplus_lr_ratio
     if ratio is None:
         return [{"params": [p for _, p in named], "lr": cfg.lr}]
-    lr = _lr(cfg)
     if not any(".lora_B." in n for n, _ in named):
         raise PeftkitError(f"--loraplus-lr-ratio sets the learning rate of LoRA's B matrices, and method "
                            f"{cfg.method!r} trains none; drop the option or use --method lora")
+    lr = _lr(cfg)
     fast = [p for n, p in named if ".lora_B." in n or p.ndim == 1]
     slow = [p for n, p in named if not (".lora_B." in n or p.ndim == 1)]
     groups: list[dict[str, Any]] = [{"params": slow, "lr": lr}, {"params": fast, "lr": lr * ratio}]
