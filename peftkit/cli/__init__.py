@@ -110,8 +110,9 @@ def _terminate_on_sigterm() -> None:
 def os_error_message(exc: OSError) -> str:
     """One line for a fault of the machine: the cause (no space left, read-only, permission denied) and the path."""
     where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
-    hint = {errno.ENOSPC: "; free some space or write to another disk", errno.EROFS: "; write to a writable folder",
-            errno.EACCES: "; write to a folder you may write to", errno.EPERM: "; write to a folder you may write to"}
+    hint: dict[int | None, str] = {  # looked up by exc.errno, which may be None
+        errno.ENOSPC: "; free some space or write to another disk", errno.EROFS: "; write to a writable folder",
+        errno.EACCES: "; write to a folder you may write to", errno.EPERM: "; write to a folder you may write to"}
     cause = exc.strerror or str(exc) or type(exc).__name__
     return f"{cause}{where}{hint.get(exc.errno, '')} (unfinished outputs were removed)"
 

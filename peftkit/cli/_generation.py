@@ -8,10 +8,12 @@ is written as in training (`template(user turns) + answer + EOS`), then the temp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
-if TYPE_CHECKING:
-    from torch import nn
+if TYPE_CHECKING:  # `peftkit --help` imports this module: no torch or transformers at run time
+    from transformers import BatchEncoding
+
+    from peftkit.io.models import CausalLM
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
 
@@ -28,7 +30,7 @@ class Generator:
         from peftkit.io.models import load_model
 
         torch.manual_seed(seed)
-        self.lm: nn.Module
+        self.lm: CausalLM
         self.lm, self.tokenizer = load_model(model if model or not adapter else adapter_base_model(adapter))
         if adapter:
             load_adapter(self.lm, adapter)
@@ -41,7 +43,8 @@ class Generator:
 
         if "chat_template" in self.prompt_format:
             return render_prompt(self.tokenizer, messages, self.prompt_format)
-        text, pending = "", []
+        text = ""
+        pending: list[Message] = []
         for message in messages:
             if message["role"] == "assistant":
                 text += render_prompt(self.tokenizer, pending, self.prompt_format) + message["content"]
@@ -51,7 +54,7 @@ class Generator:
                 pending.append(message)
         return text + render_prompt(self.tokenizer, pending, self.prompt_format)
 
-    def encode(self, messages: list[Message]) -> dict[str, Any]:
+    def encode(self, messages: list[Message]) -> BatchEncoding:
         """Token ids (and attention mask) of `prompt_text(messages)`; a plain prompt starts with the tokenizer's
         special prefix (BOS) as in training, a chat template writes its own."""
         from peftkit.data.rendering import uses_special_prefix
@@ -72,7 +75,7 @@ class Generator:
             out = self.lm.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
                                    pad_token_id=self.tokenizer.pad_token_id, **sampling)
         new = out[0, inputs["input_ids"].shape[1]:]
-        return self.tokenizer.decode(new, skip_special_tokens=True).strip()
+        return cast(str, self.tokenizer.decode(new, skip_special_tokens=True)).strip()  # one sequence: one str
 
 
 def opening(system: str | None) -> list[Message]:

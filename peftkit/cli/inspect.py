@@ -7,7 +7,7 @@ exactly what `train` would create and cost no memory.
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
@@ -15,15 +15,19 @@ from peftkit.cli._app import app
 from peftkit.cli._options import Json, Rank, TargetModules
 from peftkit.errors import PeftkitError
 
+if TYPE_CHECKING:  # `peftkit --help` imports this module: no torch or transformers at run time
+    from torch import nn
+    from transformers import PretrainedConfig
 
-def _rows(model_config, rank: int, target_modules: str | None) -> list[dict]:
+
+def _rows(model_config: PretrainedConfig, rank: int | None, target_modules: str | None) -> list[dict]:
     """One row per method setting: name, options, trainable parameters, share of the total."""
     from peftkit.core.counting import count_parameters
     from peftkit.core.registry import method_names
 
-    settings = [("lora", {"rank": rank, "target_modules": target_modules}), ("lora", {"rank": rank, "target_modules": "all-linear"})]
+    settings: list[tuple[str, dict[str, int | str | None]]] = [("lora", {"rank": rank, "target_modules": target_modules}), ("lora", {"rank": rank, "target_modules": "all-linear"})]
     settings += [(m, {}) for m in method_names() if m != "lora"]
-    rows = []
+    rows: list[dict[str, object]] = []
     for method, options in settings:
         options = {k: v for k, v in options.items() if v is not None}
         try:
@@ -58,7 +62,7 @@ def inspect_cmd(
         "model": model or "smollm2-135m (embedded)",
         "model_type": config.model_type,
         "known_architecture": config.model_type in ARCHS,
-        "layers": len(meta.get_submodule(spec.layers)) if spec.layers else None,
+        "layers": len(cast("nn.ModuleList", meta.get_submodule(spec.layers))) if spec.layers else None,
         "hidden_size": dims["hidden"],
         "attention_heads": dims["heads"],
         "kv_heads": dims["kv_heads"],

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftkit.errors import PeftkitError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +129,7 @@ def arch_spec(model: nn.Module) -> ArchSpec:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of `model` (raises AttributeError if the spec's path does not exist)."""
-    return model.get_submodule(arch_spec(model).layers)
+    return cast(nn.ModuleList, model.get_submodule(arch_spec(model).layers))  # the spec names a ModuleList
 
 
 def text_config(model_or_config: Any) -> Any:
@@ -153,7 +156,7 @@ def model_dims(model_or_config: Any) -> dict[str, int]:
     return {"num_layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
 
 
-def enable_checkpointing(model: nn.Module) -> None:
+def enable_checkpointing(model: PreTrainedModel) -> None:
     """Turn on activation (gradient) checkpointing, non-reentrant, under the name this transformers has
     (`activation_checkpointing_enable` in 5.x; the old `gradient_checkpointing_enable` is a deprecated alias)."""
     if hasattr(model, "activation_checkpointing_enable"):

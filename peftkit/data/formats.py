@@ -133,7 +133,7 @@ def parse_messages(turns: Any, where: str, field: str = "messages", need_answer:
         content = turn.get("content") if turn.get("content") is not None else turn.get("value")
         if not isinstance(role, str) or not isinstance(content, str):
             raise PeftkitError(f"{where}: message {number} needs text 'role' and 'content', got {turn!r:.80}")
-        message = {"role": _ROLE_ALIASES.get(role, role), "content": content}
+        message: dict[str, str | bool] = {"role": _ROLE_ALIASES.get(role, role), "content": content}
         if turn.get("train") is False:
             message["train"] = False
         messages.append(message)

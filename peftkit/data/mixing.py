@@ -136,8 +136,9 @@ def load_mixture(spec: str | list[Any], columns: dict[str, str] | None = None, s
             raise PeftkitError(f"data: the sources of a mixture need the same columns (one format); "
                                f"{sources[0].path!r} has {', '.join(first.column_names)}, {source.path!r} has "
                                f"{', '.join(part.column_names)} (map them with columns:)")
-    if sources[0].weight is not None:
-        parts = _weighted(parts, [s.weight for s in sources], seed)
+    weights = [s.weight for s in sources if s.weight is not None]  # every source's or none (parse_mixture)
+    if weights:
+        parts = _weighted(parts, weights, seed)
     try:
         return datasets.concatenate_datasets(parts)  # aligns column order and all-null columns
     except ValueError as exc:

@@ -18,13 +18,16 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from peftkit.io.fs import atomic_dir
 from peftkit.io.model_config import complete_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
     log.info("converted in %.1f s", time.perf_counter() - start)
 
 
-def write_model_config(model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
+def write_model_config(model: PreTrainedModel, folder: Path, dtype: torch.dtype) -> None:
     """config.json and generation_config.json of `model`'s weights stored as `dtype` in `folder`: `architectures`
     from the model's class, the dtype under both names, and no quantization_config (the weights are de-quantized)
     nor the GGUF's internal name."""

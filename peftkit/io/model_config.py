@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def complete_config(folder: Path, *, architectures: list[str] | None = None,
     path = folder / "config.json"
     config = read_json_object(path, "a model config")
     if not config.get("architectures"):
-        found = architectures or [causal_lm_class(config.get("model_type"))]
+        found: Sequence[str | None] = architectures or [causal_lm_class(config.get("model_type"))]
         if None in found:
             log.warning("%s: no architectures and model_type %r maps to no causal LM class; left without",
                         path, config.get("model_type"))

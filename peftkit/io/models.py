@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from filelock import FileLock
@@ -28,6 +28,13 @@ from peftkit.io.fs import atomic_dir
 from peftkit.io.gguf import CONVERSION_VERSION, conversion_version, convert_gguf, write_conversion_version
 from peftkit.io.model_config import complete_config
 from peftkit.io.quantize import bnb_config, check_quantize, fsdp_requested, keep_trainable_layout
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    class CausalLM(PreTrainedModel, GenerationMixin):
+        """What `load_model` returns: a PreTrainedModel that can `generate` (transformers 5's PreTrainedModel no
+        longer derives from GenerationMixin; its ...ForCausalLM classes do). A name for type checkers only."""
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +133,7 @@ def load_model(
     quantize: str | None = None,
     double_quant: bool = True,
     compute_dtype: str | torch.dtype | None = None,
-) -> tuple[nn.Module, object]:
+) -> tuple[CausalLM, PreTrainedTokenizerBase]:
     """(model, tokenizer) for a hub id, a local folder, a .gguf file, or None / "smollm2-135m" (embedded default).
 
     dtype: "fp32" | "bf16" | "fp16" | torch dtype (None keeps the checkpoint's). The tokenizer gets a pad token
@@ -139,23 +146,26 @@ def load_model(
     source, extra, hub_id = _source(name_or_path)
     torch_dtype = resolve_dtype(dtype)
     quantized: dict[str, Any] = {}
-    if check_quantize(quantize) is not None:
+    mode = check_quantize(quantize)
+    if mode is not None:
         compute = resolve_dtype(compute_dtype) or torch_dtype or torch.float32
-        quantized["quantization_config"] = bnb_config(quantize, double_quant, compute, fsdp_requested())
+        quantized["quantization_config"] = bnb_config(mode, double_quant, compute, fsdp_requested())
         if device is not None:  # bitsandbytes quantizes as the weights reach their device: place them at load
             quantized["device_map"] = {"": str(device)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-        model = AutoModelForCausalLM.from_pretrained(
+        model = cast("CausalLM", AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code, **extra, **quantized
-        )
+        ))
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeftkitError(f"could not load model {name_or_path!r}: {first}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device is not None and quantize is None:
-        model.to(device)
+        # transformers declares PreTrainedModel.to through functools.wraps(nn.Module.to), which mypy reads as
+        # taking the model again as its first argument: the stub is wrong, the call is nn.Module.to's
+        model.to(device)  # type: ignore[arg-type]
     if quantize is not None:
         keep_trainable_layout(model)
     if hub_id is not None:
@@ -163,6 +173,9 @@ def load_model(
     contiguous_head_input(model)
     model.eval()
     return model, tokenizer
+
+
+_CONTIGUOUS = "_peftkit_contiguous"  # set on an LM head that has the hook
 
 
 def contiguous_head_input(model: nn.Module) -> None:
@@ -173,10 +186,11 @@ def contiguous_head_input(model: nn.Module) -> None:
     batched matmul, which for a 50-row prompt batch and a 49k vocabulary costs ~3 s in bf16 on a CPU against
     ~12 ms for the same product on a contiguous copy of the (tiny) input.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, nn.Module) and not getattr(head, "_peftkit_contiguous", False):
+    get_head = getattr(model, "get_output_embeddings", None)  # a PreTrainedModel's
+    head = get_head() if get_head is not None else None
+    if isinstance(head, nn.Module) and not getattr(head, _CONTIGUOUS, False):
         head.register_forward_pre_hook(_contiguous_first)
-        head._peftkit_contiguous = True
+        setattr(head, _CONTIGUOUS, True)
 
 
 def _contiguous_first(module: nn.Module, args: tuple) -> tuple | None:
@@ -186,7 +200,7 @@ def _contiguous_first(module: nn.Module, args: tuple) -> tuple | None:
     return None
 
 
-def load_model_config(name_or_path: str | None = None, trust_remote_code: bool = False):
+def load_model_config(name_or_path: str | None = None, trust_remote_code: bool = False) -> PretrainedConfig:
     """Only the model's config (no weights): same sources as `load_model`."""
     from transformers import AutoConfig
 
@@ -198,7 +212,7 @@ def load_model_config(name_or_path: str | None = None, trust_remote_code: bool =
         raise PeftkitError(f"could not load the config of {name_or_path!r}: {first}") from None
 
 
-def save_model_folder(model: nn.Module, tokenizer: Any, path: str | os.PathLike, meta: dict[str, Any]) -> Path:
+def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike, meta: dict[str, Any]) -> Path:
     """Write a whole model as an HF folder (safetensors + complete config + tokenizer) plus peftkit.json (`meta` and
     the base model's id and note), atomically: what full and freeze fine-tunes leave behind."""
     with atomic_dir(path, command="train") as tmp:

@@ -19,7 +19,7 @@ bitsandbytes classes transformers loads through, so the same bits): the default 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -29,6 +29,12 @@ QUANTIZE = ("nf4", "fp4", "int8")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+@overload
+def check_quantize(quantize: str) -> str: ...
+@overload
+def check_quantize(quantize: None) -> None: ...
+@overload
+def check_quantize(quantize: str | None) -> str | None: ...
 def check_quantize(quantize: str | None) -> str | None:
     """`quantize` lower-cased, or None; an unknown value is an error listing the valid ones."""
     if quantize is None:
@@ -124,12 +130,14 @@ def dequantized(weight: torch.Tensor, record: dict) -> torch.Tensor:
 
     require_bitsandbytes()
     w = weight.to(getattr(torch, record.get("dtype", "float32"))).contiguous()
+    # bitsandbytes types `Int8Params.to` / `Params4bit.to` with a self TypeVar bound to nn.Module, but they are
+    # Parameters (tensors): mypy refuses the self argument, hence the two ignores
     if record["bits"] == 8:
-        param = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to("cpu")
-        return F.int8_vectorwise_dequant(param.CB, param.SCB).float()
-    param = bnb.nn.Params4bit(w, requires_grad=False, quant_type=record["quant_type"],
-                              compress_statistics=record["double_quant"], blocksize=record.get("blocksize", 64)).to("cpu")
-    return F.dequantize_4bit(param.data, param.quant_state).float()
+        int8 = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to("cpu")  # type: ignore[misc]
+        return F.int8_vectorwise_dequant(int8.CB, int8.SCB).float()
+    four_bit = bnb.nn.Params4bit(w, requires_grad=False, quant_type=record["quant_type"],
+                                 compress_statistics=record["double_quant"], blocksize=record.get("blocksize", 64)).to("cpu")  # type: ignore[misc]
+    return F.dequantize_4bit(four_bit.data, four_bit.quant_state).float()
 
 
 def quantized_module(name: str, record: dict) -> bool:

@@ -14,8 +14,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from torch import nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -38,7 +37,7 @@ AttentionMaskInterface.register(NAME, _mask)
 
 
 @contextlib.contextmanager
-def trace_attention(model: nn.Module) -> Iterator[None]:
+def trace_attention(model: PreTrainedModel) -> Iterator[None]:
     """Run `model` with the `peftkit_trace` attention inside the block (only if it uses SDPA), restore after."""
     config = model.config
     previous = getattr(config, "_attn_implementation", None)

@@ -61,7 +61,7 @@ class LiveBytes:
             if known[1] == nbytes:
                 return
             self.current -= known[1]  # resized in place: count the new size
-        self._refs[key] = (weakref.ref(storage, lambda _r, k=key: self._free(k)), nbytes)
+        self._refs[key] = (weakref.ref(storage, lambda _r: self._free(key)), nbytes)
         self.current += nbytes
         if self.current > self.peak:
             self.peak, self.peak_phase = self.current, self.phase

@@ -122,8 +122,8 @@ def compress(base: str | None, finetuned: str, output: str, *, rank: int | None 
     targets = target_modules_for(list(ranks), adaptable=linear)
     config = scale_one_config(max(ranks.values()), targets, base_model=base_id, lora_bias=lora_bias,
                               modules_to_save=sorted(saved) or None, fan_in_fan_out=conv1d)
-    meta = {"method": "lora", "compressed_from": str(finetuned)}
-    folder = write_adapter_folder(output, config, tensors, meta, command="compress")
+    adapter_meta = {"method": "lora", "compressed_from": str(finetuned)}  # (`meta` is the meta-device model)
+    folder = write_adapter_folder(output, config, tensors, adapter_meta, command="compress")
     report.adapter_bytes = (folder / WEIGHTS_NAME).stat().st_size
     report.seconds = time.perf_counter() - start
     return report

@@ -147,14 +147,14 @@ def combine(parts: list[LoraDeltas], how: str = "concat", rank: int | None = Non
         delta = ModuleDelta(torch.cat([d.a for d in pieces], 0), torch.cat([d.b for d in pieces], 1))
         biases = [d.bias for d in pieces if d.bias is not None]
         delta.bias = torch.stack(biases).sum(0) if biases else None
-        if how == "svd":
+        if how == "svd" and rank is not None:  # (always set for svd: checked above)
             delta = _svd_delta(module, delta, rank)
         deltas[module] = delta
     full: dict[str, list[tuple[float, torch.Tensor]]] = {}
     for part in parts:
         for key, entries in part.full.items():
             full.setdefault(key, []).extend(entries)
-    names = None if any(p.target_names is None for p in parts) else sorted({n for p in parts for n in p.target_names})
+    names = None if any(p.target_names is None for p in parts) else sorted({n for p in parts for n in p.target_names or ()})
     meta = dict(parts[0].meta)
     if any(p.meta.get("quantization") != meta.get("quantization") for p in parts):  # no one base they all trained over
         meta.pop("quantization", None)

@@ -74,6 +74,7 @@ def gguf_lora_tensors(adapter: str | os.PathLike, config: dict) -> tuple[float, 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch_name], config["num_hidden_layers"])
     keys = parse_keys(tensors)
     lora = lora_config_from_json(config_json, keys, where=where)
+    assert lora.lora_alpha is not None  # LoraConfig resolves None (2 x r) when it is made
     alpha = float(lora.lora_alpha)
     out = []
     for module, slots in keys.items():

@@ -12,12 +12,16 @@ config.json (adding ΔW to the shared tensor would also change the input embeddi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftkit.errors import PeftkitError
 from peftkit.merging.deltas import LoraDeltas
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -56,7 +60,7 @@ def _module(meta: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def plan_merge(deltas: LoraDeltas, meta: nn.Module, shapes: dict[str, tuple[tuple[int, ...], str]]) -> MergePlan:
+def plan_merge(deltas: LoraDeltas, meta: PreTrainedModel, shapes: dict[str, tuple[tuple[int, ...], str]]) -> MergePlan:
     """Map every delta onto checkpoint keys, checking modules, shapes and ties; see the module docstring."""
     keys, prefix = set(shapes), getattr(meta, "base_model_prefix", "")
     config = meta.config
@@ -75,14 +79,16 @@ def plan_merge(deltas: LoraDeltas, meta: nn.Module, shapes: dict[str, tuple[tupl
         want = (d_in, d_out) if conv else (d_out, d_in)
         key = find_key(f"{path}.weight", keys, prefix)
         source = key
-        if tied and path == out_embed:
+        untie = tied and path == out_embed
+        if untie:
             source = find_key(f"{in_embed}.weight", keys, prefix)
             key = f"{path}.weight"
+        if source is None or key is None:  # (key is None only where source is)
+            raise PeftkitError(f"the checkpoint has no tensor for {path}.weight, which the adapter changes")
+        if untie:
             plan.untie = True
             if key not in keys:
                 plan.added[key] = source
-        if source is None:
-            raise PeftkitError(f"the checkpoint has no tensor for {path}.weight, which the adapter changes")
         if tuple(shapes[source][0]) != want:
             raise PeftkitError(f"checkpoint tensor {source!r} has shape {shapes[source][0]} but the adapter's delta for "
                                f"{path!r} needs {want}; the adapter was trained for another model")

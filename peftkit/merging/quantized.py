@@ -47,7 +47,7 @@ def merge_base_quantization(merge_base: str | None, record: dict | None) -> dict
     return None if merge_base == "original" else record
 
 
-def quantized_layers(model: nn.Module, record: dict) -> list[tuple[str, nn.Module]]:
+def quantized_layers(model: nn.Module, record: dict) -> list[tuple[str, nn.Linear | Conv1D]]:
     """(path, module) of every linear layer transformers quantizes under `record` (its own skip rule)."""
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, (nn.Linear, Conv1D)) and quantized_module(name, record)]

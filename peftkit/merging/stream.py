@@ -26,6 +26,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors import safe_open
@@ -51,6 +52,9 @@ from peftkit.io.shards import (
 from peftkit.merging.deltas import LoraDeltas, combine, parse_weights, read_lora
 from peftkit.merging.plan import MergePlan, Target, plan_merge
 from peftkit.merging.quantized import add_dequantized, merge_base_quantization, recorded_quantization
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -104,7 +108,7 @@ def merge_to_disk(base: str | None, adapters: list[str], output: str, *, weights
 
     config = AutoConfig.from_pretrained(folder)
     header = shapes(ckpt)
-    meta = meta_model(config)
+    meta = cast("PreTrainedModel", meta_model(config))  # AutoModelForCausalLM's (typed nn.Module there)
     plan = plan_merge(deltas, meta, header)
     if quant is not None:
         add_dequantized(plan, meta, header, quant)
@@ -192,11 +196,13 @@ def _apply(target: Target, tensor: torch.Tensor, deltas: LoraDeltas, seed: int) 
             merged, expected = merged * g[:, None], expected * g
         return (merged.T if target.transpose else merged), (x, expected, target.transpose)
     if target.bias_of is not None:
-        merged = w + deltas.deltas[target.bias_of].bias
+        bias = deltas.deltas[target.bias_of].bias
+        assert bias is not None  # plan_merge makes bias targets of deltas that have a bias only
+        merged = w + bias
         return merged, (None, merged.clone(), False)
     merged = w.clone()
     # W + Σ w_i (F_i − W): a single adapter at weight 1 gives F; no entry: a quantized weight no adapter touches
-    for weight, full in deltas.full.get(target.full, []):
+    for weight, full in deltas.full.get(target.full, []) if target.full is not None else []:
         merged += weight * (full - w)
     if merged.dim() != 2:
         return merged, (None, merged.clone(), False)

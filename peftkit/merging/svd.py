@@ -83,7 +83,7 @@ def energy_svd(delta: torch.Tensor, energy: float, limit: int) -> tuple[torch.Te
         k = min(2 * k, limit)
 
 
-def low_rank_svd(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
+def low_rank_svd(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact top-`rank` SVD of the product B @ A ([m, k] @ [k, n]) without forming it: QR of both factors, then
     the SVD of the small k x k core (B = Q_b R_b, Aᵀ = Q_a R_a, B A = Q_b (R_b R_aᵀ) Q_aᵀ)."""
     qb, rb = torch.linalg.qr(b)

@@ -15,6 +15,7 @@ inference needs. The prefix reaches the model through a Cache pre-filled before 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.virtual_tokens import (
     VirtualTokenLayer,
     check_peft_prompt_config,
+    input_embeddings,
     install,
     peft_prompt_config,
 )
@@ -94,7 +96,7 @@ class PrefixLayer(VirtualTokenLayer):
     def add_adapter(self, model: nn.Module, name: str, config: PrefixConfig) -> None:
         dims = model_dims(model)
         d_kv = dims["kv_heads"] * dims["head_dim"]
-        weight = model.get_input_embeddings().weight
+        weight = input_embeddings(model).weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         hidden = config.encoder_hidden_size or d_kv
         encoder = PrefixEncoder(config.num_virtual_tokens, d_kv, dims["num_layers"], config.prefix_projection, hidden, factory)
@@ -108,7 +110,7 @@ class PrefixLayer(VirtualTokenLayer):
     @torch.no_grad()
     def _real_token_table(self, model: nn.Module, p: int) -> torch.Tensor:
         """[P, L*2*kv*hd]: the K/V the model (adapters off here) computes for P random vocabulary tokens."""
-        embed = model.get_input_embeddings().weight
+        embed = input_embeddings(model).weight
         ids = torch.randint(0, embed.shape[0], (1, p), device=embed.device)
         active, self.active_adapter = self.active_adapter, None
         training = model.training
@@ -136,9 +138,10 @@ class PrefixLayer(VirtualTokenLayer):
             )
         d = self.dims
         p = self.num_virtual[name]
-        dtype = model.get_input_embeddings().weight.dtype
+        dtype = input_embeddings(model).weight.dtype
         table = self.table(name).to(dtype)  # [P, L*2*kv*hd]
         kv = table.view(p, d["num_layers"], 2, d["kv_heads"], d["head_dim"]).permute(1, 2, 3, 0, 4)  # [L, 2, kv, P, hd]
+        assert cache is not None  # prefix tuning always gets one (`wants_cache`)
         for layer in range(d["num_layers"]):
             keys = kv[layer, 0].unsqueeze(0).expand(batch, -1, -1, -1)  # [B, kv_heads, P, head_dim]
             values = kv[layer, 1].unsqueeze(0).expand(batch, -1, -1, -1)
@@ -149,12 +152,13 @@ class PrefixLayer(VirtualTokenLayer):
 def _init_encoder(encoder: PrefixEncoder, table: torch.Tensor | None) -> None:
     """Start the prefix at `table` (None: zeros). Through the MLP, its last layer starts at weight 0 and a bias of
     the table's mean row (a bias is shared by the P rows), so the MLP's output starts there and still trains."""
+    # (torch types Tensor.copy_'s source as a Tensor; it takes a number too, broadcast: hence the ignores)
     if encoder.transform is None:
-        encoder.embedding.weight.copy_(table if table is not None else 0)
+        encoder.embedding.weight.copy_(table if table is not None else 0)  # type: ignore[arg-type]
         return
-    last = encoder.transform[-1]
+    last = cast(nn.Linear, encoder.transform[-1])  # the MLP ends with its Linear to the table's width
     nn.init.zeros_(last.weight)
-    last.bias.copy_(table.mean(0) if table is not None else 0)
+    last.bias.copy_(table.mean(0) if table is not None else 0)  # type: ignore[arg-type]
 
 
 class PrefixMethod(Method):

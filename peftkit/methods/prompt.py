@@ -28,6 +28,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.virtual_tokens import (
     VirtualTokenLayer,
     check_peft_prompt_config,
+    input_embeddings,
     install,
     peft_prompt_config,
 )
@@ -58,7 +59,7 @@ class PromptLayer(VirtualTokenLayer):
         self.prompts = nn.ParameterDict()
 
     def add_adapter(self, model: nn.Module, name: str, config: PromptConfig) -> None:
-        embed = model.get_input_embeddings().weight  # [vocab, d]
+        embed = input_embeddings(model).weight  # [vocab, d]
         p = config.num_virtual_tokens
         prompt = torch.empty(p, embed.shape[1], device=embed.device, dtype=embed.dtype)
         if embed.device.type != "meta":
@@ -79,7 +80,7 @@ class PromptLayer(VirtualTokenLayer):
         """Replace input_ids by [prompt ; embeddings]; pad labels with P x -100."""
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
-            embeds = model.get_input_embeddings()(kwargs["input_ids"])
+            embeds = input_embeddings(model)(kwargs["input_ids"])
         prompt = self.prompts[name].to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # [B, P, d]
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         kwargs["input_ids"] = None

@@ -21,11 +21,11 @@ delete_adapter work generically; `unload()` removes the hooks.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
-from transformers import Cache, DynamicCache
+from transformers import Cache, DynamicCache, PretrainedConfig, PreTrainedModel
 
 from peftkit.core.method import AdapterLayer
 from peftkit.errors import PeftkitError
@@ -102,7 +102,7 @@ class VirtualTokenLayer(AdapterLayer):
         _refuse_packed(kwargs, self.method_name)
         if cache is None or cache.get_seq_length() == 0:  # first call: put the virtual tokens in
             if cache is None and self.wants_cache(model, kwargs):
-                cache = DynamicCache(config=model.config)
+                cache = DynamicCache(config=_config(model))
             if cache is not None:
                 setattr(cache, _MARK, p)
                 kwargs[key] = cache
@@ -171,6 +171,18 @@ def _extend_mask(kwargs: dict, p: int, total: int) -> None:
     kwargs["attention_mask"] = torch.cat([ones, mask], dim=-1)
 
 
+def _config(model: nn.Module) -> PretrainedConfig:
+    """The config of the CausalLM `model` (the hooks see it as an nn.Module, whose attributes are typed
+    `Tensor | Module`)."""
+    return cast(PretrainedConfig, model.config)
+
+
+def input_embeddings(model: nn.Module) -> nn.Embedding:
+    """The CausalLM's input embedding layer (`get_input_embeddings()`: an nn.Embedding or a subclass, which
+    transformers types as any nn.Module), for the layers that only see the model as an nn.Module."""
+    return cast(nn.Embedding, cast(PreTrainedModel, model).get_input_embeddings())
+
+
 def _shift_positions(position_ids: torch.Tensor, p: int, prepended: int) -> torch.Tensor:
     """Real tokens take positions from P on; prepended prompt embeddings (prompt tuning) take 0..P-1."""
     shifted = position_ids + p
@@ -186,7 +198,7 @@ def install(model: nn.Module, attr: str, layer_cls: type[VirtualTokenLayer]) -> 
     if "cache" not in inspect.signature(model.forward).parameters and "past_key_values" not in inspect.signature(
         model.forward
     ).parameters:
-        raise PeftkitError(f"model_type {model.config.model_type!r}: its forward takes no KV cache, so virtual tokens cannot be added")
+        raise PeftkitError(f"model_type {_config(model).model_type!r}: its forward takes no KV cache, so virtual tokens cannot be added")
     layer = getattr(model, attr, None)
     if layer is None:
         layer = layer_cls()

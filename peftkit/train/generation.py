@@ -19,7 +19,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ from peftkit.train.shared_prefix import (
     returned_cache,
     sharing_blocker,
 )
+
+if TYPE_CHECKING:
+    from peftkit.io.models import CausalLM
 
 GENERATE_TOKENS = 8192  # exact match's batches: rows x (prompt + answer) tokens of KV cache, ~4 GB for a 7B model
 # generation-config fields that make generate() pick something other than the argmax (their defaults do not)
@@ -54,7 +57,7 @@ def token_batches(lengths: list[int], budget: int) -> list[range]:
     return [*batches, range(start, len(lengths))] if lengths else batches
 
 
-def greedy_answers(model: nn.Module, tokenizer: Any, prompts: list[list[int]], references: list[str],
+def greedy_answers(model: CausalLM, tokenizer: Any, prompts: list[list[int]], references: list[str],
                    max_new_tokens: int) -> tuple[list[str], list[bool]]:
     """(greedy answer text, whether it was cut short as a sure miss) for each prompt of one batch (module doc)."""
     device = next(model.parameters()).device
@@ -126,7 +129,9 @@ def layout(model: nn.Module, prompts: list[list[int]], drafts: list[list[int]], 
     inputs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "cached": 0}
     if shared:
         cache = prefix_cache(model, inputs["input_ids"][:1, :shared], len(prompts))
-        inputs[cache_kwarg(model)], inputs["cached"] = cache, shared
+        name = cache_kwarg(model)
+        assert name is not None, "a shareable model's forward takes a cache (sharing_blocker)"
+        inputs[name], inputs["cached"] = cache, shared
     return inputs, width
 
 
@@ -174,6 +179,7 @@ def _greedy(model: nn.Module, inputs: dict[str, Any], columns: int, end: int, ke
     them too); the greedy choices [B, keep] at the last `keep` of them."""
     ids, mask = inputs["input_ids"][:, :end], inputs["attention_mask"][:, :end]
     name = cache_kwarg(model)
+    assert name is not None, "greedy drafts are checked only on shareable models, whose forward takes a cache"
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, end - columns:]
     cache = {name: inputs[name]} if name in inputs else {}
     kwargs = {"input_ids": ids[:, end - columns:], "attention_mask": mask, "position_ids": positions,
@@ -204,8 +210,8 @@ def _continuation(model: nn.Module, inputs: dict[str, Any], width: int, rows: li
     name = cache_kwarg(model)
     out: dict[str, Any] = {"input_ids": inputs["input_ids"][rows, :width],
                            "attention_mask": inputs["attention_mask"][rows, :width]}
-    cache = inputs.get(name)
-    if cache is None:
+    cache = inputs.get(name) if name is not None else None
+    if name is None or cache is None:
         return out
     if inputs["cached"] >= width:
         if not getattr(cache, "is_croppable", True):  # cannot be cut: generate() prefills the prompts again

@@ -40,16 +40,24 @@ def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str,
     if not any(".lora_B." in n for n, _ in named):
         raise PeftkitError(f"--loraplus-lr-ratio sets the learning rate of LoRA's B matrices, and method "
                            f"{cfg.method!r} trains none; drop the option or use --method lora")
+    lr = _lr(cfg)
     fast = [p for n, p in named if ".lora_B." in n or p.ndim == 1]
     slow = [p for n, p in named if not (".lora_B." in n or p.ndim == 1)]
-    groups = [{"params": slow, "lr": cfg.lr}, {"params": fast, "lr": cfg.lr * ratio}]
+    groups: list[dict[str, Any]] = [{"params": slow, "lr": lr}, {"params": fast, "lr": lr * ratio}]
     return [g for g in groups if g["params"]]
+
+
+def _lr(cfg: TrainConfig) -> float:
+    """The learning rate of a resolved config (`resolve_defaults` always sets one)."""
+    if cfg.lr is None:
+        raise PeftkitError("the training config has no learning rate; resolve_defaults(cfg) sets one")
+    return cfg.lr
 
 
 def optimizer_and_schedule(model: torch.nn.Module, cfg: TrainConfig, steps: int) -> tuple[Any, Any]:
     """AdamW over the trainable parameters (`parameter_groups`), and a LambdaLR: linear warmup, then cosine /
     linear / constant."""
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=_lr(cfg), weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup * steps) if cfg.warmup < 1 else int(cfg.warmup)
 
     def factor(step: int) -> float:

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -153,7 +153,8 @@ def gathered_state(model: nn.Module, trainable_only: bool) -> dict[str, torch.Te
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    state = get_model_state_dict(model, options=options)
+    # typed as the union of any state's values (optimizer states hold numbers); a model's state holds tensors
+    state = cast("dict[str, torch.Tensor]", get_model_state_dict(model, options=options))
     wanted = {n for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
     # a copy: on a CPU the offload is a no-op and the gathered tensor may alias a buffer FSDP frees afterwards
     return {n: t.detach().clone() for n, t in state.items() if n in wanted}
@@ -179,7 +180,7 @@ def full_parameters(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterato
 
     Tied parameters (one Parameter under two names) get one replacement, so a writer still sees them as tied.
     """
-    originals: list[tuple[nn.Module, str, nn.Parameter]] = []
+    originals: list[tuple[nn.Module, str, nn.Parameter | None]] = []  # as `_parameters` holds them
     replaced: dict[int, nn.Parameter] = {}
     wrapped = type(model)
     try:
@@ -197,8 +198,8 @@ def full_parameters(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterato
         yield model
     finally:
         model.__class__ = wrapped
-        for owner, leaf, param in reversed(originals):
-            owner._parameters[leaf] = param
+        for owner, leaf, original in reversed(originals):
+            owner._parameters[leaf] = original
 
 
 @contextmanager

@@ -97,8 +97,10 @@ def shared_forward(model: nn.Module, inputs: dict[str, torch.Tensor], prefix: in
     inner = getattr(model, "module", model)  # DDP: one backward still reaches every parameter once
     cache = prefix_cache(inner, ids[:1, :prefix], rows)
     positions = torch.arange(prefix, total, device=ids.device).expand(rows, -1)
+    name = cache_kwarg(inner)
+    assert name is not None, "shared_forward runs on models that pass sharing_blocker, whose forward takes a cache"
     return model(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions, use_cache=True,
-                 logits_to_keep=logits_to_keep, **{cache_kwarg(inner): cache})
+                 logits_to_keep=logits_to_keep, **{name: cache})
 
 
 def prefix_cache(model: nn.Module, prefix_ids: torch.Tensor, rows: int) -> Any:

@@ -15,7 +15,7 @@ How A is wired around a sublayer F (an attention block or an MLP), before the de
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -88,7 +88,7 @@ class BottleneckLayer(AdapterLayer):
         if name is None:
             return result
         out = result[0] if isinstance(result, tuple) else result
-        adapter = self.adapters[name]
+        adapter = cast(Bottleneck, self.adapters[name])  # `adapters` holds only what add_adapter made
         dtype = adapter.adapter_down.weight.dtype
         if self.parallel[name]:
             x = args[0] if args else kwargs["hidden_states"]  # decoder layers call attention with hidden_states=

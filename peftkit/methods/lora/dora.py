@@ -20,6 +20,8 @@ version counter of W, A and B, so an optimizer step or a `copy_` recomputes it (
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,7 +83,7 @@ class NormCache:
 
 
 def dora_delta(h: torch.Tensor, result: torch.Tensor, *, base_layer: nn.Module, fan_in_fan_out: bool,
-               lora_a: nn.Module, lora_b: nn.Module, dropout: nn.Module, scaling: float, magnitude: torch.Tensor,
+               lora_a: nn.Linear, lora_b: nn.Linear, dropout: nn.Module, scaling: float, magnitude: torch.Tensor,
                norm: torch.Tensor, training: bool) -> torch.Tensor:
     """(g − 1) ⊙ W x' + g ⊙ s·B A x' in the adapter's dtype, to add to the base output `result` (= W x + b).
 
@@ -89,7 +91,7 @@ def dora_delta(h: torch.Tensor, result: torch.Tensor, *, base_layer: nn.Module, 
     """
     if training and not isinstance(dropout, nn.Identity):
         h = dropout(h)
-        w = base_layer.weight
+        w = cast(torch.Tensor, base_layer.weight)  # a linear layer's weight (Module.__getattr__ says Tensor | Module)
         base = F.linear(h.to(w.dtype), w.T if fan_in_fan_out else w).to(h.dtype)
     else:
         bias = getattr(base_layer, "bias", None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
@@ -23,9 +24,11 @@ from peftkit.core.inject import base_modules
 from peftkit.core.method import PEFT_PREFIX
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora.layer import LoraLayer
 
 log = logging.getLogger(__name__)
 UNSUPPORTED_FLAGS = ("use_qalora", "use_bdlora")
+T = TypeVar("T")
 
 # <path>.lora_A.weight, <path>.lora_B.weight, <path>.lora_B.bias, <path>.lora_magnitude_vector (DoRA); PEFT strips
 # the adapter name but older files may keep it (<path>.lora_A.default.weight, lora_magnitude_vector.default.weight).
@@ -103,7 +106,7 @@ def saved_module_names(config_json: dict) -> list[str]:
     return names
 
 
-def _field(config_json: dict, key: str, kind: type | tuple[type, ...], default: object) -> object:
+def _field(config_json: dict, key: str, kind: type[T] | tuple[type[T], ...], default: T) -> T:
     """A config field of the given JSON type (null = the default); anything else is an error naming the field."""
     value = config_json.get(key)
     if value is None:
@@ -113,7 +116,7 @@ def _field(config_json: dict, key: str, kind: type | tuple[type, ...], default: 
     return value
 
 
-def _pattern(config_json: dict, key: str, kind: type | tuple[type, ...]) -> dict:
+def _pattern(config_json: dict, key: str, kind: type[float] | tuple[type[float], ...]) -> dict:
     """rank_pattern / alpha_pattern: module regex -> number."""
     patterns = _field(config_json, key, dict, {})
     for name, value in patterns.items():
@@ -257,10 +260,10 @@ def load_lora_tensors(model: nn.Module, tensors: dict, keys: dict[str, dict[str,
     """Copy the checked tensors into the freshly injected adapter `name`."""
     with torch.no_grad():
         for path, slots in keys.items():
-            layer = model.get_submodule(path)
-            layer.lora_A[name].weight.copy_(tensors[slots["A"]])
-            layer.lora_B[name].weight.copy_(tensors[slots["B"]])
+            layer = cast(LoraLayer, model.get_submodule(path))  # the caller injected adapter `name` here
+            layer.factor_a(name).weight.copy_(tensors[slots["A"]])
+            layer.factor_b(name).weight.copy_(tensors[slots["B"]])
             if "bias" in slots:
-                layer.lora_B[name].bias.copy_(tensors[slots["bias"]])
+                layer.factor_b(name).bias.copy_(tensors[slots["bias"]])
             if "m" in slots:
                 layer.lora_magnitude_vector[name].copy_(tensors[slots["m"]])

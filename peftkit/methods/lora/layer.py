@@ -12,6 +12,7 @@ DoRA: the formulas are in `dora.py`); merging it writes g ⊙_row (W + scaling *
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -28,9 +29,13 @@ class LoraLayer(AdapterLayer):
         super().__init__()
         self.base_layer = base_layer
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # GPT-2 Conv1D stores W as [in, out]
-        weight = base_layer.weight
-        # nn.Linear's own sizes: a bitsandbytes 4-bit weight is stored packed, so its shape is not [out, in]
-        self.out_features, self.in_features = (weight.shape[1], weight.shape[0]) if self.fan_in_fan_out else (base_layer.out_features, base_layer.in_features)
+        self.out_features: int
+        self.in_features: int
+        if isinstance(base_layer, nn.Linear):
+            # nn.Linear's own sizes: a bitsandbytes 4-bit weight is stored packed, so its shape is not [out, in]
+            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
+        else:
+            self.in_features, self.out_features = self.weight.shape
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -43,24 +48,34 @@ class LoraLayer(AdapterLayer):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The base weight (so code that reads `module.weight` keeps working after injection)."""
-        return self.base_layer.weight
+        """The base weight (so code that reads `module.weight` keeps working after injection). A linear layer's
+        weight is a tensor (a Parameter, or bitsandbytes' Params4bit); `nn.Module.__getattr__` types it as
+        `Tensor | Module`."""
+        return cast(torch.Tensor, self.base_layer.weight)
+
+    def factor_a(self, name: str) -> nn.Linear:
+        """A of adapter `name`, [r, in]: `lora_A` holds only the nn.Linear made by `add_adapter`."""
+        return cast(nn.Linear, self.lora_A[name])
+
+    def factor_b(self, name: str) -> nn.Linear:
+        """B of adapter `name`, [out, r] (with the LoRA bias, if any)."""
+        return cast(nn.Linear, self.lora_B[name])
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: str,
                     bias: bool = False, use_dora: bool = False) -> None:
         """Create adapter `name` of rank `r`; `init` is "default" (Kaiming A, zero B), "gaussian" or "pissa".
         With `use_dora` it gets a magnitude m = ‖W + s·B A‖_row, so it starts as the same function as without."""
-        weight = self.base_layer.weight
-        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=bias, **factory)
+        weight = self.weight
+        device, dtype = weight.device, weight.dtype if weight.is_floating_point() else torch.float32
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=bias, device=device, dtype=dtype)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         if weight.device.type != "meta":
             self._init_factors(name, r, init, bias)
         if use_dora:
-            norm = torch.empty(self.out_features, **factory) if weight.device.type == "meta" else self._row_norm(name)
-            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(factory["dtype"]))
+            norm = torch.empty(self.out_features, device=device, dtype=dtype) if weight.device.type == "meta" else self._row_norm(name)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(dtype))
 
     @torch.no_grad()
     def _init_factors(self, name: str, r: int, init: str, bias: bool) -> None:
@@ -68,22 +83,22 @@ class LoraLayer(AdapterLayer):
             self._init_pissa(name, r)
             return
         if init == "gaussian":
-            nn.init.normal_(self.lora_A[name].weight, std=1.0 / r)
+            nn.init.normal_(self.factor_a(name).weight, std=1.0 / r)
         else:
-            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+            nn.init.kaiming_uniform_(self.factor_a(name).weight, a=math.sqrt(5))
+        nn.init.zeros_(self.factor_b(name).weight)
         if bias:
-            nn.init.zeros_(self.lora_B[name].bias)
+            nn.init.zeros_(self.factor_b(name).bias)
 
     def _base_weight_fp32(self) -> torch.Tensor:
         """Base weight in fp32, in [out, in] layout whatever the module type."""
-        w = self.base_layer.weight.detach().float()
+        w = self.weight.detach().float()
         return w.T if self.fan_in_fan_out else w
 
     def _set_base_weight(self, w_out_in: torch.Tensor) -> None:
         """Write an fp32 [out, in] weight back into the base layer, rounding once to its dtype."""
         w = w_out_in.T if self.fan_in_fan_out else w_out_in
-        self.base_layer.weight.data.copy_(w.to(self.base_layer.weight.dtype))
+        self.weight.data.copy_(w.to(self.weight.dtype))
         self.dora_norms.clear()
 
     def _init_pissa(self, name: str, r: int) -> None:
@@ -97,22 +112,22 @@ class LoraLayer(AdapterLayer):
             raise PeftkitError(f"PiSSA rank {r} exceeds the smaller side of a {tuple(w.shape)} weight")
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         a0, b0 = split_factors(u[:, :r], s[:r], vh[:r], self.scaling[name])
-        self.lora_A[name].weight.data.copy_(a0)
-        self.lora_B[name].weight.data.copy_(b0)
+        self.factor_a(name).weight.data.copy_(a0)
+        self.factor_b(name).weight.data.copy_(b0)
         self._set_base_weight(w - self.scaling[name] * (b0 @ a0))
         self.pissa_init[name] = (a0.clone(), b0.clone())
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B @ A in fp32, in the base weight's own layout ([in, out] for Conv1D)."""
-        a = self.lora_A[name].weight.detach().float()
-        b = self.lora_B[name].weight.detach().float()
+        a = self.factor_a(name).weight.detach().float()
+        b = self.factor_b(name).weight.detach().float()
         delta = (b @ a) * self.scaling[name]
         return delta.T if self.fan_in_fan_out else delta
 
     def _row_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
         """‖W + s·B A‖_row of adapter `name` in fp32 (detached), W the base weight unless `weight` is given."""
-        w = self.base_layer.weight if weight is None else weight
-        return row_norm(w, self.fan_in_fan_out, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+        w = self.weight if weight is None else weight
+        return row_norm(w, self.fan_in_fan_out, self.factor_a(name).weight, self.factor_b(name).weight, self.scaling[name])
 
     def _rows(self, g: torch.Tensor) -> torch.Tensor:
         """A per-output-row vector shaped to broadcast over the base weight's own layout."""
@@ -133,7 +148,7 @@ class LoraLayer(AdapterLayer):
         name = self.active_adapter
         if name is None or name in self.merged_adapters:
             return
-        w = self.base_layer.weight
+        w = self.weight
         w.data.copy_(self._fold(name, w.detach().float()).to(w.dtype))
         self._merge_bias(name, sign=1.0)
         self.merged_adapters.append(name)
@@ -141,7 +156,7 @@ class LoraLayer(AdapterLayer):
 
     def unmerge(self) -> None:
         """Take every merged adapter out of the base weight again (exact in fp32, one rounding otherwise)."""
-        w = self.base_layer.weight
+        w = self.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             unfolded = w.detach().float()
@@ -153,10 +168,10 @@ class LoraLayer(AdapterLayer):
 
     def _merge_bias(self, name: str, sign: float) -> None:
         """Add (sign=1) or remove the LoRA bias (`lora_bias`, B's bias * scaling) to the base bias."""
-        lora_bias = self.lora_B[name].bias
+        lora_bias = self.factor_b(name).bias
         if lora_bias is None:
             return
-        base_bias = self.base_layer.bias
+        base_bias = cast("torch.Tensor | None", self.base_layer.bias)  # nn.Linear's and Conv1D's bias
         if base_bias is None:
             raise PeftkitError("cannot merge a LoRA bias into a layer that has no bias")
         delta = sign * self.scaling[name] * lora_bias.detach().float()
@@ -170,7 +185,7 @@ class LoraLayer(AdapterLayer):
             raise PeftkitError(f"cannot fold DoRA adapter {dora[0]!r} together with {[n for n in names if n != dora[0]]}: "
                                "DoRA rescales the rows of W + ΔW, which is not a sum of deltas; merge one adapter "
                                "(merge(model, names=[...])) or delete the others first")
-        w = self.base_layer.weight
+        w = self.weight
         total = w.detach().float()
         for name in names:
             total = self._fold(name, total)
@@ -200,7 +215,7 @@ class LoraLayer(AdapterLayer):
         otherwise computed once and reused until W, A or B change (`dora.NormCache`)."""
         if self.training and torch.is_grad_enabled():
             return self._row_norm(name)
-        w, a, b = self.base_layer.weight, self.lora_A[name].weight, self.lora_B[name].weight
+        w, a, b = self.weight, self.factor_a(name).weight, self.factor_b(name).weight
         key = NormCache.key((w, a, b), self.scaling[name])
         norm = self.dora_norms.get(name, key)
         if norm is None:
@@ -214,7 +229,7 @@ class LoraLayer(AdapterLayer):
         name = self.active_adapter
         if name is None or self.merged_adapters:
             return result
-        lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        lora_a, lora_b, dropout = self.factor_a(name), self.factor_b(name), self.lora_dropout[name]
         h = x.to(lora_a.weight.dtype)
         if name in self.lora_magnitude_vector:
             delta = dora_delta(h, result, base_layer=self.base_layer, fan_in_fan_out=self.fan_in_fan_out,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import re
+from typing import cast
 
 import torch
 from torch import nn
@@ -32,7 +33,8 @@ class SavedModuleLayer(AdapterLayer):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        """The original module's weight (`nn.Module.__getattr__` types it as `Tensor | Module`)."""
+        return cast(torch.Tensor, self.base_layer.weight)
 
     def add(self, name: str, state: dict[str, torch.Tensor]) -> None:
         """Add adapter `name`'s copy of the module with the given parameters (every one must be given)."""
@@ -56,7 +58,7 @@ class SavedModuleLayer(AdapterLayer):
 
     def forward(self, *args, **kwargs):
         name = self.active_adapter
-        if name in self.modules_to_save:
+        if name is not None and name in self.modules_to_save:
             return self.modules_to_save[name](*args, **kwargs)
         return self.base_layer(*args, **kwargs)
 
