@@ -21,7 +21,7 @@ def check_cmd(
 ) -> None:
     """Report which consumers load the adapter as it is (yes), after a step (yes, if) or not (no), with reasons.
     Exit 0 when every consumer can load it, 3 when some cannot."""
-    from peftkit.merging.portability import check_portability
+    from peftkit.export.portability import check_portability
 
     report = check_portability(adapter)
     if as_json:

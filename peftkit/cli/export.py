@@ -33,11 +33,11 @@ def export_cmd(
         raise PeftkitError("give --output FILE.gguf")
     folder = Path(source)
     if (folder / "adapter_config.json").is_file():
-        from peftkit.merging.gguf_export import export_gguf_adapter
+        from peftkit.export.gguf_adapter import export_gguf_adapter
 
         written, kind = export_gguf_adapter(folder, output, base=base, overwrite=overwrite), "llama.cpp LoRA adapter"
     elif (folder / "config.json").is_file():
-        from peftkit.merging.gguf_model import export_gguf_model
+        from peftkit.export.gguf_model import export_gguf_model
 
         written = export_gguf_model(folder, output, llama_cpp=llama_cpp, outtype=outtype, overwrite=overwrite)
         kind = "GGUF model (llama.cpp's convert_hf_to_gguf.py)"

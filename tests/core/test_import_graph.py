@@ -30,11 +30,12 @@ LAYERS: dict[str, frozenset[str] | None] = {
     "peftkit.data": frozenset({"data", "core", "io", "errors"}),
     "peftkit.io": frozenset({"io", "core", "errors", "_version"}),
     "peftkit.merging": frozenset({"merging", "io", "methods", "core", "errors"}),  # LoRA's format, by name
+    "peftkit.export": frozenset({"export", "io", "methods", "core", "errors"}),  # LoRA's format, by name
     "peftkit.memory": frozenset({"memory", "core", "io", "errors"}),
     "peftkit.train": frozenset({"train", "data", "io", "core", "memory", "errors"}),  # methods via the registry
     "peftkit.evaluate": frozenset({"train", "data", "io", "core", "errors"}),
     "peftkit.cli": ANY,
-    "peftkit": frozenset({"errors", "_version", "core", "methods", "data", "io", "merging", "memory", "train",
+    "peftkit": frozenset({"errors", "_version", "core", "methods", "data", "io", "merging", "export", "memory", "train",
                           "evaluate"}),  # anything but cli
 }
 

@@ -63,7 +63,7 @@ def as_gguf(deltas: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Te
     """PEFT's deltas under llama.cpp's names and row order (q / k rows permuted for Llama)."""
     import gguf
 
-    from peftkit.merging.gguf_export import ARCHITECTURES, permute_rows
+    from peftkit.export.gguf_adapter import ARCHITECTURES, permute_rows
 
     arch, permute = ARCHITECTURES[config["model_type"]]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], config["num_hidden_layers"])

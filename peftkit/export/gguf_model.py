@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
-from peftkit.merging.gguf_export import check_file_output
+from peftkit.export.gguf_adapter import check_file_output
 
 CONVERTER = "convert_hf_to_gguf.py"
 ENV = "PEFTKIT_LLAMA_CPP"

@@ -11,8 +11,8 @@ import pytest
 import peftkit
 from peftkit.cli import main
 from peftkit.errors import PeftkitError
-from peftkit.merging.gguf_export import export_gguf_adapter
-from peftkit.merging.gguf_model import export_gguf_model
+from peftkit.export.gguf_adapter import export_gguf_adapter
+from peftkit.export.gguf_model import export_gguf_model
 from tests.io.llama_cpp import as_gguf, gguf_deltas, peft_deltas, relative_errors
 from tests.tiny import perturb_adapter, tiny_model
 

@@ -10,8 +10,8 @@ import pytest
 import peftkit
 from peftkit.cli import main
 from peftkit.merging.deltas import combine, read_lora, write_lora
-from peftkit.merging.portability import check_portability
-from tests.io.test_gguf_export import _with_saved_head
+from peftkit.export.portability import check_portability
+from tests.export.test_gguf_export import _with_saved_head
 from tests.tiny import WIDE, perturb_adapter, tiny_model
 
 
