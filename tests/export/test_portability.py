@@ -9,8 +9,8 @@ import pytest
 
 import peftkit
 from peftkit.cli import main
-from peftkit.merging.deltas import combine, read_lora, write_lora
 from peftkit.export.portability import check_portability
+from peftkit.merging.deltas import combine, read_lora, write_lora
 from tests.export.test_gguf_export import _with_saved_head
 from tests.tiny import WIDE, perturb_adapter, tiny_model
 
