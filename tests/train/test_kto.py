@@ -183,7 +183,7 @@ def test_training_raises_held_out_preference_accuracy(tmp_path):
     assert before["compared"] == after["compared"] == 6
     assert after["preference_accuracy"] > before["preference_accuracy"] and after["preference_accuracy"] >= 0.8
     assert after["rewards/accuracies"] > 0.5 and after["rewards/margins"] > before["rewards/margins"] == 0.0
-    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in result.run_dir.metrics.read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in steps] == list(range(1, 7)) and steps[0]["examples"] == 4
     for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):

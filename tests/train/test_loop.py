@@ -53,7 +53,7 @@ def test_grad_accum_normalises_by_all_target_tokens(tmp_path):
     whole = _one_step(folder, [[0, 1, 2, 3]], grad_accum=1)
     split = _one_step(folder, [[0, 1], [2, 3]], grad_accum=2)
     for name in whole:
-        assert torch.allclose(whole[name], split[name], atol=1e-6), name
+        assert torch.allclose(whole[name], split[name], atol=1e-5), name  # a wrong normaliser is off by ~2x
 
 
 def test_loss_paths_agree_on_the_embedded_tokenizer_model(tmp_path):
@@ -68,14 +68,14 @@ def test_loss_paths_agree_on_the_embedded_tokenizer_model(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     import pytest
 
-    import peftkit.train.loop as loop_module
+    import peftkit.train.loss as loss_module
     from peftkit.errors import PeftkitError
     from peftkit.train.config import load_train_config
     from peftkit.train.run import train
     from tests.tiny import write_rows
 
     folder = save_tiny_checkpoint(tmp_path / "tiny")
-    real = loop_module.micro_loss
+    real = loss_module.micro_loss
     calls = {"n": 0}
 
     def poisoned(model, batch, path="fused"):
@@ -83,7 +83,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         loss = real(model, batch, path)
         return loss * float("nan") if calls["n"] == 3 else loss  # step 3 (one micro-batch per step)
 
-    monkeypatch.setattr(loop_module, "micro_loss", poisoned)
+    monkeypatch.setattr(loss_module, "micro_loss", poisoned)  # SFT's loss (objectives/sft.py) calls it
     cfg = load_train_config(None, dict(model=str(folder), data=str(write_rows(tmp_path / "d.jsonl", 12)), eval_split="0",
                                  max_steps=5, batch_size=2, save_steps=2, precision="fp32", output=str(tmp_path / "run")))
     with pytest.raises(PeftkitError, match=r"nan at step 3.*step-000002"):
