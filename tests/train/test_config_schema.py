@@ -8,9 +8,9 @@ import math
 import pytest
 
 from peftkit.cli import main
+from peftkit.core.options import coerce, kinds_of
 from peftkit.errors import PeftkitError
 from peftkit.train.config import load_train_config
-from peftkit.train.schema import coerce
 
 
 def test_yaml_1_1_scientific_notation_is_a_float(tmp_path):
@@ -70,7 +70,7 @@ def test_eval_split_larger_than_the_data_is_one_line(tmp_path, capsys):
     ("validation", str | float | None, "validation"), (None, int | None, None), (True, bool, True),
 ])
 def test_coerce_accepts_unambiguous_values(value, hint, expected):
-    got = coerce("f", value, hint)
+    got = coerce("f", value, kinds_of(hint))
     assert got == expected and type(got) is type(expected)
 
 
@@ -78,4 +78,4 @@ def test_coerce_accepts_unambiguous_values(value, hint, expected):
                                          (math.inf, int), ([1], float), (None, int)])
 def test_coerce_refuses_the_rest(value, hint):
     with pytest.raises(PeftkitError, match="^f "):
-        coerce("f", value, hint)
+        coerce("f", value, kinds_of(hint))
