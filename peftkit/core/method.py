@@ -200,7 +200,8 @@ def config_fields(config: Any) -> dict[str, Any]:
     return out
 
 
-SIZE_MAX = 1 << 20  # no layer count, virtual-token count or hidden width of a real model comes near it
+SIZE_MAX = 1 << 20  # no layer count or hidden width of a real model comes near it (ranks, virtual tokens and
+# reduction factors are the shared options of core/method_options.py, bounded there)
 
 
 def check_positive(field: str, value: object) -> None:
