@@ -53,10 +53,9 @@ def gather(recipe: dict[str, tuple[str, Any]], overrides: dict[str, Any], recipe
     recipe_set = recipe.pop("set", ("set", {}))[1]
     cli_set = overrides.get("set") or {}
     in_recipe = _set_layer(method, recipe_set, shared, recipe_label)
-    twice = sorted(set(in_recipe) & set(recipe))
-    if twice:
-        raise PeftkitError(f"{recipe_label} sets {twice[0]!r} twice (as {recipe[twice[0]][0]!r} and as "
-                           f"{in_recipe[twice[0]].source.split('(')[-1].rstrip(')')!r}); keep one")
+    for name in sorted(set(in_recipe) & set(recipe)):
+        key = next(k for k in recipe_set if method.canonical_key(str(k)) == name)
+        raise PeftkitError(f"{recipe_label} sets {name!r} twice (as {recipe[name][0]!r} and as 'set.{key}'); keep one")
     layers = [{**_recipe_layer(recipe, recipe_label), **in_recipe}, _set_layer(method, cli_set, shared, None),
               _flag_layer(flags, options)]
     given: dict[str, Given] = {}
