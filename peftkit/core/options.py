@@ -3,8 +3,11 @@ and the docs' options table are all generated.
 
 An option says its name (the recipe key, snake_case), its type, default, bounds or choices, help text, CLI flags
 and the names other tools give it in their recipes (LLaMA-Factory, axolotl, TRL / HF TrainingArguments). The
-trainer's own options are declared on `TrainConfig`'s fields; a method declares the options it reads (`Method.options`,
-e.g. LoRA's `rank` -> its config field `r`), and an objective those it reads (`Objective.options`, e.g. DPO's `beta`).
+trainer's own options are declared on `TrainConfig`'s fields (`option(...)`, which puts the Option in the field's
+metadata; `declared_options(TrainConfig)` reads them back with name and type filled in); the options several methods
+share are declared in `core/method_options.py` (`declare(RANK)` on the field), and a method maps the ones it reads
+to its config fields (`Method.option_fields`, e.g. LoRA's `rank` -> `r`). Options declared elsewhere (e.g. per
+objective) join through `train.config.EXTRA_OPTIONS`.
 
 `Option.check(value)` is the one validation: it coerces (`"1e-4"` -> 1e-4 from YAML 1.1 or `--set`, `3.0` -> 3)
 and bounds the value, with one error line naming the option, whichever way the value arrived (flag, `--set`,
