@@ -1,8 +1,9 @@
 """Option declarations shared by several commands, so every command spells them the same way.
 
-Use them as parameter annotations: `def train(rank: Rank = None, ...)`. `parse_sets` turns `--set key=value`
-pairs into a dict (values stay text; `Method.field_options` parses them as YAML scalars). `print_json` is every
-command's `--json` printer.
+Use them as parameter annotations: `def estimate(rank: Rank = None, ...)` (the shared method options are
+generated from their declarations; `peftkit train` generates all of its flags). `parse_sets` turns `--set
+key=value` pairs into a dict (values stay text; `Method.field_options` types them as the config's fields).
+`print_json` is every command's `--json` printer.
 """
 
 from __future__ import annotations
@@ -13,21 +14,22 @@ from typing import Annotated, Any
 
 import typer
 
+from peftkit.cli._declared import annotated
+from peftkit.core.method_options import ALPHA, NUM_VIRTUAL_TOKENS, RANK, REDUCTION_FACTOR, TARGET_MODULES, VARIANT
 from peftkit.errors import PeftkitError
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Hub id, model folder, .gguf file; default: embedded SmolLM2-135M-Instruct.")]
 Adapter = Annotated[str | None, typer.Option("--adapter", "-a", help="Saved adapter folder.")]
 Output = Annotated[str | None, typer.Option("--output", "-o", "--out", help="Output folder.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
-Method = Annotated[str, typer.Option("--method", help="lora | adapter | prefix | prompt (train also: full, freeze).")]
-Rank = Annotated[int | None, typer.Option("--rank", "-r", help="LoRA rank (the config's r).")]
-Alpha = Annotated[float | None, typer.Option("--alpha", help="LoRA alpha (default 2 x rank).")]
-Dropout = Annotated[float | None, typer.Option("--dropout", help="Adapter dropout in [0, 1).")]
-TargetModules = Annotated[str | None, typer.Option("--target-modules", help="Comma list of module names, a regex, or all-linear.")]
-Variant = Annotated[str | None, typer.Option("--variant", help="Bottleneck adapter variant: houlsby | pfeiffer | parallel.")]
-ReductionFactor = Annotated[int | None, typer.Option("--reduction-factor", help="Bottleneck size = hidden / reduction factor.")]
-NumVirtualTokens = Annotated[int | None, typer.Option("--num-virtual-tokens", help="Prefix / prompt length.")]
-Set = Annotated[list[str] | None, typer.Option("--set", help="Any other method config field: --set key=value (repeatable).")]
+# The shared method options, from their one declaration (peftkit/core/method_options.py).
+Rank = annotated(RANK)
+Alpha = annotated(ALPHA)
+TargetModules = annotated(TARGET_MODULES)
+Variant = annotated(VARIANT)
+ReductionFactor = annotated(REDUCTION_FACTOR)
+NumVirtualTokens = annotated(NUM_VIRTUAL_TOKENS)
+Set = Annotated[list[str] | None, typer.Option("--set", help="Any other method config field: --set key=value (repeatable; a field behind an option above, e.g. r for --rank, is that option).")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 

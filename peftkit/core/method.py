@@ -8,6 +8,7 @@ and adapter I/O use only the `Method` interface, so adding a method never touche
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -15,6 +16,8 @@ import torch
 import yaml
 from torch import nn
 
+from peftkit.core.method_options import SHARED
+from peftkit.core.options import Option, coerce, kinds_of
 from peftkit.errors import PeftkitError
 
 PEFT_PREFIX = "base_model.model."  # HF PEFT's prefix of every saved tensor key
@@ -84,7 +87,8 @@ class Method:
 
     Class attributes: `name` (CLI / registry name), `peft_type` (on-disk type; None for methods that save a whole
     model), `config_cls` (frozen dataclass), `mergeable` (can be folded into the base weights; else
-    `why_not_mergeable` explains), `cli_aliases` (shared CLI option -> config field), `trains_base` (the method
+    `why_not_mergeable` explains), `option_fields` (shared option of `core/method_options` -> the config field it
+    sets, e.g. {"rank": "r"}; the config checks that field with the same Option), `trains_base` (the method
     trains the model's own weights, as full and freeze fine-tunes do, instead of injecting an adapter), `default_lr`.
     """
 
@@ -93,7 +97,7 @@ class Method:
     config_cls: ClassVar[type]
     mergeable: ClassVar[bool] = False
     why_not_mergeable: ClassVar[str] = ""
-    cli_aliases: ClassVar[dict[str, str]] = {}
+    option_fields: ClassVar[dict[str, str]] = {}
     trains_base: ClassVar[bool] = False
     default_lr: ClassVar[float] = 2e-4  # the trainer's learning rate when none is given for the user's data
 
@@ -118,24 +122,45 @@ class Method:
         """Inject the adapter saved as (config_json, tensors) and load its weights; returns its config."""
         raise NotImplementedError
 
-    def field_options(self, options: dict[str, Any], check: bool = True) -> dict[str, Any]:
-        """Options keyed by config field: shared CLI names (`rank`, `alpha`, ...) become field names (`r`,
-        `lora_alpha`), unset (None) ones are dropped, and an unknown key is an error listing the valid ones.
+    def shared_option(self, key: str) -> Option | None:
+        """The shared option behind `key`, named as the option (`rank`) or as this method's config field (`r`)."""
+        key = key.replace("-", "_")
+        for name, field in self.option_fields.items():
+            if key in (name, field):
+                return SHARED[name]
+        return None
 
-        Values given as strings (from `--set key=value`) are parsed as YAML scalars, so `true`, `4` and `[a, b]`
-        become bool, int and list. This is the one place where option vocabularies are translated. With
-        check=False unknown keys pass through (for callers that validate them with their own message).
-        """
-        fields = {f.name for f in dataclasses.fields(self.config_cls)}
+    def canonical_key(self, key: str) -> str:
+        """The one name of a `--set` / recipe key: the shared option behind a config field (`r` -> `rank`,
+        `lora_alpha` -> `alpha`), else the key (dashes as underscores)."""
+        shared = self.shared_option(key)
+        return shared.name if shared else key.replace("-", "_")
+
+    def field_options(self, options: dict[str, Any], check: bool = True) -> dict[str, Any]:
+        """Options keyed by config field, typed: shared options (`rank`, `alpha`, ... or their fields `r`,
+        `lora_alpha`) become field names checked by their `Option`; other fields' values (strings from `--set
+        key=value` are YAML scalars: `true`, `4`, `[a, b]`) are coerced to the field's annotated type; unset (None)
+        ones are dropped, an unknown key is an error listing the valid ones. This is the one place where option
+        vocabularies are translated. With check=False unknown keys pass through (for callers that validate them
+        with their own message)."""
+        hints = typing.get_type_hints(self.config_cls)
         out: dict[str, Any] = {}
         for key, value in options.items():
             if value is None:
                 continue
-            field = self.cli_aliases.get(key, key).replace("-", "_")
-            if check and field not in fields:
-                valid = sorted(fields | set(self.cli_aliases)) or ["none"]
+            shared = self.shared_option(key)
+            if shared is not None:
+                out[self.option_fields[shared.name]] = shared.check(value)
+                continue
+            field = key.replace("-", "_")
+            value = parse_scalar(value) if isinstance(value, str) else value
+            if field in hints:
+                out[field] = typed_field(field, value, hints[field])
+            elif check:
+                valid = sorted(set(hints) - set(self.option_fields.values()) | set(self.option_fields)) or ["none"]
                 raise PeftkitError(f"method {self.name!r} has no option {key!r}; valid options: {', '.join(valid)}")
-            out[field] = parse_scalar(value) if isinstance(value, str) else value
+            else:
+                out[field] = value
         return out
 
     def build_config(self, options: dict[str, Any]) -> Any:
@@ -144,6 +169,18 @@ class Method:
             return self.config_cls(**self.field_options(options))
         except TypeError as exc:
             raise PeftkitError(f"invalid options for method {self.name!r}: {exc}") from None
+
+
+def typed_field(field: str, value: Any, hint: Any) -> Any:
+    """`value` as a config field of type `hint` (PeftkitError naming the field otherwise); a single value where a
+    list (tuple) is wanted is a list of one (`--set layers_to_transform=1`)."""
+    kinds = kinds_of(hint)
+    if tuple in kinds and not isinstance(value, (list, tuple)):
+        try:
+            return coerce(field, value, kinds)
+        except PeftkitError:
+            return coerce(field, [value], kinds)
+    return coerce(field, value, kinds)
 
 
 def parse_scalar(text: str) -> Any:
@@ -163,7 +200,8 @@ def config_fields(config: Any) -> dict[str, Any]:
     return out
 
 
-SIZE_MAX = 1 << 20  # no layer count, virtual-token count or hidden width of a real model comes near it
+SIZE_MAX = 1 << 20  # no layer count or hidden width of a real model comes near it (ranks, virtual tokens and
+# reduction factors are the shared options of core/method_options.py, bounded there)
 
 
 def check_positive(field: str, value: object) -> None:

@@ -37,7 +37,6 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "num_virtual_tokens": ("prefix", "prompt"),
     "layers": ("freeze",),
 }
-ADAPTER_VARIANTS = ("houlsby", "pfeiffer", "parallel")
 
 
 @dataclass(frozen=True)
@@ -95,13 +94,14 @@ class TrainingSetup:
             self._check_option(key, value)
 
     def _check_option(self, key: str, value: Any) -> None:
-        if key in ("r", "reduction_factor", "num_virtual_tokens", "layers"):
+        shared = get_method(self.method).shared_option(key)  # r, reduction_factor, ...: the options' own check
+        if shared is not None:
+            shared.check(value, required=True)
+        elif key == "layers":
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise PeftkitError(f"{key} must be a positive whole number, got {value!r}")
         elif key == "bits" and value not in QUANT_BITS:
             raise PeftkitError(f"qlora bits must be 4 (NF4) or 8, got {value!r}")
-        elif key == "variant" and value not in ADAPTER_VARIANTS:
-            raise PeftkitError(f"unknown adapter variant {value!r}; variants: {', '.join(ADAPTER_VARIANTS)}")
 
     def option(self, key: str, default: Any) -> Any:
         """A method option, or `default` when it was not given."""

@@ -24,6 +24,7 @@ from transformers import Cache
 from peftkit.core.archs import checkpointing_enabled, model_dims
 from peftkit.core.inject import inject
 from peftkit.core.method import Method, check_positive
+from peftkit.core.method_options import NUM_VIRTUAL_TOKENS
 from peftkit.core.registry import register
 from peftkit.core.state import adapters
 from peftkit.errors import PeftkitError
@@ -55,7 +56,7 @@ class PrefixConfig:
     init: str = "vocab"
 
     def __post_init__(self) -> None:
-        check_positive("num_virtual_tokens", self.num_virtual_tokens)
+        object.__setattr__(self, "num_virtual_tokens", NUM_VIRTUAL_TOKENS.check(self.num_virtual_tokens, required=True))
         if self.encoder_hidden_size is not None:
             check_positive("encoder_hidden_size", self.encoder_hidden_size)
         if not isinstance(self.prefix_projection, bool):
@@ -172,7 +173,7 @@ class PrefixMethod(Method):
         "prefix tuning adds learned key/value vectors to every attention layer at run time; no weight matrix "
         "absorbs them."
     )
-    cli_aliases = {"num_virtual_tokens": "num_virtual_tokens"}
+    option_fields = {"num_virtual_tokens": "num_virtual_tokens"}
 
     def inject(self, model: nn.Module, config: PrefixConfig, adapter_name: str) -> None:
         """Add the prefix adapter to `model.peftkit_prefix` (created, with its hooks, on first use)."""

@@ -21,7 +21,8 @@ from transformers import Cache
 from peftkit.core.archs import model_dims
 from peftkit.core.inject import inject
 from peftkit.core.labels import IGNORE_INDEX
-from peftkit.core.method import Method, check_positive
+from peftkit.core.method import Method
+from peftkit.core.method_options import NUM_VIRTUAL_TOKENS
 from peftkit.core.registry import register
 from peftkit.core.state import adapters
 from peftkit.errors import PeftkitError
@@ -44,7 +45,7 @@ class PromptConfig:
     init: str = "sample_vocab"
 
     def __post_init__(self) -> None:
-        check_positive("num_virtual_tokens", self.num_virtual_tokens)
+        object.__setattr__(self, "num_virtual_tokens", NUM_VIRTUAL_TOKENS.check(self.num_virtual_tokens, required=True))
         if self.init not in PROMPT_INITS:
             raise PeftkitError(f"unknown prompt init {self.init!r}; choose one of {', '.join(PROMPT_INITS)}")
 
@@ -100,7 +101,7 @@ class PromptMethod(Method):
     config_cls = PromptConfig
     mergeable = False
     why_not_mergeable = "prompt tuning prepends learned input embeddings at run time; no weight matrix absorbs them."
-    cli_aliases = {"num_virtual_tokens": "num_virtual_tokens"}
+    option_fields = {"num_virtual_tokens": "num_virtual_tokens"}
 
     def inject(self, model: nn.Module, config: PromptConfig, adapter_name: str) -> None:
         """Add the soft prompt to `model.peftkit_prompt` (created, with its hooks, on first use)."""

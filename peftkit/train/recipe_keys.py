@@ -1,37 +1,25 @@
-"""Recipe keys of the tools users come from (LLaMA-Factory, axolotl, TRL / HF TrainingArguments), read as peftkit's.
+"""Recipe keys: a YAML recipe read as peftkit's options, including the keys of the tools users come from
+(LLaMA-Factory, axolotl, TRL / HF TrainingArguments).
 
-A key with the same meaning is accepted under its other name and translated (`learning_rate` -> `lr`,
-`lora_r` -> `rank`, ...); a key that only looks alike is not guessed at: an unknown key is an error that suggests
-the closest peftkit key ("did you mean ..."). Values that need translating are translated too (axolotl's list of
-target modules, its `lora_target_linear: true`, LLaMA-Factory's `lora_target: all`).
+The names with the same meaning are each option's `aliases` (declared with the option: `lr`'s `learning_rate`,
+`rank`'s `lora_r`, ...); a key that only looks alike is not guessed at: an unknown key is an error that suggests
+the closest peftkit key ("did you mean ..."). The small tables here are what a declaration cannot say: keys whose
+meaning differs (`DIFFERENT`), and values whose form differs between the tools (`_value`: axolotl's list of target
+modules, its `lora_target_linear: true`, LLaMA-Factory's `lora_target: all`, TrainingArguments' `fsdp` string).
 """
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+import yaml
+
+from peftkit.core.options import Option
 from peftkit.errors import PeftkitError
 
-# other tool's key -> peftkit key (same meaning)
-ALIASES: dict[str, str] = {
-    # HF TrainingArguments / TRL SFTConfig (also used by LLaMA-Factory)
-    "model_name_or_path": "model", "learning_rate": "lr", "num_train_epochs": "epochs",
-    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
-    "warmup_steps": "warmup", "warmup_ratio": "warmup", "lr_scheduler_type": "scheduler", "output_dir": "output",
-    "overwrite_output_dir": "overwrite", "max_seq_length": "max_length",
-    # LLaMA-Factory
-    "finetuning_type": "method", "lora_rank": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout",
-    "lora_target": "target_modules", "cutoff_len": "max_length",
-    # axolotl
-    "base_model": "model", "adapter": "method", "lora_r": "rank", "lora_target_modules": "target_modules",
-    "sequence_len": "max_length", "num_epochs": "epochs", "micro_batch_size": "batch_size",
-    "lr_scheduler": "scheduler", "sample_packing": "packing", "train_on_inputs": "train_on_prompt",
-    "val_set_size": "eval_split",
-    # preference training: LLaMA-Factory's pref_loss (the objectives' own option aliases, e.g. `pref_beta`, are
-    # declared with their options: train/objectives/)
-    "pref_loss": "objective",
-}
 # keys whose names suggest a peftkit key but whose meaning differs: say what to use instead
 DIFFERENT = {
     "dataset": "data (a data file, datasets folder or hub name; LLaMA-Factory's dataset names a dataset_info.json entry)",
@@ -40,26 +28,61 @@ DIFFERENT = {
     "fsdp_config": "fsdp: true (FSDP2 full shard, one unit per decoder layer; the other FSDP settings are peftkit's)",
 }
 FSDP_FULL_SHARD = "full_shard"  # TrainingArguments' / axolotl's `fsdp: "full_shard auto_wrap"` (or a list)
+SWITCHES = {"lora_target_linear": ("target_modules", "all-linear")}  # axolotl's `key: true` -> option: value
 
 
-def translate(data: dict[str, Any], valid: list[str], source: str,
-              more_aliases: dict[str, str] | None = None) -> dict[str, Any]:
-    """`data` with the other tools' keys renamed to peftkit's (ALIASES, and `more_aliases`: the objectives'
-    declared ones); unknown keys refused with a suggestion."""
-    out: dict[str, Any] = {}
-    aliases = {**ALIASES, **(more_aliases or {})}
+def read_recipe_file(path: str | Path, options: Iterable[Option]) -> dict[str, tuple[str, Any]]:
+    """option name -> (the key as written, value) of the YAML recipe at `path`, keys translated (`translate_keys`)."""
+    file = Path(path)
+    if not file.is_file():
+        raise PeftkitError(f"recipe {str(file)!r} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PeftkitError(f"recipe {file} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise PeftkitError(f"recipe {file} must be a mapping of option: value")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    return translate_keys(data, options, f"recipe {file}")
+
+
+def translate(data: dict[str, Any], valid: Iterable[str | Option], source: str) -> dict[str, Any]:
+    """`data` with the other tools' keys renamed to peftkit's; `valid`: option names or Options (whose aliases are
+    accepted too); unknown keys refused with a suggestion."""
+    return {name: value for name, (_, value) in translate_keys(data, valid, source).items()}
+
+
+def translate_keys(data: dict[str, Any], valid: Iterable[str | Option], source: str) -> dict[str, tuple[str, Any]]:
+    """option name -> (the key as written, value), values in peftkit's form; a key naming an option twice (as itself
+    and an alias) is an error."""
+    names, aliases = _vocabulary(valid)
+    out: dict[str, tuple[str, Any]] = {}
     for key, value in data.items():
-        if key == "lora_target_linear":  # axolotl's switch for all linear layers (handled below)
+        if key in SWITCHES:
+            if value is True:
+                name, value = SWITCHES[key]
+                out.setdefault(name, (key, value))
             continue
-        name = key if key in valid else aliases.get(key)
+        name = key if key in names else aliases.get(key)
         if name is None:
-            raise PeftkitError(f"{source} has the unknown key {key!r}; {_suggest(key, valid)}")
-        if name in out:
+            raise PeftkitError(f"{source} has the unknown key {key!r}; {_suggest(key, names, aliases)}")
+        if name in out and out[name][0] not in SWITCHES:
             raise PeftkitError(f"{source} sets {name!r} twice (as {key!r} and under another name); keep one")
-        out[name] = _value(key, value)
-    if data.get("lora_target_linear") is True:
-        out["target_modules"] = "all-linear"
+        out[name] = (key, _value(key, value))
     return out
+
+
+def _vocabulary(valid: Iterable[str | Option]) -> tuple[list[str], dict[str, str]]:
+    """(the option names, alias -> name) of `valid`."""
+    names: list[str] = []
+    aliases: dict[str, str] = {}
+    for item in valid:
+        if isinstance(item, Option):
+            names.append(item.name)
+            aliases.update(dict.fromkeys(item.aliases, item.name))
+        else:
+            names.append(item)
+    return names, aliases
 
 
 def _value(key: str, value: Any) -> Any:
@@ -81,10 +104,10 @@ def _value(key: str, value: Any) -> Any:
     return value
 
 
-def _suggest(key: str, valid: list[str]) -> str:
+def _suggest(key: str, names: list[str], aliases: dict[str, str]) -> str:
     if key in DIFFERENT:
         return f"use {DIFFERENT[key]}"
-    close = difflib.get_close_matches(key, valid + list(ALIASES), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, names + list(aliases), n=1, cutoff=0.6)
     if close:
-        return f"did you mean {ALIASES.get(close[0], close[0])!r}?"
-    return f"valid keys: {', '.join(valid)}"
+        return f"did you mean {aliases.get(close[0], close[0])!r}?"
+    return f"valid keys: {', '.join(names)}"

@@ -95,7 +95,7 @@ def test_cli_options_map_to_fields() -> None:
 
 @pytest.mark.parametrize("bad", [{"reduction_factor": 0}, {"reduction_factor": -2}, {"bottleneck_size": 0}])
 def test_bad_sizes(bad: dict) -> None:
-    with pytest.raises(PeftkitError, match="positive integer"):
+    with pytest.raises(PeftkitError, match="(reduction_factor must be >= 1 and <= 65,536|bottleneck_size must be a positive integer)"):
         peftkit.AdapterConfig(**bad)
 
 

@@ -168,8 +168,9 @@ def test_saved_files_follow_the_umask(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs,pattern",
-    [({"r": 0}, "rank r must be a positive integer"), ({"r": -2}, "positive integer"),
-     ({"lora_alpha": 0}, "lora_alpha must be > 0"), ({"lora_dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    [({"r": 0}, "^rank must be >= 1 and <= 65,536, got 0$"), ({"r": -2}, "rank must be >= 1"),
+     ({"r": 70000}, "^rank must be >= 1 and <= 65,536, got 70000$"), ({"r": 2.5}, "rank must be a whole number"),
+     ({"lora_alpha": 0}, "alpha must be > 0"), ({"lora_dropout": 1.0}, r"dropout must be >= 0 and < 1"),
      ({"lora_dropout": -0.1}, "dropout"), ({"init": "svd"}, "choose one of default, gaussian, pissa")],
 )
 def test_invalid_lora_config(kwargs, pattern):

@@ -87,7 +87,7 @@ def test_merge_refused_and_delete_restores_base() -> None:
 
 
 def test_bad_inputs() -> None:
-    with pytest.raises(PeftkitError, match="num_virtual_tokens must be a positive integer"):
+    with pytest.raises(PeftkitError, match="num_virtual_tokens must be >= 1 and <= 65,536, got 0"):
         get_method("prompt").build_config({"num_virtual_tokens": "0"})
     with pytest.raises(PeftkitError, match="sample_vocab, random"):
         peftkit.PromptConfig(init="text")

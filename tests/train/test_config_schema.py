@@ -7,10 +7,11 @@ import math
 
 import pytest
 
+import peftkit
 from peftkit.cli import main
+from peftkit.core.options import coerce, kinds_of
 from peftkit.errors import PeftkitError
 from peftkit.train.config import load_train_config
-from peftkit.train.schema import coerce
 
 
 def test_yaml_1_1_scientific_notation_is_a_float(tmp_path):
@@ -70,7 +71,7 @@ def test_eval_split_larger_than_the_data_is_one_line(tmp_path, capsys):
     ("validation", str | float | None, "validation"), (None, int | None, None), (True, bool, True),
 ])
 def test_coerce_accepts_unambiguous_values(value, hint, expected):
-    got = coerce("f", value, hint)
+    got = coerce("f", value, kinds_of(hint))
     assert got == expected and type(got) is type(expected)
 
 
@@ -78,4 +79,69 @@ def test_coerce_accepts_unambiguous_values(value, hint, expected):
                                          (math.inf, int), ([1], float), (None, int)])
 def test_coerce_refuses_the_rest(value, hint):
     with pytest.raises(PeftkitError, match="^f "):
-        coerce("f", value, hint)
+        coerce("f", value, kinds_of(hint))
+
+
+# One declaration: a flag, --set, a recipe (under any of its names) and the Python API give the same error line.
+
+RANK_ERROR = "error: rank must be >= 1 and <= 65,536, got 70000\n"
+
+
+def _error(args, tmp_path, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "-o", str(tmp_path / "run")] if args[0] == "train" else args)
+    assert exc.value.code == 2
+    assert not (tmp_path / "run").exists()
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--rank", "70000"], ["train", "--set", "r=70000"], ["train", "--set", "rank=70000"],
+    ["train", "--method", "qlora", "--set", "r=70000"],
+    ["estimate", "--model", "qwen1.5-7b", "--rank", "70000"], ["estimate", "--model", "qwen1.5-7b", "--set", "r=70000"],
+])
+def test_flag_and_set_give_the_same_error(args, tmp_path, capsys):
+    assert _error(args, tmp_path, capsys) == RANK_ERROR
+
+
+@pytest.mark.parametrize("recipe", ["lora_r: 70000", "rank: 70000", "lora_rank: 70000", "set: {r: 70000}"])
+def test_recipe_and_python_give_the_same_error(recipe, tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text(recipe + "\n")
+    assert _error(["train", "--config", str(tmp_path / "r.yaml")], tmp_path, capsys) == RANK_ERROR
+    with pytest.raises(PeftkitError) as exc:
+        peftkit.LoraConfig(r=70000)
+    assert f"error: {exc.value}\n" == RANK_ERROR
+
+
+@pytest.mark.parametrize("flag, setting", [(["--alpha", "0"], "lora_alpha=0"), (["--dropout", "1"], "lora_dropout=1"),
+                                           (["--method", "prefix", "--num-virtual-tokens", "0"], "num_virtual_tokens=0")])
+def test_other_shared_options_alike(flag, setting, tmp_path, capsys):
+    method = flag[:2] if flag[0] == "--method" else []
+    assert _error(["train", *flag], tmp_path, capsys) == _error(["train", *method, "--set", setting], tmp_path, capsys)
+
+
+# --set: typed as the method config's field; a field behind a shared option is that option.
+
+def test_set_values_are_typed_and_canonicalised():
+    cfg = load_train_config(None, {"set": {"use_dora": "true", "lora_alpha": "16", "layers_to_transform": "1",
+                                           "rank_pattern": "{q_proj: 4}"}})
+    assert cfg.alpha == 16.0 and isinstance(cfg.alpha, float)  # lora_alpha is the shared option alpha
+    assert cfg.set == {"use_dora": True, "layers_to_transform": [1], "rank_pattern": {"q_proj": 4}}
+    assert load_train_config(None, {"method": "qlora", "set": {"bits": "8"}}).set == {"bits": 8}
+    assert load_train_config(None, {"method": "freeze", "set": {"layers": "1"}}).set == {"layers": 1}
+
+
+@pytest.mark.parametrize("pair, needle", [("use_dora=maybe", "use_dora must be true or false, got 'maybe'"),
+                                          ("init=3", "init must be text, got 3"),
+                                          ("rnk=4", "method 'lora' has no option 'rnk'; valid options: alpha, "),
+                                          ("r=abc", "rank must be a whole number, got 'abc'")])
+def test_set_type_errors_are_one_line(pair, needle, tmp_path, capsys):
+    err = _error(["train", "--set", pair], tmp_path, capsys)
+    assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+
+
+def test_set_twice_under_two_names_is_refused(tmp_path, capsys):
+    err = _error(["train", "--set", "r=4", "--set", "rank=5"], tmp_path, capsys)
+    assert "--set gives rank twice" in err
+    (tmp_path / "r.yaml").write_text("lora_r: 8\nset: {r: 4}\n")
+    assert "sets 'rank' twice" in _error(["train", "--config", str(tmp_path / "r.yaml")], tmp_path, capsys)

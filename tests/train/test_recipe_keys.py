@@ -82,3 +82,54 @@ def test_print_config_is_a_loadable_recipe(tmp_path, capsys):
     assert resolved["lr"] == 3e-4 and resolved["rank"] == 32 and resolved["max_length"] == 4096  # flag wins
     (tmp_path / "again.yaml").write_text(printed)
     assert load_train_config(tmp_path / "again.yaml").to_dict() == resolved
+
+
+# One precedence: flag > --set > recipe > default; the value ignored is named in a warning and in --print-config.
+
+def _print_config(capsys, *args) -> tuple[dict, str, str]:
+    main(["train", *args, "--print-config"])
+    out = capsys.readouterr()
+    return yaml.safe_load(out.out), out.out, out.err
+
+
+def _line(printed: str, key: str) -> str:
+    return next(line for line in printed.splitlines() if line.startswith(f"{key}:"))
+
+
+def test_flag_wins_over_set_with_a_warning(capsys):
+    resolved, printed, err = _print_config(capsys, "--method", "lora", "--rank", "8", "--set", "r=4")
+    assert resolved["rank"] == 8 and resolved["set"] == {}
+    assert _line(printed, "rank") == "rank: 8  # flag --rank (also --set r=4, ignored)"
+    assert err == ("warning: rank: flag --rank 8 is used, --set r=4 is ignored "
+                   "(precedence: flag > --set > recipe > default)\n")
+
+
+def test_flag_wins_over_recipe_and_set_over_recipe(tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text("lora_r: 4\nlearning_rate: 1.0e-4\nset: {use_dora: true}\n")
+    resolved, printed, err = _print_config(capsys, "--config", str(tmp_path / "r.yaml"), "--rank", "8")
+    assert resolved["rank"] == 8 and resolved["lr"] == 1e-4 and resolved["set"] == {"use_dora": True}
+    assert _line(printed, "rank") == "rank: 8  # flag --rank (also lora_r: 4 in recipe r.yaml, ignored)"
+    assert _line(printed, "lr") == "lr: 0.0001  # recipe r.yaml (learning_rate)"
+    assert _line(printed, "set") == "set: {use_dora: true}  # recipe r.yaml"
+    assert "warning: rank: flag --rank 8 is used, lora_r: 4 in recipe r.yaml is ignored" in err
+    resolved, printed, err = _print_config(capsys, "--config", str(tmp_path / "r.yaml"), "--set", "r=2")
+    assert resolved["rank"] == 2 and _line(printed, "rank").endswith("# --set r=2 (also lora_r: 4 in recipe r.yaml, ignored)")
+
+
+def test_same_value_twice_is_no_warning(capsys):
+    resolved, printed, err = _print_config(capsys, "--rank", "8", "--set", "r=8")
+    assert resolved["rank"] == 8 and err == "" and _line(printed, "rank") == "rank: 8  # flag --rank"
+
+
+def test_print_config_says_where_defaults_came_from(tmp_path, capsys):
+    resolved, printed, _ = _print_config(capsys, "--method", "lora", "--rank", "8")
+    assert _line(printed, "lr") == "lr: 0.002  # default (bundled task)"
+    assert _line(printed, "method") == "method: lora  # flag --method"
+    assert _line(printed, "seed") == "seed: 0  # default"
+    assert _line(printed, "packing") == "packing: false  # default"
+    _, printed, _ = _print_config(capsys, "--method", "full", "--no-packing", "--data", "x.jsonl", "--data", "y.jsonl")
+    assert _line(printed, "lr") == "lr: 2.0e-05  # default (method full)"
+    assert _line(printed, "packing") == "packing: false  # flag --no-packing"
+    assert _line(printed, "data") == "data: 'x.jsonl,y.jsonl'  # flag --data"
+    (tmp_path / "again.yaml").write_text(printed)
+    assert load_train_config(tmp_path / "again.yaml").data == "x.jsonl,y.jsonl"  # comments and all: a recipe

@@ -24,6 +24,7 @@ from torch import nn
 from peftkit.core.archs import arch_spec, get_submodule, hidden_size
 from peftkit.core.inject import inject, replace_module
 from peftkit.core.method import PEFT_PREFIX, Method, check_positive, config_fields
+from peftkit.core.method_options import DROPOUT, REDUCTION_FACTOR, VARIANT
 from peftkit.core.registry import register
 from peftkit.core.state import adapters
 from peftkit.errors import PeftkitError
@@ -53,16 +54,13 @@ class AdapterConfig:
     locations: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise PeftkitError(f"unknown adapter variant {self.variant!r}; the variants are {', '.join(VARIANTS)}")
-        for field in ("reduction_factor", "bottleneck_size"):
-            value = getattr(self, field)
-            if value is not None:
-                check_positive(field, value)
+        object.__setattr__(self, "variant", VARIANT.check(self.variant, required=True))  # VARIANTS' names
+        object.__setattr__(self, "reduction_factor", REDUCTION_FACTOR.check(self.reduction_factor, required=True))
+        if self.bottleneck_size is not None:
+            check_positive("bottleneck_size", self.bottleneck_size)
         if self.non_linearity not in ACTIVATIONS:
             raise PeftkitError(f"unknown non_linearity {self.non_linearity!r}; choose one of {', '.join(ACTIVATIONS)}")
-        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise PeftkitError(f"adapter dropout must be in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", DROPOUT.check(self.dropout, required=True))
         if self.scaling is None:
             object.__setattr__(self, "scaling", 4.0 if self.variant == "parallel" else 1.0)
         if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
@@ -118,7 +116,7 @@ class AdapterMethod(Method):
     why_not_mergeable = (
         "a bottleneck adapter applies a non-linearity (W_up f(W_down h)), so no single weight matrix can absorb it."
     )
-    cli_aliases = {"variant": "variant", "reduction_factor": "reduction_factor", "dropout": "dropout"}
+    option_fields = {"variant": "variant", "reduction_factor": "reduction_factor", "dropout": "dropout"}
 
     def inject(self, model: nn.Module, config: AdapterConfig, adapter_name: str) -> None:
         """Wrap each targeted sublayer in a BottleneckLayer (or reuse it) and add the adapter."""

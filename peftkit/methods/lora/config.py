@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from peftkit.core.method import check_positive
+from peftkit.core.method_options import ALPHA, DROPOUT, RANK
 from peftkit.errors import PeftkitError
 
 INITS = ("default", "gaussian", "pissa")
@@ -35,13 +35,11 @@ class LoraConfig:
     use_dora: bool = False
 
     def __post_init__(self) -> None:
-        check_positive("LoRA rank r", self.r)
+        object.__setattr__(self, "r", RANK.check(self.r, required=True))  # the options --rank / lora_r also check
+        object.__setattr__(self, "lora_alpha", ALPHA.check(self.lora_alpha))
         if self.lora_alpha is None:
             object.__setattr__(self, "lora_alpha", 2 * self.r)
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise PeftkitError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise PeftkitError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        object.__setattr__(self, "lora_dropout", DROPOUT.check(self.lora_dropout, required=True))
         if self.init not in INITS:
             raise PeftkitError(f"unknown LoRA init {self.init!r}; choose one of {', '.join(INITS)}")
         object.__setattr__(self, "target_modules", normalize_targets(self.target_modules))
@@ -53,8 +51,8 @@ class LoraConfig:
         if self.layers_to_transform is not None:
             layers = self.layers_to_transform
             object.__setattr__(self, "layers_to_transform", (layers,) if isinstance(layers, int) else tuple(layers))
-        for key, rank in self.rank_pattern.items():
-            check_positive(f"rank_pattern[{key!r}]", rank)
+        for key, rank in self.rank_pattern.items():  # ranks too: RANK's bounds
+            replace(RANK, name=f"rank_pattern[{key!r}]").check(rank, required=True)
 
     def rank_alpha(self, path: str) -> tuple[int, float]:
         """(r, alpha) for the module at `path`, after rank_pattern / alpha_pattern (PEFT's suffix-regex rule)."""

@@ -37,7 +37,7 @@ class LoraMethod(Method):
     peft_type = "LORA"
     config_cls = LoraConfig
     mergeable = True
-    cli_aliases = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+    option_fields = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules"}
 
     def inject(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
         """Wrap every targeted linear layer in a LoraLayer (or add to an existing one) with a new adapter."""

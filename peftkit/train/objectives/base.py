@@ -19,6 +19,7 @@ Nothing outside an objective's own module compares objective names (tests/train/
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from peftkit.core.options import Option
@@ -158,13 +159,23 @@ def objective_names() -> list[str]:
 
 
 def declared_options() -> list[Option]:
-    """Every registered objective's options, a name several objectives declare (e.g. `beta`) listed once."""
+    """Every registered objective's options, a name several objectives declare (e.g. `beta`) listed once: the
+    first declaration, its help naming each declaring objective with its default (the flag's help), unset by
+    default (each objective fills its own default in `resolve_defaults`)."""
     _load()
-    seen: dict[str, Option] = {}
+    declared: dict[str, list[tuple[str, Option]]] = {}
     for objective in _REGISTRY.values():
         for option in objective.options:
-            seen.setdefault(option.name, option)
-    return list(seen.values())
+            declared.setdefault(option.name, []).append((objective.name, option))
+    return [replace(pairs[0][1], default=None, help=_help(pairs)) for pairs in declared.values()]
+
+
+def _help(pairs: list[tuple[str, Option]]) -> str:
+    """One help text for an option several objectives declare: theirs, each with its objective and default."""
+    if len({option.help for _, option in pairs}) == 1:
+        names = ", ".join(name for name, _ in pairs)
+        return f"{pairs[0][1].help.rstrip('.')} (--objective {names}; default {pairs[0][1].default})."
+    return " ".join(f"{name}: {option.help.rstrip('.')} (default {option.default})." for name, option in pairs)
 
 
 def declaring(name: str) -> list[str]:

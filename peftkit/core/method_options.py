@@ -1,0 +1,30 @@
+"""The options several methods share, declared once: `rank`, `alpha`, `dropout`, `target_modules`, `variant`,
+`reduction_factor`, `num_virtual_tokens` (no torch here: the CLI builds its flags from them for `--help`).
+
+A method maps the ones it reads to its config fields (`Method.option_fields`, e.g. LoRA's `{"rank": "r"}`), and its
+config checks those fields with the same `Option` (`LoraConfig` checks `r` with `RANK`), so `--rank 70000`,
+`--set r=70000`, a recipe's `lora_r: 70000` and `LoraConfig(r=70000)` give the same error line.
+"""
+
+from __future__ import annotations
+
+from peftkit.core.options import Option
+
+SIZE_HIGH = 1 << 16  # no rank, reduction factor or virtual-token count of a real run comes near it
+
+RANK = Option("rank", int, help="LoRA rank (the config's r).", low=1, high=SIZE_HIGH, flags=("--rank", "-r"),
+              aliases=("lora_rank", "lora_r"))
+ALPHA = Option("alpha", float, help="LoRA alpha (default 2 x rank).", low=0, low_open=True, high=1e6,
+               aliases=("lora_alpha",))
+DROPOUT = Option("dropout", float, help="Adapter dropout in [0, 1).", low=0, high=1, high_open=True,
+                 aliases=("lora_dropout",))
+TARGET_MODULES = Option("target_modules", (str, list), help="Comma list of module names, a regex, or all-linear.",
+                        aliases=("lora_target", "lora_target_modules"))
+VARIANT = Option("variant", str, help="Bottleneck adapter variant: houlsby | pfeiffer | parallel.",
+                 choices=("houlsby", "pfeiffer", "parallel"))
+REDUCTION_FACTOR = Option("reduction_factor", int, help="Bottleneck size = hidden / reduction factor.", low=1,
+                          high=SIZE_HIGH)
+NUM_VIRTUAL_TOKENS = Option("num_virtual_tokens", int, help="Prefix / prompt length.", low=1, high=SIZE_HIGH)
+
+SHARED: dict[str, Option] = {o.name: o for o in (RANK, ALPHA, DROPOUT, TARGET_MODULES, VARIANT, REDUCTION_FACTOR,
+                                                 NUM_VIRTUAL_TOKENS)}
