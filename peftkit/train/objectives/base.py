@@ -175,7 +175,12 @@ def _help(pairs: list[tuple[str, Option]]) -> str:
     if len({option.help for _, option in pairs}) == 1:
         names = ", ".join(name for name, _ in pairs)
         return f"{pairs[0][1].help.rstrip('.')} (--objective {names}; default {pairs[0][1].default})."
-    return " ".join(f"{name}: {option.help.rstrip('.')} (default {option.default})." for name, option in pairs)
+    return " ".join(f"{name}: {option.help.rstrip('.')}{_default(option)}." for name, option in pairs)
+
+
+def _default(option: Option) -> str:
+    """' (default X)' unless the help already names it."""
+    return "" if "default" in option.help else f" (default {option.default})"
 
 
 def declaring(name: str) -> list[str]:
