@@ -19,7 +19,7 @@ import yaml
 
 from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
-from peftkit.memory.training_setup import deepspeed_stage
+from peftkit.io.deepspeed import deepspeed_stage
 from peftkit.train.objectives import check_objective, objective_defaults
 from peftkit.train.recipe_keys import translate
 from peftkit.train.schema import coerce_fields
