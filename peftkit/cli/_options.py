@@ -19,7 +19,7 @@ Model = Annotated[str | None, typer.Option("--model", "-m", help="Hub id, model 
 Adapter = Annotated[str | None, typer.Option("--adapter", "-a", help="Saved adapter folder.")]
 Output = Annotated[str | None, typer.Option("--output", "-o", "--out", help="Output folder.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
-Method = Annotated[str, typer.Option("--method", help="lora | adapter | prefix | prompt (train also: full, freeze).")]
+Method = Annotated[str, typer.Option("--method", help="A registered method: lora | qlora | adapter | prefix | prompt | full | freeze, or a plugin's (`peftkit inspect` lists them).")]
 Rank = Annotated[int | None, typer.Option("--rank", "-r", help="LoRA rank (the config's r).")]
 Alpha = Annotated[float | None, typer.Option("--alpha", help="LoRA alpha (default 2 x rank).")]
 Dropout = Annotated[float | None, typer.Option("--dropout", help="Adapter dropout in [0, 1).")]
