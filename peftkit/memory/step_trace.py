@@ -113,7 +113,7 @@ def _check_traceable(setup: TrainingSetup) -> None:
     qlora's bitsandbytes quantization, whose kernels do not run on fake tensors) and sharded or offloaded runs."""
     loaded = setup.registered_method.load_options(setup.config)
     if loaded:
-        shown = ", ".join(f"{k}={v}" for k, v in loaded.items())
+        shown = ", ".join(f"{k}={v}" for k, v in loaded.items() if v is not None)
         raise PeftkitError(f"--trace cannot run {setup.method}: it loads the base with {shown}, and bitsandbytes' "
                            "quantized kernels do not run on fake CPU tensors")
     if setup.gpus > 1 or setup.shard_stage or setup.offload:

@@ -58,6 +58,7 @@ class FullMethod(_WholeModelMethod):
         return [model]
 
     def trained_base(self, config: FullConfig, shape: ModelShape) -> BaseTraining:
+        """Every decoder layer, and the embeddings, final norm and head (the estimator's `whole`)."""
         return BaseTraining(layers=shape.layers, whole=True)
 
 
@@ -74,6 +75,7 @@ class FreezeMethod(_WholeModelMethod):
         return list(stack)[-config.layers:]
 
     def trained_base(self, config: FreezeConfig, shape: ModelShape) -> BaseTraining:
+        """The top `layers` decoder layers only (the layers below them save no activations)."""
         return BaseTraining(layers=config.layers)
 
 

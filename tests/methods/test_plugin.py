@@ -134,3 +134,11 @@ def test_merge_equals_peft_merge_and_unload(ia3, tmp_path, kind):
     assert ours_state.keys() == their_state.keys()
     assert all(torch.equal(ours_state[k], their_state[k]) for k in ours_state)
     assert (logits(merged, ids) - unmerged).abs().max() <= 1e-5
+
+
+def test_register_method_refuses_a_taken_name_or_a_non_method(ia3):
+    assert "ia3" in registry.method_names()
+    for bad, message in ((ia3.IA3Method, "already registered"), (ia3.IA3Config, "not a peftkit Method")):
+        with pytest.raises(PeftkitError, match=message) as err:
+            peftkit.register_method(bad)
+        assert "\n" not in str(err.value)
