@@ -12,7 +12,8 @@ This module re-exports the public API; docs/architecture.md maps the packages be
 The re-exports are lazy (PEP 562): `import peftkit` loads neither torch nor transformers, so the CLI's `--help`
 and `--version` are instant. Every method is still registered before anything can look one up: this module, which
 Python runs before any peftkit submodule, gives the registry a loader that imports `peftkit.methods` (whose import
-registers them all) on the first lookup (see `peftkit.core.registry`).
+registers them all) on the first lookup, and then the method plugins (entry points of group `peftkit.methods`;
+`register_method` adds one from Python; see `peftkit.core.registry`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs; at run time __ge
     from peftkit.core.counting import trainable_parameters
     from peftkit.core.inject import inject
     from peftkit.core.ops import delete_adapter, disable_adapters, merge, merge_adapter, set_adapter, unmerge_adapter
+    from peftkit.core.registry import register_method
     from peftkit.io.adapters import load_adapter, save_adapter
     from peftkit.io.models import load_model
     from peftkit.methods.bottleneck import AdapterConfig
@@ -54,6 +56,7 @@ _LAZY = {
     "delete_adapter": "peftkit.core.ops",
     "trainable_parameters": "peftkit.core.counting",
     "load_model": "peftkit.io.models",
+    "register_method": "peftkit.core.registry",
 }
 
 __all__ = [
@@ -75,6 +78,7 @@ __all__ = [
     "delete_adapter",
     "trainable_parameters",
     "load_model",
+    "register_method",
 ]
 
 

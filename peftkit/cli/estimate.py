@@ -110,7 +110,7 @@ def _print(est: MemoryEstimate) -> None:
 @app.command("estimate")
 def estimate_cmd(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Preset (see --list), config.json, model folder or cached hub id.")] = None,
-    method: Annotated[str, typer.Option("--method", help="full | freeze | lora | qlora | adapter | prefix | prompt")] = "lora",
+    method: Annotated[str, typer.Option("--method", help="A registered method: full | freeze | lora | qlora | adapter | prefix | prompt, or a plugin's.")] = "lora",
     rank: Rank = None,
     alpha: Alpha = None,
     target_modules: TargetModules = None,

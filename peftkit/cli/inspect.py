@@ -17,17 +17,28 @@ from peftkit.errors import PeftkitError
 
 if TYPE_CHECKING:  # `peftkit --help` imports this module: no torch or transformers at run time
     from torch import nn
-    from transformers import PretrainedConfig
+
+def _settings(rank: int, target_modules: str | None) -> list[tuple[str, dict]]:
+    """(method, options) per row: the methods whose config takes a rank and targets first, with the given targets and
+    with all-linear, then every other registered method with its defaults."""
+    import dataclasses
+
+    from peftkit.core.registry import get_method, method_names
+
+    def ranked(name: str) -> bool:
+        return {"r", "target_modules"} <= {f.name for f in dataclasses.fields(get_method(name).config_cls)}
+
+    settings = [(name, {"r": rank, "target_modules": targets}) for name in method_names() if ranked(name)
+                for targets in (target_modules, "all-linear")]
+    return settings + [(name, {}) for name in method_names() if not ranked(name)]
 
 
-def _rows(model_config: PretrainedConfig, rank: int | None, target_modules: str | None) -> list[dict]:
+def _rows(model_config, rank: int, target_modules: str | None) -> list[dict]:
     """One row per method setting: name, options, trainable parameters, share of the total."""
     from peftkit.core.counting import count_parameters
-    from peftkit.core.registry import method_names
 
-    settings: list[tuple[str, dict[str, int | str | None]]] = [("lora", {"rank": rank, "target_modules": target_modules}), ("lora", {"rank": rank, "target_modules": "all-linear"})]
-    settings += [(m, {}) for m in method_names() if m != "lora"]
-    rows: list[dict[str, object]] = []
+    settings = _settings(rank, target_modules)
+    rows = []
     for method, options in settings:
         options = {k: v for k, v in options.items() if v is not None}
         try:

@@ -1,8 +1,11 @@
 """Base classes every method builds on: `AdapterLayer` (modules holding adapters) and `Method` (registry entry).
 
-A method is a module (or a folder) in `peftkit.methods`: a frozen config dataclass, its nn.Module(s) subclassing
-`AdapterLayer`, and a `Method` subclass registered with `peftkit.core.registry.register`. The trainer, the CLI
-and adapter I/O use only the `Method` interface, so adding a method never touches them.
+A method is a module (or a folder) in `peftkit.methods`, or a plugin package (an entry point of group
+`peftkit.methods`): a frozen config dataclass, its nn.Module(s) subclassing `AdapterLayer`, and a `Method` subclass
+registered with `peftkit.core.registry.register`. The trainer, the CLI, adapter I/O and the memory estimator use
+only the `Method` interface, so adding a method never touches them. The estimator's questions are the hooks after
+`field_options` / `build_config`; their defaults describe an adapter over a frozen base whose own modules save
+nothing for backward, so a simple adapter method overrides none or one of them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 
 from peftkit.core.method_options import SHARED
 from peftkit.core.options import Option, coerce, kinds_of
+from peftkit.core.shapes import BaseTraining, ModelShape, SavedActivations
 from peftkit.errors import PeftkitError
 
 PEFT_PREFIX = "base_model.model."  # HF PEFT's prefix of every saved tensor key
@@ -169,6 +173,33 @@ class Method:
             return self.config_cls(**self.field_options(options))
         except TypeError as exc:
             raise PeftkitError(f"invalid options for method {self.name!r}: {exc}") from None
+
+    # What the memory estimator (peftkit.memory, docs/memory.md) and the trainer ask. Each receives the built config
+    # (`build_config`: the method's own defaults and validation) and, where sizes matter, the model's `ModelShape`.
+
+    def check_setup(self, config: Any, *, gradient_checkpointing: bool) -> None:
+        """Raise PeftkitError (one line) for a training setup this method cannot run; the default accepts all.
+        (prefix tuning: transformers drops the KV cache holding the prefix under gradient checkpointing)."""
+
+    def trained_base(self, config: Any, shape: ModelShape) -> BaseTraining | None:
+        """Which of the base model's own weights train (`trains_base` methods: full -> every layer and the rest,
+        freeze -> the top `layers` layers); None (the default) for a frozen base with an adapter on it."""
+        return None
+
+    def saved_activations(self, config: Any, shape: ModelShape, act_bytes: int, seq_len: int) -> SavedActivations:
+        """Bytes per token the method's own modules save for backward, beyond the frozen decoder's own (default
+        none). act_bytes: bytes of one activation element in the compute dtype (2 under bf16 / amp, 4 in fp32);
+        seq_len: real tokens per row. Counted from what each op of the method's forward saves (docs/memory.md)."""
+        return SavedActivations()
+
+    def extra_positions(self, config: Any) -> int:
+        """Positions the decoder runs over beyond a row's real tokens (prompt tuning prepends its virtual tokens)."""
+        return 0
+
+    def frozen_weight_bytes(self, config: Any, shape: ModelShape, frozen: int, bytes_per_param: int) -> float:
+        """Bytes the `frozen` parameters take in memory when unquantized ones take `bytes_per_param` each (the
+        default); qlora's quantized linears take less. The quantization itself happens at load (`load_options`)."""
+        return frozen * bytes_per_param
 
 
 def typed_field(field: str, value: Any, hint: Any) -> Any:

@@ -1,14 +1,22 @@
 """The method registry: name -> `Method` object, plus lookups by on-disk peft_type and by config class.
 
-Methods register themselves when `peftkit.methods` is imported. The registry cannot import them (methods import
-core, not the other way round), so the package `peftkit/__init__.py`, which runs before any peftkit module,
-hands it a loader (`set_builtin_loader`) that every lookup calls once: the built-in methods are registered before
+Built-in methods register themselves when `peftkit.methods` is imported. The registry cannot import them (methods
+import core, not the other way round), so the package `peftkit/__init__.py`, which runs before any peftkit module,
+hands it a loader (`set_builtin_loader`) that the first lookup calls: the built-in methods are registered before
 the first lookup, however deep the first import was (`from peftkit.train.run import train`), and `import peftkit`
-stays light. Nothing else in peftkit names a method: the trainer, CLI and adapter I/O go through these lookups.
+stays light. Nothing else in peftkit names a method: the trainer, CLI, adapter I/O and the estimator go through
+these lookups and the `Method` interface.
+
+Plugins: after the built-ins, the first lookup also loads every Python entry point of group `peftkit.methods`
+(`[project.entry-points."peftkit.methods"] ia3 = "peftkit_ia3:IA3Method"` in a package's pyproject.toml), once.
+An entry point gives a `Method` subclass or instance; a plugin that fails to import, gives something else, or
+reuses a registered name is skipped with a one-line warning naming it. `register_method` (`peftkit.register_method`)
+registers one from Python. See examples/ia3_plugin/.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -17,8 +25,12 @@ from peftkit.errors import PeftkitError
 if TYPE_CHECKING:  # only a type here: importing core.method would load torch for a registry lookup
     from peftkit.core.method import Method
 
+ENTRY_POINT_GROUP = "peftkit.methods"
+log = logging.getLogger(__name__)
+
 _METHODS: dict[str, Method] = {}
 _builtin_loader: Callable[[], object] | None = None
+_plugins_pending = True
 
 
 def set_builtin_loader(loader: Callable[[], object]) -> None:
@@ -28,19 +40,74 @@ def set_builtin_loader(loader: Callable[[], object]) -> None:
 
 
 def _registered() -> dict[str, Method]:
-    """The registry, after the built-in methods were loaded (once)."""
-    global _builtin_loader
+    """The registry, after the built-in methods and then the plugins were loaded (once each)."""
+    global _builtin_loader, _plugins_pending
     loader, _builtin_loader = _builtin_loader, None
     if loader is not None:
         loader()
+    if _plugins_pending:
+        _plugins_pending = False
+        load_plugins()
     return _METHODS
 
 
+def load_plugins() -> list[str]:
+    """Register the methods of every `peftkit.methods` entry point; returns the names registered. A failing plugin
+    is logged as one warning line naming it and skipped (the registry's first lookup calls this once)."""
+    from importlib.metadata import entry_points
+
+    names = []
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            method = _as_method(point.load())
+            existing = _METHODS.get(method.name)
+            if existing is None or type(existing) is not type(method):  # its module may have registered it already
+                _add(method)
+            names.append(method.name)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop peftkit: warn, name it, go on
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            log.warning("method plugin %r (%s) was not loaded: %s%s", point.name, point.value,
+                        type(exc).__name__, f": {reason}" if reason else "")
+    return names
+
+
+def _as_method(obj: Any) -> Method:
+    """The Method instance an entry point or `register_method` gives (a subclass is instantiated); checked."""
+    from peftkit.core.method import Method
+
+    if isinstance(obj, type) and issubclass(obj, Method):
+        obj = obj()
+    if not isinstance(obj, Method):
+        raise PeftkitError(f"{obj!r} is not a peftkit Method (subclass peftkit.core.method.Method)")
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not name or name != name.lower() or not name.replace("_", "").isalnum():
+        raise PeftkitError(f"method name {name!r} is invalid; use lowercase letters, digits and underscores")
+    if not isinstance(getattr(obj, "config_cls", None), type):
+        raise PeftkitError(f"method {name!r} has no config_cls (its frozen config dataclass)")
+    return obj
+
+
+def _add(method: Method) -> None:
+    if method.name in _METHODS:
+        raise PeftkitError(f"method {method.name!r} is already registered; choose another name")
+    _METHODS[method.name] = method
+
+
 def register(method: Method) -> Method:
-    """Add `method` to the registry under `method.name` (a second registration of a name is an error)."""
+    """Add `method` to the registry under `method.name` (what a method module calls at import; a second
+    registration of a name is an error)."""
     if method.name in _METHODS:
         raise ValueError(f"method {method.name!r} is already registered")
     _METHODS[method.name] = method
+    return method
+
+
+def register_method(method: Method | type[Method]) -> Method:
+    """Register a method from Python (`peftkit.register_method`): a `Method` subclass or instance, after the
+    built-ins and plugins, so a name that is taken is a one-line PeftkitError. Returns the registered instance."""
+    method = _as_method(method)
+    _registered()
+    _add(method)
     return method
 
 

@@ -4,7 +4,7 @@ Counted from what each op saves for backward in HF's Llama/Qwen2/Mistral code wi
 kernels save q, k, v, the output and a fp32 log-sum-exp per head; no S x S matrix). Letters: h hidden, k = n_kv*d
 (K/V width), i MLP size, n_h heads, a = bytes of the compute dtype (2 for bf16, 4 for fp32).
 
-Full fine-tune (every weight trainable), bytes per token per layer:
+Trained decoder layer (every weight of the layer trainable), bytes per token per layer:
     pure fp32        32h + 8k + 16i + 4n_h + 8
     pure bf16        20h + 4k +  8i + 4n_h + 8
     amp (autocast)   30h + 4k +  8i + 4n_h + 8   + a bf16 copy of every linear weight (autocast's weight cache,
@@ -13,8 +13,11 @@ Full fine-tune (every weight trainable), bytes per token per layer:
   linears' input); under autocast each linear saves its own bf16 cast of the input (q, k, v: 3 casts; gate, up: 2).
   SDPA saves q, k, v, out (2h + 2k elements) and 4 bytes per head; the MLP saves gate, silu(gate), up and their
   product (4i elements).
-Frozen base (lora, qlora, adapter, prefix, prompt): norms save only their fp32 input (4h each); linears save nothing; the
-MLP saves gate, silu(gate) and up (3i); SDPA as above; the method adds what its own modules save (see `peft_extra`).
+Frozen decoder layer whose input requires grad (a method that injects adapters): norms save only their fp32 input
+(4h each); linears save nothing; the MLP saves gate, silu(gate) and up (3i); SDPA as above; the method adds what its
+own modules save (`Method.saved_activations`).
+Which layers train is the method's answer (`Method.trained_base`: full -> all, freeze -> the top N, whose lower
+layers save nothing); how many positions run is the row plus `Method.extra_positions` (prompt tuning).
 Gradient checkpointing keeps only each layer's input (residual dtype) and recomputes one layer at a time.
 """
 
@@ -22,26 +25,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftkit.errors import PeftkitError
-from peftkit.memory.shapes import ModelShape
+from peftkit.core.shapes import ModelShape, SavedActivations
 from peftkit.memory.training_setup import TrainingSetup
-
-DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 
 
 def lora_targets(shape: ModelShape, setup: TrainingSetup) -> list[str]:
-    """Names of the linears LoRA wraps in every layer ("all-linear" = all of them)."""
-    targets = setup.option("target_modules", DEFAULT_LORA_TARGETS)
-    if isinstance(targets, str):
-        targets = [targets] if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    names = [lin.name for lin in shape.linears]
-    if list(targets) == ["all-linear"]:
-        return names
-    unknown = [t for t in targets if t not in names]
-    if unknown:
-        raise PeftkitError(f"target modules {unknown} are not linears of this model; it has: {', '.join(names)}")
-    return list(targets)
-
+    """Names of the linears the setup's `target_modules` selects in every layer (the shape's default targets when
+    unset; "all-linear" = all of them): what the textbook counts of tests/memory/test_presets.py multiply."""
+    targets = getattr(setup.config, "target_modules", None)
+    return shape.target_linears(shape.default_targets if targets is None else targets)
 
 
 @dataclass(frozen=True)
@@ -54,11 +46,11 @@ class Regime:
 
 
 def regime(setup: TrainingSetup) -> Regime:
-    """The compute regime of `setup`. Sharded amp (DeepSpeed bf16, FSDP MixedPrecision) computes in pure bf16."""
+    """The compute regime of `setup`. Sharded amp (DeepSpeed bf16, FSDP MixedPrecision) computes in pure bf16;
+    autocast caches bf16 copies only of trainable (fp32) base weights, so only when the method trains the base."""
     if setup.precision == "fp32":
         return Regime(4, 4, False)
-    full_weights = setup.method in ("full", "freeze")
-    if setup.precision == "amp" and full_weights and setup.shard_stage == 0:
+    if setup.precision == "amp" and setup.registered_method.trains_base and setup.shard_stage == 0:
         return Regime(2, 4, True)
     return Regime(2, 2, False)
 
@@ -75,39 +67,26 @@ def full_layer(s: ModelShape, r: Regime) -> int:
 
 
 def frozen_layer(s: ModelShape, r: Regime) -> int:
-    """Bytes per token per layer saved by a frozen decoder layer whose input requires grad (PEFT methods)."""
+    """Bytes per token per layer saved by a frozen decoder layer whose input requires grad (adapter methods)."""
     h, k, i, a = s.hidden, s.kv_dim, s.intermediate, r.a
     norms = 2 * 4 * h
     attention = a * (2 * h + 2 * k) + 4 * s.heads
     return norms + attention + 3 * a * i + 8
 
 
-def peft_extra(s: ModelShape, setup: TrainingSetup, r: Regime) -> int:
-    """Bytes per token per layer that the method's own modules save (inputs of its trainable projections)."""
-    a, h = r.a, s.hidden
-    if setup.method in ("lora", "qlora"):
-        targets = set(lora_targets(s, setup))
-        rank = setup.option("r", 8)
-        saved = a * h if targets & {"q_proj", "k_proj", "v_proj"} else 0  # shared input of q/k/v
-        saved += a * h if targets & {"gate_proj", "up_proj"} else 0
-        saved += a * s.intermediate if "down_proj" in targets else 0
-        return saved + a * rank * len(targets & {lin.name for lin in s.linears})
-    if setup.method == "adapter":
-        m = h // setup.option("reduction_factor", 16)
-        count = 2 if setup.option("variant", "houlsby") == "houlsby" else 1
-        return count * (a * h + 2 * a * m)  # down-proj input, its output, the non-linearity's output
-    if setup.method == "prefix":
-        extra_kv = setup.option("num_virtual_tokens", 20) * 2 * a * s.hidden // max(setup.seq_len, 1)
-        return extra_kv + 2 * a * (s.hidden - s.kv_dim)  # with a mask, HF repeats K/V to all heads (GQA)
-    return 0
+def method_saved(s: ModelShape, setup: TrainingSetup) -> SavedActivations:
+    """What the method's own modules save per token (`Method.saved_activations`, in the setup's compute dtype)."""
+    return setup.registered_method.saved_activations(setup.config, s, regime(setup).a, setup.seq_len)
 
 
-def layer_bytes_per_token(s: ModelShape, setup: TrainingSetup) -> int:
-    """Saved bytes per token of one decoder layer (without checkpointing) under `setup`."""
+def per_layer_bytes(s: ModelShape, setup: TrainingSetup) -> list[int]:
+    """Saved bytes per token of each decoder layer that saves anything (without checkpointing): every layer under
+    an adapter method; the trained layers when the method trains the base (the ones below them save nothing)."""
     r = regime(setup)
-    if setup.method == "full":
-        return full_layer(s, r)
-    return frozen_layer(s, r) + peft_extra(s, setup, r)
+    base = setup.registered_method.trained_base(setup.config, s)
+    if base is not None:
+        return [full_layer(s, r)] * base.layers
+    return [frozen_layer(s, r) + method_saved(s, setup).per_layer] * s.layers
 
 
 @dataclass(frozen=True)
@@ -120,33 +99,28 @@ class ActivationBytes:
 
 
 def model_seq_len(setup: TrainingSetup) -> int:
-    """Positions the decoder layers run over: prompt tuning prepends its virtual tokens to every row (the logits
-    of those positions are cut before the loss, so `logits_bytes` keeps `seq_len`)."""
-    return setup.seq_len + (setup.option("num_virtual_tokens", 20) if setup.method == "prompt" else 0)
+    """Positions the decoder layers run over: the row and the method's extra positions (prompt tuning's virtual
+    tokens; the logits of those positions are cut before the loss, so `logits_bytes` keeps `seq_len`)."""
+    return setup.seq_len + setup.registered_method.extra_positions(setup.config)
 
 
-def activation_bytes(s: ModelShape, setup: TrainingSetup, trainable_layers: int) -> ActivationBytes:
-    """Saved activations for `setup`; `trainable_layers` is L for full, N for freeze, 0 for PEFT methods."""
+def activation_bytes(s: ModelShape, setup: TrainingSetup) -> ActivationBytes:
+    """Saved activations for `setup` (per-layer figures from `per_layer_bytes`, times the micro-batch's tokens)."""
     r = regime(setup)
     tokens = setup.batch_size * model_seq_len(setup)
-    if setup.method == "freeze":
-        per_layer = [full_layer(s, r)] * trainable_layers  # layers below the first trainable one save nothing
-    else:
-        per_layer = [layer_bytes_per_token(s, setup)] * s.layers
-    final_norm = (12 if setup.method == "full" else 4) * s.hidden + 4
+    base = setup.registered_method.trained_base(setup.config, s)
+    per_layer = per_layer_bytes(s, setup)
+    final_norm = (12 if base is not None and base.whole else 4) * s.hidden + 4
     rotary = 2 * s.head_dim * r.a
     cache = 0
-    if r.autocast_cache:
-        linear = sum(lin.d_in * lin.d_out for lin in s.linears)
-        cache = 2 * linear * (s.layers if setup.method == "full" else trainable_layers)
+    if r.autocast_cache and base is not None:
+        cache = 2 * sum(lin.d_in * lin.d_out for lin in s.linears) * base.layers
     if setup.gradient_checkpointing:
         saved = len(per_layer) * r.residual * s.hidden + final_norm + rotary
     else:
         saved = sum(per_layer) + final_norm + rotary
-    one = max(per_layer, default=0)
-    if setup.method == "prefix":
-        saved += setup.seq_len + setup.option("num_virtual_tokens", 20)  # the bool mask (B, 1, S, S + P)
-    return ActivationBytes(saved * tokens + cache, one * tokens, cache)
+    saved += method_saved(s, setup).once
+    return ActivationBytes(saved * tokens + cache, max(per_layer, default=0) * tokens, cache)
 
 
 def logits_bytes(s: ModelShape, setup: TrainingSetup) -> tuple[int, int]:

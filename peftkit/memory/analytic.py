@@ -1,8 +1,8 @@
 """The analytic memory model: bytes per GPU of one training step, row by row, at the step's peak.
 
 Model states (bytes per parameter; Ψ_t trainable, Ψ_f frozen, N GPUs), following the ZeRO paper's accounting:
-    weights     fp32 4, bf16 2; amp: trainable 4 (fp32 master), frozen 2; qlora frozen linears NF4 0.516
-                (4 bits + double-quantised block constants, Dettmers et al. 2023) or int8 1 + 4/d_in
+    weights     fp32 4, bf16 2; amp: trainable 4 (fp32 master), frozen 2; what the frozen weights take is the
+                method's answer (`Method.frozen_weight_bytes`: qlora's quantized linears NF4 0.516, int8 1 + 4/d_in)
     gradients   as the trainable weights
     optimizer   AdamW 2 states in the parameter dtype (8 in fp32); 8-bit AdamW 2 + 8/256 (blockwise absmax);
                 SGD with momentum 1 state
@@ -23,15 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from peftkit.core.shapes import ModelShape
 from peftkit.memory.activations import activation_bytes, logits_bytes, model_seq_len, regime
-from peftkit.memory.shapes import ModelShape
 from peftkit.memory.training_setup import TrainingSetup
 
 CUDA_CONTEXT = 0.75e9  # CUDA context + cuBLAS workspaces of a PyTorch process (typical on A100/H100)
 ALLOCATOR_SLACK = 0.05  # caching-allocator rounding and fragmentation, as a fraction of live tensor bytes
 ZERO_BUCKET = 5e8  # DeepSpeed's default reduce/all-gather bucket, in elements
 ZERO3_SUB_GROUP = 1e9  # DeepSpeed stage 3 default sub_group_size, in elements
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 ROWS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_states", "activations", "logits_and_loss",
         "step_temporaries", "overhead")  # fmt: skip
@@ -64,11 +63,7 @@ def _state(s: ModelShape, setup: TrainingSetup, trainable: int, total: int) -> d
     if deepspeed_amp:
         opt_per = {"adamw": 8, "adamw-8bit": 2 + 8 / 256, "sgd": 4}[setup.optimizer] + 4
         step_per = 4  # fp32 copy of the gradient partition for the fused step
-    frozen_bytes = frozen * wf
-    if setup.method == "qlora":
-        linear = s.layers * sum(lin.d_in * lin.d_out for lin in s.linears)
-        per = NF4_BYTES if setup.option("bits", 4) == 4 else 1 + 4 / s.hidden
-        frozen_bytes = (frozen - linear) * wf + linear * per
+    frozen_bytes = setup.registered_method.frozen_weight_bytes(setup.config, s, frozen, wf)
     out = {"frozen_weights": frozen_bytes, "trainable_weights": trainable * wt, "gradients": trainable * wt,
            "optimizer_states": trainable * opt_per, "step_temporaries": trainable * step_per}  # fmt: skip
     if stage >= 1:
@@ -86,7 +81,7 @@ def _state(s: ModelShape, setup: TrainingSetup, trainable: int, total: int) -> d
     return out
 
 
-def estimate_rows(s: ModelShape, setup: TrainingSetup, trainable: int, total: int, trainable_layers: int) -> Analytic:
+def estimate_rows(s: ModelShape, setup: TrainingSetup, trainable: int, total: int) -> Analytic:
     """The analytic breakdown of one step (see the module docstring for every term)."""
     state = _state(s, setup, trainable, total)
     cpu = 0.0
@@ -96,7 +91,7 @@ def estimate_rows(s: ModelShape, setup: TrainingSetup, trainable: int, total: in
         if setup.shard_stage >= 3:
             cpu += state["trainable_weights"]
             state["trainable_weights"] = 0
-    acts = activation_bytes(s, setup, trainable_layers)
+    acts = activation_bytes(s, setup)
     fwd_logits, bwd_logits = logits_bytes(s, setup)
     r = regime(setup)
     tokens = setup.batch_size * model_seq_len(setup)

@@ -12,12 +12,13 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from peftkit.core.counting import trainable_parameters
+from peftkit.core.shapes import ModelShape, model_shape
 from peftkit.errors import PeftkitError
-from peftkit.memory.analytic import ROWS, estimate_rows
+from peftkit.io.deepspeed import deepspeed_stage
+from peftkit.memory.analytic import ROWS, Analytic, estimate_rows
 from peftkit.memory.building import build_meta_model
 from peftkit.memory.presets import resolve_config
-from peftkit.memory.shapes import ModelShape, model_shape
-from peftkit.memory.training_setup import TrainingSetup, deepspeed_stage
+from peftkit.memory.training_setup import TrainingSetup
 
 GB = 1e9
 MAX_GPUS = 4096
@@ -55,9 +56,8 @@ class MemoryEstimate:
         return asdict(self)
 
 
-def _rows(shape: ModelShape, setup: TrainingSetup, trainable: int, total: int):
-    layers = shape.layers if setup.method == "full" else setup.option("layers", 2)
-    return estimate_rows(shape, setup, trainable, total, layers if setup.method in ("full", "freeze") else 0)
+def _rows(shape: ModelShape, setup: TrainingSetup, trainable: int, total: int) -> Analytic:
+    return estimate_rows(shape, setup, trainable, total)
 
 
 def _largest(fits, start: int, limit: int) -> int:
@@ -93,9 +93,10 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Estimate per-GPU memory of one training step (analytic model, analytic.py); see `MemoryEstimate`.
 
-    `method_options`: r, lora_alpha, target_modules (lora/qlora), bits (qlora: 4 or 8), reduction_factor and
-    variant (adapter), num_virtual_tokens (prefix, prompt), layers (freeze). An option that does not apply to the
-    method, a size <= 0 or an unknown preset raises PeftkitError. Sharding is spelled as in `peftkit train`:
+    `method`: a registered method (built-in or plugin). `method_options`: fields of its config (or their CLI names,
+    `Method.field_options`), e.g. r, target_modules, bits, reduction_factor, variant, num_virtual_tokens, layers;
+    the config's own defaults fill the rest. An option that does not apply to the method, a value its config
+    refuses or an unknown preset raises PeftkitError. Sharding is spelled as in `peftkit train`:
     `fsdp=True` (FSDP2 full shard) or `deepspeed="zero1" | "zero2" | "zero3" | "<DeepSpeed config>.json"`.
     """
     if gpu_memory_gb is not None and not 0 < gpu_memory_gb <= 1e6:  # also refuses nan and inf

@@ -109,8 +109,13 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, 
 
 
 def _check_traceable(setup: TrainingSetup) -> None:
-    if setup.method == "qlora":
-        raise PeftkitError("--trace cannot run qlora: bitsandbytes' 4/8-bit kernels do not run on fake CPU tensors")
+    """Refuse what one fake CPU step cannot reproduce: a base the method loads differently (`Method.load_options`:
+    qlora's bitsandbytes quantization, whose kernels do not run on fake tensors) and sharded or offloaded runs."""
+    loaded = setup.registered_method.load_options(setup.config)
+    if loaded:
+        shown = ", ".join(f"{k}={v}" for k, v in loaded.items() if v is not None)
+        raise PeftkitError(f"--trace cannot run {setup.method}: it loads the base with {shown}, and bitsandbytes' "
+                           "quantized kernels do not run on fake CPU tensors")
     if setup.gpus > 1 or setup.shard_stage or setup.offload:
         raise PeftkitError("--trace traces one unsharded device; drop --gpus/--deepspeed/--fsdp/--offload to trace")
 
@@ -142,8 +147,7 @@ def trace_memory(config: PretrainedConfig, setup: TrainingSetup, foreach: bool =
     _check_traceable(setup)
     start = time.perf_counter()
     model = build_meta_model(config, setup)
-    attention = contextlib.nullcontext() if setup.method == "prefix" else trace_attention(model)
-    with FakeTensorMode(), _quiet(), attention:
+    with FakeTensorMode(), _quiet(), trace_attention(model):
         materialize_fake(model)
         ids = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long)
         return _measure(model, setup, foreach, ids, start)

@@ -26,6 +26,7 @@ from peftkit.core.inject import inject
 from peftkit.core.method import Method, check_positive
 from peftkit.core.method_options import NUM_VIRTUAL_TOKENS
 from peftkit.core.registry import register
+from peftkit.core.shapes import ModelShape, SavedActivations
 from peftkit.core.state import adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.virtual_tokens import (
@@ -209,6 +210,20 @@ class PrefixMethod(Method):
         with torch.no_grad():
             model.peftkit_prefix.encoders[adapter_name].embedding.weight.copy_(table)
         return config
+
+    def check_setup(self, config: PrefixConfig, *, gradient_checkpointing: bool) -> None:
+        """Refuse gradient checkpointing, which drops the KV cache holding the prefix (see `PrefixLayer.prepare`)."""
+        if gradient_checkpointing:
+            raise PeftkitError("prefix tuning cannot train with gradient checkpointing (transformers drops the KV cache "
+                               "that holds the prefix); drop --gradient-checkpointing or pick another method")
+
+    def saved_activations(self, config: PrefixConfig, shape: ModelShape, act_bytes: int, seq_len: int) -> SavedActivations:
+        """Per layer: the prefix K and V (P rows of 2 kv widths, spread over a row's seq_len tokens) and, since a
+        mask is passed, K and V repeated to every query head (GQA: 2 (h - kv_dim) more). Once: the boolean mask
+        (B, 1, S, S + P), S + P bytes per token."""
+        a, p = act_bytes, config.num_virtual_tokens
+        per_layer = p * 2 * a * shape.hidden // max(seq_len, 1) + 2 * a * (shape.hidden - shape.kv_dim)
+        return SavedActivations(per_layer=per_layer, once=seq_len + p)
 
 
 register(PrefixMethod())

@@ -107,6 +107,10 @@ class PromptMethod(Method):
         """Add the soft prompt to `model.peftkit_prompt` (created, with its hooks, on first use)."""
         install(model, "peftkit_prompt", PromptLayer).add_adapter(model, adapter_name, config)
 
+    def extra_positions(self, config: PromptConfig) -> int:
+        """The soft prompt's P positions run through every decoder layer in front of each row."""
+        return config.num_virtual_tokens
+
     def export(self, model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         """PEFT's PROMPT_TUNING format: `prompt_embeddings` [P, hidden]."""
         config: PromptConfig = adapters(model)[adapter_name].config

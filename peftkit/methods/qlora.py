@@ -29,12 +29,14 @@ from typing import Any
 from torch import nn
 
 from peftkit.core.registry import register
+from peftkit.core.shapes import ModelShape
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.method import LoraMethod
 
 log = logging.getLogger(__name__)
 
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + a double-quantised fp32 absmax per 64 weights (Dettmers 2023)
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
@@ -93,6 +95,13 @@ class QloraMethod(LoraMethod):
             log.warning("qlora over a base that is not quantized trains plain LoRA; load the base with "
                         "load_model(..., quantize=%r) (the trainer does)", config.quantize)
         super().inject(model, config, adapter_name)
+
+    def frozen_weight_bytes(self, config: QloraConfig, shape: ModelShape, frozen: int, bytes_per_param: int) -> float:
+        """The decoder layers' linear weights quantized (NF4 / FP4: NF4_BYTES per weight; int8: 1 byte plus an fp32
+        scale per row of d_in = h weights); the rest (embeddings, norms, biases) at `bytes_per_param`."""
+        linear = shape.layers * sum(lin.d_in * lin.d_out for lin in shape.linears)
+        per = NF4_BYTES if config.bits == 4 else 1 + 4 / shape.hidden
+        return (frozen - linear) * bytes_per_param + linear * per
 
 
 register(QloraMethod())

@@ -16,6 +16,7 @@ from torch import nn
 from peftkit.core.archs import decoder_layers
 from peftkit.core.method import Method, check_positive
 from peftkit.core.registry import register
+from peftkit.core.shapes import BaseTraining, ModelShape
 from peftkit.errors import PeftkitError
 
 
@@ -56,6 +57,10 @@ class FullMethod(_WholeModelMethod):
     def trained_modules(self, model: nn.Module, config: FullConfig) -> list[nn.Module]:
         return [model]
 
+    def trained_base(self, config: FullConfig, shape: ModelShape) -> BaseTraining:
+        """Every decoder layer, and the embeddings, final norm and head (the estimator's `whole`)."""
+        return BaseTraining(layers=shape.layers, whole=True)
+
 
 class FreezeMethod(_WholeModelMethod):
     """Registry entry for freeze fine-tuning (`--method freeze --set layers=2`): the last N decoder layers train."""
@@ -68,6 +73,10 @@ class FreezeMethod(_WholeModelMethod):
             raise PeftkitError(f"freeze: layers must be between 1 and {len(stack)} (the model's decoder layers), "
                                f"got {config.layers}")
         return list(stack)[-config.layers:]
+
+    def trained_base(self, config: FreezeConfig, shape: ModelShape) -> BaseTraining:
+        """The top `layers` decoder layers only (the layers below them save no activations)."""
+        return BaseTraining(layers=config.layers)
 
 
 register(FullMethod())

@@ -78,7 +78,7 @@ class TrainConfig:
 
     # what to train
     model: str | None = option(None, flags=("--model", "-m"), aliases=("model_name_or_path", "base_model"), help="Hub id, model folder, .gguf file; default: embedded SmolLM2-135M-Instruct.")
-    method: str = option("lora", aliases=("finetuning_type", "adapter"), help="lora | qlora | adapter | prefix | prompt | full | freeze.")
+    method: str = option("lora", aliases=("finetuning_type", "adapter"), help="A registered method: lora | qlora | adapter | prefix | prompt | full | freeze, or a plugin's (`peftkit inspect` lists them).")
     rank: int | None = declare(RANK)
     alpha: float | None = declare(ALPHA)
     dropout: float | None = declare(DROPOUT)
@@ -138,7 +138,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from peftkit.data.mixing import mixture_text
-        from peftkit.memory.training_setup import deepspeed_stage
+        from peftkit.io.deepspeed import deepspeed_stage
 
         self.data = mixture_text(self.data)  # a recipe's list of sources -> "a.jsonl:0.7,b.jsonl:0.3" (validated)
         for name, declared in train_options().items():  # types, bounds and choices of every field

@@ -104,6 +104,7 @@ def prepare(cfg: TrainConfig) -> Session:
 
     cfg = resolve_defaults(cfg)
     method = get_method(cfg.method)
+    method.check_setup(method.build_config(cfg.method_options()), gradient_checkpointing=cfg.gradient_checkpointing)
     acc, dtype, precision = make_accelerator(cfg.precision, method.trains_base, tracker_names(cfg.report_to), cfg)
     say = log.info if acc.is_main_process else (lambda *_args: None)
     run_dir, resume_from = RunDir.locate(cfg) if not cfg.dry_run else (None, None)

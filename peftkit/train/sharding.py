@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.memory.training_setup import deepspeed_stage
+from peftkit.io.deepspeed import deepspeed_stage
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,9 @@ layer (which modules are "attention" and "MLP" comes from `peftkit.core.archs`, 
     pfeiffer  (Pfeiffer et al. 2020)  sequential, after the MLP only                             1 adapter / layer
     parallel  (He et al. 2021)        beside the MLP, output scaled by s (default 4)             1 adapter / layer
 
-Trainable parameters: (2*d*m + m + d) per adapter, m = d // reduction_factor (or `bottleneck_size`).
+Trainable parameters: (2*d*m + m + d) per adapter, m = d // reduction_factor (or `bottleneck_size`). Saved for
+backward per adapter, bytes per token (a: bytes of the compute dtype): the down projection's input (a d), its
+output and the non-linearity's output (2 a m).
 Saved as peft_type PEFTKIT_ADAPTER in PEFT's two files; HF PEFT and vLLM have no such type and cannot load it.
 Not mergeable: the adapter is non-linear, so no weight matrix can absorb it.
 """
@@ -26,6 +28,7 @@ from peftkit.core.inject import inject, replace_module
 from peftkit.core.method import PEFT_PREFIX, Method, check_positive, config_fields
 from peftkit.core.method_options import DROPOUT, REDUCTION_FACTOR, VARIANT
 from peftkit.core.registry import register
+from peftkit.core.shapes import ModelShape, SavedActivations
 from peftkit.core.state import adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.bottleneck.layer import ACTIVATIONS, BottleneckLayer
@@ -164,6 +167,11 @@ class AdapterMethod(Method):
             for key, (path, part) in wanted.items():
                 model.get_submodule(path).adapters[adapter_name].get_parameter(part).copy_(tensors[key])
         return config
+
+    def saved_activations(self, config: AdapterConfig, shape: ModelShape, act_bytes: int, seq_len: int) -> SavedActivations:
+        """Per adapter (one per location in each layer): the down projection's input, its output, the activation's."""
+        a, m = act_bytes, config.size(shape.hidden)
+        return SavedActivations(len(config.locations) * (a * shape.hidden + 2 * a * m))
 
 
 register(AdapterMethod())

@@ -2,6 +2,9 @@
 in `format.py`.
 
 Trainable parameters: r * (d_in + d_out) per adapted matrix (plus d_out with `lora_bias`, or DoRA's magnitude).
+
+Saved for backward, bytes per token per layer (a: bytes of the compute dtype): each adapted linear's input, once per
+distinct input (q / k / v share theirs: a h; gate / up theirs: a h; down_proj's: a i), and each A's output (a r).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from peftkit.core.archs import LINEAR_TYPES
 from peftkit.core.inject import base_modules, find_targets, inject, replace_module
 from peftkit.core.method import Method
 from peftkit.core.registry import register
+from peftkit.core.shapes import ModelShape, SavedActivations
 from peftkit.core.state import adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora.config import LoraConfig
@@ -80,6 +84,20 @@ class LoraMethod(Method):
         inject(model, config, adapter_name)
         load_lora_tensors(model, tensors, paths, adapter_name)
         return config
+
+    def saved_activations(self, config: LoraConfig, shape: ModelShape, act_bytes: int, seq_len: int) -> SavedActivations:
+        """The inputs its A projections save (one per distinct input) and their rank-r outputs (module docstring)."""
+        targets = set(estimated_targets(config, shape))
+        a, h = act_bytes, shape.hidden
+        saved = a * h if targets & {"q_proj", "k_proj", "v_proj"} else 0  # shared input of q/k/v
+        saved += a * h if targets & {"gate_proj", "up_proj"} else 0
+        saved += a * shape.intermediate if "down_proj" in targets else 0
+        return SavedActivations(saved + a * config.r * len(targets & {lin.name for lin in shape.linears}))
+
+
+def estimated_targets(config: LoraConfig, shape: ModelShape) -> list[str]:
+    """The linears of one decoder layer LoRA wraps, as the estimator models them (None: the shape's defaults)."""
+    return shape.target_linears(shape.default_targets if config.target_modules is None else config.target_modules)
 
 
 def _lora_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, LoraLayer]]:
