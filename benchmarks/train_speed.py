@@ -82,7 +82,7 @@ def peftkit_tokens_per_s(variant: dict, steps: int, skip: int) -> tuple[float, s
     """(tokens/s after `skip` steps, the run's resolved precision) of one peftkit run of `steps` steps."""
     import peftkit.train.run as run_module
     from peftkit.train.config import load_train_config
-    from peftkit.train.precision import auto_precision
+    from peftkit.train.devices.precision import auto_precision
     from peftkit.train.run import train
 
     options = {**SETTINGS, **{k: v for k, v in variant.items() if k != "loss_path"}, "max_steps": steps}

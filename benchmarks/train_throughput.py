@@ -251,7 +251,7 @@ def _fixed_model(model: Any, side: str) -> tuple[Any, Any]:
     """(model with LoRA, batch -> mean loss over target tokens) for peftkit or PEFT."""
     if side == "fixed-peftkit":
         import peftkit
-        from peftkit.train.loss import count_targets, micro_loss
+        from peftkit.train.loop.loss import count_targets, micro_loss
 
         peftkit.inject(model, peftkit.LoraConfig(r=LORA["r"], lora_alpha=LORA["lora_alpha"],
                                                  target_modules=LORA["target_modules"]))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from peftkit.train.options_doc import options_markdown
+from peftkit.train.options.doc import options_markdown
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "options.md"
 

@@ -30,7 +30,7 @@ def eval_cmd(
     json_out: Json = False,
 ) -> None:
     """Evaluate a base model or an adapter on held-out data."""
-    from peftkit.evaluate import evaluate
+    from peftkit.train.evaluation.command import evaluate
 
     result = evaluate(model, adapter, data, fmt=format, split=split, max_examples=max_examples,
                            max_length=max_length, batch_size=batch_size)

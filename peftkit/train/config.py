@@ -37,14 +37,14 @@ from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
 from peftkit.train.objectives.base import declared_options as objective_options
 from peftkit.train.objectives.base import get_objective, resolve_options
-from peftkit.train.recipe_keys import read_recipe_file
-from peftkit.train.sources import Given, gather, render_yaml
-from peftkit.train.tracking import parse_report_to
+from peftkit.train.options.recipe_keys import read_recipe_file
+from peftkit.train.options.sources import Given, gather, render_yaml
+from peftkit.train.reporting.tracking import parse_report_to
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "amp")
 SCHEDULERS = ("cosine", "linear", "constant")
 FORMATS = ("auto", "alpaca", "messages", "text", "prompt_completion")
-ATTENTIONS = ("auto", "eager", "sdpa")  # train/speed.py says when auto picks which
+ATTENTIONS = ("auto", "eager", "sdpa")  # train/devices/speed.py says when auto picks which
 BIG = 1 << 40
 # From the measurements in peftkit/data/README.md (q,v LoRA r=8, lr 2e-3, batch 8: 86% exact match after 30
 # steps; the longest example is 122 tokens): the zero-argument run uses these.

@@ -28,19 +28,19 @@ from peftkit.io.adapters import save_adapter
 from peftkit.io.models import load_model, save_model_folder
 from peftkit.train import splits
 from peftkit.train.checkpoints import Position, load_checkpoint
+from peftkit.train.checkpoints.rundir import RunDir
 from peftkit.train.config import TrainConfig, resolve_defaults, save_config
-from peftkit.train.evaluate import exact_match
-from peftkit.train.loop import Loop, fit
-from peftkit.train.loss import loss_path
-from peftkit.train.memory_report import report_memory
+from peftkit.train.devices.precision import auto_precision, make_accelerator, upcast_trainable
+from peftkit.train.devices.sharding import is_sharded, whole_model
+from peftkit.train.devices.speed import apply_speed_settings
+from peftkit.train.evaluation.heldout import exact_match
+from peftkit.train.loop.fit import Loop, fit
+from peftkit.train.loop.loss import loss_path
+from peftkit.train.loop.optim import optimizer_and_schedule, parameter_groups, total_steps
 from peftkit.train.objectives.base import ObjectiveRun, get_objective
-from peftkit.train.optim import optimizer_and_schedule, parameter_groups, total_steps
-from peftkit.train.precision import auto_precision, make_accelerator, upcast_trainable
-from peftkit.train.report import Metrics, Progress, plot_loss
-from peftkit.train.rundir import RunDir
-from peftkit.train.sharding import is_sharded, whole_model
-from peftkit.train.speed import apply_speed_settings
-from peftkit.train.tracking import Tracking, tracker_names
+from peftkit.train.reporting.memory_report import report_memory
+from peftkit.train.reporting.metrics import Metrics, Progress, plot_loss
+from peftkit.train.reporting.tracking import Tracking, tracker_names
 
 log = logging.getLogger(__name__)
 

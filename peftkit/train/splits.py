@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from peftkit.errors import PeftkitError
-from peftkit.train.shared_prefix import KEY as SHARED_KEY
-from peftkit.train.shared_prefix import shared_length
+from peftkit.train.loop.shared_prefix import KEY as SHARED_KEY
+from peftkit.train.loop.shared_prefix import shared_length
 
 
 @dataclass
@@ -47,7 +47,7 @@ def tokenized(rows: Any, tokenizer: Any, cfg: Any, prompt_format: dict, fmt: str
                            f"{cfg.max_length}; raise --max-length")
     refs = []
     if fmt in ("alpaca", "messages"):
-        from peftkit.train.evaluate import row_to_chat
+        from peftkit.train.evaluation.heldout import row_to_chat
 
         refs = [pair for pair in (row_to_chat(row, fmt, i) for i, row in enumerate(rows)) if pair[1] is not None]
     # [:] makes lists: indexing a datasets Column reads Arrow each time (~40 us), which the batch planner's sorts feel

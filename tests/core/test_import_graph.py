@@ -33,10 +33,8 @@ LAYERS: dict[str, frozenset[str] | None] = {
     "peftkit.export": frozenset({"export", "io", "methods", "core", "errors"}),  # LoRA's format, by name
     "peftkit.memory": frozenset({"memory", "core", "io", "errors"}),
     "peftkit.train": frozenset({"train", "data", "io", "core", "memory", "errors"}),  # methods via the registry
-    "peftkit.evaluate": frozenset({"train", "data", "io", "core", "errors"}),
     "peftkit.cli": ANY,
-    "peftkit": frozenset({"errors", "_version", "core", "methods", "data", "io", "merging", "export", "memory", "train",
-                          "evaluate"}),  # anything but cli
+    "peftkit": frozenset({"errors", "_version", "core", "methods", "data", "io", "merging", "export", "memory", "train"}),  # anything but cli
 }
 
 

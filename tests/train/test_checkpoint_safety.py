@@ -27,8 +27,8 @@ from peftkit import LoraConfig, PeftkitError
 from peftkit.cli import main
 from peftkit.io.fs import MARKER_NAME
 from peftkit.train.checkpoints import Position, load_checkpoint, save_checkpoint
+from peftkit.train.checkpoints.rundir import RunDir
 from peftkit.train.checkpoints.state import load_state_dict, save_state_dict, unflatten_state
-from peftkit.train.rundir import RunDir
 from tests.tiny import perturb_adapter, save_tiny_checkpoint, tiny_model, write_rows
 
 ACCELERATOR = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)  # one process

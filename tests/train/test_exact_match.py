@@ -1,4 +1,4 @@
-"""Exact match's greedy answers (train/generation.py): what plain left-padded generate() produces, whether a row's
+"""Exact match's greedy answers (train/evaluation/generation.py): what plain left-padded generate() produces, whether a row's
 answer comes from its checked draft, from stopping once it can no longer match, or from generating; the shared
 prompt prefix computed once; rows stop only when they can no longer match; batches respect their token budget."""
 
@@ -9,7 +9,14 @@ import torch
 from transformers import AutoTokenizer
 
 from peftkit.io.models import embedded_folder
-from peftkit.train.generation import Diverged, _continuation, greedy_answers, layout, may_still_match, token_batches
+from peftkit.train.evaluation.generation import (
+    Diverged,
+    _continuation,
+    greedy_answers,
+    layout,
+    may_still_match,
+    token_batches,
+)
 from tests.tiny import ARCHS, tiny_model
 
 

@@ -11,8 +11,8 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 from peftkit.train.config import load_train_config
-from peftkit.train.recipe_keys import translate
-from peftkit.train.sharding import check_complete, deepspeed_config, deepspeed_plugin, full_parameters
+from peftkit.train.devices.sharding import check_complete, deepspeed_config, deepspeed_plugin, full_parameters
+from peftkit.train.options.recipe_keys import translate
 from tests.tiny import tiny_model
 
 
@@ -52,7 +52,7 @@ def test_deepspeed_needs_a_gpu_and_says_so():
 
 @pytest.mark.parametrize(("options", "says"), [({"grad_accum": 2}, "grad-accum"), ({"save_steps": 5}, "pickles")])
 def test_what_the_loop_does_not_do_under_deepspeed_is_refused(options, says):
-    from peftkit.train.sharding import check_deepspeed_run
+    from peftkit.train.devices.sharding import check_deepspeed_run
 
     check_deepspeed_run(load_train_config(None, {"deepspeed": "zero2"}))
     with pytest.raises(PeftkitError, match=says):
@@ -92,7 +92,7 @@ def test_full_parameters_swaps_in_and_restores_keeping_ties():
 
 
 def test_memory_line_is_per_process_and_sharded(tmp_path):
-    from peftkit.train.memory_report import memory_estimate
+    from peftkit.train.reporting.memory_report import memory_estimate
     from tests.tiny import save_tiny_checkpoint
 
     cfg = load_train_config(None, {"model": str(save_tiny_checkpoint(tmp_path / "tiny")), "method": "full",

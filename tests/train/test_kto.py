@@ -15,7 +15,7 @@ import peftkit
 from peftkit.data.unpaired import collate_unpaired, tokenize_unpaired
 from peftkit.errors import PeftkitError
 from peftkit.train.config import load_train_config, resolve_defaults
-from peftkit.train.kto import KtoStep, kto_loss, precompute_reference
+from peftkit.train.objectives.kto_loss import KtoStep, kto_loss, precompute_reference
 from peftkit.train.run import train
 from tests.tiny import save_tiny_checkpoint
 

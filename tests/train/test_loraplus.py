@@ -13,7 +13,7 @@ from peft.optimizers import create_loraplus_optimizer
 import peftkit
 from peftkit.errors import PeftkitError
 from peftkit.train.config import TrainConfig, load_train_config
-from peftkit.train.optim import optimizer_and_schedule, parameter_groups
+from peftkit.train.loop.optim import optimizer_and_schedule, parameter_groups
 from tests.tiny import save_tiny_checkpoint, tiny_model, write_rows
 
 

@@ -1,4 +1,4 @@
-"""The fused linear + cross-entropy (train/linear_ce.py) and the three loss paths of train/loss.py.
+"""The fused linear + cross-entropy (train/loop/linear_ce.py) and the three loss paths of train/loop/loss.py.
 
 The fused path must be a pure speed / memory change: the same loss and the same gradients as the plain
 cross-entropy over materialised logits, for every architecture family, with masked positions and rows, across
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Gemma2Config
 
 import peftkit
-from peftkit.train.linear_ce import linear_cross_entropy
-from peftkit.train.loss import loss_path, micro_loss
+from peftkit.train.loop.linear_ce import linear_cross_entropy
+from peftkit.train.loop.loss import loss_path, micro_loss
 from tests.tiny import ARCHS, SMALL, tiny_model
 
 

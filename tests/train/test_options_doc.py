@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftkit.train.config import train_options
-from peftkit.train.options_doc import options_markdown
+from peftkit.train.options.doc import options_markdown
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "options.md"
 

@@ -14,8 +14,8 @@ import peftkit
 from peftkit.core.ops import disable_adapters
 from peftkit.data.preference import collate_pairs, tokenize_pairs
 from peftkit.train.objectives import get_objective
-from peftkit.train.preference import dpo_loss, log1mexp, orpo_loss, sequence_logps, simpo_loss
-from peftkit.train.preference_run import precompute_reference
+from peftkit.train.objectives.pairs_run import precompute_reference
+from peftkit.train.objectives.preference_loss import dpo_loss, log1mexp, orpo_loss, sequence_logps, simpo_loss
 from tests.tiny import save_tiny_checkpoint
 
 # A fixed batch of two pairs: policy / reference log-prob sums and response lengths.

@@ -14,9 +14,9 @@ import pytest
 from safetensors.torch import load_file
 
 from peftkit.errors import PeftkitError
+from peftkit.train.checkpoints.rundir import RunDir
 from peftkit.train.config import load_train_config, read_recipe, resolve_defaults
 from peftkit.train.run import train
-from peftkit.train.rundir import RunDir
 from tests.tiny import save_tiny_checkpoint
 
 GOOD = ["alpha", "beta", "gamma", "delta"]

@@ -11,9 +11,9 @@ import textwrap
 import pytest
 from safetensors.torch import load_file
 
+from peftkit.train.checkpoints.rundir import RunDir
 from peftkit.train.config import load_train_config
 from peftkit.train.run import train
-from peftkit.train.rundir import RunDir
 from tests.tiny import save_tiny_checkpoint, write_rows
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from peftkit.errors import PeftkitError
+from peftkit.train.checkpoints.rundir import RunDir
 from peftkit.train.config import load_train_config, resolve_defaults, save_config
-from peftkit.train.rundir import RunDir
 
 
 def _cfg(**options):

@@ -16,8 +16,8 @@ from torch import nn
 from peftkit.errors import PeftkitError
 from peftkit.io.fs import MARKER_NAME, write_marker
 from peftkit.train.checkpoints import Position, load_checkpoint, save_checkpoint
+from peftkit.train.checkpoints.rundir import RunDir
 from peftkit.train.config import load_train_config, resolve_defaults, save_config
-from peftkit.train.rundir import RunDir
 
 ACCELERATOR = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)  # one process
 

@@ -1,4 +1,4 @@
-"""The shared-prefix forward (train/shared_prefix.py) is a pure speed change: per architecture, the same loss and
+"""The shared-prefix forward (train/loop/shared_prefix.py) is a pure speed change: per architecture, the same loss and
 gradients as the plain forward (fp32), on every loss path, with padded rows, for LoRA and a full fine-tune; the
 prefix length is the longest common one cut before the first target; and the cases it must refuse say why."""
 
@@ -15,10 +15,10 @@ import peftkit
 from peftkit.core.labels import IGNORE_INDEX
 from peftkit.data import collate
 from peftkit.train.config import load_train_config, resolve_defaults
-from peftkit.train.loss import micro_loss
+from peftkit.train.devices.speed import apply_speed_settings, compile_layers, should_share_prefix
+from peftkit.train.loop.loss import micro_loss
+from peftkit.train.loop.shared_prefix import ARCHITECTURES, KEY, MIN_SHARED, shared_length, sharing_blocker
 from peftkit.train.run import train
-from peftkit.train.shared_prefix import ARCHITECTURES, KEY, MIN_SHARED, shared_length, sharing_blocker
-from peftkit.train.speed import apply_speed_settings, compile_layers, should_share_prefix
 from peftkit.train.splits import Split, collate_fn
 from tests.tiny import ARCHS, save_tiny_checkpoint, tiny_model, write_rows
 

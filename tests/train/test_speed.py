@@ -9,10 +9,9 @@ import torch
 
 import peftkit
 from peftkit.errors import PeftkitError
-from peftkit.train import precision as precision_module
 from peftkit.train.config import load_train_config, resolve_defaults
-from peftkit.train.loss import micro_loss
-from peftkit.train.speed import (
+from peftkit.train.devices import precision as precision_module
+from peftkit.train.devices.speed import (
     COMPILE_MIN_TOKENS,
     EAGER_MAX_LENGTH,
     choose_attention,
@@ -20,6 +19,7 @@ from peftkit.train.speed import (
     set_attention,
     should_compile,
 )
+from peftkit.train.loop.loss import micro_loss
 from tests.tiny import SMALL, tiny_model
 
 
@@ -122,7 +122,7 @@ def test_batch_tokens_must_hold_a_whole_preference_pair():
 
 
 def test_the_memory_report_counts_the_token_budget():
-    from peftkit.train.memory_report import _rows
+    from peftkit.train.reporting.memory_report import _rows
 
     cfg = resolve_defaults(load_train_config(None, {"batch_tokens": 8192, "max_length": 512, "data": "x.jsonl"}))
     assert _rows(cfg) == 16  # 8192 padded positions = 16 rows of 512, not batch_size 4

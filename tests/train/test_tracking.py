@@ -11,7 +11,7 @@ import pytest
 from peftkit.cli import main
 from peftkit.errors import PeftkitError
 from peftkit.train.config import load_train_config
-from peftkit.train.tracking import flat_config, parse_report_to, tracker_names
+from peftkit.train.reporting.tracking import flat_config, parse_report_to, tracker_names
 from tests.tiny import save_tiny_checkpoint, write_rows
 
 
@@ -91,8 +91,8 @@ def test_unknown_tracker_on_the_cli(tiny, tmp_path, capsys):
 
 
 def test_a_tracker_that_fails_to_start_is_one_line(tmp_path, monkeypatch):
-    from peftkit.train.precision import make_accelerator
-    from peftkit.train.tracking import Tracking
+    from peftkit.train.devices.precision import make_accelerator
+    from peftkit.train.reporting.tracking import Tracking
 
     acc, _, _ = make_accelerator("fp32", log_with=["tensorboard"])
 
@@ -249,8 +249,8 @@ def test_two_processes_write_one_tensorboard_run(tiny, tmp_path):
 def test_tokens_per_s_counts_the_time_since_the_previous_record(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    import peftkit.train.report as report
-    from peftkit.train.rundir import RunDir
+    import peftkit.train.reporting.metrics as report
+    from peftkit.train.checkpoints.rundir import RunDir
 
     clock = iter([10.0, 11.0, 12.5, 14.5, 14.6])  # created; eval written 11.0-12.5; the step ends at 14.5
     monkeypatch.setattr(report, "time", SimpleNamespace(perf_counter=lambda: next(clock)))  # this module's clock

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
+from peftkit.train.checkpoints.rundir import RunDir
 from peftkit.train.checkpoints.state import load_state_dict, one_line
-from peftkit.train.rundir import RunDir
 
 SAME_RUN = "resume with the same --model and method options as the original run"
 SCHEDULER = "scheduler"  # scheduler.json: {"format": 1, "state": the LambdaLR state_dict()}; no tensors

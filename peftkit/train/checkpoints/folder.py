@@ -21,9 +21,9 @@ from peftkit.train.checkpoints.checks import SCHEDULER, refuse_old_format
 from peftkit.train.checkpoints.plain import load_plain, save_plain
 from peftkit.train.checkpoints.position import Position, write_position
 from peftkit.train.checkpoints.rng import rng_state, save_rngs
+from peftkit.train.checkpoints.rundir import RunDir
 from peftkit.train.checkpoints.sharded import has_shards, is_sharded_model, load_sharded, save_shard
 from peftkit.train.checkpoints.state import save_state_dict
-from peftkit.train.rundir import RunDir
 
 
 def save_checkpoint(run_dir: RunDir, model: nn.Module, optimizer: Any, scheduler: Any, pos: Position,

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
+from peftkit.train.checkpoints.rundir import RunDir
 from peftkit.train.checkpoints.state import read_json
-from peftkit.train.rundir import RunDir
 
 
 @dataclass

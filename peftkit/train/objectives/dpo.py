@@ -1,5 +1,5 @@
 """`dpo` (Rafailov et al. 2023): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) on sequence log-prob
-sums (train/preference.py). The reference is the adapter switched off (`core.ops.disable_adapters`, no second
+sums (train/objectives/preference_loss.py). The reference is the adapter switched off (`core.ops.disable_adapters`, no second
 copy), or precomputed once before training (`--precompute-ref`, required by methods that train the base)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Dpo(PairObjective):
     uses_reference = True
 
     def pair_loss(self, options: dict[str, Any]) -> Any:
-        from peftkit.train.preference import dpo_loss
+        from peftkit.train.objectives.preference_loss import dpo_loss
 
         beta = options["beta"]
         return lambda pi_c, pi_r, n_c, n_r, ref: dpo_loss(pi_c, pi_r, ref[0], ref[1], beta)

@@ -1,6 +1,6 @@
 """`kto` (Ethayarajh et al. 2024): Kahneman-Tversky optimisation on unpaired rows `{prompt, completion, label}`
 (label true: a desirable completion, false: an undesirable one), TRL's unpaired preference format, text or
-conversational (data/unpaired.py). The loss and its statistics are train/kto.py's; the options are TRL's KTOConfig's
+conversational (data/unpaired.py). The loss and its statistics are train/objectives/kto_loss.py's; the options are TRL's KTOConfig's
 (`beta` 0.1, `desirable_weight` / `undesirable_weight` 1.0). Like DPO it needs a reference: the adapter switched
 off, or precomputed (`--precompute-ref`, required by methods that train the base).
 """
@@ -70,7 +70,8 @@ class Kto(Objective):
         refuse_base_without_reference(cfg, self.name, method)
 
     def start(self, session: Any, loss_path: str) -> ObjectiveRun:
-        from peftkit.train import kto, splits
+        from peftkit.train import splits
+        from peftkit.train.objectives import kto_loss as kto
 
         s, options = session, session.cfg.objective_options
         device, pad = s.accelerator.device, s.tokenizer.pad_token_id

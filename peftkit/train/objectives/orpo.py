@@ -1,5 +1,5 @@
 """`orpo` (Hong et al. 2024): the chosen response's mean token NLL plus lambda times -log sigmoid of the log
-odds ratio (train/preference.py). No reference model. `beta` is lambda, as TRL's `ORPOConfig.beta` and
+odds ratio (train/objectives/preference_loss.py). No reference model. `beta` is lambda, as TRL's `ORPOConfig.beta` and
 LLaMA-Factory's `pref_beta`."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class Orpo(PairObjective):
     options = (replace(BETA, help="ORPO's lambda: the weight of the odds-ratio term (TRL's default 0.1)."),)
 
     def pair_loss(self, options: dict[str, Any]) -> Any:
-        from peftkit.train.preference import orpo_loss
+        from peftkit.train.objectives.preference_loss import orpo_loss
 
         lam = options["beta"]
         return lambda pi_c, pi_r, n_c, n_r, ref: orpo_loss(pi_c, pi_r, n_c, n_r, lam)

@@ -1,6 +1,6 @@
 """What dpo, orpo and simpo share: `{prompt, chosen, rejected}` rows (`data.preference.Pairs`, two model rows per
 example), the bundled preference task, the refusals of SFT-only options, and a run (`preference_run.PairRun`)
-whose loss is `train/preference.py`'s PreferenceStep. A pair objective only says its options and its formula
+whose loss is `train/objectives/preference_loss.py`'s PreferenceStep. A pair objective only says its options and its formula
 (`pair_loss`) and whether it needs a reference model.
 """
 
@@ -26,12 +26,12 @@ class PairObjective(Objective):
 
     def pair_loss(self, options: dict[str, Any]) -> Any:
         """(pi_c, pi_r, n_c, n_r, ref) -> (per-pair losses, chosen rewards, rejected rewards), `options` bound in
-        (train/preference.py's formulas; ref: the reference's (chosen, rejected) sums or None)."""
+        (train/objectives/preference_loss.py's formulas; ref: the reference's (chosen, rejected) sums or None)."""
         raise NotImplementedError
 
     def step(self, model: Any, options: dict[str, Any]) -> Any:
         """The loop's loss for this objective over `model` (the unwrapped model: its adapters give the reference)."""
-        from peftkit.train.preference import PreferenceStep
+        from peftkit.train.objectives.preference_loss import PreferenceStep
 
         return PreferenceStep(self.pair_loss(options), model, self.uses_reference)
 
@@ -65,7 +65,7 @@ class PairObjective(Objective):
         refuse_sft_options(cfg, self.name, "{prompt, chosen, rejected} rows")
 
     def start(self, session: Any, loss_path: str) -> ObjectiveRun:
-        from peftkit.train.preference_run import setup
+        from peftkit.train.objectives.pairs_run import setup
 
         options = session.cfg.objective_options
         return setup(session, loss_path, self.step(session.model, options), bool(options.get("precompute_ref")))

@@ -1,8 +1,8 @@
-"""`sft`: next-token cross-entropy on the answers (train/loss.py), the default objective.
+"""`sft`: next-token cross-entropy on the answers (train/loop/loss.py), the default objective.
 
 A micro-batch's loss is the sum of its target tokens' losses; the loop divides by the target tokens of the whole
 step. Rows are any SFT format (alpaca, messages, text, prompt_completion: peftkit.data); batches may share a
-prompt prefix computed once (train/shared_prefix.py). The held-out score is the eval loss and perplexity (exact
+prompt prefix computed once (train/loop/shared_prefix.py). The held-out score is the eval loss and perplexity (exact
 match is added by run.py for every objective whose split has references).
 """
 
@@ -23,17 +23,17 @@ class SftRun(ObjectiveRun):
         return [self.collate(indices) for indices in indices_per_micro]
 
     def loss(self, model: Any, batch: dict[str, Any], loss_path: str) -> Any:
-        from peftkit.train.loss import micro_loss
+        from peftkit.train.loop.loss import micro_loss
 
         return micro_loss(model, batch, loss_path)
 
     def count(self, batch: dict[str, Any]) -> int:
-        from peftkit.train.loss import count_targets
+        from peftkit.train.loop.loss import count_targets
 
         return count_targets(batch)
 
     def evaluate(self, model: Any, loss_path: str) -> dict[str, Any]:
-        from peftkit.train.evaluate import eval_loss
+        from peftkit.train.evaluation.heldout import eval_loss
 
         return eval_loss(model, self.eval_collate, self.eval_plan, loss_path)
 

@@ -1,5 +1,5 @@
 """`simpo` (Meng et al. 2024): -log sigmoid(beta * pi_c / |y_c| - beta * pi_r / |y_r| - gamma): length-normalised
-rewards with a target margin, no reference (train/preference.py). Defaults: the paper's beta 2.0 and gamma 1.0
+rewards with a target margin, no reference (train/objectives/preference_loss.py). Defaults: the paper's beta 2.0 and gamma 1.0
 (gamma / beta 0.5, the ratio its ablations favour)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class Simpo(PairObjective):
     options = (replace(BETA, default=2.0, help="SimPO's reward scale (default 2.0)."), GAMMA)
 
     def pair_loss(self, options: dict[str, Any]) -> Any:
-        from peftkit.train.preference import simpo_loss
+        from peftkit.train.objectives.preference_loss import simpo_loss
 
         beta, gamma = options["beta"], options["simpo_gamma"]
         return lambda pi_c, pi_r, n_c, n_r, ref: simpo_loss(pi_c, pi_r, n_c, n_r, beta, gamma)

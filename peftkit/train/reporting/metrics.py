@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from peftkit.train.rundir import RunDir
-from peftkit.train.tracking import Tracking
+from peftkit.train.checkpoints.rundir import RunDir
+from peftkit.train.reporting.tracking import Tracking
 
 
 class Metrics:

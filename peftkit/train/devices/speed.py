@@ -31,8 +31,8 @@ from typing import Any
 from peftkit.core.archs import decoder_layers
 from peftkit.errors import PeftkitError
 from peftkit.io.models import cache_dir
+from peftkit.train.loop.shared_prefix import sharing_blocker
 from peftkit.train.objectives.base import get_objective
-from peftkit.train.shared_prefix import sharing_blocker
 
 EAGER_MAX_LENGTH = 256
 COMPILE_MIN_TOKENS = 300_000

@@ -11,7 +11,7 @@ from peftkit.core.method_options import SHARED
 from peftkit.core.options import Option, describe_kind
 from peftkit.core.registry import get_method, method_names
 from peftkit.train.config import extra_options, train_options
-from peftkit.train.sources import PRECEDENCE
+from peftkit.train.options.sources import PRECEDENCE
 
 HEADER = f"""# Training options
 

@@ -19,7 +19,7 @@ from peftkit.core.ops import disable_adapters
 from peftkit.data.preference import Pairs, collate_pairs
 from peftkit.train import splits
 from peftkit.train.objectives.base import ObjectiveRun
-from peftkit.train.preference import PreferenceStep, count_pairs, sequence_logps
+from peftkit.train.objectives.preference_loss import PreferenceStep, count_pairs, sequence_logps
 
 
 def collate_fn(pairs: Pairs, pad_token_id: int, device: Any) -> Callable[[list[int]], dict[str, torch.Tensor]]:

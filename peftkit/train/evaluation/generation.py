@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from peftkit.train.loss import head_as_identity, plain_head
-from peftkit.train.shared_prefix import (
+from peftkit.train.loop.loss import head_as_identity, plain_head
+from peftkit.train.loop.shared_prefix import (
     MIN_SHARED,
     cache_kwarg,
     common_length,

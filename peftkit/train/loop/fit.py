@@ -28,9 +28,9 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 from peftkit.train.checkpoints import Position, save_checkpoint
+from peftkit.train.checkpoints.rundir import RunDir
 from peftkit.train.objectives.base import ObjectiveRun
 from peftkit.train.objectives.sft import SftRun
-from peftkit.train.rundir import RunDir
 
 
 @dataclass

@@ -33,7 +33,7 @@ from torch import nn
 
 from peftkit.core.labels import IGNORE_INDEX
 from peftkit.core.ops import disable_adapters
-from peftkit.train.loss import MODEL_INPUTS
+from peftkit.train.loop.loss import MODEL_INPUTS
 
 Rewards = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per-pair losses, chosen rewards, rejected rewards
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",

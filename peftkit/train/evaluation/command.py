@@ -2,7 +2,7 @@
 
 Prompts are rendered with the adapter's saved prompt format (else the tokenizer's chat template, else the plain
 template), exactly as in training; the loss counts only the answer tokens, like the training loss; exact match
-compares greedy answers with the references where rows have them (train/evaluate.py).
+compares greedy answers with the references where rows have them (train/evaluation/heldout.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from peftkit.data.prompting import default_prompt_format
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import load_adapter
 from peftkit.io.models import load_model
-from peftkit.train.evaluate import eval_loss, exact_match, row_to_chat
-from peftkit.train.loss import loss_path
-from peftkit.train.shared_prefix import sharing_blocker
+from peftkit.train.evaluation.heldout import eval_loss, exact_match, row_to_chat
+from peftkit.train.loop.loss import loss_path
+from peftkit.train.loop.shared_prefix import sharing_blocker
 from peftkit.train.splits import Split, collate_fn
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from peftkit.core.ops import disable_adapters
 from peftkit.data.unpaired import Unpaired, collate_unpaired
 from peftkit.train.objectives.base import ObjectiveRun
-from peftkit.train.preference import sequence_logps
+from peftkit.train.objectives.preference_loss import sequence_logps
 
 SUMS = ("loss", "kl", "rewards/chosen", "logps/chosen", "rewards/rejected", "logps/rejected", "correct", "rows",
         "chosen", "rejected", "batches")

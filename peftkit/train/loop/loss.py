@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.core.labels import IGNORE_INDEX
-from peftkit.train.linear_ce import linear_cross_entropy
-from peftkit.train.shared_prefix import KEY as SHARED_KEY
-from peftkit.train.shared_prefix import shared_forward
+from peftkit.train.loop.linear_ce import linear_cross_entropy
+from peftkit.train.loop.shared_prefix import KEY as SHARED_KEY
+from peftkit.train.loop.shared_prefix import shared_forward
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 

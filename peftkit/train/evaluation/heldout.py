@@ -1,7 +1,7 @@
 """Evaluation: held-out loss / perplexity, and exact match of greedy answers against references.
 
 Exact match renders each prompt with the prompt format used in training, takes the greedy answer
-(train/generation.py: the reference is checked as a draft in one forward pass, and only the rows it does not match
+(train/evaluation/generation.py: the reference is checked as a draft in one forward pass, and only the rows it does not match
 generate, each stopping once it can no longer match), and compares it with the reference after stripping
 surrounding whitespace.
 """
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from peftkit.data.prompting import render_prompt
-from peftkit.train.generation import GENERATE_TOKENS, greedy_answers, token_batches
-from peftkit.train.loss import count_targets, micro_loss
+from peftkit.train.evaluation.generation import GENERATE_TOKENS, greedy_answers, token_batches
+from peftkit.train.loop.loss import count_targets, micro_loss
 
 
 def row_to_chat(row: dict[str, Any], fmt: str, index: int = 0) -> tuple[list[dict[str, str]], str | None]:

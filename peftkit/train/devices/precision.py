@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from peftkit.errors import PeftkitError
-from peftkit.train.rundir import RunDir
+from peftkit.train.checkpoints.rundir import RunDir
 
 
 def make_accelerator(precision: str, trains_base: bool = False, log_with: list[str] | None = None,
@@ -30,7 +30,7 @@ def make_accelerator(precision: str, trains_base: bool = False, log_with: list[s
     """
     from accelerate.state import AcceleratorState
 
-    from peftkit.train.sharding import build_accelerator
+    from peftkit.train.devices.sharding import build_accelerator
 
     gpu = torch.cuda.is_available()
     if precision == "auto":
