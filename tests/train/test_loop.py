@@ -70,22 +70,22 @@ def test_loss_paths_agree_on_the_embedded_tokenizer_model(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     import pytest
 
-    import peftkit.train.loop.loss as loss_module
     from peftkit.errors import PeftkitError
     from peftkit.train.config import load_train_config
+    from peftkit.train.objectives.sft import SftRun
     from peftkit.train.run import train
     from tests.tiny import write_rows
 
     folder = save_tiny_checkpoint(tmp_path / "tiny")
-    real = loss_module.micro_loss
+    real = SftRun.loss  # the loop asks the objective for each micro-batch's loss
     calls = {"n": 0}
 
-    def poisoned(model, batch, path="fused"):
+    def poisoned(self, model, batch, path="fused"):
         calls["n"] += 1
-        loss = real(model, batch, path)
+        loss = real(self, model, batch, path)
         return loss * float("nan") if calls["n"] == 3 else loss  # step 3 (one micro-batch per step)
 
-    monkeypatch.setattr(loss_module, "micro_loss", poisoned)  # SFT's loss (objectives/sft.py) calls it
+    monkeypatch.setattr(SftRun, "loss", poisoned)
     cfg = load_train_config(None, dict(model=str(folder), data=str(write_rows(tmp_path / "d.jsonl", 12)), eval_split="0",
                                  max_steps=5, batch_size=2, save_steps=2, precision="fp32", output=str(tmp_path / "run")))
     with pytest.raises(PeftkitError, match=r"nan at step 3.*step-000002"):
