@@ -13,7 +13,8 @@ The re-exports are lazy (PEP 562): `import peftkit` loads neither torch nor tran
 and `--version` are instant. Every method is still registered before anything can look one up: this module, which
 Python runs before any peftkit submodule, gives the registry a loader that imports `peftkit.methods` (whose import
 registers them all) on the first lookup, and then the method plugins (entry points of group `peftkit.methods`;
-`register_method` adds one from Python; see `peftkit.core.registry`).
+`register_method` adds one from Python; see `peftkit.core.registry`). Objectives are registered the same way
+(`register_objective`, entry points of group `peftkit.objectives`; see `peftkit.train.objectives.base`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs; at run time __ge
     from peftkit.methods.prefix import PrefixConfig
     from peftkit.methods.prompt import PromptConfig
     from peftkit.methods.qlora import QloraConfig
+    from peftkit.train.objectives.base import register_objective
 
 # Public name -> the module that defines it.
 _LAZY = {
@@ -57,6 +59,7 @@ _LAZY = {
     "trainable_parameters": "peftkit.core.counting",
     "load_model": "peftkit.io.models",
     "register_method": "peftkit.core.registry",
+    "register_objective": "peftkit.train.objectives.base",
 }
 
 __all__ = [
@@ -79,6 +82,7 @@ __all__ = [
     "trainable_parameters",
     "load_model",
     "register_method",
+    "register_objective",
 ]
 
 
