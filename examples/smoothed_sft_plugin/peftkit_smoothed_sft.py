@@ -43,7 +43,7 @@ class SmoothedSftRun(SftRun):
         import torch.nn.functional as F
 
         from peftkit.core.labels import IGNORE_INDEX
-        from peftkit.train.loss import MODEL_INPUTS
+        from peftkit.train.loop.loss import MODEL_INPUTS
 
         labels = batch["labels"]                                  # [B, T], -100: no loss
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
