@@ -1,4 +1,4 @@
-"""Write docs/options.md from the options' declarations (peftkit/train/options_doc.py).
+"""Write docs/options.md from the options' declarations (peftkit/train/options/doc.py).
 
     python scripts/make_options_doc.py          # rewrite docs/options.md
     python scripts/make_options_doc.py --check  # exit 1 when the committed file is out of date
