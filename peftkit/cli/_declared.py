@@ -9,7 +9,7 @@ the shared method options).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Any
 
 import typer
@@ -41,8 +41,8 @@ def parameter(option: Option) -> inspect.Parameter:
                              default=False if is_switch(option) else None)
 
 
-def signature(options: Iterable[Option], before: list[inspect.Parameter] = (),
-              after: list[inspect.Parameter] = ()) -> inspect.Signature:
+def signature(options: Iterable[Option], before: Sequence[inspect.Parameter] = (),
+              after: Sequence[inspect.Parameter] = ()) -> inspect.Signature:
     """A command signature: `before`, one parameter per CLI option (declarations with `cli=False` left out), then
     `after` (the command's own parameters, e.g. `--config`)."""
     generated = [parameter(o) for o in options if o.cli]

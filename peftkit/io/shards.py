@@ -145,7 +145,7 @@ class ShardWriter:
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
         if name != want or data.numel() != nbytes:
             raise RuntimeError(f"ShardWriter expected {want} ({nbytes} bytes), got {name} ({data.numel()} bytes)")
-        self.file.write(memoryview(data.numpy()))
+        self.file.write(data.numpy().data)  # the array's buffer as a memoryview, no copy
         self.position += 1
 
     def close(self) -> None:

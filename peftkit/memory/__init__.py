@@ -5,7 +5,7 @@
                           gpu_memory_gb=24)
     est.total_bytes, est.breakdown, est.fits
 
-`trace_memory` (tracer.py) runs one real training step on fake tensors for the exact tensor peak; the analytic
+`trace_memory` (step_trace.py) runs one real training step on fake tensors for the exact tensor peak; the analytic
 model (analytic.py, activations.py) is tested against it.
 """
 

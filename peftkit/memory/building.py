@@ -1,6 +1,6 @@
 """Build a model for a `TrainingSetup` on the meta device: method applied, dtypes set, nothing allocated.
 
-Shared by the tracer (which then materializes the parameters as fake tensors) and by the parameter counts of the
+Shared by the trace (step_trace.py, which then materializes the parameters as fake tensors) and by the parameter counts of the
 analytic estimator. Every method is applied through the registry (`peftkit.core.inject.apply_method`), exactly as
 the trainer applies it, so the counts and the traced modules are those of the real method code.
 """

@@ -6,7 +6,7 @@ the method's config (`Method.build_config`: the method's own defaults and valida
 it runs in this setup (`Method.check_setup`); the estimator then asks the method about its memory through the hooks
 on `peftkit.core.method.Method`, so nothing here or in the formulas names a method.
 
-Precision regimes (the trainer's, see peftkit/train/precision.py):
+Precision regimes (the trainer's, see peftkit/train/devices/precision.py):
 - fp32: weights, gradients, optimizer states and activations in fp32;
 - bf16: "pure" bf16: weights, gradients, optimizer states and activations in bf16;
 - amp:  trainable weights kept in fp32 ("master" weights, fp32 gradients and states) and the forward/backward run
@@ -83,7 +83,7 @@ class TrainingSetup:
     @property
     def config(self) -> Any:
         """The method's config: `method_options` over the config class's defaults, validated by the method."""
-        return self._config
+        return vars(self)["_config"]  # set in __post_init__, deliberately not a dataclass field
 
     def option(self, key: str, default: Any) -> Any:
         """A method option as given, or `default` when it was not given (the built `config` has the method's own)."""

@@ -34,6 +34,7 @@ from peftkit.methods.virtual_tokens import (
     check_peft_prompt_config,
     input_embeddings,
     install,
+    installed,
     peft_prompt_config,
 )
 
@@ -129,7 +130,11 @@ class PrefixLayer(VirtualTokenLayer):
 
     def table(self, name: str) -> torch.Tensor:
         """Adapter `name`'s prefix as PEFT stores it: [P, L*2*kv_heads*head_dim], rows [L0.K, L0.V, L1.K, ...]."""
-        return self.encoders[name]()
+        return self.encoder(name)()
+
+    def encoder(self, name: str) -> PrefixEncoder:
+        """Adapter `name`'s encoder (`encoders` is a ModuleDict: its items are typed as plain modules)."""
+        return cast(PrefixEncoder, self.encoders[name])
 
     def prepare(self, model: nn.Module, kwargs: dict, cache: Cache | None, batch: int, name: str) -> None:
         """Write the prefix K/V of every layer into the (empty, marked) cache, for a batch of `batch`."""
@@ -184,7 +189,7 @@ class PrefixMethod(Method):
     def export(self, model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         """PEFT's PREFIX_TUNING format; a reparameterized prefix is folded into its flat table first."""
         config: PrefixConfig = adapters(model)[adapter_name].config
-        layer: PrefixLayer = model.peftkit_prefix
+        layer = installed(model, "peftkit_prefix", PrefixLayer)
         d = layer.dims
         d_kv = d["kv_heads"] * d["head_dim"]
         with torch.no_grad():
@@ -208,7 +213,7 @@ class PrefixMethod(Method):
         config = PrefixConfig(num_virtual_tokens=table.shape[0], encoder_hidden_size=config_json.get("encoder_hidden_size"))
         inject(model, config, adapter_name)
         with torch.no_grad():
-            model.peftkit_prefix.encoders[adapter_name].embedding.weight.copy_(table)
+            installed(model, "peftkit_prefix", PrefixLayer).encoder(adapter_name).embedding.weight.copy_(table)
         return config
 
     def check_setup(self, config: PrefixConfig, *, gradient_checkpointing: bool) -> None:

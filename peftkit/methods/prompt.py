@@ -31,6 +31,7 @@ from peftkit.methods.virtual_tokens import (
     check_peft_prompt_config,
     input_embeddings,
     install,
+    installed,
     peft_prompt_config,
 )
 
@@ -124,7 +125,7 @@ class PromptMethod(Method):
                 "tokenizer_kwargs": None,
             }
         )
-        prompt = model.peftkit_prompt.prompts[adapter_name].detach().contiguous()
+        prompt = installed(model, "peftkit_prompt", PromptLayer).prompts[adapter_name].detach().contiguous()
         return config_json, {"prompt_embeddings": prompt}
 
     def load(self, model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], adapter_name: str) -> PromptConfig:
@@ -137,7 +138,7 @@ class PromptMethod(Method):
         config = PromptConfig(num_virtual_tokens=table.shape[0], init=init if init in PROMPT_INITS else "random")
         inject(model, config, adapter_name)
         with torch.no_grad():
-            model.peftkit_prompt.prompts[adapter_name].copy_(table)
+            installed(model, "peftkit_prompt", PromptLayer).prompts[adapter_name].copy_(table)
         return config
 
 

@@ -21,7 +21,7 @@ delete_adapter work generically; `unload()` removes the hooks.
 from __future__ import annotations
 
 import inspect
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -29,6 +29,8 @@ from transformers import Cache, DynamicCache, PretrainedConfig, PreTrainedModel
 
 from peftkit.core.method import AdapterLayer
 from peftkit.errors import PeftkitError
+
+LayerT = TypeVar("LayerT", bound="VirtualTokenLayer")
 
 _MARK = "_peftkit_virtual_tokens"  # attribute set on a Cache whose first P entries are virtual tokens
 
@@ -193,7 +195,7 @@ def _shift_positions(position_ids: torch.Tensor, p: int, prepended: int) -> torc
     return torch.cat([virtual, shifted], dim=-1)
 
 
-def install(model: nn.Module, attr: str, layer_cls: type[VirtualTokenLayer]) -> VirtualTokenLayer:
+def install(model: nn.Module, attr: str, layer_cls: type[LayerT]) -> LayerT:
     """The model's `attr` layer (e.g. `model.peftkit_prefix`), created and hooked on first use."""
     if "cache" not in inspect.signature(model.forward).parameters and "past_key_values" not in inspect.signature(
         model.forward
@@ -204,6 +206,14 @@ def install(model: nn.Module, attr: str, layer_cls: type[VirtualTokenLayer]) -> 
         layer = layer_cls()
         setattr(model, attr, layer)
     layer.attach(model)
+    return layer
+
+
+def installed(model: nn.Module, attr: str, layer_cls: type[LayerT]) -> LayerT:
+    """The model's `attr` layer that `install` put there (an AttributeError when there is none)."""
+    layer = getattr(model, attr)
+    if not isinstance(layer, layer_cls):
+        raise PeftkitError(f"model.{attr} is a {type(layer).__name__}, not a {layer_cls.__name__}")
     return layer
 
 

@@ -118,7 +118,7 @@ class TrainConfig:
     # given flat in recipes and flags (EXTRA_OPTIONS), checked by the objective's declarations
     objective: str = option("sft", aliases=("pref_loss",), help="sft (default) | dpo | orpo | simpo (on {prompt, chosen, rejected} rows) | kto (on {prompt, completion, label} rows), or a plugin's.")
     objective_options: dict[str, Any] = option(default_factory=dict, cli=False, help="The objective's options (given flat: beta, ...).")
-    # sharding over the processes of a launcher (peftkit/train/sharding.py)
+    # sharding over the processes of a launcher (peftkit/train/devices/sharding.py)
     fsdp: bool = option(False, help="Shard weights, gradients and optimizer states over the launcher's processes with FSDP2 (full shard).")
     deepspeed: str | None = option(None, help="Shard with DeepSpeed through accelerate: zero1 | zero2 | zero3 | a DeepSpeed JSON config (needs a GPU).")
     # run folder
@@ -271,7 +271,7 @@ def default_fill(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, str]]:
     """`resolve_defaults(cfg)` and, for each field it filled, why ("default (bundled task)", ...)."""
     base = BUNDLED_DEFAULTS if cfg.data is None else GENERIC_DEFAULTS
     why = "default (bundled task)" if cfg.data is None else "default (your data)"
-    fill = {k: (v, why) for k, v in base.items() if getattr(cfg, k) is None}
+    fill: dict[str, tuple[Any, str]] = {k: (v, why) for k, v in base.items() if getattr(cfg, k) is None}
     if cfg.data is None and cfg.max_steps is None and cfg.epochs != 1.0:
         fill.pop("max_steps", None)  # an explicit --epochs wins over the bundled step count
     method = get_method(cfg.method)
@@ -285,6 +285,7 @@ def default_fill(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, str]]:
     reasons = {k: why for k, (_, why) in fill.items() if k != "objective_options"}
     reasons.update(dict.fromkeys(unset, f"default (objective {cfg.objective})"))
     rows = objective.rows_per_example  # a preference pair is two rows (chosen, rejected)
+    assert resolved.max_length is not None, "both default tables fill max_length"
     if resolved.batch_tokens is not None and resolved.batch_tokens < rows * resolved.max_length:
         what = "max_length" if rows == 1 else f"{rows} x max_length (an example of {cfg.objective} is {rows} rows)"
         raise PeftkitError(f"batch_tokens ({resolved.batch_tokens}) must be at least {what} "

@@ -26,7 +26,7 @@ def make_accelerator(precision: str, trains_base: bool = False, log_with: list[s
 
     trains_base: the method trains the base weights (full / freeze), which then stay fp32 under amp / fp16.
     log_with: accelerate tracker names (`tracking.tracker_names`); their folder is set when the run starts.
-    cfg: the TrainConfig, for its sharding options (`--fsdp`, `--deepspeed`: peftkit/train/sharding.py).
+    cfg: the TrainConfig, for its sharding options (`--fsdp`, `--deepspeed`: peftkit/train/devices/sharding.py).
     """
     from accelerate.state import AcceleratorState
 

@@ -55,12 +55,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             grad = logits.sub_(lse[:, None]).exp_()                             # softmax, in place of the logits
             grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0           # d loss / d logits
-            if need_b:
+            if grad_b is not None:  # need_b
                 grad_b += grad.sum(0)
             low = grad.to(_matmul_dtype(weight))
-            if need_h:
+            if grad_h is not None:  # need_h
                 grad_h[start:start + rows] = (low @ weight.to(low.dtype)).to(hidden.dtype)
-            if need_w:
+            if grad_w is not None:  # need_w
                 grad_w += (low.t() @ h.to(low.dtype)).float()
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)

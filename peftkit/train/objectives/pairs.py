@@ -1,5 +1,5 @@
 """What dpo, orpo and simpo share: `{prompt, chosen, rejected}` rows (`data.preference.Pairs`, two model rows per
-example), the bundled preference task, the refusals of SFT-only options, and a run (`preference_run.PairRun`)
+example), the bundled preference task, the refusals of SFT-only options, and a run (`pairs_run.PairRun`)
 whose loss is `train/objectives/preference_loss.py`'s PreferenceStep. A pair objective only says its options and its formula
 (`pair_loss`) and whether it needs a reference model.
 """

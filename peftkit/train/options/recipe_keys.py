@@ -60,8 +60,8 @@ def translate_keys(data: dict[str, Any], valid: Iterable[str | Option], source: 
     for key, value in data.items():
         if key in SWITCHES:
             if value is True:
-                name, value = SWITCHES[key]
-                out.setdefault(name, (key, value))
+                switch_name, value = SWITCHES[key]
+                out.setdefault(switch_name, (key, value))
             continue
         name = key if key in names else aliases.get(key)
         if name is None:
