@@ -88,12 +88,15 @@ class QloraMethod(LoraMethod):
         compute = None if config.compute_dtype == "auto" else config.compute_dtype
         return {"quantize": config.quantize, "double_quant": config.double_quant, "compute_dtype": compute}
 
-    def inject(self, model: nn.Module, config: QloraConfig, adapter_name: str) -> None:
-        """LoRA's injection; warns when the base is not quantized (then it is plain LoRA, whatever the name)."""
+    def inject(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+        """LoRA's injection; warns when the base is not quantized (then it is plain LoRA, whatever the name).
+
+        `config` is typed as LoraMethod's (an override may not narrow it); it is the QloraConfig `build_config` made."""
         on_meta = any(p.device.type == "meta" for p in model.parameters())
         if not on_meta and not getattr(model, "is_quantized", False):
+            quantize = config.quantize if isinstance(config, QloraConfig) else None
             log.warning("qlora over a base that is not quantized trains plain LoRA; load the base with "
-                        "load_model(..., quantize=%r) (the trainer does)", config.quantize)
+                        "load_model(..., quantize=%r) (the trainer does)", quantize)
         super().inject(model, config, adapter_name)
 
     def frozen_weight_bytes(self, config: QloraConfig, shape: ModelShape, frozen: int, bytes_per_param: int) -> float:

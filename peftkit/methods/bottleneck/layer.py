@@ -61,6 +61,10 @@ class BottleneckLayer(AdapterLayer):
         self.parallel[name] = parallel
         self.scaling[name] = scaling
 
+    def adapter(self, name: str) -> Bottleneck:
+        """Adapter `name` (`adapters` is a ModuleDict: its items are typed as plain modules)."""
+        return cast(Bottleneck, self.adapters[name])
+
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         self.parallel.pop(name, None)

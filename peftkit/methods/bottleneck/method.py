@@ -31,7 +31,8 @@ from peftkit.core.registry import register
 from peftkit.core.shapes import ModelShape, SavedActivations
 from peftkit.core.state import adapters
 from peftkit.errors import PeftkitError
-from peftkit.methods.bottleneck.layer import ACTIVATIONS, BottleneckLayer
+from peftkit.methods.bottleneck.layer import ACTIVATIONS, Bottleneck, BottleneckLayer
+from peftkit.methods.virtual_tokens import input_embeddings
 
 VARIANTS: dict[str, tuple[str, ...]] = {"houlsby": ("attention", "mlp"), "pfeiffer": ("mlp",), "parallel": ("mlp",)}
 LOCATIONS = ("attention", "mlp")
@@ -74,6 +75,18 @@ class AdapterConfig:
             raise PeftkitError(f"adapter locations {list(locations)} are invalid; choose from {', '.join(LOCATIONS)}")
         object.__setattr__(self, "locations", locations)
 
+    @property
+    def output_scaling(self) -> float:
+        """`scaling` as built (`__post_init__` fills a None per variant)."""
+        assert self.scaling is not None
+        return self.scaling
+
+    @property
+    def sublayers(self) -> tuple[str, ...]:
+        """`locations` as built (`__post_init__` fills a None with the variant's)."""
+        assert self.locations is not None
+        return self.locations
+
     def size(self, hidden: int) -> int:
         """The bottleneck width m for hidden size d (checked: 1 <= m)."""
         if self.bottleneck_size is not None:
@@ -94,7 +107,7 @@ def adapter_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     if not isinstance(layers, nn.ModuleList):
         raise PeftkitError(f"model_type {model_type!r}: peftkit cannot find its decoder layers (looked at {spec.layers!r})")
     paths = []
-    for location in config.locations:
+    for location in config.sublayers:
         name = spec.attention if location == "attention" else spec.mlp
         if not name:
             raise PeftkitError(
@@ -125,7 +138,7 @@ class AdapterMethod(Method):
         """Wrap each targeted sublayer in a BottleneckLayer (or reuse it) and add the adapter."""
         d = hidden_size(model)
         m = config.size(d)
-        weight = model.get_input_embeddings().weight
+        weight = input_embeddings(model).weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         for path in adapter_targets(model, config):
             module = model.get_submodule(path)
@@ -133,14 +146,14 @@ class AdapterMethod(Method):
                 module = BottleneckLayer(module, d)
                 replace_module(model, path, module)
             parallel = config.variant == "parallel"
-            module.add_adapter(adapter_name, m, config.non_linearity, config.dropout, parallel, config.scaling, factory)
+            module.add_adapter(adapter_name, m, config.non_linearity, config.dropout, parallel, config.output_scaling, factory)
 
     def export(self, model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         """Our own type in PEFT's layout: base_model.model.<sublayer>.adapter_down / adapter_up .weight / .bias."""
         config: AdapterConfig = adapters(model)[adapter_name].config
         tensors = {}
         for path in adapter_targets(model, config):
-            state = model.get_submodule(path).adapters[adapter_name].state_dict()
+            state = _adapter(model, path, adapter_name).state_dict()
             for part in _PARTS:
                 tensors[f"{PEFT_PREFIX}{path}.{part}"] = state[part].detach().contiguous()
         config_json = {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", "inference_mode": True}
@@ -165,13 +178,21 @@ class AdapterMethod(Method):
         inject(model, config, adapter_name)
         with torch.no_grad():
             for key, (path, part) in wanted.items():
-                model.get_submodule(path).adapters[adapter_name].get_parameter(part).copy_(tensors[key])
+                _adapter(model, path, adapter_name).get_parameter(part).copy_(tensors[key])
         return config
 
     def saved_activations(self, config: AdapterConfig, shape: ModelShape, act_bytes: int, seq_len: int) -> SavedActivations:
         """Per adapter (one per location in each layer): the down projection's input, its output, the activation's."""
         a, m = act_bytes, config.size(shape.hidden)
-        return SavedActivations(len(config.locations) * (a * shape.hidden + 2 * a * m))
+        return SavedActivations(len(config.sublayers) * (a * shape.hidden + 2 * a * m))
+
+
+def _adapter(model: nn.Module, path: str, adapter_name: str) -> Bottleneck:
+    """Adapter `adapter_name` of the BottleneckLayer at `path`."""
+    layer = model.get_submodule(path)
+    if not isinstance(layer, BottleneckLayer):
+        raise PeftkitError(f"module {path!r} holds no bottleneck adapter")
+    return layer.adapter(adapter_name)
 
 
 register(AdapterMethod())

@@ -54,9 +54,15 @@ class LoraConfig:
         for key, rank in self.rank_pattern.items():  # ranks too: RANK's bounds
             replace(RANK, name=f"rank_pattern[{key!r}]").check(rank, required=True)
 
+    @property
+    def alpha(self) -> float:
+        """`lora_alpha` as built: `__post_init__` fills a None with 2 * r, so it is never None here."""
+        assert self.lora_alpha is not None
+        return self.lora_alpha
+
     def rank_alpha(self, path: str) -> tuple[int, float]:
         """(r, alpha) for the module at `path`, after rank_pattern / alpha_pattern (PEFT's suffix-regex rule)."""
-        return _pattern_value(self.rank_pattern, path, self.r), _pattern_value(self.alpha_pattern, path, self.lora_alpha)
+        return _pattern_value(self.rank_pattern, path, self.r), _pattern_value(self.alpha_pattern, path, self.alpha)
 
 
 def normalize_targets(targets: Any) -> tuple[str, ...] | str | None:

@@ -57,15 +57,16 @@ class LoraMethod(Method):
     def export(self, model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         """PEFT's LoRA layout; a PiSSA adapter becomes a plain rank-2r LoRA against the original weights."""
         config: LoraConfig = adapters(model)[adapter_name].config
-        factors, magnitudes = {}, {}
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        magnitudes: dict[str, torch.Tensor] = {}
         for path, layer in _lora_layers(model, adapter_name):
-            a = layer.lora_A[adapter_name].weight.detach()
-            b = layer.lora_B[adapter_name].weight.detach()
+            a = layer.factor_a(adapter_name).weight.detach()
+            b = layer.factor_b(adapter_name).weight.detach()
             if adapter_name in layer.pissa_init:  # W_orig + s' B' A' = W_res + s (B A) with s' = s: stack [A; A0]
                 a0, b0 = layer.pissa_init[adapter_name]
                 a = torch.cat([a.float(), a0.to(a.device)], 0).to(a.dtype)
                 b = torch.cat([b.float(), -b0.to(b.device)], 1).to(b.dtype)
-            bias = layer.lora_B[adapter_name].bias
+            bias = layer.factor_b(adapter_name).bias
             factors[path] = (a, b, None if bias is None else bias.detach())
             if adapter_name in layer.lora_magnitude_vector:
                 magnitudes[path] = layer.lora_magnitude_vector[adapter_name].detach()
@@ -116,11 +117,11 @@ def _peft_config(model: nn.Module, config: LoraConfig, paths: list[str], saved: 
     covered = {p for p in all_paths if p.rsplit(".", 1)[-1] in leaves and _is_linear(model, p)}
     exact = covered == set(paths)
     targets: list[str] | str = leaves if exact else "^(" + "|".join(re.escape(p) for p in paths) + ")$"
-    r, alpha = config.r, config.lora_alpha
+    r, alpha = config.r, config.alpha
     rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
     if config.init == "pissa":  # exported as rank 2r with the same scale
         r, alpha = 2 * r, alpha * (math.sqrt(2) if config.use_rslora else 2)
-        factor = alpha / config.lora_alpha
+        factor = alpha / config.alpha
         rank_pattern = {k: 2 * v for k, v in rank_pattern.items()}
         alpha_pattern = {k: v * factor for k, v in alpha_pattern.items()}
     return peft_lora_config(
