@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from peftkit.core.inject import apply_method
 
@@ -26,7 +26,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def meta_model(model_config: PretrainedConfig) -> nn.Module:
+def meta_model(model_config: PretrainedConfig) -> PreTrainedModel:
     """The CausalLM for `model_config` with every tensor on the meta device (shapes only)."""
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(model_config)

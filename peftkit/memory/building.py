@@ -10,14 +10,13 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from peftkit.core.inject import apply_method
 from peftkit.memory.training_setup import TrainingSetup
 
 
-def build_meta_model(config: PretrainedConfig, setup: TrainingSetup) -> nn.Module:
+def build_meta_model(config: PretrainedConfig, setup: TrainingSetup) -> PreTrainedModel:
     """The HF causal LM for `config` on the meta device with `setup`'s method applied and dtypes set.
 
     dtypes: fp32 -> all fp32; bf16 -> all bf16; amp -> trainable fp32, frozen bf16 (see `training_setup.py`).

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch._subclasses import FakeTensorMode
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 from peftkit.core.archs import enable_checkpointing
 from peftkit.core.counting import trainable_parameters
@@ -63,12 +63,13 @@ def materialize_fake(model: nn.Module) -> None:
     which the mode refuses, and outside it would allocate real memory.
     """
     new: dict[int, torch.Tensor] = {}
+    new_params: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None:
-                if id(p) not in new:
-                    new[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
-                module._parameters[name] = new[id(p)]
+                if id(p) not in new_params:
+                    new_params[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                module._parameters[name] = new_params[id(p)]
         for name, b in list(module._buffers.items()):
             if b is not None:
                 if id(b) not in new:
@@ -85,7 +86,7 @@ def make_optimizer(params: list[nn.Parameter], setup: TrainingSetup, foreach: bo
     raise PeftkitError(f"--trace supports optimizers adamw and sgd, not {setup.optimizer!r} (its kernels are GPU-only)")
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, setup: TrainingSetup,
+def train_step(model: PreTrainedModel, opt: torch.optim.Optimizer, ids: torch.Tensor, setup: TrainingSetup,
                counter: LiveBytes) -> None:  # fmt: skip
     """One training step, phases named for the tracker: forward, logits and loss, backward, optimizer step."""
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.precision == "amp")
@@ -120,7 +121,7 @@ def _check_traceable(setup: TrainingSetup) -> None:
         raise PeftkitError("--trace traces one unsharded device; drop --gpus/--deepspeed/--fsdp/--offload to trace")
 
 
-def _measure(model: nn.Module, setup: TrainingSetup, foreach: bool, ids: torch.Tensor, start: float) -> TraceResult:
+def _measure(model: PreTrainedModel, setup: TrainingSetup, foreach: bool, ids: torch.Tensor, start: float) -> TraceResult:
     """Prepare the trainer's state (checkpointing, optimizer with its state), then track one step."""
     if setup.gradient_checkpointing:
         enable_checkpointing(model)
@@ -168,8 +169,9 @@ def measure_real_step(config: PretrainedConfig, setup: TrainingSetup, foreach: b
             p.normal_(0.0, 0.02)
     model.tie_weights()
     for module in model.modules():  # rotary inv_freq and similar buffers were left empty by to_empty
-        if hasattr(module, "original_inv_freq"):
-            module.inv_freq.copy_(module.original_inv_freq)
+        original = getattr(module, "original_inv_freq", None)
+        if original is not None:
+            module.get_buffer("inv_freq").copy_(original)
     ids = torch.randint(0, config.vocab_size, (setup.batch_size, setup.seq_len))
     return _measure(model, setup, foreach, ids, start)
 

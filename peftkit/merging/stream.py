@@ -26,7 +26,6 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors import safe_open
@@ -52,9 +51,6 @@ from peftkit.io.shards import (
 from peftkit.merging.deltas import LoraDeltas, combine, parse_weights, read_lora
 from peftkit.merging.plan import MergePlan, Target, plan_merge
 from peftkit.merging.quantized import add_dequantized, merge_base_quantization, recorded_quantization
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -108,7 +104,7 @@ def merge_to_disk(base: str | None, adapters: list[str], output: str, *, weights
 
     config = AutoConfig.from_pretrained(folder)
     header = shapes(ckpt)
-    meta = cast("PreTrainedModel", meta_model(config))  # AutoModelForCausalLM's (typed nn.Module there)
+    meta = meta_model(config)
     plan = plan_merge(deltas, meta, header)
     if quant is not None:
         add_dequantized(plan, meta, header, quant)
