@@ -7,7 +7,7 @@ exactly what `train` would create and cost no memory.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
@@ -38,7 +38,7 @@ def _rows(model_config, rank: int, target_modules: str | None) -> list[dict]:
     from peftkit.core.counting import count_parameters
 
     settings = _settings(rank, target_modules)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for method, options in settings:
         options = {k: v for k, v in options.items() if v is not None}
         try:

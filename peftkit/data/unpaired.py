@@ -86,7 +86,8 @@ def tokenize_unpaired(rows: Iterable[dict[str, Any]], tokenizer: Any, *, max_len
     import jinja2
 
     kept: list[tuple[Messages, Messages, bool]] = []
-    out, dropped, prompts = Unpaired(), 0, {}
+    out, dropped = Unpaired(), 0
+    prompts: dict[str, int] = {}  # repr(prompt) -> its index
     for index, row in enumerate(rows):
         prompt, completion, label = to_unpaired(row, index)
         try:

@@ -50,5 +50,5 @@ def evaluate(model_name: str | None, adapter: str | None, source: str | None = N
                                                                                  loss_path(lm))}
     if fmt in ("alpaca", "messages"):
         refs = [row_to_chat(row, fmt, i) for i, row in enumerate(rows)]
-        result.update(exact_match(lm, tokenizer, [r for r in refs if r[1] is not None], prompt_format))
+        result.update(exact_match(lm, tokenizer, [(chat, ref) for chat, ref in refs if ref is not None], prompt_format))
     return result

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,16 +19,21 @@ from peftkit.data.prompting import render_prompt
 from peftkit.train.evaluation.generation import GENERATE_TOKENS, greedy_answers, token_batches
 from peftkit.train.loop.loss import count_targets, micro_loss
 
+if TYPE_CHECKING:
+    from peftkit.io.models import CausalLM
+
 
 def row_to_chat(row: dict[str, Any], fmt: str, index: int = 0) -> tuple[list[dict[str, str]], str | None]:
     """(prompt messages, reference answer) of one raw row: the turns before the last assistant turn, and its text.
 
-    Text rows have no reference (None). The row becomes a conversation exactly as in training (peftkit.data).
+    Text rows have no reference (None). The row becomes a conversation exactly as in training (peftkit.data). Only
+    alpaca and messages rows are asked for (the callers check `fmt`); a standard prompt_completion row (a
+    `Completion`) has no conversation either, so it gets no reference, like text.
     """
     from peftkit.data.formats import to_example
 
     example = to_example(row, fmt, index)
-    if isinstance(example, str):
+    if not isinstance(example, list):
         return [], None
     last = max(i for i, m in enumerate(example) if m["role"] == "assistant")
     return example[:last], example[last]["content"]
@@ -51,7 +56,7 @@ def eval_loss(model: nn.Module, collate: Callable[[list[int]], dict], batches: l
 
 
 @torch.no_grad()
-def exact_match(model: nn.Module, tokenizer: Any, examples: list[tuple[list[dict], str]],
+def exact_match(model: CausalLM, tokenizer: Any, examples: list[tuple[list[dict], str]],
                 prompt_format: dict | None, batch_tokens: int = GENERATE_TOKENS,
                 max_new_tokens: int | None = None) -> dict:
     """Share of examples whose greedy answer equals the reference; also returns a few (prompt, got, want) samples.

@@ -85,11 +85,12 @@ class KtoStep:
     def _add(self, losses: torch.Tensor, rewards: torch.Tensor, pi: torch.Tensor, desirable: torch.Tensor,
              z0: torch.Tensor) -> None:
         good = desirable.to(rewards.dtype)
-        values = {"loss": losses.sum(), "kl": z0, "rewards/chosen": (rewards * good).sum(),
-                  "logps/chosen": (pi * good).sum(), "rewards/rejected": (rewards * (1 - good)).sum(),
-                  "logps/rejected": (pi * (1 - good)).sum(),
-                  "correct": ((rewards > 0) == desirable).logical_and(rewards != 0).sum(),
-                  "rows": len(losses), "chosen": good.sum(), "rejected": (1 - good).sum(), "batches": 1}
+        values: dict[str, torch.Tensor | int] = {
+            "loss": losses.sum(), "kl": z0, "rewards/chosen": (rewards * good).sum(),
+            "logps/chosen": (pi * good).sum(), "rewards/rejected": (rewards * (1 - good)).sum(),
+            "logps/rejected": (pi * (1 - good)).sum(),
+            "correct": ((rewards > 0) == desirable).logical_and(rewards != 0).sum(),
+            "rows": len(losses), "chosen": good.sum(), "rejected": (1 - good).sum(), "batches": 1}
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0.0) + float(value)
 
@@ -147,9 +148,11 @@ class KtoRun(ObjectiveRun):
         was_training = model.training
         model.eval()
         scorer = KtoStep(self.step.beta, self.step.base, self.step.desirable_weight, self.step.undesirable_weight)
+        eval_collate = self.eval_collate
         try:
             for indices in self.eval_plan:
-                scorer(model, self.eval_collate(indices), loss_path)
+                assert eval_collate is not None  # start() gives an eval plan only with its collate
+                scorer(model, eval_collate(indices), loss_path)
         finally:
             model.train(was_training)
         accuracy, compared = scorer.preference_accuracy()

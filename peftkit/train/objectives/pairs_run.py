@@ -55,9 +55,11 @@ class PairRun(ObjectiveRun):
         was_training = model.training
         model.eval()
         scorer = self.step.fresh()
+        eval_collate = self.eval_collate
         try:
             for indices in self.eval_plan:
-                scorer(model, self.eval_collate(indices), loss_path)
+                assert eval_collate is not None  # start() gives an eval plan only with its collate
+                scorer(model, eval_collate(indices), loss_path)
         finally:
             model.train(was_training)
         return scorer.stats()
