@@ -82,6 +82,12 @@ class Session:
     def main(self) -> bool:
         return self.accelerator.is_main_process
 
+    @property
+    def folder(self) -> RunDir:
+        """The run folder: every run has one but a dry run (`train` returns before it is needed)."""
+        assert self.run_dir is not None, "a dry run has no run folder"
+        return self.run_dir
+
 
 def train(cfg: TrainConfig, progress: bool = True, on_checkpoint: Callable[[int], None] | None = None) -> RunResult:
     """Run `cfg` end to end (see the module docstring); raises PeftkitError on bad input.
@@ -93,7 +99,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_checkpoint: Callable[[int]
     if cfg.dry_run:
         trainable, total = trainable_parameters(session.model)
         return RunResult(None, summary={"trainable": trainable, "total": total, "steps": session.steps})
-    with session.run_dir.fresh(enabled=session.main and session.resume_from is None):
+    with session.folder.fresh(enabled=session.main and session.resume_from is None):
         return _run(session, progress, on_checkpoint)
 
 
@@ -140,7 +146,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     cfg, acc, model, main = s.cfg, s.accelerator, s.model, s.main
     say = log.info if main else (lambda *_args: None)
     if main:
-        save_config(cfg, s.run_dir.config)
+        save_config(cfg, s.folder.config)
     acc.wait_for_everyone()
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
@@ -154,8 +160,8 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     if s.resume_from is not None:
         pos = load_checkpoint(s.resume_from, model, optimizer, scheduler, acc.process_index)
         say(f"resuming from {s.resume_from} (step {pos.step}, epoch {pos.epoch}, micro-batch {pos.micro})")
-    tracking = Tracking.start(acc, s.run_dir.tracking, s.run_dir.name, cfg.to_dict()) if main else None
-    metrics = Metrics(s.run_dir, main, keep_until=pos.step if s.resume_from else None, tracking=tracking)
+    tracking = Tracking.start(acc, s.folder.tracking, s.folder.name, cfg.to_dict()) if main else None
+    metrics = Metrics(s.folder, main, keep_until=pos.step if s.resume_from else None, tracking=tracking)
     evaluate = _evaluator(s, metrics, path, objective)
     before = _earlier_eval(metrics, 0) if s.resume_from else evaluate(0, generate=True)
     _say_eval("before", before, say, objective)
@@ -197,7 +203,8 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
 def _evaluator(s: Session, metrics: Metrics, path: str, objective: ObjectiveRun) -> Callable[..., dict]:
     """evaluate(step, generate) -> the objective's held-out score (and exact match when generating) on the main
     process, recorded."""
-    if s.eval_split is None:
+    eval_split = s.eval_split
+    if eval_split is None:
         return lambda step, generate: {}
 
     def evaluate(step: int, generate: bool) -> dict:
@@ -205,8 +212,8 @@ def _evaluator(s: Session, metrics: Metrics, path: str, objective: ObjectiveRun)
         if s.main or is_sharded(s.accelerator):  # sharded: every process takes part in each forward
             with s.accelerator.autocast():  # under amp: half-precision base weights meet fp32 adapter weights
                 result = objective.evaluate(s.model, path)
-                if generate and s.eval_split.references:
-                    result.update(exact_match(s.model, s.tokenizer, s.eval_split.references, s.prompt_format))
+                if generate and eval_split.references:
+                    result.update(exact_match(s.model, s.tokenizer, eval_split.references, s.prompt_format))
             if s.main:
                 metrics.write("eval", {"step": step, **result})
         s.accelerator.wait_for_everyone()
@@ -217,12 +224,12 @@ def _evaluator(s: Session, metrics: Metrics, path: str, objective: ObjectiveRun)
 
 def _finish(s: Session, result: RunResult, metrics: Metrics, pos: Position) -> None:
     """Save the trained result, the loss curve and summary.json (main process)."""
-    result.saved = _save(s.model, s.tokenizer, s.run_dir, s.method, s.prompt_format)
-    plot_loss(metrics.read(), s.run_dir.curve, f"{s.cfg.method} on {s.cfg.model or 'SmolLM2-135M-Instruct'}")
+    result.saved = _save(s.model, s.tokenizer, s.folder, s.method, s.prompt_format)
+    plot_loss(metrics.read(), s.folder.curve, f"{s.cfg.method} on {s.cfg.model or 'SmolLM2-135M-Instruct'}")
     result.wall_s = time.perf_counter() - s.started
     summary = {"steps": pos.step, "tokens": pos.tokens, "wall_s": round(result.wall_s, 1), "before": result.before,
                "after": result.after, "saved": str(result.saved)}
-    s.run_dir.summary.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    s.folder.summary.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     result.summary = summary
 
 

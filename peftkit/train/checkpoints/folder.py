@@ -41,6 +41,7 @@ def save_checkpoint(run_dir: RunDir, model: nn.Module, optimizer: Any, scheduler
             save_shard(where, model, optimizer, accelerator.process_index, accelerator.num_processes)
             accelerator.wait_for_everyone()
         if main:
+            assert tmp is not None  # atomic_dir's temporary folder (the main process's context)
             if not sharded:
                 save_plain(tmp, model, optimizer)
             save_state_dict(tmp, SCHEDULER, scheduler.state_dict(), with_tensors=False)

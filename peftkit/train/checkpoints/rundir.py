@@ -183,7 +183,7 @@ class RunDir:
         `resume` with no `output` resumes the newest runs/<method>-* folder.
         """
         if cfg.output:
-            run_dir = cls(cfg.output)
+            run_dir = cls(Path(cfg.output))
         elif cfg.resume:
             run_dir = cls._newest_run(cfg.method)
         else:

@@ -58,7 +58,7 @@ class Loop:
     run_dir: RunDir | None = None
     loss_path: str = "fused"                # loss.loss_path(model): fused | keep | full
     on_log: Callable[[dict], None] = lambda record: None
-    on_eval: Callable[[int], None] = lambda step: None
+    on_eval: Callable[[int], object] = lambda step: None  # what it returns is not used
     on_checkpoint: Callable[[int], None] = field(default=lambda step: None)
     objective: ObjectiveRun | None = None
 

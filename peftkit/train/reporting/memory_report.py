@@ -25,6 +25,7 @@ def memory_estimate(cfg: TrainConfig, model: Any, precision: str, processes: int
     from peftkit.memory import estimate_memory
     from peftkit.memory.training_setup import field_options
 
+    assert cfg.max_length is not None, "a resolved config (resolve_defaults fills max_length)"
     options = field_options(cfg.method, cfg.method_options())
     gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else None
     return estimate_memory(model.config, cfg.method, precision="amp" if precision == "fp16" else precision,
@@ -37,6 +38,7 @@ def memory_estimate(cfg: TrainConfig, model: Any, precision: str, processes: int
 def _rows(cfg: TrainConfig) -> int:
     """Rows of max_length per micro-batch in the worst case: --batch-tokens bounds the padded positions (rows x the
     longest row), else batch_size examples of the objective's rows each (a preference pair is two)."""
+    assert cfg.max_length is not None and cfg.batch_size is not None, "a resolved config (resolve_defaults)"
     if cfg.batch_tokens:
         return -(-cfg.batch_tokens // cfg.max_length)
     return cfg.batch_size * get_objective(cfg.objective).rows_per_example
