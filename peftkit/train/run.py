@@ -69,8 +69,8 @@ class Session:
     model: Any
     tokenizer: Any
     prompt_format: dict
-    train_split: splits.Split
-    eval_split: splits.Split | None
+    train_split: splits.TrainSplit  # the objective's (`Objective.load_splits`)
+    eval_split: splits.TrainSplit | None
     plan: Callable[[int], list[list[int]]]  # epoch -> micro-batches of train_split (cached per epoch)
     steps: int
     run_dir: RunDir | None

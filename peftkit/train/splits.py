@@ -13,13 +13,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from peftkit.errors import PeftkitError
 from peftkit.train.loop.shared_prefix import KEY as SHARED_KEY
 from peftkit.train.loop.shared_prefix import shared_length
+
+if TYPE_CHECKING:
+    from peftkit.train.config import TrainConfig
+
+
+class TrainSplit(Protocol):
+    """What a run asks of any objective's split (`Objective.load_splits`: a `Split`, preference `Pairs`, KTO's
+    `Unpaired`, a plugin's own): its rows' lengths, the (messages, reference) pairs for exact match, its size."""
+
+    @property
+    def lengths(self) -> list[int]: ...
+
+    @property
+    def references(self) -> list[tuple[list[dict], str]]: ...
+
+    def __len__(self) -> int: ...
 
 
 @dataclass
@@ -35,11 +51,12 @@ class Split:
         return len(self.lengths)
 
 
-def tokenized(rows: Any, tokenizer: Any, cfg: Any, prompt_format: dict, fmt: str, what: str) -> Split:
+def tokenized(rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict, fmt: str, what: str) -> Split:
     from peftkit import data
 
     if len(rows) == 0:
         raise PeftkitError(f"the {what} data has no rows")
+    assert cfg.max_length is not None, "a resolved config (resolve_defaults fills max_length)"
     ds = data.tokenize(rows, tokenizer, fmt=fmt, max_length=cfg.max_length, prompt_format=prompt_format,
                        train_on_prompt=cfg.train_on_prompt)
     if len(ds) == 0:
@@ -54,7 +71,7 @@ def tokenized(rows: Any, tokenizer: Any, cfg: Any, prompt_format: dict, fmt: str
     return Split(ds["input_ids"][:], ds["labels"][:], ds["length"][:], refs)
 
 
-def load_splits(cfg: Any, tokenizer: Any, prompt_format: dict) -> tuple[Any, Any | None, str]:
+def load_splits(cfg: TrainConfig, tokenizer: Any, prompt_format: dict) -> tuple[Any, Any | None, str]:
     """(train split, eval split or None, detected format); every data error is raised here, before any write.
     The rows are chosen here (the objective's bundled task when there is no --data); the objective tokenizes them
     (`Objective.load_splits`: a `Split` for sft, `Pairs` for a pair objective, ...)."""
@@ -94,20 +111,22 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def _default_holdout(n_rows: int, cfg: Any) -> int:
+def _default_holdout(n_rows: int, cfg: TrainConfig) -> int:
     return 0 if n_rows < 20 else min(cfg.eval_examples, max(1, n_rows // 20))
 
 
-def plan_fn(split: Any, cfg: Any, shuffle: bool = True) -> Callable[[int], list[list[int]]]:
+def plan_fn(split: Any, cfg: TrainConfig, shuffle: bool = True) -> Callable[[int], list[list[int]]]:
     """epoch -> that epoch's micro-batches (deterministic in seed and epoch, identical on every process)."""
     from peftkit import data
 
+    assert cfg.batch_size is not None and cfg.max_length is not None, "a resolved config (resolve_defaults)"
+    batch_size, max_length = cfg.batch_size, cfg.max_length
     cache: dict[int, list[list[int]]] = {}
 
     def plan(epoch: int) -> list[list[int]]:
         if epoch not in cache:
             cache.clear()
-            cache[epoch] = data.batches(split.lengths, batch_size=cfg.batch_size, max_length=cfg.max_length,
+            cache[epoch] = data.batches(split.lengths, batch_size=batch_size, max_length=max_length,
                                         packing=cfg.packing, shuffle=shuffle, seed=cfg.seed, epoch=epoch,
                                         batch_tokens=cfg.batch_tokens)
         return cache[epoch]

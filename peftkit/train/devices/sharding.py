@@ -23,7 +23,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -31,10 +31,13 @@ from torch import nn
 from peftkit.errors import PeftkitError
 from peftkit.io.deepspeed import deepspeed_stage
 
+if TYPE_CHECKING:
+    from peftkit.train.config import TrainConfig
+
 log = logging.getLogger(__name__)
 
 
-def build_accelerator(cpu: bool, mixed_precision: str, cfg: Any = None, **options: Any) -> Any:
+def build_accelerator(cpu: bool, mixed_precision: str, cfg: TrainConfig | None = None, **options: Any) -> Any:
     """An Accelerator, sharding with FSDP2 or DeepSpeed when `cfg` (a TrainConfig) asks for it, or when the config
     of `accelerate launch` says so; `options` go to the Accelerator as they are (trackers)."""
     import os
@@ -109,7 +112,7 @@ def deepspeed_config(spec: str, batch_size: int = 1, grad_accum: int = 1, max_gr
     return config
 
 
-def check_deepspeed_run(cfg: Any) -> None:
+def check_deepspeed_run(cfg: TrainConfig) -> None:
     """What peftkit's loop does not do under DeepSpeed, refused before anything is loaded: accumulation (DeepSpeed's
     engine divides each micro-batch's loss by its own count, which the loop's whole-step normalisation already
     does) and checkpoints (DeepSpeed's are pickles, which peftkit does not read back)."""

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftkit.core.archs import decoder_layers
 from peftkit.errors import PeftkitError
 from peftkit.io.models import cache_dir
 from peftkit.train.loop.shared_prefix import sharing_blocker
 from peftkit.train.objectives.base import get_objective
+
+if TYPE_CHECKING:
+    from peftkit.train.config import TrainConfig
 
 EAGER_MAX_LENGTH = 256
 COMPILE_MIN_TOKENS = 300_000
@@ -76,11 +79,12 @@ def compile_layers(model: Any, backend: str = "inductor") -> int:
     return len(layers)
 
 
-def apply_speed_settings(model: Any, cfg: Any, precision: str, device_type: str, planned_tokens: int,
+def apply_speed_settings(model: Any, cfg: TrainConfig, precision: str, device_type: str, planned_tokens: int,
                          say: Callable[[str], None], sharded: bool = False) -> bool:
     """Set the attention kernel and maybe compile the decoder layers of `model` for the run `cfg` (a TrainConfig,
     defaults resolved); say what was chosen and why. Returns whether batches may share their prompt prefix
     (sharded: FSDP or DeepSpeed wraps the model, from the flags or the launcher's config)."""
+    assert cfg.max_length is not None, "a resolved config (resolve_defaults fills max_length)"
     implementation, why = choose_attention(cfg.attention, device_type, precision, cfg.max_length)
     used = set_attention(model, implementation)
     share, blocker = should_share_prefix(model, cfg, sharded)
@@ -97,7 +101,7 @@ def apply_speed_settings(model: Any, cfg: Any, precision: str, device_type: str,
     return share
 
 
-def should_share_prefix(model: Any, cfg: Any, sharded: bool = False) -> tuple[bool, str]:
+def should_share_prefix(model: Any, cfg: TrainConfig, sharded: bool = False) -> tuple[bool, str]:
     """(compute the prompt prefix a micro-batch's rows share once?, why) for the run `cfg`."""
     if not cfg.share_prefix:
         return False, "--no-share-prefix"

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftkit.core.options import Option
 from peftkit.errors import PeftkitError
+
+if TYPE_CHECKING:
+    from peftkit.core.method import Method
 
 ENTRY_POINT_GROUP = "peftkit.objectives"
 
@@ -92,7 +95,7 @@ class Objective:
         PeftkitError for rows of another shape. A split has `lengths`, `references` and `len`."""
         raise NotImplementedError
 
-    def check(self, cfg: Any, method: Any) -> None:
+    def check(self, cfg: Any, method: Method) -> None:
         """Refuse option combinations that cannot work (cfg: a TrainConfig, method: its Method)."""
 
     def defaults(self, cfg: Any) -> dict[str, Any]:

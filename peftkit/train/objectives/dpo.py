@@ -4,11 +4,15 @@ copy), or precomputed once before training (`--precompute-ref`, required by meth
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftkit.core.options import Option
 from peftkit.train.objectives.base import register_objective
 from peftkit.train.objectives.pairs import PairObjective, refuse_base_without_reference
+
+if TYPE_CHECKING:
+    from peftkit.core.method import Method
+    from peftkit.train.config import TrainConfig
 
 # The paper's and TRL's beta. Shared by name with kto / orpo / simpo (each declares its own default).
 BETA = Option("beta", float, 0.1, "DPO's temperature: how far the policy may move from the reference.", low=0,
@@ -30,7 +34,7 @@ class Dpo(PairObjective):
         beta = options["beta"]
         return lambda pi_c, pi_r, n_c, n_r, ref: dpo_loss(pi_c, pi_r, ref[0], ref[1], beta)
 
-    def check(self, cfg: Any, method: Any) -> None:
+    def check(self, cfg: TrainConfig, method: Method) -> None:
         super().check(cfg, method)
         refuse_base_without_reference(cfg, self.name, method)
 

@@ -8,13 +8,18 @@ off, or precomputed (`--precompute-ref`, required by methods that train the base
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftkit.core.options import Option
 from peftkit.errors import PeftkitError
 from peftkit.train.objectives.base import Objective, ObjectiveRun, register_objective
 from peftkit.train.objectives.dpo import BETA, PRECOMPUTE_REF
 from peftkit.train.objectives.pairs import refuse_base_without_reference, refuse_sft_options
+
+if TYPE_CHECKING:
+    from peftkit.core.method import Method
+    from peftkit.train.config import TrainConfig
+    from peftkit.train.run import Session
 
 OPTIONS = (
     replace(BETA, help="KTO's temperature (as in TRL's KTOConfig)."),
@@ -47,7 +52,7 @@ class Kto(Objective):
 
         return is_unpaired(column_names)
 
-    def load_splits(self, rows: Any, eval_rows: Any, tokenizer: Any, cfg: Any, prompt_format: dict) -> tuple:
+    def load_splits(self, rows: Any, eval_rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict) -> tuple:
         if not self.accepts(rows.column_names):
             raise PeftkitError(f"--objective kto needs unpaired rows {{prompt, completion, label}}; the data has the "
                                f"columns {rows.column_names}")
@@ -62,35 +67,38 @@ class Kto(Objective):
         good = sum(train.desirable)
         return train, held, f"unpaired rows, {good} desirable and {len(train) - good} undesirable"
 
-    def check(self, cfg: Any, method: Any) -> None:
+    def check(self, cfg: TrainConfig, method: Method) -> None:
         refuse_sft_options(cfg, self.name, "{prompt, completion, label} rows")
         if cfg.batch_size == 1:
             raise PeftkitError("--objective kto needs --batch-size >= 2: the KL term is estimated from the other "
                                "examples of the micro-batch (with one, it equals the example's own reward)")
         refuse_base_without_reference(cfg, self.name, method)
 
-    def start(self, session: Any, loss_path: str) -> ObjectiveRun:
+    def start(self, session: Session, loss_path: str) -> ObjectiveRun:
+        from peftkit.data.unpaired import Unpaired
         from peftkit.train import splits
         from peftkit.train.objectives import kto_loss as kto
 
         s, options = session, session.cfg.objective_options
+        train, held = s.train_split, s.eval_split  # what load_splits above made
+        assert isinstance(train, Unpaired) and (held is None or isinstance(held, Unpaired))
         device, pad = s.accelerator.device, s.tokenizer.pad_token_id
         step = kto.KtoStep(options["beta"], s.model, options["desirable_weight"], options["undesirable_weight"])
         if options["precompute_ref"]:
-            for data in (s.train_split, s.eval_split):
+            for data in (train, held):
                 if data is not None:
                     with s.accelerator.autocast():
                         kto.precompute_reference(s.model, data, splits.plan_fn(data, s.cfg, shuffle=False)(0),
                                                  kto.collate_fn(data, pad, device), loss_path)
-        held = s.eval_split
-        return kto.KtoRun(step, kto.collate_fn(s.train_split, pad, device),
+        return kto.KtoRun(step, kto.collate_fn(train, pad, device),
                           kto.collate_fn(held, pad, device) if held is not None else None,
                           splits.plan_fn(held, s.cfg, shuffle=False)(0) if held is not None else None)
 
 
-def _tokenized(rows: Any, tokenizer: Any, cfg: Any, prompt_format: dict, what: str) -> Any:
+def _tokenized(rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict, what: str) -> Any:
     from peftkit.data.unpaired import tokenize_unpaired
 
+    assert cfg.max_length is not None, "a resolved config (resolve_defaults fills max_length)"
     data = tokenize_unpaired(rows, tokenizer, max_length=cfg.max_length, prompt_format=prompt_format)
     if len(data) < 2:
         raise PeftkitError(f"the {what} data needs at least 2 unpaired rows with completion tokens left after "

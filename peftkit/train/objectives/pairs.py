@@ -6,10 +6,15 @@ whose loss is `train/objectives/preference_loss.py`'s PreferenceStep. A pair obj
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftkit.errors import PeftkitError
 from peftkit.train.objectives.base import Objective, ObjectiveRun
+
+if TYPE_CHECKING:
+    from peftkit.core.method import Method
+    from peftkit.train.config import TrainConfig
+    from peftkit.train.run import Session
 
 # The bundled preference task with no --data: a step of 4 pairs is 8 rows (+ DPO's no_grad reference forward of
 # them), about the cost of a bundled SFT step of 8 examples; 20 steps keep the zero-argument run to minutes.
@@ -45,7 +50,7 @@ class PairObjective(Objective):
 
         return is_preference(column_names)
 
-    def load_splits(self, rows: Any, eval_rows: Any, tokenizer: Any, cfg: Any, prompt_format: dict) -> tuple:
+    def load_splits(self, rows: Any, eval_rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict) -> tuple:
         from peftkit.data.preference import pair_kind
 
         if not self.accepts(rows.column_names):
@@ -61,17 +66,17 @@ class PairObjective(Objective):
                           prompt_format, "eval")
         return train, held, f"preference pairs, {pair_kind(rows[0])}"
 
-    def check(self, cfg: Any, method: Any) -> None:
+    def check(self, cfg: TrainConfig, method: Method) -> None:
         refuse_sft_options(cfg, self.name, "{prompt, chosen, rejected} rows")
 
-    def start(self, session: Any, loss_path: str) -> ObjectiveRun:
+    def start(self, session: Session, loss_path: str) -> ObjectiveRun:
         from peftkit.train.objectives.pairs_run import setup
 
         options = session.cfg.objective_options
         return setup(session, loss_path, self.step(session.model, options), bool(options.get("precompute_ref")))
 
 
-def refuse_sft_options(cfg: Any, name: str, rows: str) -> None:
+def refuse_sft_options(cfg: TrainConfig, name: str, rows: str) -> None:
     """--packing, --train-on-prompt and --format are SFT's; an objective scoring whole responses refuses them."""
     if cfg.packing:
         raise PeftkitError(f"--packing does not work with --objective {name}: its responses are scored as "
@@ -81,7 +86,7 @@ def refuse_sft_options(cfg: Any, name: str, rows: str) -> None:
                            f"the responses of {rows}, whose shape is detected from the values")
 
 
-def refuse_base_without_reference(cfg: Any, name: str, method: Any) -> None:
+def refuse_base_without_reference(cfg: TrainConfig, name: str, method: Method) -> None:
     """A reference is the adapter switched off; a method training the base itself needs it precomputed."""
     if method.trains_base and not cfg.objective_options.get("precompute_ref"):
         raise PeftkitError(f"{name.upper()} with --method {method.name} needs --precompute-ref: the reference is "
@@ -89,9 +94,10 @@ def refuse_base_without_reference(cfg: Any, name: str, method: Any) -> None:
                            "computing its log-probabilities once before the first step")
 
 
-def _pairs(rows: Any, tokenizer: Any, cfg: Any, prompt_format: dict, what: str) -> Any:
+def _pairs(rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict, what: str) -> Any:
     from peftkit.data.preference import tokenize_pairs
 
+    assert cfg.max_length is not None, "a resolved config (resolve_defaults fills max_length)"
     pairs = tokenize_pairs(rows, tokenizer, max_length=cfg.max_length, prompt_format=prompt_format)
     if not len(pairs):
         raise PeftkitError(f"no {what} pair has response tokens left after truncation to --max-length "

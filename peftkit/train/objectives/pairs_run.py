@@ -11,7 +11,7 @@ rewards are 0).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from peftkit.data.preference import Pairs, collate_pairs
 from peftkit.train import splits
 from peftkit.train.objectives.base import ObjectiveRun
 from peftkit.train.objectives.preference_loss import PreferenceStep, count_pairs, sequence_logps
+
+if TYPE_CHECKING:
+    from peftkit.train.run import Session
 
 
 def collate_fn(pairs: Pairs, pad_token_id: int, device: Any) -> Callable[[list[int]], dict[str, torch.Tensor]]:
@@ -68,19 +71,20 @@ class PairRun(ObjectiveRun):
         return describe(result)
 
 
-def setup(s: Any, path: str, step: PreferenceStep, precompute: bool) -> PairRun:
+def setup(s: Session, path: str, step: PreferenceStep, precompute: bool) -> PairRun:
     """The run's PairRun (s: the run's Session, model on its device); precomputes the reference first when asked
     (before a resumed checkpoint is loaded: the reference is the model before training)."""
     cfg, device, pad = s.cfg, s.accelerator.device, s.tokenizer.pad_token_id
-    held = s.eval_split
+    train, held = s.train_split, s.eval_split  # what PairObjective.load_splits made
+    assert isinstance(train, Pairs) and (held is None or isinstance(held, Pairs))
     if precompute:
-        for pairs in (s.train_split, held):
+        for pairs in (train, held):
             if pairs is not None:
                 plan = splits.plan_fn(pairs, cfg, shuffle=False)(0)
                 with s.accelerator.autocast():
                     precompute_reference(s.model, pairs, plan, collate_fn(pairs, pad, device), path)
     eval_plan = splits.plan_fn(held, cfg, shuffle=False)(0) if held is not None else None
-    return PairRun(step, collate_fn(s.train_split, pad, device),
+    return PairRun(step, collate_fn(train, pad, device),
                    collate_fn(held, pad, device) if held is not None else None, eval_plan)
 
 

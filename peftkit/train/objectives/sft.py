@@ -8,9 +8,12 @@ match is added by run.py for every objective whose split has references).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftkit.train.objectives.base import Objective, ObjectiveRun, register_objective
+
+if TYPE_CHECKING:
+    from peftkit.train.config import TrainConfig
 
 
 class SftRun(ObjectiveRun):
@@ -55,10 +58,10 @@ class Sft(Objective):
 
         return str(data.BUNDLED_TRAIN), str(data.BUNDLED_EVAL)
 
-    def defaults(self, cfg: Any) -> dict[str, Any]:
+    def defaults(self, cfg: TrainConfig) -> dict[str, Any]:
         return {}  # config.BUNDLED_DEFAULTS are SFT's bundled-task figures
 
-    def load_splits(self, rows: Any, eval_rows: Any, tokenizer: Any, cfg: Any, prompt_format: dict) -> tuple:
+    def load_splits(self, rows: Any, eval_rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict) -> tuple:
         from peftkit import data
         from peftkit.train.splits import tokenized
 
