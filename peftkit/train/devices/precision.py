@@ -12,16 +12,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from peftkit.errors import PeftkitError
 from peftkit.train.checkpoints.rundir import RunDir
 
+if TYPE_CHECKING:
+    from peftkit.train.config import TrainConfig
+
 
 def make_accelerator(precision: str, trains_base: bool = False, log_with: list[str] | None = None,
-                     cfg: Any = None) -> tuple[Any, torch.dtype, str]:
+                     cfg: TrainConfig | None = None) -> tuple[Any, torch.dtype, str]:
     """(Accelerator, dtype to load the base weights in, resolved precision name).
 
     trains_base: the method trains the base weights (full / freeze), which then stay fp32 under amp / fp16.

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from peftkit.core.options import Option
 from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
+
+if TYPE_CHECKING:
+    from peftkit.core.method import Method
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ def gather(recipe: dict[str, tuple[str, Any]], overrides: dict[str, Any], recipe
     return values, given
 
 
-def _method(flags: dict[str, Any], recipe: dict[str, tuple[str, Any]], options: dict[str, Option]) -> Any:
+def _method(flags: dict[str, Any], recipe: dict[str, tuple[str, Any]], options: dict[str, Option]) -> Method:
     """The method whose config fields `set` keys name (checked: its fields decide what `r` means)."""
     method = flags.get("method", recipe.get("method", (None, options["method"].default))[1])
     return get_method(options["method"].check(method, required=True))
@@ -83,7 +86,7 @@ def _recipe_layer(recipe: dict[str, tuple[str, Any]], label: str) -> Layer:
     return out
 
 
-def _set_layer(method: Any, pairs: Any, shared: set[str], recipe_label: str | None) -> Layer:
+def _set_layer(method: Method, pairs: Any, shared: set[str], recipe_label: str | None) -> Layer:
     """The shared options among `set` pairs (`r=4` -> rank), each once: a recipe's `set:` (`recipe_label`) or the
     `--set` pairs (None)."""
     out: Layer = {}
@@ -130,7 +133,7 @@ def _differ(a: Any, b: Any, declared: Option | None) -> bool:
     return a != b
 
 
-def _merged_set(method: Any, recipe_set: Any, cli_set: Any, shared: set[str], recipe_label: str) -> Given | None:
+def _merged_set(method: Method, recipe_set: Any, cli_set: Any, shared: set[str], recipe_label: str) -> Given | None:
     """The `set` mapping without the shared options: the recipe's fields, then `--set`'s (which win, warned)."""
     if not isinstance(recipe_set, dict) or not isinstance(cli_set, dict):
         bad = cli_set if not isinstance(cli_set, dict) else recipe_set
