@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftkit.core.archs import enable_checkpointing
 from peftkit.core.counting import trainable_parameters
@@ -42,6 +42,9 @@ from peftkit.train.reporting.memory_report import report_memory
 from peftkit.train.reporting.metrics import Metrics, Progress, plot_loss
 from peftkit.train.reporting.tracking import Tracking, tracker_names
 
+if TYPE_CHECKING:
+    from peftkit.io.models import CausalLM
+
 log = logging.getLogger(__name__)
 
 
@@ -66,7 +69,7 @@ class Session:
     cfg: TrainConfig
     method: Method
     accelerator: Any
-    model: Any
+    model: CausalLM  # the loaded model (`_run` trains the wrapper accelerate prepares around it)
     tokenizer: Any
     prompt_format: dict
     train_split: splits.TrainSplit  # the objective's (`Objective.load_splits`)
@@ -245,7 +248,7 @@ def _say_interrupted(s: Session) -> None:
         log.warning("interrupted before the first checkpoint (--save-steps N writes them); nothing to resume")
 
 
-def _save(model: Any, tokenizer: Any, run_dir: RunDir, method: Method, prompt_format: dict) -> Path:
+def _save(model: CausalLM, tokenizer: Any, run_dir: RunDir, method: Method, prompt_format: dict) -> Path:
     """The trained result: a whole model folder (methods that train the base) or the adapter in PEFT format.
 
     If it cannot be written (a full disk, a read-only or vanished folder), the trained weights are not lost: they
@@ -267,7 +270,7 @@ def _save(model: Any, tokenizer: Any, run_dir: RunDir, method: Method, prompt_fo
                            f"weights were saved to {kept} instead{newest}") from None
 
 
-def _write_result(model: Any, tokenizer: Any, folder: RunDir, method: Method, prompt_format: dict) -> Path:
+def _write_result(model: CausalLM, tokenizer: Any, folder: RunDir, method: Method, prompt_format: dict) -> Path:
     if method.trains_base:
         return save_model_folder(model, tokenizer, folder.model, {"method": method.name, "prompt_format": prompt_format})
     return save_adapter(model, folder.adapter, prompt_format=prompt_format)

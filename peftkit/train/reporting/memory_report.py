@@ -6,14 +6,17 @@ An estimate is advisory: when the estimator declines a setup, the trainer says w
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftkit.errors import PeftkitError
 from peftkit.train.config import TrainConfig
 from peftkit.train.objectives.base import get_objective
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def memory_estimate(cfg: TrainConfig, model: Any, precision: str, processes: int = 1) -> Any:
+
+def memory_estimate(cfg: TrainConfig, model: PreTrainedModel, precision: str, processes: int = 1) -> Any:
     """peftkit.memory's estimate for this run: the one place the trainer talks to the estimator.
 
     precision: the resolved one (`make_accelerator`'s), so `auto` is estimated as what it runs as.
@@ -44,7 +47,7 @@ def _rows(cfg: TrainConfig) -> int:
     return cfg.batch_size * get_objective(cfg.objective).rows_per_example
 
 
-def report_memory(cfg: TrainConfig, model: Any, precision: str, say: Callable[[str], None], processes: int = 1) -> None:
+def report_memory(cfg: TrainConfig, model: PreTrainedModel, precision: str, say: Callable[[str], None], processes: int = 1) -> None:
     """Print the estimate's total and largest parts; warn when it exceeds this GPU's memory."""
     try:
         estimate = memory_estimate(cfg, model, precision, processes)
