@@ -14,6 +14,8 @@ from peftkit.train.objectives.base import Objective, ObjectiveRun, register_obje
 
 if TYPE_CHECKING:
     from peftkit.train.config import TrainConfig
+# `session` (a run.Session) stays Any: run.py imports loop/fit.py, which imports SftRun from here (its default
+# objective), so importing run.py here, even for type checking only, would be an import cycle.
 
 
 class SftRun(ObjectiveRun):
