@@ -82,7 +82,10 @@ def fit(loop: Loop, pos: Position) -> Position:
     world, rank = acc.num_processes, acc.process_index
     params = [p for p in model.parameters() if p.requires_grad]
     stream = micro_batches(loop, pos)
-    objective = loop.objective or SftRun(loop.collate)
+    objective = loop.objective
+    if objective is None:  # a Loop built without one (tests build such Loops): SFT over `collate`
+        assert loop.collate is not None, "a Loop needs an objective or a collate function"
+        objective = SftRun(loop.collate)
     model.train()
     started = time.perf_counter()
     while pos.step < loop.total_steps:

@@ -18,7 +18,7 @@ Nothing outside an objective's own module compares objective names (tests/train/
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +71,41 @@ class ObjectiveRun:
     def describe(self, result: dict[str, Any]) -> str:
         """One line for `eval before` / `eval after`."""
         raise NotImplementedError
+
+
+class CollatedRun(ObjectiveRun):
+    """The run of an offline objective, whose data is tokenised before training: each micro-batch is
+    `collate(indices)`, and the held-out score runs over `eval_plan` with `eval_collate`. SFT, the pair objectives
+    and KTO are built on it; an online objective (which generates its batches) is not."""
+
+    def __init__(self, collate: Callable[[list[int]], dict[str, Any]],
+                 eval_collate: Callable[[list[int]], dict[str, Any]] | None = None,
+                 eval_plan: list[list[int]] | None = None) -> None:
+        self.collate, self.eval_collate, self.eval_plan = collate, eval_collate, eval_plan or []
+
+    def step_batches(self, model: Any, indices_per_micro: list[list[int]]) -> list[dict[str, Any]]:
+        return [self.collate(indices) for indices in indices_per_micro]
+
+    def score_held_out(self, model: Any, score: Callable[[Any, dict[str, Any], str], Any], loss_path: str) -> None:
+        """Call `score(model, batch, loss_path)` on every held-out micro-batch, in eval mode, without gradients
+        (the model's training mode is restored after)."""
+        import torch
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for indices in self.eval_plan:
+                    assert self.eval_collate is not None  # start() gives an eval plan only with its collate
+                    score(model, self.eval_collate(indices), loss_path)
+        finally:
+            model.train(was_training)
+
+
+def exact_match_text(result: dict[str, Any]) -> str:
+    """', exact match 84% of 50' when the evaluation has one (run.py adds it where the split has references)."""
+    em = result.get("exact_match")
+    return f", exact match {em:.0%} of {result['n']}" if em is not None else ""
 
 
 class Objective:

@@ -25,7 +25,7 @@ from torch import nn
 
 from peftkit.core.ops import disable_adapters
 from peftkit.data.unpaired import Unpaired, collate_unpaired
-from peftkit.train.objectives.base import ObjectiveRun
+from peftkit.train.objectives.base import CollatedRun, exact_match_text
 from peftkit.train.objectives.preference_loss import sequence_logps
 
 SUMS = ("loss", "kl", "rewards/chosen", "logps/chosen", "rewards/rejected", "logps/rejected", "correct", "rows",
@@ -122,15 +122,13 @@ class KtoStep:
         return (sum(wins) / len(wins) if wins else None), len(wins)
 
 
-class KtoRun(ObjectiveRun):
+class KtoRun(CollatedRun):
     """KTO inside a run (see `ObjectiveRun`)."""
 
     def __init__(self, step: KtoStep, collate: Callable, eval_collate: Callable | None,
                  eval_plan: list[list[int]] | None) -> None:
-        self.step, self.collate, self.eval_collate, self.eval_plan = step, collate, eval_collate, eval_plan or []
-
-    def step_batches(self, model: Any, indices_per_micro: list[list[int]]) -> list[dict[str, Any]]:
-        return [self.collate(indices) for indices in indices_per_micro]
+        super().__init__(collate, eval_collate, eval_plan)
+        self.step = step
 
     def loss(self, model: Any, batch: dict[str, Any], loss_path: str) -> torch.Tensor:
         self.step.groups = []  # only the held-out score compares completions of a prompt
@@ -142,30 +140,19 @@ class KtoRun(ObjectiveRun):
     def stats(self, accelerator: Any = None) -> dict[str, float]:
         return self.step.stats(accelerator)
 
-    @torch.no_grad()
     def evaluate(self, model: Any, loss_path: str) -> dict[str, Any]:
         """Held-out loss, rewards, reward accuracy and preference accuracy (see KtoStep.preference_accuracy)."""
-        was_training = model.training
-        model.eval()
         scorer = KtoStep(self.step.beta, self.step.base, self.step.desirable_weight, self.step.undesirable_weight)
-        eval_collate = self.eval_collate
-        try:
-            for indices in self.eval_plan:
-                assert eval_collate is not None  # start() gives an eval plan only with its collate
-                scorer(model, eval_collate(indices), loss_path)
-        finally:
-            model.train(was_training)
+        self.score_held_out(model, scorer, loss_path)
         accuracy, compared = scorer.preference_accuracy()
         return {**scorer.stats(), "preference_accuracy": accuracy, "compared": compared}
 
     def describe(self, result: dict[str, Any]) -> str:
         acc = result.get("preference_accuracy")
         acc_text = f"preference accuracy {acc:.0%} of {result['compared']} comparisons, " if acc is not None else ""
-        em = result.get("exact_match")
-        em_text = f", exact match {em:.0%} of {result['n']}" if em is not None else ""
         return (f"loss {result['loss']:.4f}, {acc_text}reward accuracy {result['rewards/accuracies']:.0%} of "
                 f"{result['examples']} examples, reward margin {result['rewards/margins']:.3f}, kl "
-                f"{result['kl']:.3f}{em_text}")
+                f"{result['kl']:.3f}{exact_match_text(result)}")
 
 
 def collate_fn(data: Unpaired, pad_token_id: int, device: Any) -> Callable[[list[int]], dict[str, torch.Tensor]]:

@@ -18,7 +18,7 @@ import torch
 from peftkit.core.ops import disable_adapters
 from peftkit.data.preference import Pairs, collate_pairs
 from peftkit.train import splits
-from peftkit.train.objectives.base import ObjectiveRun
+from peftkit.train.objectives.base import CollatedRun, exact_match_text
 from peftkit.train.objectives.preference_loss import PreferenceStep, count_pairs, sequence_logps
 
 if TYPE_CHECKING:
@@ -33,15 +33,13 @@ def collate_fn(pairs: Pairs, pad_token_id: int, device: Any) -> Callable[[list[i
     return collate
 
 
-class PairRun(ObjectiveRun):
+class PairRun(CollatedRun):
     """What the loop and the evaluation ask of a pair objective (see `ObjectiveRun`)."""
 
     def __init__(self, step: PreferenceStep, collate: Callable, eval_collate: Callable | None,
                  eval_plan: list[list[int]] | None) -> None:
-        self.step, self.collate, self.eval_collate, self.eval_plan = step, collate, eval_collate, eval_plan or []
-
-    def step_batches(self, model: Any, indices_per_micro: list[list[int]]) -> list[dict[str, Any]]:
-        return [self.collate(indices) for indices in indices_per_micro]
+        super().__init__(collate, eval_collate, eval_plan)
+        self.step = step
 
     def loss(self, model: Any, batch: dict[str, Any], loss_path: str) -> torch.Tensor:
         return self.step(model, batch, loss_path)
@@ -52,19 +50,10 @@ class PairRun(ObjectiveRun):
     def stats(self, accelerator: Any = None) -> dict[str, float]:
         return self.step.stats(accelerator)
 
-    @torch.no_grad()
     def evaluate(self, model: Any, loss_path: str) -> dict[str, Any]:
         """Held-out loss and statistics, averaged over pairs (the eval keeps its own running sums)."""
-        was_training = model.training
-        model.eval()
         scorer = self.step.fresh()
-        eval_collate = self.eval_collate
-        try:
-            for indices in self.eval_plan:
-                assert eval_collate is not None  # start() gives an eval plan only with its collate
-                scorer(model, eval_collate(indices), loss_path)
-        finally:
-            model.train(was_training)
+        self.score_held_out(model, scorer, loss_path)
         return scorer.stats()
 
     def describe(self, result: dict[str, Any]) -> str:
@@ -108,8 +97,6 @@ def precompute_reference(model: Any, pairs: Pairs, plan: list[list[int]], collat
 
 def describe(result: dict) -> str:
     """One line for the eval before / after training."""
-    em = result.get("exact_match")
-    em_text = f", exact match {em:.0%} of {result['n']}" if em is not None else ""
     return (f"loss {result['loss']:.4f}, preference accuracy {result['preference_accuracy']:.0%} of "
             f"{result['pairs']} pairs, reward accuracy {result['rewards/accuracies']:.0%}, reward margin "
-            f"{result['rewards/margins']:.3f}{em_text}")
+            f"{result['rewards/margins']:.3f}{exact_match_text(result)}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from peftkit.train.objectives.base import Objective, ObjectiveRun, register_objective
+from peftkit.train.objectives.base import CollatedRun, Objective, exact_match_text, register_objective
 
 if TYPE_CHECKING:
     from peftkit.train.config import TrainConfig
@@ -18,14 +18,8 @@ if TYPE_CHECKING:
 # objective), so importing run.py here, even for type checking only, would be an import cycle.
 
 
-class SftRun(ObjectiveRun):
-    """SFT inside a run: collate the step's micro-batches, micro_loss, count_targets, eval loss."""
-
-    def __init__(self, collate: Any, eval_collate: Any = None, eval_plan: list[list[int]] | None = None) -> None:
-        self.collate, self.eval_collate, self.eval_plan = collate, eval_collate, eval_plan or []
-
-    def step_batches(self, model: Any, indices_per_micro: list[list[int]]) -> list[dict[str, Any]]:
-        return [self.collate(indices) for indices in indices_per_micro]
+class SftRun(CollatedRun):
+    """SFT inside a run: the step's collated micro-batches, micro_loss, count_targets, eval loss."""
 
     def loss(self, model: Any, batch: dict[str, Any], loss_path: str) -> Any:
         from peftkit.train.loop.loss import micro_loss
@@ -40,12 +34,11 @@ class SftRun(ObjectiveRun):
     def evaluate(self, model: Any, loss_path: str) -> dict[str, Any]:
         from peftkit.train.evaluation.heldout import eval_loss
 
+        assert self.eval_collate is not None  # run.py evaluates only a run with an eval split
         return eval_loss(model, self.eval_collate, self.eval_plan, loss_path)
 
     def describe(self, result: dict[str, Any]) -> str:
-        em = result.get("exact_match")
-        em_text = f", exact match {em:.0%} of {result['n']}" if em is not None else ""
-        return f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}{em_text}"
+        return f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}{exact_match_text(result)}"
 
 
 class Sft(Objective):
