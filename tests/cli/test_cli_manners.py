@@ -106,8 +106,11 @@ def test_version_and_short_help_in_process(capsys):
 
 
 def test_shell_completion_is_on():
+    # Typer detects the user's shell from the parent processes; a test run started without a shell above it (a
+    # background job, a CI runner) has none, so the shell is named instead of detected (typer's own switch for this).
+    named = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     out = subprocess.run([sys.executable, "-m", "peftkit.cli", "--show-completion", "bash"], capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, env=named)
     assert out.returncode == 0, out.stderr
     assert "_PEFTKIT_COMPLETE=complete_bash" in out.stdout and "complete " in out.stdout
     env = {**os.environ, "_PEFTKIT_COMPLETE": "complete_bash", "COMP_WORDS": "peftkit train --gradient-ch",
