@@ -7,13 +7,16 @@ training (`apply_method`), and the parameters are counted; so counts always agre
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from peftkit.core.inject import apply_method
+
+if TYPE_CHECKING:  # a runtime import of PreTrainedModel loads transformers' modeling code (~2.5 s)
+    from transformers import PreTrainedModel
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

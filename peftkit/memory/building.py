@@ -8,12 +8,16 @@ the trainer applies it, so the counts and the traced modules are those of the re
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from peftkit.core.inject import apply_method
 from peftkit.memory.training_setup import TrainingSetup
+
+if TYPE_CHECKING:  # a runtime import of PreTrainedModel loads transformers' modeling code (~2.5 s)
+    from transformers import PreTrainedModel
 
 
 def build_meta_model(config: PretrainedConfig, setup: TrainingSetup) -> PreTrainedModel:

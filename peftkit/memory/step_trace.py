@@ -27,11 +27,12 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch._subclasses import FakeTensorMode
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig
 
 from peftkit.core.archs import enable_checkpointing
 from peftkit.core.counting import trainable_parameters
@@ -40,6 +41,9 @@ from peftkit.memory.attention import trace_attention
 from peftkit.memory.building import build_meta_model
 from peftkit.memory.live_bytes import LiveBytes, StorageTracker
 from peftkit.memory.training_setup import TrainingSetup
+
+if TYPE_CHECKING:  # a runtime import of PreTrainedModel loads transformers' modeling code (~2.5 s)
+    from transformers import PreTrainedModel
 
 
 @dataclass

@@ -21,14 +21,17 @@ delete_adapter work generically; `unload()` removes the hooks.
 from __future__ import annotations
 
 import inspect
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import nn
-from transformers import Cache, DynamicCache, PretrainedConfig, PreTrainedModel
+from transformers import Cache, DynamicCache, PretrainedConfig
 
 from peftkit.core.method import AdapterLayer
 from peftkit.errors import PeftkitError
+
+if TYPE_CHECKING:  # a runtime import of PreTrainedModel loads transformers' modeling code (~2.5 s)
+    from transformers import PreTrainedModel
 
 LayerT = TypeVar("LayerT", bound="VirtualTokenLayer")
 
@@ -182,7 +185,7 @@ def _config(model: nn.Module) -> PretrainedConfig:
 def input_embeddings(model: nn.Module) -> nn.Embedding:
     """The CausalLM's input embedding layer (`get_input_embeddings()`: an nn.Embedding or a subclass, which
     transformers types as any nn.Module), for the layers that only see the model as an nn.Module."""
-    return cast(nn.Embedding, cast(PreTrainedModel, model).get_input_embeddings())
+    return cast(nn.Embedding, cast("PreTrainedModel", model).get_input_embeddings())
 
 
 def _shift_positions(position_ids: torch.Tensor, p: int, prepended: int) -> torch.Tensor:
