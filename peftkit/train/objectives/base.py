@@ -133,6 +133,21 @@ class Objective:
         PeftkitError for rows of another shape. A split has `lengths`, `references` and `len`."""
         raise NotImplementedError
 
+    def tokenized_splits(self, rows: Any, eval_rows: Any, eval_examples: int, kind: str, columns: str,
+                         tokenize: Callable[[Any, str], Any]) -> tuple[Any, Any]:
+        """(train, held-out or None) for an objective with its own rows: rows it does not `accept` are refused
+        (`kind` `columns`: "preference rows", "{prompt, chosen, rejected}"), the first `eval_examples` eval rows
+        are kept, and each part is `tokenize(rows, "training" | "eval")`."""
+        if not self.accepts(rows.column_names):
+            raise PeftkitError(f"--objective {self.name} needs {kind} {columns}; the data has the columns "
+                               f"{rows.column_names}")
+        train = tokenize(rows, "training")
+        if eval_rows is None or not len(eval_rows):
+            return train, None
+        if not self.accepts(eval_rows.column_names):
+            raise PeftkitError(f"the eval data needs {kind} too; it has the columns {eval_rows.column_names}")
+        return train, tokenize(eval_rows.select(range(min(len(eval_rows), eval_examples))), "eval")
+
     def check(self, cfg: Any, method: Method) -> None:
         """Refuse option combinations that cannot work (cfg: a TrainConfig, method: its Method)."""
 

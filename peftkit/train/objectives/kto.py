@@ -53,17 +53,9 @@ class Kto(Objective):
         return is_unpaired(column_names)
 
     def load_splits(self, rows: Any, eval_rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict) -> tuple:
-        if not self.accepts(rows.column_names):
-            raise PeftkitError(f"--objective kto needs unpaired rows {{prompt, completion, label}}; the data has the "
-                               f"columns {rows.column_names}")
-        train = _tokenized(rows, tokenizer, cfg, prompt_format, "training")
-        held = None
-        if eval_rows is not None and len(eval_rows):
-            if not self.accepts(eval_rows.column_names):
-                raise PeftkitError(f"the eval data needs unpaired rows too; it has the columns "
-                                   f"{eval_rows.column_names}")
-            held = _tokenized(eval_rows.select(range(min(len(eval_rows), cfg.eval_examples))), tokenizer, cfg,
-                              prompt_format, "eval")
+        train, held = self.tokenized_splits(
+            rows, eval_rows, cfg.eval_examples, "unpaired rows", "{prompt, completion, label}",
+            lambda part, what: _tokenized(part, tokenizer, cfg, prompt_format, what))
         good = sum(train.desirable)
         return train, held, f"unpaired rows, {good} desirable and {len(train) - good} undesirable"
 

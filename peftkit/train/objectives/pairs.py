@@ -53,17 +53,9 @@ class PairObjective(Objective):
     def load_splits(self, rows: Any, eval_rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict) -> tuple:
         from peftkit.data.preference import pair_kind
 
-        if not self.accepts(rows.column_names):
-            raise PeftkitError(f"--objective {self.name} needs preference rows {{prompt, chosen, rejected}}; the "
-                               f"data has the columns {rows.column_names}")
-        train = _pairs(rows, tokenizer, cfg, prompt_format, "training")
-        held = None
-        if eval_rows is not None and len(eval_rows):
-            if not self.accepts(eval_rows.column_names):
-                raise PeftkitError(f"the eval data needs preference rows too; it has the columns "
-                                   f"{eval_rows.column_names}")
-            held = _pairs(eval_rows.select(range(min(len(eval_rows), cfg.eval_examples))), tokenizer, cfg,
-                          prompt_format, "eval")
+        train, held = self.tokenized_splits(
+            rows, eval_rows, cfg.eval_examples, "preference rows", "{prompt, chosen, rejected}",
+            lambda part, what: _pairs(part, tokenizer, cfg, prompt_format, what))
         return train, held, f"preference pairs, {pair_kind(rows[0])}"
 
     def check(self, cfg: TrainConfig, method: Method) -> None:
