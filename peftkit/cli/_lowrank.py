@@ -7,9 +7,12 @@ the modules with the largest error (every module with `--verbose`) and the energ
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from peftkit.cli._options import print_json
 
 if TYPE_CHECKING:
     from peftkit.merging.compress import CompressReport, ModuleRow
@@ -29,10 +32,15 @@ def _error_key(row: ModuleRow) -> float:
     return -row.rel_error if math.isfinite(row.rel_error) else -math.inf
 
 
-def print_report(report: CompressReport, output: str, verbose: bool) -> None:
-    """The per-module table (rank, relative error, energy kept), the summary, the non-linear deltas and the sizes."""
+def print_report(report: CompressReport, output: str, verbose: bool, as_json: bool = False) -> None:
+    """The per-module table (rank, relative error, energy kept), the summary, the non-linear deltas and the sizes;
+    with `as_json` the whole report as JSON instead."""
     from rich.console import Console
     from rich.table import Table
+
+    if as_json:
+        print_json(asdict(report))
+        return
 
     console = Console()
     every = verbose or len(report.rows) <= WORST_SHOWN

@@ -6,14 +6,13 @@ prints the full per-module table, `--json` the whole report.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from peftkit.cli._app import app
 from peftkit.cli._lowrank import Energy, KeepNonlinear, LowRank, MaxRank, NoSizeCap, Verbose, print_report
-from peftkit.cli._options import Base, Dtype, Json, Output, Overwrite, print_json
+from peftkit.cli._options import Base, Dtype, Json, Output, Overwrite
 from peftkit.errors import PeftkitError
 
 if TYPE_CHECKING:
@@ -50,7 +49,4 @@ def compress_cmd(
     limit_heap_growth()
     report = compress(base, finetuned, output, rank=rank, energy=energy, max_rank=max_rank, size_cap=not no_size_cap,
                       keep_nonlinear=keep_nonlinear, dtype=dtype, overwrite=overwrite)
-    if as_json:
-        print_json(asdict(report))
-        return
-    print_report(report, output, verbose)
+    print_report(report, output, verbose, as_json)
