@@ -37,5 +37,9 @@ def check_cmd(
         console.print(table)
         cannot = [v.consumer for v in report.verdicts if v.status == "no"]
         console.print(f"cannot load it: {', '.join(cannot)}" if cannot else "every consumer can load it")
+        if report.convert_command:
+            console.print("to serve it where only LoRA loads, convert it (SVD of its weight delta; the energy each "
+                          f"module keeps is printed; --energy E picks the rank per module):\n  {report.convert_command}",
+                          soft_wrap=True, markup=False)
     if not report.all_load:
         raise typer.Exit(SOME_CANNOT)

@@ -6,20 +6,17 @@ prints the full per-module table, `--json` the whole report.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from peftkit.cli._app import app
-from peftkit.cli._options import Base, Dtype, Json, Output, Overwrite, print_json
+from peftkit.cli._lowrank import Energy, KeepNonlinear, LowRank, MaxRank, NoSizeCap, Verbose, print_report
+from peftkit.cli._options import Base, Dtype, Json, Output, Overwrite
 from peftkit.errors import PeftkitError
 
 if TYPE_CHECKING:
-    from peftkit.merging.compress import CompressReport, ModuleRow
-
-WORST_SHOWN = 10  # modules listed without --verbose
+    from peftkit.merging.compress import CompressReport
 
 
 def compress(*args, **kwargs) -> CompressReport:
@@ -34,14 +31,14 @@ def compress_cmd(
     finetuned: Annotated[str, typer.Option("--finetuned", help="The fully fine-tuned model folder (same architecture as --base).")],
     base: Base = None,
     output: Output = None,
-    rank: Annotated[int | None, typer.Option("--rank", "-r", help="Fixed rank per module.")] = None,
-    energy: Annotated[float | None, typer.Option("--energy", help="Smallest rank keeping this share of ||delta||_F^2, in (0, 1].")] = None,
-    max_rank: Annotated[int | None, typer.Option("--max-rank", help="Upper bound on any module's rank.")] = None,
-    no_size_cap: Annotated[bool, typer.Option("--no-size-cap", help="Allow ranks past m*n/(m+n), where a LoRA is larger than the dense delta.")] = False,
-    keep_nonlinear: Annotated[bool, typer.Option("--keep-nonlinear/--drop-nonlinear", help="Keep norm / embedding / bias deltas (modules_to_save, lora_B.bias) or drop them (reported either way).")] = False,
+    rank: LowRank = None,
+    energy: Energy = None,
+    max_rank: MaxRank = None,
+    no_size_cap: NoSizeCap = False,
+    keep_nonlinear: KeepNonlinear = False,
     dtype: Dtype = None,
     overwrite: Overwrite = False,
-    verbose: Annotated[bool, typer.Option("--verbose", help=f"Print every module's row, not only the {WORST_SHOWN} with the largest error.")] = False,
+    verbose: Verbose = False,
     as_json: Json = False,
 ) -> None:
     """Compress FT - BASE into a LoRA adapter (per-module ranks); prints a summary and the worst modules."""
@@ -52,43 +49,4 @@ def compress_cmd(
     limit_heap_growth()
     report = compress(base, finetuned, output, rank=rank, energy=energy, max_rank=max_rank, size_cap=not no_size_cap,
                       keep_nonlinear=keep_nonlinear, dtype=dtype, overwrite=overwrite)
-    if as_json:
-        print_json(asdict(report))
-        return
-    _print(report, output, verbose)
-
-
-def _error_key(row: ModuleRow) -> float:
-    """Sort key, largest error first; a non-finite error sorts first."""
-    return -row.rel_error if math.isfinite(row.rel_error) else -math.inf
-
-
-def _print(report: CompressReport, output: str, verbose: bool) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    every = verbose or len(report.rows) <= WORST_SHOWN
-    rows = report.rows if every else sorted(report.rows, key=_error_key)[:WORST_SHOWN]
-    if rows:
-        if not every:  # a line of its own: a table title would wrap to the table's width
-            console.print(f"the {WORST_SHOWN} modules with the largest error (all {len(report.rows)}: --verbose):")
-        table = Table("module", "shape", "rank", "rel. error", "energy kept", "note")
-        for row in rows:
-            table.add_row(row.module, "x".join(map(str, row.shape)), str(row.rank), f"{row.rel_error:.4f}", f"{row.energy:.4f}", row.note)
-        console.print(table)
-    ranks = sorted({row.rank for row in report.rows}) or [0]
-    rank_range = f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])
-    capped = sum(1 for row in report.rows if row.note)
-    capped_note = f" ({capped} capped: see the note column{'' if every else ' with --verbose'})" if capped else ""
-    console.print(f"{len(report.rows)} modules compressed, rank {rank_range}{capped_note}; "
-                  f"total relative Frobenius error over compressed modules: {report.total_rel_error:.4f}")
-    if report.other:
-        kept = sum(1 for o in report.other if o["kept"])
-        console.print(f"{len(report.other)} non-linear tensors changed (norms, embeddings, biases): "
-                      f"{'kept ' + str(kept) if kept else 'DROPPED (use --keep-nonlinear to keep them)'}")
-        largest = sorted(report.other, key=lambda o: -o["rel_change"])
-        for info in largest if verbose else largest[:WORST_SHOWN]:
-            console.print(f"  {info['tensor']}: relative change {info['rel_change']:.2e}, {info['kept'] or 'dropped'}")
-    console.print(f"adapter {report.adapter_bytes / 1e6:.2f} MB vs full fine-tune {report.finetune_bytes / 1e6:.2f} MB "
-                  f"(10^6 bytes; {report.adapter_bytes / max(report.finetune_bytes, 1):.1%}) in {report.seconds:.1f} s -> {output}")
+    print_report(report, output, verbose, as_json)

@@ -10,6 +10,9 @@ Each verdict is "yes", "needs" (it loads once the user does something: a flag, a
   tensors and at anything else not a pair (biases); llama.cpp applies alpha / (the tensor's own rank), no rsLoRA.
 - TGI (adapters/lora.py) reads only lora_A / lora_B, applies lora_alpha / r (rsLoRA aware) to every module, stacks a
   module type across layers (so one rank per type) and skips a type that some layer lacks.
+
+An adapter those three cannot load because of its method (DoRA, or any other method peftkit can merge into the
+weights) gets `convert_command`: the `peftkit convert` line that writes it as a plain LoRA.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peftkit.core.registry import method_for_peft_type
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import read_adapter
 from peftkit.methods.lora.format import lora_config_from_json, parse_keys, saved_module_names
@@ -48,6 +53,7 @@ class Portability:
     adapter: str
     peft_type: str
     verdicts: list[Verdict]
+    convert_command: str | None = None  # how to make it a plain LoRA, when its method is what stops the runtimes
 
     @property
     def all_load(self) -> bool:
@@ -65,7 +71,23 @@ def check_portability(path: str | os.PathLike) -> Portability:
         _not_lora(peft_type, verdicts)
     else:
         _lora(config, tensors, str(path), verdicts)
-    return Portability(str(path), peft_type, list(verdicts.values()))
+    return Portability(str(path), peft_type, list(verdicts.values()), _convert_command(str(path), peft_type, config))
+
+
+def _convert_command(path: str, peft_type: str, config: dict) -> str | None:
+    """`peftkit convert` for a DoRA adapter or one of another method peftkit can merge (None otherwise), at
+    vLLM's default rank ceiling."""
+    if peft_type == "LORA":
+        convertible = bool(config.get("use_dora"))
+    else:
+        try:
+            convertible = method_for_peft_type(peft_type).mergeable
+        except PeftkitError:  # a type peftkit does not load
+            return None
+    if not convertible:
+        return None
+    out = path.rstrip("/") + "-lora"
+    return f"peftkit convert {shlex.quote(path)} --to lora --rank {VLLM_MAX_LORA_RANK} -o {shlex.quote(out)}"
 
 
 def _not_lora(peft_type: str, verdicts: dict[str, Verdict]) -> None:

@@ -170,11 +170,15 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def adapter_base_model(path: str | os.PathLike) -> str | None:
-    """The base model an adapter was trained on, as `load_model` accepts it (the embedded model maps to None)."""
-    config_file = Path(path) / CONFIG_NAME
-    if not config_file.is_file():
+    """The base model an adapter (its adapter_config.json) or a full fine-tune's folder (the peftkit.json
+    `save_model_folder` writes) was trained from, as `load_model` accepts it (the embedded model maps to None)."""
+    config_file, meta_file = Path(path) / CONFIG_NAME, Path(path) / META_NAME
+    if config_file.is_file():
+        base = read_json_object(config_file, "a PEFT adapter config").get("base_model_name_or_path")
+    elif meta_file.is_file():
+        base = read_json_object(meta_file, "peftkit's model metadata").get("base_model_name_or_path")
+    else:
         return None
-    base = read_json_object(config_file, "a PEFT adapter config").get("base_model_name_or_path")
     return None if base in (None, EMBEDDED_HUB_ID) else base
 
 

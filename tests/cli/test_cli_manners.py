@@ -135,7 +135,7 @@ def test_every_option_and_argument_has_help():
 def _report(n: int) -> CompressReport:
     rows = [ModuleRow(f"mod{i:02d}", (64, 32), 2 + i % 7, i / 100, 1 - i / 100) for i in range(n)]
     rows[3].note = "capped at 21 by the size cap"
-    return CompressReport(rows=rows, total_rel_error=1.2345, adapter_bytes=2_500_000, finetune_bytes=50_000_000,
+    return CompressReport(rows=rows, total_rel_error=1.2345, adapter_bytes=2_500_000, source_bytes=50_000_000,
                           other=[{"tensor": f"norm{i}.weight", "rel_change": 1e-3 * i, "kept": False} for i in range(12)])
 
 
