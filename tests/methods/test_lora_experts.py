@@ -104,3 +104,13 @@ def test_refused_configs(options, message):
 def test_unknown_parameter_lists_the_ones_there():
     with pytest.raises(PeftkitError, match="experts.gate_up_proj"):
         peftkit.inject(moe_model("mixtral"), LoraConfig(target_modules="", target_parameters=["experts.up"]))
+
+
+@pytest.mark.parametrize("given", [{"target_parameters": ",".join(EXPERTS)},
+                                   {"set": {"target_parameters": f"[{EXPERTS[0]}, {EXPERTS[1]}]"}}])
+def test_flag_and_set_give_the_parameter_targets(given):
+    from peftkit.core.registry import get_method
+    from peftkit.train.config import load_train_config
+
+    options = load_train_config(None, {**given, "target_modules": ""}).method_options()
+    assert get_method("lora").build_config(options).target_parameters == EXPERTS

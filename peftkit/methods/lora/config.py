@@ -95,7 +95,9 @@ def _parameter_targets(config: LoraConfig) -> tuple[str, ...] | None:
             raise PeftkitError("target_modules is empty and target_parameters unset: nothing to adapt; name modules "
                                "or parameters")
         return None
-    names = tuple(n.strip() for n in names.split(",") if n.strip()) if isinstance(names, str) else tuple(names)
+    if isinstance(names, str):  # "a,b" or, from `--set target_parameters=[a, b]`, "[a, b]"
+        names = tuple(n.strip(" '\"") for n in names.strip().strip("[]").split(",") if n.strip(" '\""))
+    names = tuple(names)
     if not all(isinstance(n, str) and n for n in names):
         raise PeftkitError(f"target_parameters must be parameter names (mlp.experts.gate_up_proj), got {names!r}")
     refused = {"lora_dropout > 0": config.lora_dropout > 0, "use_dora": config.use_dora,

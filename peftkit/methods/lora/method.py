@@ -37,6 +37,7 @@ from peftkit.methods.lora.param_targets import (
     exported_names,
     inject_parameters,
     load_param_tensors,
+    param_saved,
     param_tensors,
     split_param_tensors,
 )
@@ -110,13 +111,18 @@ class LoraMethod(Method):
         return config
 
     def saved_activations(self, config: LoraConfig, shape: ModelShape, act_bytes: int, seq_len: int) -> SavedActivations:
-        """The inputs its A projections save (one per distinct input) and their rank-r outputs (module docstring)."""
+        """The inputs its A projections save (one per distinct input) and their rank-r outputs (module docstring);
+        parameter targets: `param_targets.param_saved`."""
         targets = set(estimated_targets(config, shape))
         a, h = act_bytes, shape.hidden
         saved = a * h if targets & {"q_proj", "k_proj", "v_proj"} else 0  # shared input of q/k/v
         saved += a * h if targets & {"gate_proj", "up_proj"} else 0
         saved += a * shape.intermediate if "down_proj" in targets else 0
-        return SavedActivations(saved + a * config.r * len(targets & {lin.name for lin in shape.linears}))
+        linears = SavedActivations(saved + a * config.r * len(targets & {lin.name for lin in shape.linears}))
+        if not config.target_parameters:
+            return linears
+        params = param_saved(config, shape, act_bytes)
+        return SavedActivations(linears.per_layer + params.per_layer, layer_fixed=params.layer_fixed)
 
 
 def estimated_targets(config: LoraConfig, shape: ModelShape) -> list[str]:

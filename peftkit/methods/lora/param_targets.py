@@ -19,6 +19,7 @@ from torch import nn
 
 from peftkit.core.inject import base_modules, layer_index, replace_module
 from peftkit.core.method import PEFT_PREFIX, AdapterLayer
+from peftkit.core.shapes import ModelShape, SavedActivations
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.experts import ParamLoraLayer, pair_shapes
@@ -137,3 +138,30 @@ def load_param_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], keys:
             layer = cast(ParamLoraLayer, model.get_submodule(path))
             layer.factors(adapter_name, param)[slot == "B"].copy_(tensors[key])
 
+
+
+def param_saved(config: LoraConfig, shape: ModelShape, act_bytes: int) -> SavedActivations:
+    """What LoRA on the parameters of `config.target_parameters` keeps for backward in one decoder layer of `shape`
+    (a mixture-of-experts model), in the compute dtype's `act_bytes` a:
+
+    per token: the input of each adapted expert weight for each of the k routed copies (the grouped matmul saves
+    it once its weight needs a gradient): a k h for gate_up_proj, a k i_e for down_proj; a h for the router's weight.
+    per layer (`layer_fixed`): the whole W + ΔW, a E d_in d_out per weight, and A, B cast to W's dtype,
+    a r E (d_in + d_out) (under bf16 the cast is the factor itself: counted anyway, well under 1%).
+    """
+    if not shape.experts:
+        raise PeftkitError("the estimate models target_parameters only on mixture-of-experts models (experts' "
+                           "gate_up_proj / down_proj, the router's gate.weight)")
+    a, h, i_e, experts = act_bytes, shape.hidden, shape.expert_intermediate, shape.experts
+    known = {"gate_up_proj": (experts, h, 2 * i_e, shape.top_k), "down_proj": (experts, i_e, h, shape.top_k),
+             "gate.weight": (1, h, experts, 1), "router.weight": (1, h, experts, 1)}
+    per_token = fixed = 0
+    for name in config.target_parameters or ():
+        leaf = next((k for k in known if name == k or name.endswith("." + k)), None)
+        if leaf is None:
+            raise PeftkitError(f"the estimate knows target_parameters {', '.join(known)}; got {name!r}")
+        count, d_in, d_out, copies = known[leaf]
+        r, _ = config.rank_alpha(name)
+        per_token += a * copies * d_in
+        fixed += a * count * d_in * d_out + a * r * count * (d_in + d_out)
+    return SavedActivations(per_layer=per_token, layer_fixed=fixed)
