@@ -114,3 +114,12 @@ def test_flag_and_set_give_the_parameter_targets(given):
 
     options = load_train_config(None, {**given, "target_modules": ""}).method_options()
     assert get_method("lora").build_config(options).target_parameters == EXPERTS
+
+
+def test_offline_readers_refuse_parameter_adapters_in_one_line(tmp_path):
+    """merge / combine / export read LoRA deltas per linear; an experts adapter is named, not misread."""
+    from peftkit.merging.deltas import read_lora
+
+    peftkit.save_adapter(_ours("qwen3_moe", EXPERTS), tmp_path / "ad")
+    with pytest.raises(PeftkitError, match="target_parameters"):
+        read_lora(tmp_path / "ad")

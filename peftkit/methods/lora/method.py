@@ -97,7 +97,7 @@ class LoraMethod(Method):
         """Inject a LoRA adapter saved by peftkit or HF PEFT and copy its tensors in (shapes checked)."""
         saved, tensors = split_saved(tensors, saved_module_names(config_json))
         names, param_keys, linear_tensors = split_param_tensors(model, config_json, tensors)
-        config, paths = config_from_peft(model, config_json, linear_tensors)
+        config, paths = config_from_peft(model, {**config_json, "target_parameters": None}, linear_tensors)
         if names:
             config = replace(config, target_modules=config.target_modules if paths else (), target_parameters=names)
             check_param_shapes(model, config, tensors, param_keys)
