@@ -53,6 +53,8 @@ ARCHS: dict[str, ArchSpec] = {
     "mixtral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
+    "qwen3_moe": _LLAMA_LIKE,
+    "olmoe": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,

@@ -1,5 +1,6 @@
-"""The options several methods share, declared once: `rank`, `alpha`, `dropout`, `target_modules`, `variant`,
-`reduction_factor`, `num_virtual_tokens` (no torch here: the CLI builds its flags from them for `--help`).
+"""The options several methods share, declared once: `rank`, `alpha`, `dropout`, `target_modules`,
+`target_parameters`, `variant`, `reduction_factor`, `num_virtual_tokens` (no torch here: the CLI builds its flags
+from them for `--help`).
 
 A method maps the ones it reads to its config fields (`Method.option_fields`, e.g. LoRA's `{"rank": "r"}`), and its
 config checks those fields with the same `Option` (`LoraConfig` checks `r` with `RANK`), so `--rank 70000`,
@@ -20,11 +21,14 @@ DROPOUT = Option("dropout", float, help="Adapter dropout in [0, 1).", low=0, hig
                  aliases=("lora_dropout",))
 TARGET_MODULES = Option("target_modules", (str, list), help="Comma list of module names, a regex, or all-linear.",
                         aliases=("lora_target", "lora_target_modules"))
+TARGET_PARAMETERS = Option("target_parameters", (str, list), help="LoRA on parameters, by name (PEFT's "
+                           "target_parameters): MoE experts' fused 3-D weights, e.g. "
+                           "mlp.experts.gate_up_proj,mlp.experts.down_proj; a router's mlp.gate.weight.")
 VARIANT = Option("variant", str, help="Bottleneck adapter variant: houlsby | pfeiffer | parallel.",
                  choices=("houlsby", "pfeiffer", "parallel"))
 REDUCTION_FACTOR = Option("reduction_factor", int, help="Bottleneck size = hidden / reduction factor.", low=1,
                           high=SIZE_HIGH)
 NUM_VIRTUAL_TOKENS = Option("num_virtual_tokens", int, help="Prefix / prompt length.", low=1, high=SIZE_HIGH)
 
-SHARED: dict[str, Option] = {o.name: o for o in (RANK, ALPHA, DROPOUT, TARGET_MODULES, VARIANT, REDUCTION_FACTOR,
-                                                 NUM_VIRTUAL_TOKENS)}
+SHARED: dict[str, Option] = {o.name: o for o in (RANK, ALPHA, DROPOUT, TARGET_MODULES, TARGET_PARAMETERS, VARIANT,
+                                                 REDUCTION_FACTOR, NUM_VIRTUAL_TOKENS)}

@@ -1,5 +1,6 @@
-"""The shapes of a Llama-style decoder (Llama, Qwen2, Mistral, ...) read from its config, its parameter counts, and
-what a method tells the memory estimator about itself (`BaseTraining`, `SavedActivations`).
+"""The shapes of a Llama-style decoder (Llama, Qwen2, Mistral, ... and the mixture-of-experts Qwen3-MoE, Mixtral,
+OLMoE) read from its config, its parameter counts, and what a method tells the memory estimator about itself
+(`BaseTraining`, `SavedActivations`).
 
 In core because two layers use them: the estimator (`peftkit.memory`) and the methods, whose memory hooks on
 `peftkit.core.method.Method` receive a `ModelShape` (methods import only core). Everything the analytic estimator
@@ -8,7 +9,11 @@ heads n_kv, head_dim d, vocabulary V, whether the embeddings are tied, and the l
 with their (d_in, d_out, bias). Parameter count (checked against the released models in the tests):
 
     total = V*h (embedding) + [V*h (lm_head) unless tied] + h (final norm)
-          + L * (sum of the layer's linear weights and biases + 2*h (two RMSNorms))
+          + L * (sum of the layer's linear weights and biases + 2*h (two RMSNorms) [+ the q / k norms])
+
+A mixture-of-experts layer (E experts, top_k = k of them per token, expert MLP size i_e) has no MLP linears: its
+experts are fused 3-D weights (E * 3 * h * i_e) and its router a weight [E, h], so `linears` holds only the
+attention projections and `layer_params` adds E * (3 h i_e + h).
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ class ModelShape:
     vocab: int
     tied: bool
     linears: tuple[Linear, ...]
+    experts: int = 0  # E (0: a dense MLP)
+    top_k: int = 0  # experts per token
+    expert_intermediate: int = 0  # i_e, one expert's MLP size
+    qk_norm: str = ""  # RMSNorms on q and k: "" none, "full" over their whole width (OLMoE), "head" per head (Qwen3)
 
     @property
     def kv_dim(self) -> int:
@@ -58,7 +67,14 @@ class ModelShape:
 
     @property
     def layer_params(self) -> int:
-        return sum(lin.params for lin in self.linears) + 2 * self.hidden
+        experts = self.experts * (3 * self.hidden * self.expert_intermediate + self.hidden)
+        qk_norms = {"": 0, "full": (self.heads + self.kv_heads) * self.head_dim, "head": 2 * self.head_dim}[self.qk_norm]
+        return sum(lin.params for lin in self.linears) + 2 * self.hidden + experts + qk_norms
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP width one token passes through: i, or k * i_e when k of the experts run on it."""
+        return self.top_k * self.expert_intermediate if self.experts else self.intermediate
 
     @property
     def embedding_params(self) -> int:
@@ -115,10 +131,13 @@ class SavedActivations:
 
     per_layer: in every decoder layer (LoRA: the inputs of its A projections and its rank-r outputs).
     once: once per forward, whatever the layer count (prefix tuning: one boolean attention mask for all layers).
+    layer_fixed: bytes (not per token) every decoder layer keeps whatever the tokens (LoRA on experts' weights: the
+    whole W + ΔW it builds); its gradient is as large, in flight while the layer's backward runs.
     """
 
     per_layer: int = 0
     once: int = 0
+    layer_fixed: int = 0
 
 
 def _field(config: PretrainedConfig, name: str, source: str) -> int:
@@ -141,15 +160,17 @@ def model_shape(config: PretrainedConfig) -> ModelShape:
     n_kv, d = dims["kv_heads"], dims["head_dim"]
     qkv_bias = bool(getattr(config, "attention_bias", False)) or source == "qwen2"
     mlp_bias = bool(getattr(config, "mlp_bias", False))
+    experts, top_k, expert_i = _moe_sizes(config, source)
     linears = (
         Linear("q_proj", h, n_h * d, qkv_bias),
         Linear("k_proj", h, n_kv * d, qkv_bias),
         Linear("v_proj", h, n_kv * d, qkv_bias),
         Linear("o_proj", n_h * d, h, bool(getattr(config, "attention_bias", False))),
+    ) + (() if experts else (
         Linear("gate_proj", h, i, mlp_bias),
         Linear("up_proj", h, i, mlp_bias),
         Linear("down_proj", i, h, mlp_bias),
-    )
+    ))
     return ModelShape(
         model_type=source,
         hidden=h,
@@ -161,4 +182,27 @@ def model_shape(config: PretrainedConfig) -> ModelShape:
         vocab=_field(config, "vocab_size", source),
         tied=bool(getattr(config, "tie_word_embeddings", False)),
         linears=linears,
+        experts=experts,
+        top_k=top_k,
+        expert_intermediate=expert_i,
+        qk_norm=QK_NORMS.get(source, ""),
     )
+
+
+QK_NORMS = {"olmoe": "full", "olmo2": "full", "qwen3": "head", "qwen3_moe": "head"}  # RMSNorms on q and k
+
+
+def _moe_sizes(config: PretrainedConfig, source: str) -> tuple[int, int, int]:
+    """(E, k, i_e) of a mixture-of-experts config (num_experts / num_local_experts, num_experts_per_tok,
+    moe_intermediate_size or intermediate_size); (0, 0, 0) for a dense one. Shared experts and dense layers among
+    the sparse ones are not modelled: refused."""
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if not experts:
+        return 0, 0, 0
+    if getattr(config, "shared_expert_intermediate_size", None) or getattr(config, "mlp_only_layers", None) \
+            or getattr(config, "decoder_sparse_step", 1) != 1:
+        raise PeftkitError(f"{source}: the estimate models mixture-of-experts models whose every layer is sparse, "
+                           "without shared experts; this config has dense layers or shared experts")
+    i_e = getattr(config, "moe_intermediate_size", None) or _field(config, "intermediate_size", source)
+    return _field(config, "num_experts" if getattr(config, "num_experts", None) else "num_local_experts", source), \
+        _field(config, "num_experts_per_tok", source), i_e

@@ -14,8 +14,13 @@ Trained decoder layer (every weight of the layer trainable), bytes per token per
   SDPA saves q, k, v, out (2h + 2k elements) and 4 bytes per head; the MLP saves gate, silu(gate), up and their
   product (4i elements).
 Frozen decoder layer whose input requires grad (a method that injects adapters): norms save only their fp32 input
-(4h each); linears save nothing; the MLP saves gate, silu(gate) and up (3i); SDPA as above; the method adds what its
-own modules save (`Method.saved_activations`).
+(4h each; q / k norms, OLMoE's and Qwen3's, also 4 (n_h + n_kv) d); linears save nothing; the MLP saves gate,
+silu(gate) and up (3i); SDPA as above; the method adds what its own modules save (`Method.saved_activations`).
+A mixture-of-experts layer (transformers' grouped_mm experts; E experts, k per token, expert MLP i_e) instead of the
+MLP: the router's fp32 softmax (4E) and top-k indices, and per routed copy of the token (k of them) gate, silu(gate),
+up (3 a i_e), the expert output kept for the routing-weight product (a h), its weight and three int64 index tensors
+(sort permutation, its inverse, the top-k index: 34 bytes); under amp the block's fp32 input costs 3h more
+(measured on the trace: the bf16 run does not have it). A trained MoE layer counts its MLP as k * i_e wide.
 Which layers train is the method's answer (`Method.trained_base`: full -> all, freeze -> the top N, whose lower
 layers save nothing); how many positions run is the row plus `Method.extra_positions` (prompt tuning).
 Gradient checkpointing keeps only each layer's input (residual dtype) and recomputes one layer at a time.
@@ -38,11 +43,13 @@ def lora_targets(shape: ModelShape, setup: TrainingSetup) -> list[str]:
 
 @dataclass(frozen=True)
 class Regime:
-    """How the forward computes: activation bytes `a`, residual-stream bytes, and whether autocast caches weights."""
+    """How the forward computes: activation bytes `a`, residual-stream bytes, whether autocast caches weights, and
+    whether autocast runs at all (`amp`)."""
 
     a: int
     residual: int
     autocast_cache: bool
+    amp: bool = False
 
 
 def regime(setup: TrainingSetup) -> Regime:
@@ -51,13 +58,13 @@ def regime(setup: TrainingSetup) -> Regime:
     if setup.precision == "fp32":
         return Regime(4, 4, False)
     if setup.precision == "amp" and setup.registered_method.trains_base and setup.shard_stage == 0:
-        return Regime(2, 4, True)
-    return Regime(2, 2, False)
+        return Regime(2, 4, True, amp=True)
+    return Regime(2, 2, False, amp=setup.precision == "amp")
 
 
 def full_layer(s: ModelShape, r: Regime) -> int:
     """Bytes per token per layer saved by a decoder layer whose weights are all trainable (formulas above)."""
-    h, k, i = s.hidden, s.kv_dim, s.intermediate
+    h, k, i = s.hidden, s.kv_dim, s.mlp_width
     sdpa = 4 * s.heads + 8  # log-sum-exp per head + two rsqrt per token
     if r.a == 4:
         return 32 * h + 8 * k + 16 * i + sdpa
@@ -69,9 +76,15 @@ def full_layer(s: ModelShape, r: Regime) -> int:
 def frozen_layer(s: ModelShape, r: Regime) -> int:
     """Bytes per token per layer saved by a frozen decoder layer whose input requires grad (adapter methods)."""
     h, k, i, a = s.hidden, s.kv_dim, s.intermediate, r.a
-    norms = 2 * 4 * h
+    norms = 2 * 4 * h + (4 * (s.heads + s.kv_heads) * s.head_dim if s.qk_norm else 0)
     attention = a * (2 * h + 2 * k) + 4 * s.heads
-    return norms + attention + 3 * a * i + 8
+    return norms + attention + (moe_block(s, r) if s.experts else 3 * a * i) + 8
+
+
+def moe_block(s: ModelShape, r: Regime) -> int:
+    """Bytes per token a frozen mixture-of-experts block saves (module docstring): router, then k routed copies."""
+    routed = 3 * r.a * s.expert_intermediate + r.a * s.hidden + 34
+    return 4 * s.experts + s.top_k * routed + (3 * s.hidden if r.amp else 0)
 
 
 def method_saved(s: ModelShape, setup: TrainingSetup) -> SavedActivations:
@@ -115,12 +128,13 @@ def activation_bytes(s: ModelShape, setup: TrainingSetup) -> ActivationBytes:
     cache = 0
     if r.autocast_cache and base is not None:
         cache = 2 * sum(lin.d_in * lin.d_out for lin in s.linears) * base.layers
+    fixed = method_saved(s, setup).layer_fixed
     if setup.gradient_checkpointing:
-        saved = len(per_layer) * r.residual * s.hidden + final_norm + rotary
+        saved, layers_fixed = len(per_layer) * r.residual * s.hidden + final_norm + rotary, 0
     else:
-        saved = sum(per_layer) + final_norm + rotary
+        saved, layers_fixed = sum(per_layer) + final_norm + rotary, fixed * len(per_layer)
     saved += method_saved(s, setup).once
-    return ActivationBytes(saved * tokens + cache, max(per_layer, default=0) * tokens, cache)
+    return ActivationBytes(saved * tokens + cache + layers_fixed, max(per_layer, default=0) * tokens + fixed, cache)
 
 
 def logits_bytes(s: ModelShape, setup: TrainingSetup) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftkit.core.shapes import ModelShape
-from peftkit.memory.activations import activation_bytes, logits_bytes, model_seq_len, regime
+from peftkit.memory.activations import activation_bytes, logits_bytes, method_saved, model_seq_len, regime
 from peftkit.memory.training_setup import TrainingSetup
 
 CUDA_CONTEXT = 0.75e9  # CUDA context + cuBLAS workspaces of a PyTorch process (typical on A100/H100)
@@ -95,9 +95,10 @@ def estimate_rows(s: ModelShape, setup: TrainingSetup, trainable: int, total: in
     fwd_logits, bwd_logits = logits_bytes(s, setup)
     r = regime(setup)
     tokens = setup.batch_size * model_seq_len(setup)
-    layer_grads = r.a * tokens * (3 * s.intermediate + 2 * s.hidden)  # a layer's activation gradients in flight
+    layer_grads = r.a * tokens * (3 * s.mlp_width + 2 * s.hidden)  # a layer's activation gradients in flight
+    layer_grads += method_saved(s, setup).layer_fixed  # the gradient of LoRA's W + ΔW (experts)
     if r.autocast_cache:
-        layer_grads += 2 * s.hidden * s.intermediate  # a bf16 weight gradient before its cast to fp32
+        layer_grads += 2 * s.hidden * s.mlp_width  # a bf16 weight gradient before its cast to fp32
     recompute = 0
     if setup.gradient_checkpointing:
         recompute = acts.one_layer + acts.weight_cache // max(s.layers, 1)

@@ -23,6 +23,11 @@ from peftkit.io.fs import read_json_object
 
 _LLAMA = {"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 _QWEN2 = {"model_type": "qwen2", "hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+_OLMOE = {"model_type": "olmoe", "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+          "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False}
+_QWEN3_MOE = {"model_type": "qwen3_moe", "hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+              "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "moe_intermediate_size": 768,
+              "head_dim": 128}
 
 
 def _arch(base: dict, h: int, i: int, layers: int, heads: int, kv: int, vocab: int, **extra: Any) -> dict:
@@ -53,6 +58,9 @@ PRESETS: dict[str, tuple[str, dict]] = {
         "mistralai/Mistral-7B-v0.1",
         _arch({**_LLAMA, "model_type": "mistral"}, 4096, 14336, 32, 32, 8, 32000, sliding_window=4096),
     ),
+    # mixture-of-experts: intermediate_size is one expert's MLP (OLMoE), or the dense MLP no layer of Qwen3-MoE has
+    "olmoe-1b-7b": ("allenai/OLMoE-1B-7B-0924", _arch(_OLMOE, 2048, 1024, 16, 16, 16, 50304)),
+    "qwen3-30b-a3b": ("Qwen/Qwen3-30B-A3B", _arch(_QWEN3_MOE, 2048, 6144, 48, 32, 4, 151936)),
     "smollm2-135m": (
         "HuggingFaceTB/SmolLM2-135M-Instruct",
         _arch(_LLAMA, 576, 1536, 30, 9, 3, 49152, tie_word_embeddings=True),

@@ -30,6 +30,7 @@ from peftkit.core.method_options import (
     REDUCTION_FACTOR,
     SHARED,
     TARGET_MODULES,
+    TARGET_PARAMETERS,
     VARIANT,
 )
 from peftkit.core.options import Option, declare, declared_options, option
@@ -83,6 +84,7 @@ class TrainConfig:
     alpha: float | None = declare(ALPHA)
     dropout: float | None = declare(DROPOUT)
     target_modules: str | list | None = declare(TARGET_MODULES)
+    target_parameters: str | list | None = declare(TARGET_PARAMETERS)
     variant: str | None = declare(VARIANT)
     reduction_factor: int | None = declare(REDUCTION_FACTOR)
     num_virtual_tokens: int | None = declare(NUM_VIRTUAL_TOKENS)

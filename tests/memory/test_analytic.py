@@ -16,28 +16,30 @@ RECORDS = json.loads(FIXTURE.read_text())
 
 
 def _parse(key):
-    preset, method, precision, ckpt, seq = key.split("|")
-    return preset, method, precision, ckpt.split("=")[1], int(seq.split("=")[1])
+    """preset|method|precision|ckpt=0|seq=512[|option=value...] (method options, e.g. target_parameters=...)."""
+    preset, method, precision, ckpt, seq, *options = key.split("|")
+    return preset, method, precision, ckpt.split("=")[1], int(seq.split("=")[1]), dict(o.split("=", 1) for o in options)
 
 
-def tensor_bytes(preset, method, precision, ckpt, seq):
-    est = estimate_memory(preset, method, precision=precision, seq_len=seq, gradient_checkpointing=ckpt == "1")
+def tensor_bytes(preset, method, precision, ckpt, seq, options):
+    est = estimate_memory(preset, method, precision=precision, seq_len=seq, gradient_checkpointing=ckpt == "1",
+                          **options)
     return est.total_bytes - est.breakdown["overhead"]
 
 
 @pytest.mark.parametrize("key", sorted(RECORDS))
 def test_analytic_within_10_percent_of_trace(key):
-    preset, method, precision, ckpt, seq = _parse(key)
+    preset, method, precision, ckpt, seq, options = _parse(key)
     record = RECORDS[key]
     assert "error" not in record, f"the recorded trace failed: {record.get('error')}"
-    analytic = tensor_bytes(preset, method, precision, ckpt, seq)
+    analytic = tensor_bytes(preset, method, precision, ckpt, seq, options)
     assert abs(analytic / record["peak_bytes"] - 1) <= 0.10, (analytic, record)
 
 
 @pytest.mark.parametrize("key", ["smollm2-135m|lora|amp|ckpt=0|seq=512", "qwen1.5-7b|full|bf16|ckpt=1|seq=2048"])
 def test_fixture_is_current(key):
     """A recorded trace equals a fresh one (re-run scripts/refresh_memory_fixtures.py when this fails)."""
-    preset, method, precision, ckpt, seq = _parse(key)
+    preset, method, precision, ckpt, seq, _ = _parse(key)
     fresh = trace_memory(resolve_config(preset)[0], TrainingSetup(method, precision, seq_len=seq,
                                                                    gradient_checkpointing=ckpt == "1"))
     assert fresh.peak_bytes == RECORDS[key]["peak_bytes"]

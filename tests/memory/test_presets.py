@@ -23,6 +23,9 @@ PUBLISHED = {
     "llama-3-70b": 70_553_706_496,
     "mistral-7b": 7_241_732_096,
     "smollm2-135m": 134_515_008,
+    # mixture-of-experts (the cards round them to 6.9B and 30.5B)
+    "olmoe-1b-7b": 6_919_161_856,
+    "qwen3-30b-a3b": 30_532_122_624,
 }
 
 

@@ -10,6 +10,7 @@ from peftkit.core.method_options import ALPHA, DROPOUT, RANK
 from peftkit.errors import PeftkitError
 
 INITS = ("default", "gaussian", "pissa")
+PARAMETER_INITS = ("default", "gaussian")  # the inits that need no base weight: what parameter targets take
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
+    target_parameters: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "r", RANK.check(self.r, required=True))  # the options --rank / lora_r also check
@@ -48,6 +50,7 @@ class LoraConfig:
         if self.use_dora and self.lora_bias:
             raise PeftkitError("use_dora cannot be combined with lora_bias (as in PEFT): DoRA's row norm has no place "
                                "for a bias; drop one of them")
+        object.__setattr__(self, "target_parameters", _parameter_targets(self))
         if self.layers_to_transform is not None:
             layers = self.layers_to_transform
             object.__setattr__(self, "layers_to_transform", (layers,) if isinstance(layers, int) else tuple(layers))
@@ -81,6 +84,29 @@ def normalize_targets(targets: Any) -> tuple[str, ...] | str | None:
             return targets
         return tuple(t.strip() for t in targets.split(",") if t.strip())
     return tuple(targets)
+
+
+def _parameter_targets(config: LoraConfig) -> tuple[str, ...] | None:
+    """`target_parameters` as a tuple of names (a comma list or a list given), refusing what PEFT's parameter LoRA
+    refuses: dropout (it cannot be applied to a weight), DoRA, a LoRA bias and the inits that read the base weight."""
+    names = config.target_parameters
+    if names is None or names == ():
+        if config.target_modules == ():
+            raise PeftkitError("target_modules is empty and target_parameters unset: nothing to adapt; name modules "
+                               "or parameters")
+        return None
+    if isinstance(names, str):  # "a,b" or, from `--set target_parameters=[a, b]`, "[a, b]"
+        names = tuple(n.strip(" '\"") for n in names.strip().strip("[]").split(",") if n.strip(" '\""))
+    names = tuple(names)
+    if not all(isinstance(n, str) and n for n in names):
+        raise PeftkitError(f"target_parameters must be parameter names (mlp.experts.gate_up_proj), got {names!r}")
+    refused = {"lora_dropout > 0": config.lora_dropout > 0, "use_dora": config.use_dora,
+               "lora_bias": config.lora_bias, f"init {config.init!r}": config.init not in PARAMETER_INITS}
+    for what, given in refused.items():
+        if given:
+            raise PeftkitError(f"target_parameters cannot be combined with {what} (as in PEFT: the update is added to "
+                               f"the weight itself); drop it, or use init {' / '.join(PARAMETER_INITS)}")
+    return names
 
 
 def _pattern_value(patterns: dict, path: str, default: Any) -> Any:

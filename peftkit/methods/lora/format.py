@@ -66,6 +66,9 @@ def lora_config_from_json(config_json: dict, keys: dict[str, dict[str, str]], wh
     for flag in UNSUPPORTED_FLAGS:
         if config_json.get(flag):
             raise PeftkitError(f"{where} uses {flag}, which peftkit does not implement; use a plain LoRA adapter")
+    if config_json.get("target_parameters"):  # methods/lora/param_targets.py reads those, for load_adapter only
+        raise PeftkitError(f"{where} adapts parameters (target_parameters: MoE experts), which only load_adapter "
+                           "reads; load it onto the model and merge in memory (peftkit.merge) instead")
     lora_bias = any("bias" in slots for slots in keys.values())
     use_dora = _dora_flag(config_json, keys, where)
     if lora_bias and not config_json.get("lora_bias"):

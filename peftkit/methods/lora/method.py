@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -31,6 +32,15 @@ from peftkit.methods.lora.format import (
     saved_module_names,
 )
 from peftkit.methods.lora.layer import LoraLayer
+from peftkit.methods.lora.param_targets import (
+    check_param_shapes,
+    exported_names,
+    inject_parameters,
+    load_param_tensors,
+    param_saved,
+    param_tensors,
+    split_param_tensors,
+)
 from peftkit.methods.lora.saved import export_saved, load_saved_modules, split_saved
 
 
@@ -41,11 +51,17 @@ class LoraMethod(Method):
     peft_type = "LORA"
     config_cls = LoraConfig
     mergeable = True
-    option_fields = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules"}
+    option_fields = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
+                     "target_parameters": "target_parameters"}
 
     def inject(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
-        """Wrap every targeted linear layer in a LoraLayer (or add to an existing one) with a new adapter."""
-        for path in find_targets(model, config.target_modules, config.layers_to_transform):
+        """Wrap every targeted linear layer in a LoraLayer (or add to an existing one) with a new adapter, and every
+        module owning a targeted parameter in a ParamLoraLayer (`experts.py`)."""
+        if config.target_parameters:
+            inject_parameters(model, config, adapter_name)
+        linears = [] if config.target_modules == () else find_targets(model, config.target_modules,
+                                                                     config.layers_to_transform)
+        for path in linears:
             module = model.get_submodule(path)
             if not isinstance(module, LoraLayer):
                 module = LoraLayer(module)
@@ -72,28 +88,41 @@ class LoraMethod(Method):
                 magnitudes[path] = layer.lora_magnitude_vector[adapter_name].detach()
         saved, saved_tensors = export_saved(model, adapter_name)
         config_json = _peft_config(model, config, list(factors), saved or None)
+        if config.target_parameters:
+            config_json["target_parameters"] = exported_names(model, config, adapter_name)
+            saved_tensors.update(param_tensors(model, adapter_name))
         return config_json, {**lora_tensors(factors, magnitudes=magnitudes), **saved_tensors}
 
     def load(self, model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], adapter_name: str) -> LoraConfig:
         """Inject a LoRA adapter saved by peftkit or HF PEFT and copy its tensors in (shapes checked)."""
         saved, tensors = split_saved(tensors, saved_module_names(config_json))
-        config, paths = config_from_peft(model, config_json, tensors)
+        names, param_keys, linear_tensors = split_param_tensors(model, config_json, tensors)
+        config, paths = config_from_peft(model, {**config_json, "target_parameters": None}, linear_tensors)
+        if names:
+            config = replace(config, target_modules=config.target_modules if paths else (), target_parameters=names)
+            check_param_shapes(model, config, tensors, param_keys)
         overlap = set(saved) & set(paths)
         if overlap:
             raise PeftkitError(f"module {sorted(overlap)[0]!r} is both LoRA-adapted and saved in full; the file is inconsistent")
         load_saved_modules(model, saved, adapter_name)  # before inject, which activates the adapter everywhere
         inject(model, config, adapter_name)
         load_lora_tensors(model, tensors, paths, adapter_name)
+        load_param_tensors(model, tensors, param_keys, adapter_name)
         return config
 
     def saved_activations(self, config: LoraConfig, shape: ModelShape, act_bytes: int, seq_len: int) -> SavedActivations:
-        """The inputs its A projections save (one per distinct input) and their rank-r outputs (module docstring)."""
+        """The inputs its A projections save (one per distinct input) and their rank-r outputs (module docstring);
+        parameter targets: `param_targets.param_saved`."""
         targets = set(estimated_targets(config, shape))
         a, h = act_bytes, shape.hidden
         saved = a * h if targets & {"q_proj", "k_proj", "v_proj"} else 0  # shared input of q/k/v
         saved += a * h if targets & {"gate_proj", "up_proj"} else 0
         saved += a * shape.intermediate if "down_proj" in targets else 0
-        return SavedActivations(saved + a * config.r * len(targets & {lin.name for lin in shape.linears}))
+        linears = SavedActivations(saved + a * config.r * len(targets & {lin.name for lin in shape.linears}))
+        if not config.target_parameters:
+            return linears
+        params = param_saved(config, shape, act_bytes)
+        return SavedActivations(linears.per_layer + params.per_layer, layer_fixed=params.layer_fixed)
 
 
 def estimated_targets(config: LoraConfig, shape: ModelShape) -> list[str]:
