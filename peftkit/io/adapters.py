@@ -4,8 +4,8 @@ A saved adapter is a folder with `adapter_config.json` and `adapter_model.safete
 them, plus `peftkit.json` for what PEFT has no field for (the prompt format used in training, the method name, a
 note on the base weights). Loading dispatches on the config's `peft_type` to the registered method.
 
-Importing this module also registers `save_pretrained_adapter` as what `model.save_pretrained` of an adapted model
-does (`peftkit.core.state.set_adapter_writer`: core may not import io, so io plugs its writer in).
+`save_pretrained_adapter` is what `model.save_pretrained` of an adapted model does: `peftkit/__init__.py` registers
+it with `peftkit.core.state.set_adapter_writer` (core may not import io), importing this module on the first save.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from peftkit.core.state import (
     base_model_id,
     base_model_note,
     resolve_name,
-    set_adapter_writer,
     set_prompt_format,
 )
 from peftkit.core.state import prompt_format as prompt_format_of
@@ -194,5 +193,3 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         set_prompt_format(model, meta["prompt_format"])
     return model
 
-
-set_adapter_writer(save_pretrained_adapter)
