@@ -182,16 +182,18 @@ class RunDir:
 
         `resume` with no `output` resumes the newest runs/<method>-* folder.
         """
-        if cfg.output:
-            run_dir = cls(Path(cfg.output))
-        elif cfg.resume:
-            run_dir = cls._newest_run(cfg.method)
-        else:
-            run_dir = cls.default(cfg.method)
+        run_dir = cls.chosen(cfg)
         if cfg.resume:
             return run_dir, run_dir.resume_from(cfg)
         run_dir.check_fresh(cfg)
         return run_dir, None
+
+    @classmethod
+    def chosen(cls, cfg: TrainConfig) -> RunDir:
+        """The folder `cfg` runs in: --output, else (resume) the newest runs/<method>-*, else a new default name."""
+        if cfg.output:
+            return cls(Path(cfg.output))
+        return cls._newest_run(cfg.method) if cfg.resume else cls.default(cfg.method)
 
     @staticmethod
     def _newest_run(method: str) -> RunDir:
@@ -230,12 +232,16 @@ class RunDir:
 
     def check_fresh(self, cfg: TrainConfig) -> None:
         """A new run may write here: a valid target, and empty or (with --overwrite) a run peftkit wrote."""
-        check_target(self.path, inputs=[_local(cfg.model), _local(cfg.data), _local(cfg.eval_data)])
+        self.check_place(cfg)
         if self.path.exists() and any(self.path.iterdir()):
             if not cfg.overwrite:
                 raise PeftkitError(f"output folder {self} is not empty (it holds another run); pass --overwrite to "
                                    "replace it, --resume to continue it, or choose another --output")
             check_replaceable(self.path, str(self))
+
+    def check_place(self, cfg: TrainConfig) -> None:
+        """The folder's place may hold a run: not a link, a file, a protected folder or one of the run's inputs."""
+        check_target(self.path, inputs=[_local(cfg.model), _local(cfg.data), _local(cfg.eval_data)])
 
     # -- creating it --------------------------------------------------------------------------------------------
 
