@@ -36,6 +36,7 @@ from peftkit.errors import PeftkitError
 from peftkit.io.finite import check_finite
 from peftkit.io.fs import atomic_dir, read_json_object
 from peftkit.io.models import EMBEDDED_HUB_ID
+from peftkit.io.prompt_format import check_prompt_format
 from peftkit.io.quantize import quantization_record
 
 CONFIG_NAME = "adapter_config.json"
@@ -118,6 +119,8 @@ def write_adapter_files(folder: Path, config_json: dict, tensors: dict[str, torc
     """The three files of an adapter folder, into `folder` (no marker, no swap: the callers' business)."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = {"peftkit_version": __version__, **meta}
+    if meta.get("prompt_format") is not None:
+        check_prompt_format(meta["prompt_format"], f"the prompt format to save in {folder.name}/{META_NAME}")
     (folder / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
     (folder / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -189,7 +192,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     if name in adapters(model):
         raise PeftkitError(f"the model already has an adapter named {name!r}; pass another name")
     method.load(model, config_json, tensors, name)
-    if meta.get("prompt_format"):
-        set_prompt_format(model, meta["prompt_format"])
+    if meta.get("prompt_format") is not None:
+        set_prompt_format(model, check_prompt_format(meta["prompt_format"], str(Path(path) / META_NAME)))
     return model
 

@@ -27,6 +27,7 @@ from peftkit.data.prompting import default_prompt_format
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import save_adapter
 from peftkit.io.models import load_model, save_model_folder
+from peftkit.io.prompt_format import check_prompt_format
 from peftkit.train import splits
 from peftkit.train.checkpoints import Position, load_checkpoint
 from peftkit.train.checkpoints.claim import claim
@@ -111,8 +112,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_checkpoint: Callable[[int]
 
 
 def prepare(cfg: TrainConfig) -> Session:
-    """Take and validate the run folder (its lock: `Session.held`), load the model and data, apply the method and
-    report what will run. Nothing but the lock file is written here, so bad input leaves no trace."""
+    """Take the run folder (its lock: `Session.held`), load the model and data, apply the method, say what will run."""
     cfg = resolve_defaults(cfg)
     method = get_method(cfg.method)
     method.check_setup(method.build_config(cfg.method_options()), gradient_checkpointing=cfg.gradient_checkpointing)
@@ -126,14 +126,14 @@ def prepare(cfg: TrainConfig) -> Session:
 
 def _load(cfg: TrainConfig, method: Method, acc: Any, dtype: Any, precision: str, run_dir: RunDir | None,
           resume_from: Path | None) -> Session:
-    """`prepare` once the run folder is taken: the model, the data, the method, the plan."""
+    """`prepare` once the run folder is taken: nothing but its lock file is written yet, so bad input leaves none."""
     from accelerate.utils import set_seed
 
     say = log.info if acc.is_main_process else (lambda *_args: None)
     load_options = method.load_options(method.build_config(cfg.method_options()))  # qlora: a quantized base
     model, tokenizer = load_model(cfg.model, dtype=dtype, **load_options)
     prompt_format = prompt_format_of(model) or default_prompt_format(tokenizer)
-    prompt_format = use_chat_template(tokenizer, cfg.chat_template) or prompt_format  # --chat-template
+    prompt_format = check_prompt_format(use_chat_template(tokenizer, cfg.chat_template) or prompt_format, "prompts")
     train_split, eval_split, fmt = splits.load_splits(cfg, tokenizer, prompt_format)
     set_seed(cfg.seed)                    # before the adapter is initialised: same command, same adapter
     apply_method(model, cfg.method, cfg.method_options())
