@@ -118,11 +118,28 @@ def _source(name_or_path: str | None) -> tuple[str, dict, str | None]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise PeftkitError(f"{name_or_path!r} is a folder without config.json; point at a Hugging Face model folder")
+        for weights in sorted(path.glob("*.safetensors")):
+            safetensors_keys(weights)  # a damaged file is named here, before transformers reads it
         return str(path), {}, None
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path or path.exists():
         raise PeftkitError(f"model path {name_or_path!r} does not exist; give a hub id, a model folder, a .gguf file, or omit it for the embedded model")
     return name_or_path, {}, None
+
+
+def safetensors_keys(file: Path) -> list[str]:
+    """The tensor names in a safetensors file's header, after checking that the header parses and fits the file; a
+    damaged or truncated file is a one-line PeftkitError naming it (every safetensors weight file peftkit opens of a
+    user's model goes through here first)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise PeftkitError(f"{file} is damaged or not a safetensors file ({reason}); replace it with a complete "
+                           "copy of the model's weights") from None
 
 
 def load_model(
@@ -141,6 +158,9 @@ def load_model(
     quantize: "nf4" | "fp4" | "int8" loads the linear layers quantized by bitsandbytes (QLoRA's base, see
     `peftkit.io.quantize`); double_quant and compute_dtype (default: `dtype`, else fp32) apply to 4-bit.
     """
+    from pickle import UnpicklingError
+
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, extra, hub_id = _source(name_or_path)
@@ -157,7 +177,7 @@ def load_model(
         model = cast("CausalLM", AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code, **extra, **quantized
         ))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError, UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeftkitError(f"could not load model {name_or_path!r}: {first}") from None
     if tokenizer.pad_token is None:
