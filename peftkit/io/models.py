@@ -25,7 +25,13 @@ from torch import nn
 from peftkit.core.state import base_model_id, base_model_note, set_base_model
 from peftkit.errors import PeftkitError
 from peftkit.io.fs import atomic_dir
-from peftkit.io.gguf import CONVERSION_VERSION, conversion_version, convert_gguf, write_conversion_version
+from peftkit.io.gguf import (
+    CONVERSION_VERSION,
+    conversion_version,
+    convert_gguf,
+    damaged_files,
+    write_conversion_version,
+)
 from peftkit.io.model_config import complete_config
 from peftkit.io.quantize import bnb_config, check_quantize, fsdp_requested, keep_trainable_layout
 
@@ -67,15 +73,32 @@ def embedded_folder() -> Path:
     """The cached HF folder of the embedded model, converting the GGUF once (atomically) if needed, and repairing
     a folder an older conversion wrote (`_repair_conversion`)."""
     folder = cache_dir() / "smollm2-135m-instruct"
-    if _complete(folder) and conversion_version(folder) >= CONVERSION_VERSION:
+    if _complete(folder) and conversion_version(folder) >= CONVERSION_VERSION and _intact(folder, sizes_needed=True):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):  # processes of one launch (or two commands) convert once, not at once
-        if not _complete(folder):
+        if not _complete(folder) or not _intact(folder, sizes_needed=False):
+            if folder.exists():
+                log.warning("the cached embedded model in %s is damaged or incomplete; converting it again", folder)
             convert_gguf(embedded_gguf(), folder)
         elif conversion_version(folder) < CONVERSION_VERSION:
             _repair_conversion(folder)
+        elif damaged_files(folder) is None:  # written before sizes were recorded; its weights' header checks out
+            write_conversion_version(folder, _GGUF_NAME)
     return folder
+
+
+def _intact(folder: Path, sizes_needed: bool) -> bool:
+    """The cache's weights header fits its file and every file has the size recorded when it was written (a cache
+    with no sizes recorded passes unless `sizes_needed`)."""
+    damaged = damaged_files(folder)
+    if damaged or (damaged is None and sizes_needed):
+        return False
+    try:
+        safetensors_keys(folder / "model.safetensors")
+    except PeftkitError:
+        return False
+    return True
 
 
 def _repair_conversion(folder: Path) -> None:
