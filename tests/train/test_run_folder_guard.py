@@ -4,6 +4,7 @@ will read or append to before it starts: symbolic links out of the run folder an
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -123,3 +124,40 @@ def test_the_lock_is_taken_again_after_a_release_race(tmp_path):
     assert not lock_file(run).exists()
     with locked(run), pytest.raises(Exception, match="in use by process"), locked(run):
         pass
+
+
+def test_a_new_run_failing_before_its_first_checkpoint_leaves_nothing(tmp_path):
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(OSError), run.fresh():
+        run.config.write_text("model: x\n")
+        run.metrics.write_text("")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert not run.path.exists()
+
+    mine = RunDir(tmp_path / "mine")  # the user's empty folder: emptied again, kept
+    mine.path.mkdir()
+    with pytest.raises(RuntimeError), mine.fresh():
+        mine.config.write_text("model: x\n")
+        raise RuntimeError("failed")
+    assert mine.path.is_dir() and list(mine.path.iterdir()) == []
+
+    resumable = RunDir(tmp_path / "resumable")  # with a checkpoint it can be resumed: kept
+    with pytest.raises(RuntimeError), resumable.fresh():
+        RunDir.position_file(resumable.checkpoint(1)).parent.mkdir(parents=True)
+        RunDir.position_file(resumable.checkpoint(1)).write_text("{}")
+        raise RuntimeError("failed")
+    assert resumable.checkpoints() == [resumable.checkpoint(1)]
+
+
+def test_a_full_disk_in_a_new_run_is_exit_2_and_removes_the_folder(finished, tmp_path, capsys, monkeypatch):
+    import peftkit.train.run as run_module
+
+    argv, _ = finished
+    at = argv.index("--output") + 1
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_module, "save_config", full)
+    message = _error([*argv[:at], str(tmp_path / "new"), *argv[at + 1:]], capsys)
+    assert "No space left on device" in message
+    assert not (tmp_path / "new").exists() and not lock_file(RunDir(tmp_path / "new")).exists()

@@ -250,9 +250,10 @@ class RunDir:
         """Create the run folder (with peftkit's marker) for the block; call it only after every input was validated.
 
         A previous run there (allowed by `check_fresh` only with --overwrite) is renamed aside, not deleted, and
-        removed only when the new run completes. If the new run fails before its first checkpoint, the previous run
-        is put back; if it fails later, both are kept (the new one can be resumed) and a warning names where the
-        previous one is. `enabled=False` (a resumed run, other processes of a distributed run) does nothing.
+        removed only when the new run completes. If the new run fails before its first checkpoint, what it wrote is
+        removed (a folder with only a config and metrics must not pass for a run) and the previous run is put back;
+        if it fails later, both are kept (the new one can be resumed) and a warning names where the previous one
+        is. `enabled=False` (a resumed run, other processes of a distributed run) does nothing.
         """
         if not enabled:
             yield
@@ -262,6 +263,7 @@ class RunDir:
         if self.path.exists() and any(self.path.iterdir()):  # named so that io.fs recognises it (".NAME.prev-PID-")
             previous = self.path.parent / f".{self.name}.prev-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             self.path.rename(previous)
+        existed = self.path.is_dir()  # the user's empty folder: emptied again, not removed, if the run fails
         self.path.mkdir(parents=True, exist_ok=True)
         write_marker(self.path, "train")
         try:
@@ -269,6 +271,10 @@ class RunDir:
         except BaseException:
             if previous is not None:
                 self._keep_previous(previous)
+            elif not self.checkpoints():
+                for item in self.path.iterdir() if existed else [self.path]:
+                    shutil.rmtree(item, True) if item.is_dir() and not item.is_symlink() else item.unlink(True)
+                log.warning("the run failed before its first checkpoint; removed what it wrote in %s", self)
             raise
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
