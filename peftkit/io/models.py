@@ -165,6 +165,16 @@ def safetensors_keys(file: Path) -> list[str]:
                            "copy of the model's weights") from None
 
 
+def check_vocabulary(model: nn.Module, tokenizer: Any, shown: str) -> None:
+    """The tokenizer's ids all have a row in the model's input embedding; else training or generating would index
+    past it (a one-line PeftkitError naming both sizes, before any work)."""
+    get_embedding = getattr(model, "get_input_embeddings", None)  # a PreTrainedModel's
+    rows = getattr(get_embedding() if callable(get_embedding) else None, "num_embeddings", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise PeftkitError(f"model {shown!r} has {rows:,} embedding rows but its tokenizer has {len(tokenizer):,} "
+                           "tokens; use the tokenizer the model was trained with (or resize its embeddings)")
+
+
 def load_model(
     name_or_path: str | None = None,
     dtype: str | torch.dtype | None = None,

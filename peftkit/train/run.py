@@ -26,7 +26,7 @@ from peftkit.data.chat_templates import use_chat_template
 from peftkit.data.prompting import default_prompt_format
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import save_adapter
-from peftkit.io.models import load_model, save_model_folder
+from peftkit.io.models import check_vocabulary, load_model, save_model_folder
 from peftkit.io.prompt_format import check_prompt_format
 from peftkit.train import splits
 from peftkit.train.checkpoints import Position, load_checkpoint
@@ -132,6 +132,7 @@ def _load(cfg: TrainConfig, method: Method, acc: Any, dtype: Any, precision: str
     say = log.info if acc.is_main_process else (lambda *_args: None)
     load_options = method.load_options(method.build_config(cfg.method_options()))  # qlora: a quantized base
     model, tokenizer = load_model(cfg.model, dtype=dtype, **load_options)
+    check_vocabulary(model, tokenizer, cfg.model or "the embedded model")  # before tokens index past the embedding
     prompt_format = prompt_format_of(model) or default_prompt_format(tokenizer)
     prompt_format = check_prompt_format(use_chat_template(tokenizer, cfg.chat_template) or prompt_format, "prompts")
     train_split, eval_split, fmt = splits.load_splits(cfg, tokenizer, prompt_format)
@@ -189,8 +190,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
         bar.update(record)
 
     loop = Loop(model=prepared, optimizer=optimizer, scheduler=scheduler, accelerator=acc,
-                plan=s.plan,
-                collate=None, objective=objective,
+                plan=s.plan, collate=None, objective=objective,
                 lengths=s.train_split.lengths, total_steps=s.steps, grad_accum=cfg.grad_accum,
                 max_grad_norm=cfg.max_grad_norm, save_steps=cfg.save_steps, eval_steps=cfg.eval_steps,
                 keep_checkpoints=cfg.keep_checkpoints, run_dir=s.run_dir, loss_path=path, on_log=on_log,

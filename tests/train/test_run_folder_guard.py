@@ -16,7 +16,7 @@ import pytest
 from peftkit.cli import main
 from peftkit.train.checkpoints.claim import lock_file
 from peftkit.train.checkpoints.rundir import RunDir
-from tests.tiny import save_tiny_checkpoint, write_rows
+from tests.tiny import save_tiny_checkpoint, tiny_model, write_rows
 
 HOLD = """
 import fcntl, os, sys, time
@@ -161,3 +161,17 @@ def test_a_full_disk_in_a_new_run_is_exit_2_and_removes_the_folder(finished, tmp
     message = _error([*argv[:at], str(tmp_path / "new"), *argv[at + 1:]], capsys)
     assert "No space left on device" in message
     assert not (tmp_path / "new").exists() and not lock_file(RunDir(tmp_path / "new")).exists()
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_before_anything(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from peftkit.io.models import embedded_folder
+
+    tiny_model("llama").save_pretrained(tmp_path / "small")  # 128 embedding rows
+    AutoTokenizer.from_pretrained(embedded_folder()).save_pretrained(tmp_path / "small")
+    data = write_rows(tmp_path / "d.jsonl", 2)
+    message = _error(["train", "--quiet", "--model", str(tmp_path / "small"), "--data", str(data), "--output",
+                      str(tmp_path / "run"), "--max-steps", "1"], capsys)
+    assert "128 embedding rows" in message and "49,152 tokens" in message
+    assert not (tmp_path / "run").exists()
