@@ -192,7 +192,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     if name in adapters(model):
         raise PeftkitError(f"the model already has an adapter named {name!r}; pass another name")
     method.load(model, config_json, tensors, name)
-    if meta.get("prompt_format") is not None:
+    if meta.get("prompt_format"):  # none recorded (null, {}): the tokenizer's template is used
         set_prompt_format(model, check_prompt_format(meta["prompt_format"], str(Path(path) / META_NAME)))
     return model
 
