@@ -133,8 +133,8 @@ def _load(cfg: TrainConfig, method: Method, acc: Any, dtype: Any, precision: str
     load_options = method.load_options(method.build_config(cfg.method_options()))  # qlora: a quantized base
     model, tokenizer = load_model(cfg.model, dtype=dtype, **load_options)
     check_vocabulary(model, tokenizer, cfg.model or "the embedded model")  # before tokens index past the embedding
-    prompt_format = prompt_format_of(model) or default_prompt_format(tokenizer)
-    prompt_format = check_prompt_format(use_chat_template(tokenizer, cfg.chat_template) or prompt_format, "prompts")
+    ask = use_chat_template(tokenizer, cfg.chat_template) or prompt_format_of(model) or default_prompt_format(tokenizer)
+    prompt_format = check_prompt_format(ask, "the prompt format (--chat-template, else the model's own)")
     train_split, eval_split, fmt = splits.load_splits(cfg, tokenizer, prompt_format)
     set_seed(cfg.seed)                    # before the adapter is initialised: same command, same adapter
     apply_method(model, cfg.method, cfg.method_options())
