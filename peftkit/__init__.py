@@ -15,6 +15,8 @@ Python runs before any peftkit submodule, gives the registry a loader that impor
 registers them all) on the first lookup, and then the method plugins (entry points of group `peftkit.methods`;
 `register_method` adds one from Python; see `peftkit.core.registry`). Objectives are registered the same way
 (`register_objective`, entry points of group `peftkit.objectives`; see `peftkit.train.objectives.base`).
+It also hands `peftkit.core.state` the adapter writer that `model.save_pretrained` of an adapted model calls, so
+saving never depends on which peftkit modules the user happened to import.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit._version import __version__
 from peftkit.core import registry as _registry
+from peftkit.core import state as _state
 from peftkit.errors import PeftkitError
 
 if TYPE_CHECKING:  # the same names for type checkers and IDEs; at run time __getattr__ imports them
@@ -100,4 +103,12 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
+def _save_pretrained_adapter(*args: Any, **kwargs: Any) -> None:
+    """`model.save_pretrained` of an adapted model (see peftkit.core.state): io's writer, imported on first use."""
+    from peftkit.io.adapters import save_pretrained_adapter
+
+    save_pretrained_adapter(*args, **kwargs)
+
+
 _registry.set_builtin_loader(lambda: importlib.import_module("peftkit.methods"))
+_state.set_adapter_writer(_save_pretrained_adapter)

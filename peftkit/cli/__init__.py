@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         if state["debug"] or debug:
             raise
-        _fail(os_error_message(exc), code=1)
+        _fail(os_error_message(exc))
     except _USAGE_ERRORS as exc:
         ctx = getattr(exc, "ctx", None)
         command = ctx.command_path if ctx is not None else "peftkit"
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    """The error convention: one line on stderr; exit code 2 for bad input, 1 for a fault of the machine (disk,
-    permissions), 130 / 143 for Ctrl-C / SIGTERM."""
+    """The error convention: one line on stderr; exit code 2 for an error, bad input or a fault of the machine
+    (disk, permissions) alike, as the README promises; 130 / 143 for Ctrl-C / SIGTERM."""
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(code)
 

@@ -21,20 +21,16 @@ Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content":
 class Generator:
     """A model (with its adapter, if any) and its tokenizer, ready to answer conversations."""
 
-    def __init__(self, model: str | None, adapter: str | None, seed: int) -> None:
+    def __init__(self, model: str | None, adapter: str | None, seed: int, dequantized: bool = False) -> None:
         import torch
 
-        from peftkit.core.state import prompt_format
-        from peftkit.data.prompting import default_prompt_format
-        from peftkit.io.adapters import adapter_base_model, load_adapter
-        from peftkit.io.models import load_model
+        from peftkit.train.evaluation.loading import load_for_inference
 
         torch.manual_seed(seed)
-        self.lm: CausalLM
-        self.lm, self.tokenizer = load_model(model if model or not adapter else adapter_base_model(adapter))
-        if adapter:
-            load_adapter(self.lm, adapter)
-        self.prompt_format: dict[str, str] = prompt_format(self.lm) or default_prompt_format(self.tokenizer)
+        loaded = load_for_inference(model, adapter, dequantized=dequantized)  # eval's loading too
+        self.lm: CausalLM = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.prompt_format: dict[str, str] = loaded.prompt_format
         self.context = getattr(self.lm.config, "max_position_embeddings", None)  # None: no known limit
 
     def prompt_text(self, messages: list[Message]) -> str:

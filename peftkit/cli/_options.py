@@ -20,6 +20,7 @@ from peftkit.errors import PeftkitError
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Hub id, model folder, .gguf file; default: embedded SmolLM2-135M-Instruct.")]
 Adapter = Annotated[str | None, typer.Option("--adapter", "-a", help="Saved adapter folder.")]
+DequantizedBase = Annotated[bool, typer.Option("--dequantized-base", help="A QLoRA adapter: load its base unquantized (default: quantized as its peftkit.json records, as it was trained).")]
 Output = Annotated[str | None, typer.Option("--output", "-o", "--out", help="Output folder.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
 # The shared method options, from their one declaration (peftkit/core/method_options.py).

@@ -13,7 +13,7 @@ import sys
 
 from peftkit.cli._app import app
 from peftkit.cli._generation import Generator, Message, opening
-from peftkit.cli._options import Adapter, MaxNewTokens, Model, Seed, System, Temperature
+from peftkit.cli._options import Adapter, DequantizedBase, MaxNewTokens, Model, Seed, System, Temperature
 
 PROMPT = ">>> "
 HELP = "/reset clears the conversation, /exit or Ctrl-D ends the chat"
@@ -27,9 +27,10 @@ def chat_cmd(
     max_new_tokens: MaxNewTokens = 256,
     temperature: Temperature = 0.0,
     seed: Seed = 0,
+    dequantized_base: DequantizedBase = False,
 ) -> None:
     """Chat with a model or an adapter (its recorded base model is used without --model); /reset, /exit."""
-    generator = Generator(model, adapter, seed)
+    generator = Generator(model, adapter, seed, dequantized_base)
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from peftkit.cli._app import app
-from peftkit.cli._options import Adapter, Json, Model, print_json
+from peftkit.cli._options import Adapter, DequantizedBase, Json, Model, print_json
 
 
 @app.command("eval")
@@ -28,12 +28,13 @@ def eval_cmd(
     max_length: Annotated[int, typer.Option("--max-length", min=8, help="Tokens per example (prompt and answer); longer ones are truncated.")] = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Examples per forward pass.")] = 8,
     json_out: Json = False,
+    dequantized_base: DequantizedBase = False,
 ) -> None:
     """Evaluate a base model or an adapter on held-out data."""
     from peftkit.train.evaluation.command import evaluate
 
     result = evaluate(model, adapter, data, fmt=format, split=split, max_examples=max_examples,
-                           max_length=max_length, batch_size=batch_size)
+                      max_length=max_length, batch_size=batch_size, dequantized=dequantized_base)
     if json_out:
         print_json(result)
         return

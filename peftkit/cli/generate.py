@@ -13,7 +13,7 @@ import typer
 
 from peftkit.cli._app import app
 from peftkit.cli._generation import Generator, opening
-from peftkit.cli._options import Adapter, MaxNewTokens, Model, Seed, System, Temperature
+from peftkit.cli._options import Adapter, DequantizedBase, MaxNewTokens, Model, Seed, System, Temperature
 
 
 @app.command("generate")
@@ -25,7 +25,8 @@ def generate_cmd(
     max_new_tokens: MaxNewTokens = 128,
     temperature: Temperature = 0.0,
     seed: Seed = 0,
+    dequantized_base: DequantizedBase = False,
 ) -> None:
     """Generate an answer to PROMPT, with an adapter if given (its recorded base model is used without --model)."""
-    Generator(model, adapter, seed).answer([*opening(system), {"role": "user", "content": prompt}], max_new_tokens,
+    Generator(model, adapter, seed, dequantized_base).answer([*opening(system), {"role": "user", "content": prompt}], max_new_tokens,
                                            temperature)

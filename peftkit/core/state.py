@@ -18,9 +18,10 @@ than a base whose adapted weights are stored under keys no loader knows. No wrap
 transformers code: `add_adapter` (the one place an adapter is recorded) puts an `AdapterSavePretrained` into
 `model.__dict__["save_pretrained"]`, where instance lookup finds it before the class's method, and
 `remove_adapters` (merge, delete_adapter) takes it out with the last adapter, so a merged model saves as the plain
-model it is again. Writing the folder is io's business and core imports no io: `peftkit.io.adapters` registers its
-writer here when it is imported (`set_adapter_writer`), as methods register themselves in the registry; `import
-peftkit` imports both. The hook holds the model (not a weak reference) so that `copy.deepcopy` and pickling carry
+model it is again. Writing the folder is io's business and core imports no io: the package `peftkit/__init__.py`,
+which Python runs before any peftkit module, hands this module the writer (`set_adapter_writer`: a function that
+imports `peftkit.io.adapters` when called), as it hands the registry its loader. So the save works whatever the
+user imported, and this module loads no torch at import (it is imported by `import peftkit`). The hook holds the model (not a weak reference) so that `copy.deepcopy` and pickling carry
 it over to the copy.
 """
 
@@ -28,12 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from peftkit.core.method import AdapterLayer
 from peftkit.errors import PeftkitError
+
+if TYPE_CHECKING:  # types only: `import peftkit` imports this module and must not load torch
+    from torch import nn
+
+    from peftkit.core.method import AdapterLayer
 
 
 @dataclass
@@ -66,12 +69,12 @@ def remove_adapters(model: nn.Module, names: list[str]) -> None:
         model.__dict__.pop("save_pretrained", None)
 
 
-# Writes the active adapter's folder: (model, directory, **save_pretrained kwargs) -> None. Set by peftkit.io.adapters.
+# Writes the active adapter's folder: (model, directory, **save_pretrained kwargs) -> None. Set by peftkit/__init__.
 _adapter_writer: Callable[..., None] | None = None
 
 
 def set_adapter_writer(writer: Callable[..., None]) -> None:
-    """Register the function `model.save_pretrained` of an adapted model calls (peftkit.io.adapters does, at import)."""
+    """Register the function `model.save_pretrained` of an adapted model calls (`peftkit/__init__.py` does)."""
     global _adapter_writer
     _adapter_writer = writer
 
@@ -86,7 +89,8 @@ class AdapterSavePretrained:
     def __call__(self, save_directory: Any, is_main_process: bool = True, *_hf_args: Any, **kwargs: Any) -> None:
         # HF's signature: save_pretrained(save_directory, is_main_process=True, state_dict=None, ...)
         if _adapter_writer is None:
-            raise PeftkitError("saving an adapted model needs peftkit's adapter writer: import peftkit first")
+            raise PeftkitError("saving an adapted model needs peftkit's adapter writer; none is registered "
+                               "(peftkit/__init__.py registers it: was peftkit.core.state reloaded?)")
         _adapter_writer(self.model, save_directory, is_main_process=is_main_process, **kwargs)
 
     def __repr__(self) -> str:
@@ -127,6 +131,8 @@ def active_adapter(model: nn.Module) -> str | None:
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     """Every AdapterLayer in the model with its dotted path."""
+    from peftkit.core.method import AdapterLayer
+
     for path, module in model.named_modules():
         if isinstance(module, AdapterLayer):
             yield path, module

@@ -92,15 +92,39 @@ def _prefix_ids(tokenizer: Any) -> list[int]:
 
 
 def encode_example(
-    example: Any, tokenizer: Any, prompt_format: dict[str, str], train_on_prompt: bool
+    example: Any, tokenizer: Any, prompt_format: dict[str, str], train_on_prompt: bool, char_bound: int | None = None
 ) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one validated example, untruncated; labels[0] is always -100."""
+    """(input_ids, labels) of one validated example, untruncated; labels[0] is always -100.
+
+    char_bound: the most characters `max_length` tokens can hold (`max_chars`); an example whose text before its
+    first target is longer cannot keep a target within max_length, so it is not tokenized: ([], []) at once (a
+    50 MB row is dropped in milliseconds, not after minutes of tokenizing).
+    """
     segments = render_segments(example, tokenizer, prompt_format, train_on_prompt)
+    if char_bound is not None and _chars_before_target(segments) > char_bound:
+        return [], []
     ids, targets = encode_segments(tokenizer, segments, uses_special_prefix(example, prompt_format))
     labels = [tok if target else IGNORE_INDEX for tok, target in zip(ids, targets, strict=True)]
     if labels:
         labels[0] = IGNORE_INDEX
     return ids, labels
+
+
+def max_chars(tokenizer: Any, max_length: int) -> int:
+    """The most characters `max_length` tokens can decode to: max_length times the longest vocabulary entry (a
+    byte-level or SentencePiece entry has at least one character per decoded character)."""
+    vocab: dict[str, int] = tokenizer.get_vocab()
+    return max_length * max((len(token) for token in vocab), default=1)
+
+
+def _chars_before_target(segments: list[Segment]) -> int:
+    """Characters of the rendered text before the first target segment (all of it when none is a target)."""
+    total = 0
+    for text, target in segments:
+        if target:
+            break
+        total += len(text) if isinstance(text, str) else 0  # a token id: counted as no characters (a lower bound)
+    return total
 
 
 def tokenize(
@@ -130,11 +154,13 @@ def tokenize(
     key = Hasher.hash([PIPELINE_VERSION, dataset._fingerprint, tokenizer_key(tokenizer), fmt, max_length,
                        sorted(prompt_format.items()), train_on_prompt])
 
+    bound = max_chars(tokenizer, max_length)
+
     def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
         for values, index in zip(zip(*batch.values(), strict=True), indices, strict=True):
             example = to_example(dict(zip(batch, values, strict=True)), fmt, index)
-            ids, labels = _encode_row(example, index, tokenizer, prompt_format, train_on_prompt)
+            ids, labels = _encode_row(example, index, tokenizer, prompt_format, train_on_prompt, bound)
             ids, labels = ids[:max_length], labels[:max_length]
             if any(label != IGNORE_INDEX for label in labels):
                 out["input_ids"].append(ids)
@@ -150,10 +176,11 @@ def tokenize(
     )
     dropped = len(dataset) - len(tokenized)
     if len(tokenized) == 0:
-        shortest = _shortest_prompt(dataset, tokenizer, fmt, prompt_format, train_on_prompt)
+        shortest = _shortest_prompt(dataset, tokenizer, fmt, prompt_format, train_on_prompt, bound)
         raise PeftkitError(
             f"--max-length {max_length} cuts every target token of every example: the shortest prompt is "
-            f"{shortest} tokens; use a --max-length well above {shortest}"
+            + (f"{shortest} tokens; use a --max-length well above {shortest}" if shortest is not None else
+               f"longer than {bound:,} characters, more than {max_length} tokens can hold; shorten the prompts")
         )
     if dropped:
         log.warning("%d of %d examples dropped: --max-length %d cut all their target tokens",
@@ -162,10 +189,10 @@ def tokenize(
 
 
 def _encode_row(example: Any, index: int, tokenizer: Any, prompt_format: dict[str, str],
-                train_on_prompt: bool) -> tuple[list[int], list[int]]:
+                train_on_prompt: bool, bound: int) -> tuple[list[int], list[int]]:
     """encode_example, with template failures reported as errors naming the row."""
     try:
-        return encode_example(example, tokenizer, prompt_format, train_on_prompt)
+        return encode_example(example, tokenizer, prompt_format, train_on_prompt, bound)
     except jinja2.TemplateError as exc:  # e.g. a template that refuses a system turn
         raise PeftkitError(f"row {index + 1}: the chat template cannot render this conversation: {exc}") from None
     except PeftkitError as exc:
@@ -191,14 +218,17 @@ def tokenizer_key(tokenizer: Any) -> str:
 
 
 def _shortest_prompt(dataset: datasets.Dataset, tokenizer: Any, fmt: str, prompt_format: dict[str, str],
-                     train_on_prompt: bool, limit: int = 1000) -> int:
-    """Fewest tokens before the first target, over the first `limit` rows (for the error message)."""
+                     train_on_prompt: bool, bound: int, limit: int = 1000) -> int | None:
+    """Fewest tokens before the first target, over the first `limit` rows (for the error message); None when
+    every such prompt is longer than `bound` characters (not tokenized)."""
     shortest = None
     for index, row in enumerate(dataset.select(range(min(limit, len(dataset))))):
-        _, labels = encode_example(to_example(row, fmt, index), tokenizer, prompt_format, train_on_prompt)
+        ids, labels = encode_example(to_example(row, fmt, index), tokenizer, prompt_format, train_on_prompt, bound)
+        if not ids:
+            continue
         first = next((t for t, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
         shortest = first if shortest is None else min(shortest, first)
-    return shortest or 0
+    return shortest
 
 
 def _cache_folder() -> Path:

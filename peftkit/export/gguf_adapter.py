@@ -14,7 +14,6 @@ that module's B, so the GGUF applies exactly PEFT's deltas (the converter would 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,8 +23,8 @@ import torch
 
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import read_adapter
-from peftkit.io.fs import refuse_protected
-from peftkit.io.shards import resolve_base
+from peftkit.io.fs import read_json_object, refuse_protected
+from peftkit.io.shards import open_checkpoint, resolve_base, shapes
 from peftkit.methods.lora.format import lora_config_from_json, parse_keys, saved_module_names
 
 log = logging.getLogger(__name__)
@@ -47,18 +46,32 @@ def permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def base_config(adapter_config: dict, base: str | os.PathLike | None) -> dict:
-    """The base model's config.json: from `base`, else from the adapter's base_model_name_or_path (a local folder,
-    the embedded model or a hub id in the local cache)."""
+def base_config(adapter_config: dict, base: str | os.PathLike | None) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """(the base model's config.json, {weight name: shape} from its safetensors headers): from `base`, else from the
+    adapter's base_model_name_or_path (a local folder, the embedded model or a hub id in the local cache)."""
     folder = resolve_base(str(base) if base is not None else adapter_config.get("base_model_name_or_path"))
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise PeftkitError(f"base model folder {str(folder)!r} has no config.json; give --base with the base model")
-    return json.loads(path.read_text(encoding="utf-8"))
+    config = read_json_object(path, "a model config")
+    return config, {key: shape for key, (shape, _) in shapes(open_checkpoint(Path(folder))).items()}
 
 
-def gguf_lora_tensors(adapter: str | os.PathLike, config: dict) -> tuple[float, list[tuple[str, torch.Tensor]]]:
-    """(alpha, [(gguf name, float32 tensor)]) for the LoRA adapter folder `adapter` on a base of `config`."""
+def _check_fits(module: str, a: torch.Tensor, b: torch.Tensor, weights: dict[str, tuple[int, ...]], where: str) -> None:
+    """The LoRA factors of `module` fit the base's weight (out x in); else the adapter is for another base."""
+    shape = weights.get(f"{module}.weight")
+    if shape is None:
+        raise PeftkitError(f"{where}: the base has no weight {module}.weight for the adapted module {module!r}; "
+                           "give --base with the model the adapter was trained on")
+    if len(shape) != 2 or (b.shape[0], a.shape[1]) != tuple(shape):
+        raise PeftkitError(f"{where}: module {module!r} updates a {b.shape[0]}x{a.shape[1]} weight but the base's is "
+                           f"{'x'.join(map(str, shape))}; give --base with the model the adapter was trained on")
+
+
+def gguf_lora_tensors(adapter: str | os.PathLike, config: dict,
+                      weights: dict[str, tuple[int, ...]]) -> tuple[float, list[tuple[str, torch.Tensor]]]:
+    """(alpha, [(gguf name, float32 tensor)]) for the LoRA adapter folder `adapter` on a base of `config` whose
+    weights have the shapes `weights` (each module's factors checked against them)."""
     import gguf
 
     config_json, tensors, _ = read_adapter(adapter)
@@ -79,6 +92,7 @@ def gguf_lora_tensors(adapter: str | os.PathLike, config: dict) -> tuple[float, 
     out = []
     for module, slots in keys.items():
         a, b = tensors[slots["A"]].float(), tensors[slots["B"]].float()
+        _check_fits(module, a, b, weights, where)
         r, alpha_m = lora.rank_alpha(module)
         peft_scale = alpha_m / math.sqrt(r) if lora.use_rslora else alpha_m / r
         if peft_scale != alpha / r:  # fold PEFT's own scale in, so llama.cpp's alpha / r applies it
@@ -118,8 +132,8 @@ def export_gguf_adapter(adapter: str | os.PathLike, output: str | os.PathLike, *
 
     target = check_file_output(output, overwrite)
     config_json, _, _ = read_adapter(adapter)
-    config = base_config(config_json, base)
-    alpha, tensors = gguf_lora_tensors(adapter, config)
+    config, weights = base_config(config_json, base)
+    alpha, tensors = gguf_lora_tensors(adapter, config, weights)
     arch_name, _ = ARCHITECTURES[config["model_type"]]
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:

@@ -24,6 +24,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peftkit.core.inject import matches
 from peftkit.core.registry import method_for_peft_type
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import read_adapter
@@ -128,6 +129,7 @@ def _lora(config: dict, tensors: dict, where: str, verdicts: dict[str, Verdict])
         vllm.add("needs", "lora_B biases: vLLM reads them only with --enable-lora-bias (in versions that have it)")
         cpp.add("no", "lora_B biases: a GGUF adapter has no place for them")
         tgi.add("no", "lora_B biases: TGI ignores them")
+    _targets(config, list(parse_keys({k: v for k, v in tensors.items() if ".lora_" in k})), verdicts)
     if config.get("use_dora"):
         return
     try:
@@ -140,6 +142,30 @@ def _lora(config: dict, tensors: dict, where: str, verdicts: dict[str, Verdict])
         {k: v for k, v in tensors.items() if ".lora_A" in k}).items()}
     _scales(lora, ranks, verdicts)
     _ranks(lora, ranks, verdicts)
+
+
+def _targets(config: dict, modules: list[str], verdicts: dict[str, Verdict]) -> None:
+    """PEFT builds the modules that `target_modules` selects (a list of names, or a regex matched in full; PEFT
+    refuses other types and a selection of nothing) and then loads the tensors into them: every adapted module must
+    be selected, else its trained tensors are dropped."""
+    targets = config.get("target_modules")
+    peft = verdicts["HF PEFT"]
+    if targets is None or targets == "all-linear":  # None: PEFT's default targets for the architecture
+        return
+    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        peft.add("no", f"target_modules is {targets!r}: PEFT needs a list of module names or a regular expression")
+        return
+    try:
+        missed = [m for m in modules if not matches(m, targets)]
+    except re.error as exc:
+        peft.add("no", f"target_modules {targets!r} is not a valid regular expression ({exc})")
+        return
+    if missed and len(missed) == len(modules):
+        peft.add("no", f"target_modules {targets!r} selects none of the adapted modules (e.g. {missed[0]}): PEFT "
+                       "refuses an adapter whose targets match nothing")
+    elif missed:
+        peft.add("no", f"target_modules {targets!r} does not select {len(missed)} adapted module(s) (e.g. "
+                       f"{missed[0]}): PEFT would not load their tensors")
 
 
 def _scales(lora, ranks: dict[str, int], verdicts: dict[str, Verdict]) -> None:

@@ -4,8 +4,8 @@ A saved adapter is a folder with `adapter_config.json` and `adapter_model.safete
 them, plus `peftkit.json` for what PEFT has no field for (the prompt format used in training, the method name, a
 note on the base weights). Loading dispatches on the config's `peft_type` to the registered method.
 
-Importing this module also registers `save_pretrained_adapter` as what `model.save_pretrained` of an adapted model
-does (`peftkit.core.state.set_adapter_writer`: core may not import io, so io plugs its writer in).
+`save_pretrained_adapter` is what `model.save_pretrained` of an adapted model does: `peftkit/__init__.py` registers
+it with `peftkit.core.state.set_adapter_writer` (core may not import io), importing this module on the first save.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from peftkit.core.state import (
     base_model_id,
     base_model_note,
     resolve_name,
-    set_adapter_writer,
     set_prompt_format,
 )
 from peftkit.core.state import prompt_format as prompt_format_of
@@ -37,6 +36,7 @@ from peftkit.errors import PeftkitError
 from peftkit.io.finite import check_finite
 from peftkit.io.fs import atomic_dir, read_json_object
 from peftkit.io.models import EMBEDDED_HUB_ID
+from peftkit.io.prompt_format import check_prompt_format
 from peftkit.io.quantize import quantization_record
 
 CONFIG_NAME = "adapter_config.json"
@@ -119,6 +119,8 @@ def write_adapter_files(folder: Path, config_json: dict, tensors: dict[str, torc
     """The three files of an adapter folder, into `folder` (no marker, no swap: the callers' business)."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = {"peftkit_version": __version__, **meta}
+    if meta.get("prompt_format") is not None:
+        check_prompt_format(meta["prompt_format"], f"the prompt format to save in {folder.name}/{META_NAME}")
     (folder / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
     (folder / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -194,9 +196,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     if name in adapters(model):
         raise PeftkitError(f"the model already has an adapter named {name!r}; pass another name")
     method.load(model, config_json, tensors, name)
-    if meta.get("prompt_format"):
-        set_prompt_format(model, meta["prompt_format"])
+    if meta.get("prompt_format"):  # none recorded (null, {}): the tokenizer's template is used
+        set_prompt_format(model, check_prompt_format(meta["prompt_format"], str(Path(path) / META_NAME)))
     return model
 
-
-set_adapter_writer(save_pretrained_adapter)

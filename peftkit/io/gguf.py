@@ -8,7 +8,8 @@ config.json is complete for readers beyond transformers: a GGUF-loaded config ha
 llama.cpp's converter and vLLM pick the model class from, so it is set from the model's class, and the dtype is
 written under both names (`dtype` for transformers 5, `torch_dtype` for older readers). `CONVERSION_FILE` records
 `CONVERSION_VERSION`, so a folder written by an older conversion is recognised and repaired
-(`peftkit.io.models.embedded_folder`).
+(`peftkit.io.models.embedded_folder`), and the size of every file written, so a damaged cache (a truncated or
+deleted file) is found at the next load and converted again.
 """
 
 from __future__ import annotations
@@ -76,10 +77,31 @@ def write_model_config(model: PreTrainedModel, folder: Path, dtype: torch.dtype)
 
 
 def write_conversion_version(folder: Path, source: str) -> None:
-    """Record in `folder` that the current conversion (`CONVERSION_VERSION`) wrote it, from GGUF file `source`."""
+    """Record in `folder` that the current conversion (`CONVERSION_VERSION`) wrote it, from GGUF file `source`, and
+    the size of every file it holds (what `damaged_files` checks)."""
     tmp = folder / f"{CONVERSION_FILE}.tmp"
-    tmp.write_text(json.dumps({"conversion_version": CONVERSION_VERSION, "source": source}, indent=2) + "\n")
+    record = {"conversion_version": CONVERSION_VERSION, "source": source, "files": _sizes(folder)}
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(folder / CONVERSION_FILE)
+
+
+def _sizes(folder: Path) -> dict[str, int]:
+    """{name: bytes} of the regular files in `folder` (peftkit's own record files left out)."""
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir())
+            if p.is_file() and not p.is_symlink() and not p.name.startswith(CONVERSION_FILE)}
+
+
+def damaged_files(folder: Path) -> list[str] | None:
+    """The files of a converted folder that are missing, not regular files, or not the size recorded when it was
+    written ([] when all fit); None when the record holds no sizes (an older conversion wrote it)."""
+    try:
+        recorded = json.loads((folder / CONVERSION_FILE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    found = _sizes(folder)
+    return [name for name, size in recorded.items() if found.get(str(name)) != size]
 
 
 def conversion_version(folder: Path) -> int:

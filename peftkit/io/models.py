@@ -25,7 +25,13 @@ from torch import nn
 from peftkit.core.state import base_model_id, base_model_note, set_base_model
 from peftkit.errors import PeftkitError
 from peftkit.io.fs import atomic_dir
-from peftkit.io.gguf import CONVERSION_VERSION, conversion_version, convert_gguf, write_conversion_version
+from peftkit.io.gguf import (
+    CONVERSION_VERSION,
+    conversion_version,
+    convert_gguf,
+    damaged_files,
+    write_conversion_version,
+)
 from peftkit.io.model_config import complete_config
 from peftkit.io.quantize import bnb_config, check_quantize, fsdp_requested, keep_trainable_layout
 
@@ -67,15 +73,32 @@ def embedded_folder() -> Path:
     """The cached HF folder of the embedded model, converting the GGUF once (atomically) if needed, and repairing
     a folder an older conversion wrote (`_repair_conversion`)."""
     folder = cache_dir() / "smollm2-135m-instruct"
-    if _complete(folder) and conversion_version(folder) >= CONVERSION_VERSION:
+    if _complete(folder) and conversion_version(folder) >= CONVERSION_VERSION and _intact(folder, sizes_needed=True):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):  # processes of one launch (or two commands) convert once, not at once
-        if not _complete(folder):
+        if not _complete(folder) or not _intact(folder, sizes_needed=False):
+            if folder.exists():
+                log.warning("the cached embedded model in %s is damaged or incomplete; converting it again", folder)
             convert_gguf(embedded_gguf(), folder)
         elif conversion_version(folder) < CONVERSION_VERSION:
             _repair_conversion(folder)
+        elif damaged_files(folder) is None:  # written before sizes were recorded; its weights' header checks out
+            write_conversion_version(folder, _GGUF_NAME)
     return folder
+
+
+def _intact(folder: Path, sizes_needed: bool) -> bool:
+    """The cache's weights header fits its file and every file has the size recorded when it was written (a cache
+    with no sizes recorded passes unless `sizes_needed`)."""
+    damaged = damaged_files(folder)
+    if damaged or (damaged is None and sizes_needed):
+        return False
+    try:
+        safetensors_keys(folder / "model.safetensors")
+    except PeftkitError:
+        return False
+    return True
 
 
 def _repair_conversion(folder: Path) -> None:
@@ -118,11 +141,38 @@ def _source(name_or_path: str | None) -> tuple[str, dict, str | None]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise PeftkitError(f"{name_or_path!r} is a folder without config.json; point at a Hugging Face model folder")
+        for weights in sorted(path.glob("*.safetensors")):
+            safetensors_keys(weights)  # a damaged file is named here, before transformers reads it
         return str(path), {}, None
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path or path.exists():
         raise PeftkitError(f"model path {name_or_path!r} does not exist; give a hub id, a model folder, a .gguf file, or omit it for the embedded model")
     return name_or_path, {}, None
+
+
+def safetensors_keys(file: Path) -> list[str]:
+    """The tensor names in a safetensors file's header, after checking that the header parses and fits the file; a
+    damaged or truncated file is a one-line PeftkitError naming it (every safetensors weight file peftkit opens of a
+    user's model goes through here first)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise PeftkitError(f"{file} is damaged or not a safetensors file ({reason}); replace it with a complete "
+                           "copy of the model's weights") from None
+
+
+def check_vocabulary(model: nn.Module, tokenizer: Any, shown: str) -> None:
+    """The tokenizer's ids all have a row in the model's input embedding; else training or generating would index
+    past it (a one-line PeftkitError naming both sizes, before any work)."""
+    get_embedding = getattr(model, "get_input_embeddings", None)  # a PreTrainedModel's
+    rows = getattr(get_embedding() if callable(get_embedding) else None, "num_embeddings", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise PeftkitError(f"model {shown!r} has {rows:,} embedding rows but its tokenizer has {len(tokenizer):,} "
+                           "tokens; use the tokenizer the model was trained with (or resize its embeddings)")
 
 
 def load_model(
@@ -141,6 +191,9 @@ def load_model(
     quantize: "nf4" | "fp4" | "int8" loads the linear layers quantized by bitsandbytes (QLoRA's base, see
     `peftkit.io.quantize`); double_quant and compute_dtype (default: `dtype`, else fp32) apply to 4-bit.
     """
+    from pickle import UnpicklingError
+
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, extra, hub_id = _source(name_or_path)
@@ -157,7 +210,7 @@ def load_model(
         model = cast("CausalLM", AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code, **extra, **quantized
         ))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError, UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeftkitError(f"could not load model {name_or_path!r}: {first}") from None
     if tokenizer.pad_token is None:

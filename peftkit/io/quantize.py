@@ -145,3 +145,22 @@ def quantized_module(name: str, record: dict) -> bool:
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     return should_convert_module(name, record.get("modules_not_quantized") or None)
+
+
+_RECORD_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+def load_options(record: Any, where: str) -> dict[str, Any]:
+    """The `load_model` arguments that load a base quantized as `record` (a peftkit.json "quantization", see
+    `quantization_record`) says: quantize, double_quant, compute_dtype and the dtype of the other weights. A record
+    that does not say one of them in a form peftkit writes is a one-line PeftkitError naming `where`."""
+    bits = record.get("bits") if isinstance(record, dict) else None
+    mode = record.get("quant_type") if bits == 4 else "int8" if bits == 8 else None
+    dtypes = [record.get(key, "float32") for key in ("dtype", "compute_dtype")] if isinstance(record, dict) else []
+    if mode not in QUANTIZE or any(name not in _RECORD_DTYPES for name in dtypes):
+        raise PeftkitError(f"{where}: the recorded quantization {record!r} is not one peftkit writes (bits 4 with "
+                           "quant_type nf4 / fp4, or bits 8; dtypes float32 / bfloat16 / float16)")
+    options: dict[str, Any] = {"quantize": mode, "dtype": _RECORD_DTYPES[dtypes[0]]}
+    if bits == 4:
+        options.update(double_quant=bool(record.get("double_quant", True)), compute_dtype=_RECORD_DTYPES[dtypes[1]])
+    return options

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from peftkit.errors import PeftkitError
 from peftkit.io.fs import read_json_object
-from peftkit.io.models import EMBEDDED_NAMES, embedded_folder
+from peftkit.io.models import EMBEDDED_NAMES, embedded_folder, safetensors_keys
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -77,12 +77,16 @@ def open_checkpoint(folder: Path) -> Checkpoint:
             inside(folder, shard, index)
             if not (folder / shard).is_file():
                 raise PeftkitError(f"shard {shard!r} named in {index} is missing; the checkpoint is incomplete")
+            held = set(safetensors_keys(folder / shard))  # every header checked before any work
+            missing = [key for key, name in weight_map.items() if name == shard and key not in held]
+            if missing:
+                raise PeftkitError(f"{index} puts {missing[0]!r} in {shard}, which does not hold it; the "
+                                   "checkpoint is damaged or its index belongs to another one")
         return Checkpoint(folder, dict(weight_map))
     single = folder / SINGLE_NAME
     if not single.is_file():
         raise PeftkitError(f"{str(folder)!r} has no {SINGLE_NAME} or {INDEX_NAME}; streaming needs safetensors weights")
-    with safe_open(str(single), framework="pt") as f:
-        return Checkpoint(folder, dict.fromkeys(f.keys(), SINGLE_NAME))
+    return Checkpoint(folder, dict.fromkeys(safetensors_keys(single), SINGLE_NAME))
 
 
 def inside(folder: Path, name: object, source: Path) -> Path:

@@ -144,6 +144,7 @@ def combine(parts: list[LoraDeltas], how: str = "concat", rank: int | None = Non
     deltas = {}
     for module in modules:
         pieces = [p.deltas[module] for p in parts if module in p.deltas]
+        _check_same_shape(module, [(p, p.deltas[module]) for p in parts if module in p.deltas])
         delta = ModuleDelta(torch.cat([d.a for d in pieces], 0), torch.cat([d.b for d in pieces], 1))
         biases = [d.bias for d in pieces if d.bias is not None]
         delta.bias = torch.stack(biases).sum(0) if biases else None
@@ -160,6 +161,18 @@ def combine(parts: list[LoraDeltas], how: str = "concat", rank: int | None = Non
         meta.pop("quantization", None)
     return LoraDeltas(deltas, full, parts[0].base_model, meta, any(p.fan_in_fan_out for p in parts),
                       [s for p in parts for s in p.sources], names)
+
+
+def _check_same_shape(module: str, pieces: list[tuple[LoraDeltas, ModuleDelta]]) -> None:
+    """Adapters combined on one module must update a weight of one shape (out x in): else they were trained on
+    different bases (another hidden size), and no sum of them fits either."""
+    shapes = [(p, (d.b.shape[0], d.a.shape[1])) for p, d in pieces]
+    first, want = shapes[0]
+    for part, shape in shapes[1:]:
+        if shape != want:
+            raise PeftkitError(f"the adapters do not fit one base: module {module!r} is {want[0]}x{want[1]} in "
+                               f"{first.sources[0]} but {shape[0]}x{shape[1]} in {part.sources[0]}; combine or merge "
+                               "adapters trained on the same base model")
 
 
 def _svd_delta(module: str, delta: ModuleDelta, rank: int) -> ModuleDelta:

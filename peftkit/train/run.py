@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,9 +26,11 @@ from peftkit.data.chat_templates import use_chat_template
 from peftkit.data.prompting import default_prompt_format
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import save_adapter
-from peftkit.io.models import load_model, save_model_folder
+from peftkit.io.models import check_vocabulary, load_model, save_model_folder
+from peftkit.io.prompt_format import check_prompt_format
 from peftkit.train import splits
 from peftkit.train.checkpoints import Position, load_checkpoint
+from peftkit.train.checkpoints.claim import claim
 from peftkit.train.checkpoints.rundir import RunDir
 from peftkit.train.config import TrainConfig, resolve_defaults, save_config
 from peftkit.train.devices.precision import auto_precision, make_accelerator, upcast_trainable
@@ -79,6 +82,7 @@ class Session:
     run_dir: RunDir | None
     resume_from: Path | None      # the checkpoint this run continues from (None: a fresh run)
     share_prefix: bool = False  # batches mark the prompt prefix their rows share (shared_prefix.py)
+    held: ExitStack = field(default_factory=ExitStack)  # the run folder's lock until the run ends
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -99,28 +103,38 @@ def train(cfg: TrainConfig, progress: bool = True, on_checkpoint: Callable[[int]
     `on_checkpoint(step)` is called after each checkpoint is written (tests use it to interrupt a run).
     """
     session = prepare(cfg)
-    if cfg.dry_run:
-        trainable, total = trainable_parameters(session.model)
-        return RunResult(None, summary={"trainable": trainable, "total": total, "steps": session.steps})
-    with session.folder.fresh(enabled=session.main and session.resume_from is None):
-        return _run(session, progress, on_checkpoint)
+    with session.held:  # the run folder's lock (checkpoints.claim), released when the run ends
+        if cfg.dry_run:
+            trainable, total = trainable_parameters(session.model)
+            return RunResult(None, summary={"trainable": trainable, "total": total, "steps": session.steps})
+        with session.folder.fresh(enabled=session.main and session.resume_from is None):
+            return _run(session, progress, on_checkpoint)
 
 
 def prepare(cfg: TrainConfig) -> Session:
-    """Validate the run folder, load the model and data, apply the method and report what will run. Nothing is
-    written here, so bad input leaves no trace."""
-    from accelerate.utils import set_seed
-
+    """Take the run folder (its lock: `Session.held`), load the model and data, apply the method, say what will run."""
     cfg = resolve_defaults(cfg)
     method = get_method(cfg.method)
     method.check_setup(method.build_config(cfg.method_options()), gradient_checkpointing=cfg.gradient_checkpointing)
     acc, dtype, precision = make_accelerator(cfg.precision, method.trains_base, tracker_names(cfg.report_to), cfg)
+    run_dir, resume_from, held = claim(cfg, acc.is_main_process) if not cfg.dry_run else (None, None, ExitStack())
+    with held:  # released here only when preparing fails
+        session = _load(cfg, method, acc, dtype, precision, run_dir, resume_from)
+        session.held = held.pop_all()
+    return session
+
+
+def _load(cfg: TrainConfig, method: Method, acc: Any, dtype: Any, precision: str, run_dir: RunDir | None,
+          resume_from: Path | None) -> Session:
+    """`prepare` once the run folder is taken: nothing but its lock file is written yet, so bad input leaves none."""
+    from accelerate.utils import set_seed
+
     say = log.info if acc.is_main_process else (lambda *_args: None)
-    run_dir, resume_from = RunDir.locate(cfg) if not cfg.dry_run else (None, None)
     load_options = method.load_options(method.build_config(cfg.method_options()))  # qlora: a quantized base
     model, tokenizer = load_model(cfg.model, dtype=dtype, **load_options)
-    prompt_format = prompt_format_of(model) or default_prompt_format(tokenizer)
-    prompt_format = use_chat_template(tokenizer, cfg.chat_template) or prompt_format  # --chat-template
+    check_vocabulary(model, tokenizer, cfg.model or "the embedded model")  # before tokens index past the embedding
+    ask = use_chat_template(tokenizer, cfg.chat_template) or prompt_format_of(model) or default_prompt_format(tokenizer)
+    prompt_format = check_prompt_format(ask, "the prompt format (--chat-template, else the model's own)")
     train_split, eval_split, fmt = splits.load_splits(cfg, tokenizer, prompt_format)
     set_seed(cfg.seed)                    # before the adapter is initialised: same command, same adapter
     apply_method(model, cfg.method, cfg.method_options())
@@ -176,8 +190,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
         bar.update(record)
 
     loop = Loop(model=prepared, optimizer=optimizer, scheduler=scheduler, accelerator=acc,
-                plan=s.plan,
-                collate=None, objective=objective,
+                plan=s.plan, collate=None, objective=objective,
                 lengths=s.train_split.lengths, total_steps=s.steps, grad_accum=cfg.grad_accum,
                 max_grad_norm=cfg.max_grad_norm, save_steps=cfg.save_steps, eval_steps=cfg.eval_steps,
                 keep_checkpoints=cfg.keep_checkpoints, run_dir=s.run_dir, loss_path=path, on_log=on_log,

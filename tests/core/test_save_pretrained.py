@@ -2,7 +2,11 @@
 injected adapter until the last one is merged or deleted; then it is HF's own method again."""
 
 import copy
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +112,33 @@ def test_copies_save_themselves(tmp_path):
         copied.save_pretrained(tmp_path / "copy")
         loaded = peftkit.load_adapter(tiny_model("llama"), tmp_path / "copy")
         assert (logits(loaded, ids) - logits(copied, ids)).abs().max() <= 1e-5
+
+
+QUICK_START_PRELUDE = """
+import sys
+import peftkit
+from tests.tiny import tiny_model
+model = tiny_model("llama")
+peftkit.inject(model, peftkit.LoraConfig(r=2))
+assert "peftkit.io.adapters" not in sys.modules  # nothing imported the writer's module yet
+model.save_pretrained("first")                      # the Trainer's save_model does exactly this
+assert sorted(p.name for p in __import__("pathlib").Path("first").iterdir()) == %r
+"""
+
+
+def _readme_quick_start() -> str:
+    """The README's first Python block, up to its QLoRA lines (they name a hub model this test may not fetch)."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    return block.split("# QLoRA", 1)[0]
+
+
+def test_readme_quick_start_in_a_fresh_interpreter(tmp_path):
+    """`model.save_pretrained` right after `inject` in a new process (nothing else imported), then the README's quick
+    start exactly: the save must not depend on which peftkit modules happen to be imported."""
+    script = QUICK_START_PRELUDE % ADAPTER_FILES + _readme_quick_start()
+    repo = Path(__file__).parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p.name for p in (tmp_path / "out" / "adapter").iterdir()} >= set(ADAPTER_FILES)

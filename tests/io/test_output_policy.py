@@ -116,7 +116,7 @@ def test_index_naming_a_file_outside_the_folder_is_refused(files, tmp_path, caps
     assert victim.read_bytes() == b"precious" and not (tmp_path / "o").exists()
 
 
-def test_full_disk_is_one_line_exit_1_and_cleans_up(files, tmp_path, capsys, monkeypatch):
+def test_full_disk_is_one_line_exit_2_and_cleans_up(files, tmp_path, capsys, monkeypatch):
     import peftkit.merging.stream as stream
 
     def full(*_args, **_kwargs):
@@ -124,7 +124,7 @@ def test_full_disk_is_one_line_exit_1_and_cleans_up(files, tmp_path, capsys, mon
 
     monkeypatch.setattr(stream, "copy_aux_files", full)
     code, err = run(merge_args(files, tmp_path / "out"), capsys)
-    assert code == 1 and err.count("\n") == 1 and "No space left on device" in err and "free some space" in err
+    assert code == 2 and err.count("\n") == 1 and "No space left on device" in err and "free some space" in err
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
@@ -143,7 +143,7 @@ def test_real_full_disk_on_a_1mb_tmpfs(files, tmp_path):
         (disk / "filler").write_bytes(b"\0" * (free - 8192))  # 8 KB left: the merged shard (~70 KB) cannot fit
         done = subprocess.run([sys.executable, "-m", "peftkit.cli", *merge_args(files, disk / "out")],
                               capture_output=True, text=True, cwd=REPO)
-        assert done.returncode == 1, done.stderr
+        assert done.returncode == 2, done.stderr
         assert done.stderr.strip().count("\n") == 0 and "No space left on device" in done.stderr
         assert not (disk / "out").exists() and leftovers(disk) == []
     finally:

@@ -182,16 +182,18 @@ class RunDir:
 
         `resume` with no `output` resumes the newest runs/<method>-* folder.
         """
-        if cfg.output:
-            run_dir = cls(Path(cfg.output))
-        elif cfg.resume:
-            run_dir = cls._newest_run(cfg.method)
-        else:
-            run_dir = cls.default(cfg.method)
+        run_dir = cls.chosen(cfg)
         if cfg.resume:
             return run_dir, run_dir.resume_from(cfg)
         run_dir.check_fresh(cfg)
         return run_dir, None
+
+    @classmethod
+    def chosen(cls, cfg: TrainConfig) -> RunDir:
+        """The folder `cfg` runs in: --output, else (resume) the newest runs/<method>-*, else a new default name."""
+        if cfg.output:
+            return cls(Path(cfg.output))
+        return cls._newest_run(cfg.method) if cfg.resume else cls.default(cfg.method)
 
     @staticmethod
     def _newest_run(method: str) -> RunDir:
@@ -230,12 +232,16 @@ class RunDir:
 
     def check_fresh(self, cfg: TrainConfig) -> None:
         """A new run may write here: a valid target, and empty or (with --overwrite) a run peftkit wrote."""
-        check_target(self.path, inputs=[_local(cfg.model), _local(cfg.data), _local(cfg.eval_data)])
+        self.check_place(cfg)
         if self.path.exists() and any(self.path.iterdir()):
             if not cfg.overwrite:
                 raise PeftkitError(f"output folder {self} is not empty (it holds another run); pass --overwrite to "
                                    "replace it, --resume to continue it, or choose another --output")
             check_replaceable(self.path, str(self))
+
+    def check_place(self, cfg: TrainConfig) -> None:
+        """The folder's place may hold a run: not a link, a file, a protected folder or one of the run's inputs."""
+        check_target(self.path, inputs=[_local(cfg.model), _local(cfg.data), _local(cfg.eval_data)])
 
     # -- creating it --------------------------------------------------------------------------------------------
 
@@ -244,9 +250,10 @@ class RunDir:
         """Create the run folder (with peftkit's marker) for the block; call it only after every input was validated.
 
         A previous run there (allowed by `check_fresh` only with --overwrite) is renamed aside, not deleted, and
-        removed only when the new run completes. If the new run fails before its first checkpoint, the previous run
-        is put back; if it fails later, both are kept (the new one can be resumed) and a warning names where the
-        previous one is. `enabled=False` (a resumed run, other processes of a distributed run) does nothing.
+        removed only when the new run completes. If the new run fails before its first checkpoint, what it wrote is
+        removed (a folder with only a config and metrics must not pass for a run) and the previous run is put back;
+        if it fails later, both are kept (the new one can be resumed) and a warning names where the previous one
+        is. `enabled=False` (a resumed run, other processes of a distributed run) does nothing.
         """
         if not enabled:
             yield
@@ -256,6 +263,7 @@ class RunDir:
         if self.path.exists() and any(self.path.iterdir()):  # named so that io.fs recognises it (".NAME.prev-PID-")
             previous = self.path.parent / f".{self.name}.prev-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             self.path.rename(previous)
+        existed = self.path.is_dir()  # the user's empty folder: emptied again, not removed, if the run fails
         self.path.mkdir(parents=True, exist_ok=True)
         write_marker(self.path, "train")
         try:
@@ -263,6 +271,10 @@ class RunDir:
         except BaseException:
             if previous is not None:
                 self._keep_previous(previous)
+            elif not self.checkpoints():
+                for item in self.path.iterdir() if existed else [self.path]:
+                    shutil.rmtree(item, True) if item.is_dir() and not item.is_symlink() else item.unlink(True)
+                log.warning("the run failed before its first checkpoint; removed what it wrote in %s", self)
             raise
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)

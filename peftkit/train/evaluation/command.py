@@ -10,21 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 from peftkit import data
-from peftkit.core.state import prompt_format as prompt_format_of
-from peftkit.data.prompting import default_prompt_format
 from peftkit.errors import PeftkitError
-from peftkit.io.adapters import load_adapter
-from peftkit.io.models import load_model
 from peftkit.train.evaluation.heldout import eval_loss, exact_match, row_to_chat
+from peftkit.train.evaluation.loading import load_for_inference
 from peftkit.train.loop.loss import loss_path
 from peftkit.train.loop.shared_prefix import sharing_blocker
 from peftkit.train.splits import Split, collate_fn
 
 
 def evaluate(model_name: str | None, adapter: str | None, source: str | None = None, *, fmt: str = "auto",
-                  split: str | None = None, max_examples: int = 50, max_length: int = 512,
-                  batch_size: int = 8) -> dict[str, Any]:
-    """`peftkit eval`: load the model (and adapter), then loss / perplexity and, with references, exact match.
+             split: str | None = None, max_examples: int = 50, max_length: int = 512, batch_size: int = 8,
+             dequantized: bool = False) -> dict[str, Any]:
+    """`peftkit eval`: load the model (and adapter, `loading.load_for_inference`), then loss / perplexity and, with
+    references, exact match.
 
     source: data file / folder / hub name (default: the bundled task's eval split).
     """
@@ -34,10 +32,8 @@ def evaluate(model_name: str | None, adapter: str | None, source: str | None = N
         raise PeftkitError(f"the data {source!r} has no rows")
     rows = rows.select(range(min(len(rows), max_examples)))
     fmt = data.detect_format(rows.column_names) if fmt == "auto" else fmt
-    lm, tokenizer = load_model(model_name)
-    if adapter:
-        load_adapter(lm, adapter)
-    prompt_format = prompt_format_of(lm) or default_prompt_format(tokenizer)
+    loaded = load_for_inference(model_name, adapter, dequantized=dequantized)
+    lm, tokenizer, prompt_format = loaded.model, loaded.tokenizer, loaded.prompt_format
     ds = data.tokenize(rows, tokenizer, fmt=fmt, max_length=max_length, prompt_format=prompt_format)
     if len(ds) == 0:
         raise PeftkitError(f"no example has an answer token within --max-length {max_length}")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peftkit.errors import PeftkitError
 from peftkit.train.checkpoints.rundir import RunDir
 from peftkit.train.reporting.tracking import Tracking
 
@@ -32,9 +33,8 @@ class Metrics:
         self.tracking = tracking if enabled else None
         self._last_write = time.perf_counter()
         if enabled and keep_until is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_until]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_records(self.path) if record.get("step", 0) <= keep_until]
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
         elif enabled and keep_until is None and self.path.exists():
             self.path.unlink()
 
@@ -59,9 +59,35 @@ class Metrics:
             self.tracking = None
 
     def read(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_records(self.path)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl ([] when there is none); a line that is not a JSON object with a "kind" and
+    an integer "step" is a one-line PeftkitError naming the file and the line (resume checks it before starting)."""
+    if not path.is_file():
+        return []
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise PeftkitError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); it should be one JSON "
+                           "record per line, as peftkit writes it") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            record, why = None, exc.msg
+        else:
+            why = "not a record with a kind and an integer step"
+        if not (isinstance(record, dict) and isinstance(record.get("kind"), str)
+                and type(record.get("step")) is int):
+            raise PeftkitError(f"{path} line {number} is damaged ({why}); each line should be one JSON record as "
+                               "peftkit writes it: remove or repair that line")
+        records.append(record)
+    return records
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
