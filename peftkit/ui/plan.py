@@ -75,15 +75,12 @@ def _pairs(name: str, text: str) -> dict[str, str]:
 
 
 def command_line(flags: dict[str, Any]) -> list[str]:
-    """The `peftkit train` argv that gives these flags (values as the page gave them)."""
-    options = {option.name: option for option in command_options()}
+    """The `peftkit train` argv that gives these flags, in the options' declaration order (`--set` last)."""
     argv = ["peftkit", "train"]
-    for name, value in flags.items():
-        if name == "set":
-            argv += [part for key, val in (value or {}).items() for part in ("--set", f"{key}={val}")]
-        else:
-            argv += _flag(options[name], value)
-    return argv
+    for option in command_options():
+        if option.name in flags and option.name != "set":
+            argv += _flag(option, flags[option.name])
+    return argv + [part for key, val in (flags.get("set") or {}).items() for part in ("--set", f"{key}={val}")]
 
 
 def _flag(option: Option, value: Any) -> list[str]:

@@ -92,7 +92,7 @@ async function buildForm() {
   more.append(el("summary", {}, "More options"));
   FIELDS.filter((f) => !placed.has(f.name)).forEach((f) => more.append(fieldBlock(f, f.choices)));
   groups.append(more);
-  $("#run-name").value = `run-${new Date().toISOString().slice(0, 19).replace(/[-:T]/g, "")}`;
+  if (!$("#run-name").value) $("#run-name").value = `run-${new Date().toISOString().slice(0, 19).replace(/[-:T]/g, "")}`;
 }
 
 function formValues() {
@@ -128,11 +128,11 @@ function renderEstimate(est) {
   box.replaceChildren();
   if (est.error) { box.append(el("p", {class: "error"}, `not available: ${est.error}`)); return; }
   const table = el("table");
-  const gb = (b) => (b / 1e9).toFixed(2);
+  const gb = (b) => (b >= 1e8 ? `${(b / 1e9).toFixed(2)} GB` : `${(b / 1e6).toFixed(1)} MB`);
   Object.entries(est.breakdown).forEach(([k, v]) => {
-    const row = el("tr"); row.append(el("td", {}, k.replaceAll("_", " ")), el("td", {}, `${gb(v)} GB`)); table.append(row);
+    const row = el("tr"); row.append(el("td", {}, k.replaceAll("_", " ")), el("td", {}, gb(v))); table.append(row);
   });
-  const total = el("tr"); total.append(el("th", {}, "total per GPU"), el("th", {}, `${gb(est.total_bytes)} GB`)); table.append(total);
+  const total = el("tr"); total.append(el("th", {}, "total per GPU"), el("th", {}, gb(est.total_bytes))); table.append(total);
   box.append(el("p", {}, `${est.trainable_params.toLocaleString()} trainable of ${est.total_params.toLocaleString()} parameters; precision ${est.precision}`), table);
   est.gpus.forEach((g) => {
     const fits = g.fits ? "fits on one" : g.gpus_needed ? `needs ${g.gpus_needed} (sharded)` : "does not fit";
@@ -226,7 +226,9 @@ async function refreshRuns() {
 function chart(node, title, series, data) {
   node.replaceChildren();
   const width = Math.max(360, node.parentElement.clientWidth - 20);
-  return new uPlot({title, width, height: 220, series: [{label: "step"}, ...series], scales: {x: {time: false}}}, data, node);
+  const axes = [{}, {size: 60, values: (u, ticks) => ticks.map((v) => Number(v.toPrecision(3)))}];
+  return new uPlot({title, width, height: 220, series: [{label: "step"}, ...series], scales: {x: {time: false}}, axes},
+                   data, node);
 }
 
 function drawCharts(records) {
@@ -324,6 +326,7 @@ async function loadEvaluation(run) {
     const summary = await api(`/api/runs/${encodeURIComponent(run)}/evaluation`);
     const before = summary.before || {}, after = summary.after || {};
     const metrics = Object.keys(after).filter((k) => typeof after[k] === "number");
+    if (!metrics.length) { box.textContent = "This run held out no data (--eval-split 0), so it has no evaluation."; return; }
     const table = el("table"), head = el("tr");
     head.append(el("th", {}, "metric"), el("th", {}, "base"), el("th", {}, "adapter"));
     table.append(head);
