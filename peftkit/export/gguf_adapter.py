@@ -24,6 +24,7 @@ import torch
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import read_adapter
 from peftkit.io.fs import read_json_object, refuse_protected
+from peftkit.io.models import EMBEDDED_HUB_ID
 from peftkit.io.shards import open_checkpoint, resolve_base, shapes
 from peftkit.methods.lora.format import lora_config_from_json, parse_keys, saved_module_names
 
@@ -48,8 +49,11 @@ def permute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 def base_config(adapter_config: dict, base: str | os.PathLike | None) -> tuple[dict, dict[str, tuple[int, ...]]]:
     """(the base model's config.json, {weight name: shape} from its safetensors headers): from `base`, else from the
-    adapter's base_model_name_or_path (a local folder, the embedded model or a hub id in the local cache)."""
-    folder = resolve_base(str(base) if base is not None else adapter_config.get("base_model_name_or_path"))
+    adapter's base_model_name_or_path (a local folder, the embedded model or a hub id in the local cache). An adapter
+    trained on the embedded model records its hub id, which names the embedded model here as everywhere else
+    (`io.adapters.adapter_base_model`)."""
+    recorded = adapter_config.get("base_model_name_or_path")
+    folder = resolve_base(str(base) if base is not None else None if recorded == EMBEDDED_HUB_ID else recorded)
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise PeftkitError(f"base model folder {str(folder)!r} has no config.json; give --base with the base model")

@@ -175,6 +175,22 @@ def check_vocabulary(model: nn.Module, tokenizer: Any, shown: str) -> None:
                            "tokens; use the tokenizer the model was trained with (or resize its embeddings)")
 
 
+def load_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model` returns for the same name, without loading the weights (a pad token added as
+    there: its eos, when it has none)."""
+    from transformers import AutoTokenizer
+
+    source, extra, _ = _source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PeftkitError(f"could not load model {name_or_path!r}: {first}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
     name_or_path: str | None = None,
     dtype: str | torch.dtype | None = None,
@@ -194,7 +210,7 @@ def load_model(
     from pickle import UnpicklingError
 
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source, extra, hub_id = _source(name_or_path)
     torch_dtype = resolve_dtype(dtype)
@@ -205,16 +221,14 @@ def load_model(
         quantized["quantization_config"] = bnb_config(mode, double_quant, compute, fsdp_requested())
         if device is not None:  # bitsandbytes quantizes as the weights reach their device: place them at load
             quantized["device_map"] = {"": str(device)}
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
         model = cast("CausalLM", AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code, **extra, **quantized
         ))
     except (OSError, ValueError, SafetensorError, UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeftkitError(f"could not load model {name_or_path!r}: {first}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if device is not None and quantize is None:
         # transformers declares PreTrainedModel.to through functools.wraps(nn.Module.to), which mypy reads as
         # taking the model again as its first argument: the stub is wrong, the call is nn.Module.to's

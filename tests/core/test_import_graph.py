@@ -34,6 +34,7 @@ LAYERS: dict[str, frozenset[str] | None] = {
     "peftkit.memory": frozenset({"memory", "core", "io", "errors"}),
     "peftkit.train": frozenset({"train", "data", "io", "core", "memory", "errors"}),  # methods via the registry
     "peftkit.cli": ANY,
+    "peftkit.ui": ANY,  # the web page: a front end like the CLI (it shows and runs the CLI's commands)
     "peftkit": frozenset({"errors", "_version", "core", "methods", "data", "io", "merging", "export", "memory", "train"}),  # anything but cli
 }
 

@@ -98,6 +98,6 @@ def test_memory_line_is_per_process_and_sharded(tmp_path):
     cfg = load_train_config(None, {"model": str(save_tiny_checkpoint(tmp_path / "tiny")), "method": "full",
                                    "batch_size": 1, "max_length": 64, "precision": "fp32", "fsdp": True})
     model = tiny_model("llama")
-    one, two = memory_estimate(cfg, model, "fp32", 1), memory_estimate(cfg, model, "fp32", 2)
+    one, two = memory_estimate(cfg, model.config, "fp32", 1), memory_estimate(cfg, model.config, "fp32", 2)
     assert two.setup["gpus"] == 2 and two.setup["fsdp"] is True
     assert two.breakdown["optimizer_states"] == pytest.approx(one.breakdown["optimizer_states"] / 2, rel=0.01)

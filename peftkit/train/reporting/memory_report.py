@@ -13,14 +13,16 @@ from peftkit.train.config import TrainConfig
 from peftkit.train.objectives.base import get_objective
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
 
-def memory_estimate(cfg: TrainConfig, model: PreTrainedModel, precision: str, processes: int = 1) -> Any:
-    """peftkit.memory's estimate for this run: the one place the trainer talks to the estimator.
+def memory_estimate(cfg: TrainConfig, model_config: PretrainedConfig, precision: str, processes: int = 1,
+                    gpu_memory_gb: float | None = None) -> Any:
+    """peftkit.memory's estimate for this run: the one place the trainer (and the web page) talk to the estimator.
 
-    precision: the resolved one (`make_accelerator`'s), so `auto` is estimated as what it runs as.
-    processes: the launcher's process count; the figure is per process, sharded as --fsdp / --deepspeed say.
+    cfg: a resolved config (`resolve_defaults`). precision: the resolved one (`make_accelerator`'s), so `auto` is
+    estimated as what it runs as. processes: the launcher's process count; the figure is per process, sharded as
+    --fsdp / --deepspeed say. gpu_memory_gb: the GPU to size for (default: this machine's GPU, if any).
     Raises PeftkitError when the estimator declines the setup.
     """
     import torch
@@ -30,8 +32,10 @@ def memory_estimate(cfg: TrainConfig, model: PreTrainedModel, precision: str, pr
 
     assert cfg.max_length is not None, "a resolved config (resolve_defaults fills max_length)"
     options = field_options(cfg.method, cfg.method_options())
-    gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else None
-    return estimate_memory(model.config, cfg.method, precision="amp" if precision == "fp16" else precision,
+    gpu_gb = gpu_memory_gb
+    if gpu_gb is None and torch.cuda.is_available():
+        gpu_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    return estimate_memory(model_config, cfg.method, precision="amp" if precision == "fp16" else precision,
                            batch_size=_rows(cfg),
                            seq_len=cfg.max_length, gpu_memory_gb=gpu_gb,
                            gradient_checkpointing=cfg.gradient_checkpointing, gpus=processes, fsdp=cfg.fsdp,
@@ -50,7 +54,7 @@ def _rows(cfg: TrainConfig) -> int:
 def report_memory(cfg: TrainConfig, model: PreTrainedModel, precision: str, say: Callable[[str], None], processes: int = 1) -> None:
     """Print the estimate's total and largest parts; warn when it exceeds this GPU's memory."""
     try:
-        estimate = memory_estimate(cfg, model, precision, processes)
+        estimate = memory_estimate(cfg, model.config, precision, processes)
     except PeftkitError as exc:
         say(f"memory estimate: not available ({exc})")
         return

@@ -1,0 +1,93 @@
+"""What keeps the page's server to its user: who may call it, and which files it may touch.
+
+- Bound to a loopback address (the default), requests must name a loopback host (so a web site that rebinds its
+  DNS name to 127.0.0.1 is refused). Bound elsewhere, every request must carry the server's token (`?token=` once;
+  a cookie after).
+- Every state-changing request (POST) carries the token the page was served with in a header, which a form or
+  script of another site cannot send without a CORS preflight this server never grants; an Origin, when sent,
+  must be this server's own.
+- Paths given on the page are relative to the runs root (or absolute inside it) and must stay inside it after
+  resolving `..` and symbolic links; anything else is refused in one line. Hub ids (`org/name`, not a file under
+  the root) are passed on as they are: they read nothing local.
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from peftkit.errors import PeftkitError
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+TOKEN_HEADER = "x-peftkit-token"
+TOKEN_COOKIE = "peftkit_token"
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS
+
+
+def check_request(request: Request, token: str, local: bool) -> Response | None:
+    """None when `request` may go on, else the response refusing it."""
+    host = request.url.hostname or ""
+    if local and not is_loopback(host):
+        return JSONResponse({"error": f"host {host!r} refused: this server answers only on localhost"}, 403)
+    given = request.headers.get(TOKEN_HEADER) or request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE)
+    if not local and not _same(given, token):
+        return JSONResponse({"error": "this server needs its token: open the address it printed (?token=...)"}, 401)
+    if request.method != "GET":
+        origin = request.headers.get("origin")
+        if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host"):
+            return JSONResponse({"error": f"cross-site request from {origin!r} refused"}, 403)
+        if not _same(request.headers.get(TOKEN_HEADER), token):
+            return JSONResponse({"error": "a state-changing request needs the page's token header"}, 403)
+    return None
+
+
+def _same(given: str | None, token: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), token.encode())
+
+
+def inside(root: Path, value: str, what: str) -> Path:
+    """`value` (relative to `root`, or absolute) as a path inside `root`, links resolved; else a one-line error."""
+    if value.startswith("~"):
+        raise PeftkitError(f"{what} {value!r}: give a path relative to the runs root {root}, not one under ~")
+    path = (root / value).resolve() if not Path(value).is_absolute() else Path(value).resolve()
+    if path != root and root not in path.parents:
+        raise PeftkitError(f"{what} {value!r} is outside the runs root {root}; put it under the root (or upload it)")
+    return path
+
+
+LOCAL_FIELDS = ("model", "data", "eval_data", "chat_template")
+
+
+def confine_form(root: Path, form: dict[str, Any]) -> dict[str, Any]:
+    """The form with every local path made absolute and checked to stay under `root` (see the module docstring),
+    so the command the page shows means the same from any folder; hub ids and built-in names (a chat template's
+    `chatml`) pass as they are."""
+    out = dict(form)
+    for field in LOCAL_FIELDS:
+        value = out.get(field)
+        if isinstance(value, str) and value.strip():
+            out[field] = ",".join(_confined(root, part.strip(), field) for part in value.split(","))
+    return out
+
+
+def _confined(root: Path, part: str, field: str) -> str:
+    spec, sep, weight = part.rpartition(":") if field == "data" and _is_weight(part.rpartition(":")[2]) else (part, "", "")
+    local = Path(spec).is_absolute() or ".." in Path(spec).parts or spec.startswith("~") or (root / spec).exists()
+    if not local:
+        return part  # a hub id or a built-in name: nothing local is read
+    return str(inside(root, spec, field.replace("_", " "))) + sep + weight
+
+
+def _is_weight(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,117 @@
+"""Ship it: merge, export, check a finished run, each as the CLI command that does it, and uploads of data files.
+
+A job is that command run as a process (the CLI's code path, its checks and its one-line errors), its output kept in
+ROOT/.peftkit-ui/jobs/ID.log and streamed to the page with the command line, so the user can run the same thing
+from a shell. Outputs go beside the run folder: ROOT/NAME-merged/, ROOT/NAME.gguf (the CLI writes them atomically).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from peftkit.errors import PeftkitError
+from peftkit.ui.runs import STATE
+
+UPLOAD_LIMIT = 2 << 30  # bytes of one uploaded data file
+UPLOAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.(jsonl|json|csv|parquet|txt)")
+
+
+def _merge(status: dict[str, Any], root: Path) -> list[str]:
+    return ["peftkit", "merge", "--adapter", status["adapter"], "--output", str(root / f"{status['name']}-merged")]
+
+
+def _export(status: dict[str, Any], root: Path) -> list[str]:
+    source = status["adapter"] or status["model"]
+    return ["peftkit", "export", source, "--output", str(root / f"{status['name']}.gguf")]
+
+
+def _check(status: dict[str, Any], root: Path) -> list[str]:
+    return ["peftkit", "check", status["adapter"]]
+
+
+# action -> (what it needs: "adapter" or "result", the command for a run's status)
+ACTIONS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = {
+    "merge": ("adapter", _merge), "export": ("result", _export), "check": ("adapter", _check)}
+
+
+class Jobs:
+    """Commands started from the Ship tab, by id."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.folder = root / STATE / "jobs"
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, status: dict[str, Any], action: str) -> dict[str, Any]:
+        """Start `action` on the run described by `status` (`Runs.status`); {"job", "argv", "command"}."""
+        if action not in ACTIONS:
+            raise PeftkitError(f"unknown action {action!r}: {' | '.join(ACTIONS)}")
+        needs, command = ACTIONS[action]
+        if status["status"] != "finished" or not (status["adapter"] or needs == "result" and status["model"]):
+            raise PeftkitError(f"{action} needs a finished run with {'an adapter' if needs == 'adapter' else 'a result'}; "
+                               f"run {status['name']!r} is {status['status']}")
+        argv = command(status, self.root)
+        job = uuid.uuid4().hex[:12]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"{job}.log", "wb") as log:
+            self.procs[job] = subprocess.Popen([sys.executable, "-m", "peftkit.cli", *argv[1:]], cwd=self.root,
+                                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                               env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"})
+        (self.folder / f"{job}.json").write_text(json.dumps({"argv": argv, "action": action}))
+        from peftkit.ui.plan import shell_text
+
+        return {"job": job, "argv": argv, "command": shell_text(argv)}
+
+    async def events(self, job: str, request: Any, poll_s: float) -> AsyncIterator[str]:
+        """The job's output lines as they come ("line" events), then ("end", {"code": exit code})."""
+        if not re.fullmatch(r"[0-9a-f]{12}", job) or not (self.folder / f"{job}.log").is_file():
+            raise PeftkitError(f"no job {job!r}")
+        offset = 0
+        while not await request.is_disconnected():
+            with open(self.folder / f"{job}.log", "rb") as f:
+                f.seek(offset)
+                data = f.read()
+            end = data.rfind(b"\n") + 1
+            for line in data[:end].decode(errors="replace").splitlines():
+                yield f"event: line\ndata: {json.dumps(line)}\n\n"
+            offset += end
+            proc = self.procs.get(job)
+            code = proc.poll() if proc is not None else -1
+            if code is not None and not end:
+                yield f"event: end\ndata: {json.dumps({'code': code})}\n\n"
+                return
+            await asyncio.sleep(poll_s)
+
+    async def save_upload(self, name: str, chunks: AsyncIterator[bytes]) -> str:
+        """Write an uploaded data file to ROOT/uploads/NAME (a temporary file renamed when complete); its path
+        relative to the root. A name that is not a plain data-file name, or a file over the limit, is refused."""
+        if not UPLOAD_NAME.fullmatch(name):
+            raise PeftkitError(f"upload name {name!r} must be a plain file name ending in .jsonl, .json, .csv, "
+                               ".parquet or .txt")
+        folder = self.root / "uploads"
+        folder.mkdir(exist_ok=True)
+        target, tmp = folder / name, folder / f".{name}.{uuid.uuid4().hex[:8]}.part"
+        if target.exists() or target.is_symlink():
+            raise PeftkitError(f"uploads/{name} already exists; rename the file (an upload never replaces one)")
+        size = 0
+        try:
+            with open(tmp, "wb") as f:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > UPLOAD_LIMIT:
+                        raise PeftkitError(f"upload {name!r} is over {UPLOAD_LIMIT >> 30} GiB; point at a file "
+                                           "under the runs root instead")
+                    f.write(chunk)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return str(target.relative_to(self.root))

@@ -1,0 +1,143 @@
+"""The page's server without a browser: it says what the CLI says, refuses what the CLI refuses with the same line,
+and keeps to its user (loopback hosts, its token, no cross-site writes, paths under the runs root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+pytest.importorskip("starlette")
+from starlette.testclient import TestClient
+
+from peftkit.cli import main
+from peftkit.ui.runs import Runs
+from peftkit.ui.server import make_app
+
+TOKEN = "test-token"
+LOCAL = "http://127.0.0.1:7860"
+
+
+@pytest.fixture
+def client(tmp_path):
+    root = tmp_path / "runs"
+    return TestClient(make_app(root, token=TOKEN), base_url=LOCAL), root
+
+
+def post(client, path, body, **headers):
+    return client.post(path, json=body, headers={"X-Peftkit-Token": TOKEN, **headers})
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_shows_the_cli_command_and_its_recipe(client, capsys):
+    http, _ = client
+    form = {"rank": "4", "lr": "0.001", "max_steps": "7", "packing": True, "set": "use_rslora=true"}
+    plan = post(http, "/api/plan", {"form": form}).json()
+    assert plan["command"] == "peftkit train --rank 4 --packing --lr 0.001 --max-steps 7 --set use_rslora=true"
+    code, out, err = cli(capsys, *plan["argv"][1:], "--print-config")
+    assert code == 0, err
+    assert plan["recipe"] == out  # the recipe is what --print-config prints for that command
+    assert plan["estimate"]["trainable_params"] > 0 and len(plan["estimate"]["gpus"]) == 3
+    first = plan["preview"]["examples"][0][0]["runs"]
+    assert [trained for _, trained in first][:2] == [False, True]  # the prompt masked, the answer trained
+    assert "<|im_start|>assistant" in first[0][0] and first[1][0].startswith("name=")
+
+
+@pytest.mark.parametrize("form, field, argv", [
+    ({"rank": "0"}, "rank", ["--rank", "0"]),
+    ({"lr": "-1"}, "lr", ["--lr", "-1"]),
+    ({"objective": "nope"}, "objective", ["--objective", "nope"]),
+    ({"beta": "0.2"}, "beta", ["--beta", "0.2"]),
+])
+def test_bad_values_give_the_cli_line_next_to_their_field(client, capsys, form, field, argv):
+    http, _ = client
+    response = post(http, "/api/plan", {"form": form})
+    code, _, err = cli(capsys, "train", *argv, "--print-config")
+    assert response.status_code == 400 and code == 2
+    assert "error: " + response.json()["error"] == err.strip()
+    assert response.json()["field"] == field
+
+
+def test_a_malformed_data_file_is_refused_before_launch_with_the_cli_line(client, capsys):
+    http, root = client
+    bad = root / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
+    response = post(http, "/api/runs", {"name": "r", "form": {"data": "bad.jsonl"}})
+    code, _, err = cli(capsys, "train", "--data", str(bad), "--dry-run")
+    assert response.status_code == 400 and code == 2
+    assert "error: " + response.json()["error"] == err.strip()
+    assert response.json()["field"] == "data"
+    assert not (root / "r").exists() and not (root / ".peftkit-ui" / "r.json").exists()  # nothing started
+
+
+@pytest.mark.parametrize("value", ["../outside.jsonl", "/etc/passwd", "~/x.jsonl", "link/secret.jsonl"])
+def test_paths_stay_under_the_root(client, tmp_path, value):
+    http, root = client
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.jsonl").write_text('{"text": "x"}\n')
+    os.symlink(tmp_path / "outside", root / "link")
+    response = post(http, "/api/plan", {"form": {"data": value}})
+    assert response.status_code == 400
+    assert "outside the runs root" in response.json()["error"] or "not one under ~" in response.json()["error"]
+
+
+def test_only_this_page_may_change_anything(client):
+    http, _ = client
+    assert http.post("/api/plan", json={"form": {}}).status_code == 403  # no token header
+    assert post(http, "/api/plan", {"form": {}}, origin="http://evil.example").status_code == 403
+    assert http.get("/", headers={"host": "evil.example"}).status_code == 403  # DNS rebinding
+    assert post(http, "/api/runs/x/stop", {}, **{"X-Peftkit-Token": "wrong"}).status_code == 403
+
+
+def test_a_non_local_server_needs_its_token(tmp_path):
+    http = TestClient(make_app(tmp_path, token=TOKEN, local=False), base_url="http://10.1.2.3:7860")
+    assert http.get("/").status_code == 401 and http.get("/api/runs").status_code == 401
+    assert http.get(f"/?token={TOKEN}").status_code == 200  # sets the cookie the page's own requests carry
+    assert http.get("/api/runs").status_code == 200
+
+
+def test_uploads_are_written_whole_and_never_replace_a_file(client):
+    http, root = client
+    headers = {"X-Peftkit-Token": TOKEN}
+    made = http.post("/api/upload?name=rows.jsonl", content=b'{"text": "hi"}\n', headers=headers)
+    assert made.json() == {"path": "uploads/rows.jsonl"}
+    assert (root / "uploads" / "rows.jsonl").read_bytes() == b'{"text": "hi"}\n'
+    again = http.post("/api/upload?name=rows.jsonl", content=b"other", headers=headers)
+    assert again.status_code == 400 and "already exists" in again.json()["error"]
+    assert (root / "uploads" / "rows.jsonl").read_bytes() == b'{"text": "hi"}\n'
+    assert http.post("/api/upload?name=../x.jsonl", content=b"x", headers=headers).status_code == 400
+    assert sorted(p.name for p in (root / "uploads").iterdir()) == ["rows.jsonl"]  # no partial file left
+
+
+def test_a_run_that_fails_shows_the_cli_error_line(tmp_path):
+    runs = Runs(tmp_path)
+    runs.launch("broken", ["peftkit", "train", "--model", str(tmp_path / "missing"), "--output",
+                           str(tmp_path / "broken")])
+    for _ in range(600):
+        status = runs.status("broken")
+        if status["status"] != "running":
+            break
+        time.sleep(0.1)
+    assert status["status"] == "failed", status
+    assert status["error"].startswith("error: model path") and "does not exist" in status["error"]
+    assert Runs(tmp_path).status("broken")["status"] == "failed"  # another server (a restart) sees the same
+    with pytest.raises(Exception, match="run name"):
+        runs.folder("../up")
+    for _ in range(100):  # the server's reaper records the exit code once it has waited for the process
+        recorded = json.loads((tmp_path / ".peftkit-ui" / "broken.json").read_text())["exit_code"]
+        if recorded is not None:
+            break
+        time.sleep(0.1)
+    assert recorded == 2
