@@ -53,8 +53,8 @@ class Runs:
 
     def launch(self, name: str, argv: list[str]) -> dict[str, Any]:
         """Start `argv` (a `peftkit train ...` command line) writing to ROOT/NAME; refused if that name is taken."""
-        folder = self.folder(name)
-        if folder.exists() or folder.is_symlink() or self._record(name) and self._alive(self._record(name)):
+        folder, record = self.folder(name), self._record(name)
+        if folder.exists() or folder.is_symlink() or record is not None and self._alive(record):
             raise PeftkitError(f"a run named {name!r} already exists under {self.root}; pick another name")
         return self._start(name, argv)
 
@@ -209,4 +209,4 @@ def _proc_start(pid: int) -> str | None:
 
 def _zombie(pid: int) -> bool:
     fields = _proc_fields(pid)
-    return bool(fields) and fields[0] == "Z"
+    return fields is not None and fields[0] == "Z"
