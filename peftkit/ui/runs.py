@@ -123,7 +123,7 @@ class Runs:
             raise PeftkitError("a run is a `peftkit train ...` command")
         self.state.mkdir(parents=True, exist_ok=True)
         with self._lock, open(self.state / f"{name}.log", "ab") as log:
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env = child_env()
             proc = subprocess.Popen([sys.executable, "-m", "peftkit.cli", *argv[1:]], stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
                                     cwd=self.root)
@@ -162,6 +162,14 @@ class Runs:
             return False
         start = _proc_start(record["pid"])
         return start is not None and start == record.get("proc_start") and not _zombie(record["pid"])
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a command the page starts: this one, unbuffered, with this peftkit first on the path (the
+    command runs in the runs root, where a source checkout's package would not be found otherwise)."""
+    here = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
 
 
 def read_metrics(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:

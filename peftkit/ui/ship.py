@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
-from peftkit.ui.runs import STATE
+from peftkit.ui.runs import STATE, child_env
 
 UPLOAD_LIMIT = 2 << 30  # bytes of one uploaded data file
 UPLOAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.(jsonl|json|csv|parquet|txt)")
@@ -65,7 +65,7 @@ class Jobs:
         with open(self.folder / f"{job}.log", "wb") as log:
             self.procs[job] = subprocess.Popen([sys.executable, "-m", "peftkit.cli", *argv[1:]], cwd=self.root,
                                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                               env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"})
+                                               env={**child_env(), "COLUMNS": "120"})
         (self.folder / f"{job}.json").write_text(json.dumps({"argv": argv, "action": action}))
         from peftkit.ui.plan import shell_text
 
