@@ -202,6 +202,20 @@ class Method:
         return frozen * bytes_per_param
 
 
+def copy_saved_tensors(method: str, wanted: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a file's `tensors` into the model's tensors `wanted` (both keyed as the file names them): the key sets
+    must be equal and each shape the same, else a one-line PeftkitError naming the first key that differs."""
+    for key in sorted(set(tensors) ^ set(wanted)):
+        what = f"is not a {method} tensor of this model" if key in tensors else "is missing from the file"
+        raise PeftkitError(f"{method} tensor {key!r} {what} (was the adapter trained for another base model?)")
+    with torch.no_grad():
+        for key, target in wanted.items():
+            if tensors[key].shape != target.shape:
+                raise PeftkitError(f"{method} tensor {key!r} has shape {tuple(tensors[key].shape)}, the model needs "
+                                   f"{tuple(target.shape)}")
+            target.copy_(tensors[key])
+
+
 def typed_field(field: str, value: Any, hint: Any) -> Any:
     """`value` as a config field of type `hint` (PeftkitError naming the field otherwise); a single value where a
     list (tuple) is wanted is a list of one (`--set layers_to_transform=1`)."""

@@ -22,13 +22,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from peftkit.core.inject import base_modules, find_targets, inject, replace_module, saved_targets
-from peftkit.core.method import PEFT_PREFIX, AdapterLayer, Method
+from peftkit.core.method import PEFT_PREFIX, AdapterLayer, Method, copy_saved_tensors
 from peftkit.core.registry import register
 from peftkit.core.shapes import ModelShape, SavedActivations
 from peftkit.core.state import adapters
@@ -84,6 +84,11 @@ def is_feedforward(path: str, feedforward: Sequence[str] | str) -> bool:
     return any(path.endswith(name) for name in feedforward)
 
 
+def model_type(model: nn.Module) -> str:
+    """The model's `config.model_type` ("" without one)."""
+    return str(getattr(getattr(model, "config", None), "model_type", ""))
+
+
 class IA3Layer(AdapterLayer):
     """Wraps one linear layer (`base_layer`) and holds its IA3 vectors, one per adapter name, in `ia3_l`."""
 
@@ -92,13 +97,18 @@ class IA3Layer(AdapterLayer):
         self.base_layer = base_layer
         self.is_feedforward = feedforward
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # GPT-2's Conv1D stores W as [in, out]
-        d_out, d_in = base_layer.weight.shape[::-1] if self.fan_in_fan_out else base_layer.weight.shape
+        d_out, d_in = self.weight.shape[::-1] if self.fan_in_fan_out else self.weight.shape
         self.vector_shape = (1, d_in) if feedforward else (d_out, 1)
         self.ia3_l = nn.ParameterDict()
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (`nn.Module.__getattr__` types it as `Tensor | Module`)."""
+        return cast(torch.Tensor, self.base_layer.weight)
+
     def add_adapter(self, name: str, init_ones: bool) -> None:
         """A new vector for adapter `name`: ones (the identity), or N(0, 1) without `init_ones` (as PEFT)."""
-        weight = self.base_layer.weight
+        weight = self.weight
         make = torch.ones if init_ones else torch.randn
         self.ia3_l[name] = nn.Parameter(make(self.vector_shape, device=weight.device, dtype=weight.dtype))
 
@@ -115,7 +125,7 @@ class IA3Layer(AdapterLayer):
     def _fold(self, name: str, inverse: bool) -> None:
         """Multiply (or divide back) the base weight, and an output vector's bias, by adapter `name`'s vector."""
         vector = self.ia3_l[name].data
-        weight, bias = self.base_layer.weight, self.base_layer.bias
+        weight, bias = self.weight, cast(torch.Tensor | None, self.base_layer.bias)
         scale = vector.T if self.fan_in_fan_out else vector  # PEFT's transpose(ia3_l, fan_in_fan_out)
         op = torch.div if inverse else torch.mul
         eps = 1e-8 if inverse else 0.0  # PEFT's tolerance against division by zero
@@ -150,7 +160,7 @@ class IA3Method(Method):
 
     def inject(self, model: nn.Module, config: IA3Config, adapter_name: str) -> None:
         """Wrap every targeted linear in an IA3Layer (or reuse it) and add the adapter's vector."""
-        targets, feedforward = config.resolved(model.config.model_type)
+        targets, feedforward = config.resolved(model_type(model))
         for path in find_targets(model, targets):
             module = model.get_submodule(path)
             if not isinstance(module, IA3Layer):
@@ -161,7 +171,7 @@ class IA3Method(Method):
     def export(self, model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         """PEFT's IA3 layout: one `ia3_l` tensor per adapted module; targets as PEFT re-creates exactly them."""
         config: IA3Config = adapters(model)[adapter_name].config
-        targets, feedforward = config.resolved(model.config.model_type)
+        targets, feedforward = config.resolved(model_type(model))
         layers = [(p, m) for p, m in base_modules(model) if isinstance(m, IA3Layer) and adapter_name in m.ia3_l]
         tensors = {f"{PEFT_PREFIX}{p}.ia3_l": m.ia3_l[adapter_name].detach().contiguous() for p, m in layers}
         paths = [p for p, _ in layers]
@@ -178,16 +188,9 @@ class IA3Method(Method):
         config = IA3Config(target_modules=config_json.get("target_modules"),
                            feedforward_modules=config_json.get("feedforward_modules") or ())
         inject(model, config, adapter_name)
-        layers = {f"{PEFT_PREFIX}{p}.ia3_l": m for p, m in base_modules(model) if isinstance(m, IA3Layer)}
-        for key in sorted(set(tensors) ^ set(layers)):
-            what = "is not a module of this model" if key in tensors else "is missing from the file"
-            raise PeftkitError(f"IA3 tensor {key!r} {what} (was the adapter trained for another base model?)")
-        with torch.no_grad():
-            for key, layer in layers.items():
-                if tuple(tensors[key].shape) != layer.vector_shape:
-                    raise PeftkitError(f"IA3 tensor {key!r} has shape {tuple(tensors[key].shape)}, the model needs "
-                                       f"{layer.vector_shape}")
-                layer.ia3_l[adapter_name].copy_(tensors[key])
+        wanted = {f"{PEFT_PREFIX}{p}.ia3_l": m.ia3_l[adapter_name] for p, m in base_modules(model)
+                  if isinstance(m, IA3Layer) and adapter_name in m.ia3_l}
+        copy_saved_tensors("IA3", wanted, tensors)
         return config
 
     def saved_activations(self, config: IA3Config, shape: ModelShape, act_bytes: int, seq_len: int) -> SavedActivations:

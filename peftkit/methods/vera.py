@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftkit.core.inject import base_modules, find_targets, inject, replace_module, saved_targets
-from peftkit.core.method import PEFT_PREFIX, AdapterLayer, Method
+from peftkit.core.method import PEFT_PREFIX, AdapterLayer, Method, copy_saved_tensors
 from peftkit.core.method_options import DROPOUT, RANK
 from peftkit.core.registry import register
 from peftkit.core.shapes import ModelShape, SavedActivations
@@ -126,9 +126,14 @@ class VeraLayer(AdapterLayer):
         self.vera_lambda_d = nn.ParameterDict()
         self.vera_dropout = nn.ModuleDict()
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (`nn.Module.__getattr__` types it as `Tensor | Module`)."""
+        return cast(torch.Tensor, self.base_layer.weight)
+
     def add_adapter(self, name: str, config: VeraConfig) -> None:
         """λ_b = 0 [d_out] and λ_d = d_initial [r] for adapter `name`, in the base weight's dtype."""
-        weight = self.base_layer.weight
+        weight = self.weight
         kw: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
         self.vera_lambda_b[name] = nn.Parameter(torch.zeros(self.out_features, **kw))
         self.vera_lambda_d[name] = nn.Parameter(torch.full((config.r,), config.d_initial, **kw))
@@ -156,7 +161,7 @@ class VeraLayer(AdapterLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def _add(self, name: str, sign: float) -> None:
-        weight = self.base_layer.weight
+        weight = self.weight
         weight.data = (weight.data.float() + sign * self.delta_weight(name)).to(weight.dtype)
 
     def merge(self) -> None:
@@ -178,7 +183,7 @@ def in_out(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a linear layer: nn.Linear stores W as [out, in], GPT-2's Conv1D as [in, out]."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    d_in, d_out = module.weight.shape
+    d_in, d_out = cast(torch.Tensor, module.weight).shape
     return d_in, d_out
 
 
@@ -209,7 +214,7 @@ class VeraMethod(Method):
             projections = existing[0][1].projections
             projections.check_fits(config, d_in, d_out)
         else:
-            device = model.get_submodule(paths[0]).weight.device
+            device = cast(torch.Tensor, model.get_submodule(paths[0]).weight).device
             projections = VeraProjections(config, d_in, d_out, device)
         for path in paths:
             module = model.get_submodule(path)
@@ -228,7 +233,7 @@ class VeraMethod(Method):
                 tensors[f"{PEFT_PREFIX}{path}.{kind}"] = getattr(layer, kind)[adapter_name].detach().contiguous()
         if config.save_projection:
             shared = layers[0][1].projections
-            tensors.update(zip(PROJECTION_KEYS, (shared.vera_A.contiguous(), shared.vera_B.contiguous())))
+            tensors.update(zip(PROJECTION_KEYS, (shared.vera_A.contiguous(), shared.vera_B.contiguous()), strict=True))
         config_json = {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", "inference_mode": True, "r": config.r,
                        "target_modules": saved_targets(model, [p for p, _ in layers], config.target_modules),
                        "projection_prng_key": config.projection_prng_key, "save_projection": config.save_projection,
@@ -255,16 +260,8 @@ class VeraMethod(Method):
                   for p, m in layers for kind in ("vera_lambda_b", "vera_lambda_d")}
         shared = layers[0][1].projections
         if config.save_projection:
-            wanted.update(zip(PROJECTION_KEYS, (shared.vera_A, shared.vera_B)))
-        for key in sorted(set(tensors) ^ set(wanted)):
-            what = "is not a tensor of this model's VeRA" if key in tensors else "is missing from the file"
-            raise PeftkitError(f"VeRA tensor {key!r} {what} (was the adapter trained for another base model?)")
-        with torch.no_grad():
-            for key, target in wanted.items():
-                if tensors[key].shape != target.shape:
-                    raise PeftkitError(f"VeRA tensor {key!r} has shape {tuple(tensors[key].shape)}, the model needs "
-                                       f"{tuple(target.shape)}")
-                target.copy_(tensors[key])
+            wanted.update(zip(PROJECTION_KEYS, (shared.vera_A, shared.vera_B), strict=True))
+        copy_saved_tensors("VeRA", wanted, tensors)
         return config
 
     def saved_activations(self, config: VeraConfig, shape: ModelShape, act_bytes: int, seq_len: int) -> SavedActivations:
