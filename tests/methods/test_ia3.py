@@ -14,6 +14,7 @@ from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
 from peftkit.memory import estimate_memory
 from peftkit.methods.ia3 import IA3Config
+from tests.methods.merge_checks import assert_merges_as_peft
 from tests.tiny import ARCHS, logits, tiny_config, tiny_input, tiny_model
 
 
@@ -64,18 +65,7 @@ def test_loads_peft_saved_ia3(tmp_path, kind, options):
 
 @pytest.mark.parametrize("kind", ["qwen2", "gpt2"])  # biases IA3 scales on merge; Conv1D's [in, out] weights
 def test_merge_equals_peft_merge_and_unload_and_unmerges(tmp_path, kind):
-    model, ids = ia3(kind), tiny_input()
-    unmerged = logits(model, ids)
-    peftkit.save_adapter(model, tmp_path / "ad")
-    peftkit.merge_adapter(model)
-    assert (logits(model, ids) - unmerged).abs().max() <= 1e-5
-    peftkit.unmerge_adapter(model)
-    assert (logits(model, ids) - unmerged).abs().max() <= 1e-5
-    merged = peftkit.merge(model)
-    theirs = PeftModel.from_pretrained(tiny_model(kind), tmp_path / "ad").merge_and_unload()
-    ours_state, their_state = merged.state_dict(), theirs.state_dict()
-    assert ours_state.keys() == their_state.keys()
-    assert max((ours_state[k] - their_state[k]).abs().max().item() for k in ours_state) <= 1e-6
+    assert_merges_as_peft(ia3(kind), kind, tmp_path / "ad")
 
 
 def test_saved_config_names_modules_as_peft_does(tmp_path):

@@ -15,6 +15,7 @@ from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
 from peftkit.memory import estimate_memory
 from peftkit.methods.vera import VeraConfig
+from tests.methods.merge_checks import assert_merges_as_peft
 from tests.tiny import logits, perturb_adapter, tiny_config, tiny_input, tiny_model
 
 # targets of different shapes (sliced projections), Conv1D, GQA, biases, defaults, all-linear
@@ -71,18 +72,7 @@ def test_loads_peft_saved_vera(tmp_path, kind, targets, save_projection):
 @pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
 def test_merge_equals_peft_merge_and_unload_and_unmerges(tmp_path, kind):
     targets = ["q_proj", "v_proj", "down_proj"] if kind == "qwen2" else ["c_attn", "c_proj"]
-    model, ids = vera(kind, targets), tiny_input()
-    unmerged = logits(model, ids)
-    peftkit.save_adapter(model, tmp_path / "ad")
-    peftkit.merge_adapter(model)
-    assert (logits(model, ids) - unmerged).abs().max() <= 1e-5
-    peftkit.unmerge_adapter(model)
-    assert (logits(model, ids) - unmerged).abs().max() <= 1e-6
-    merged = peftkit.merge(model)
-    theirs = PeftModel.from_pretrained(tiny_model(kind), tmp_path / "ad").merge_and_unload()
-    ours_state, their_state = merged.state_dict(), theirs.state_dict()
-    assert ours_state.keys() == their_state.keys()
-    assert max((ours_state[k] - their_state[k]).abs().max().item() for k in ours_state) <= 1e-6
+    assert_merges_as_peft(vera(kind, targets), kind, tmp_path / "ad")
 
 
 @pytest.mark.parametrize("second,message", [
