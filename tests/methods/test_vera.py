@@ -135,3 +135,13 @@ def test_estimate_counts_and_its_own_activations():
     assert est.trainable_params == 2 * ((32 + 4) + (16 + 4))  # default q_proj, v_proj: d_out + r each
     lora = estimate_memory(config, "lora", precision="fp32", seq_len=32, r=4)
     assert est.breakdown["activations"] != lora.breakdown["activations"]
+
+
+def test_learning_rates_bundled_task_and_user_data():
+    """VeRA's vectors barely move at the bundled task's 2e-3: its own bundled_lr there, its default_lr on user data."""
+    from peftkit.train.config import load_train_config, resolve_defaults
+
+    method = get_method("vera")
+    assert resolve_defaults(load_train_config(None, {"method": "vera"})).lr == method.bundled_lr
+    assert resolve_defaults(load_train_config(None, {"method": "vera", "data": "rows.jsonl"})).lr == method.default_lr
+    assert resolve_defaults(load_train_config(None, {"method": "vera", "lr": 1e-3})).lr == 1e-3
