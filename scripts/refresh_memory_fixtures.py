@@ -25,7 +25,8 @@ from peftkit.memory.step_trace import trace_memory
 from peftkit.memory.training_setup import TrainingSetup
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "memory" / "traces.json"
-CASES = [("full", "amp"), ("full", "bf16"), ("lora", "amp"), ("prefix", "amp"), ("adapter", "amp"), ("prompt", "amp")]
+CASES = [("full", "amp"), ("full", "bf16"), ("lora", "amp"), ("prefix", "amp"), ("adapter", "amp"), ("prompt", "amp"),
+         ("ia3", "amp"), ("vera", "amp")]
 MOE_CASES = [("lora", "amp", {"target_parameters": "mlp.experts.gate_up_proj,mlp.experts.down_proj"})]
 SEQS = (512, 2048)
 

@@ -90,6 +90,20 @@ def find_targets(
     return selected
 
 
+def saved_targets(model: nn.Module, paths: Sequence[str], given: Sequence[str] | str | None = None) -> list[str] | str:
+    """`target_modules` as adapter_config.json should say it, so that PEFT re-creates exactly `paths`: `given` (the
+    config's own spec) when it selects exactly them, else their module names when those do, else a regex of the
+    paths (a `layers_to_transform` or a partial selection)."""
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    for spec in ([] if given is None else [given]) + [names]:
+        try:
+            if set(find_targets(model, spec)) == set(paths):
+                return list(spec) if not isinstance(spec, str) else spec
+        except PeftkitError:
+            continue
+    return "^(" + "|".join(re.escape(p) for p in paths) + ")$"
+
+
 def replace_module(model: nn.Module, path: str, new: nn.Module | None) -> None:
     """Put `new` at dotted `path` in `model` (the parent's attribute is reassigned; None removes it)."""
     parent_path, _, leaf = path.rpartition(".")

@@ -93,7 +93,8 @@ class Method:
     model), `config_cls` (frozen dataclass), `mergeable` (can be folded into the base weights; else
     `why_not_mergeable` explains), `option_fields` (shared option of `core/method_options` -> the config field it
     sets, e.g. {"rank": "r"}; the config checks that field with the same Option), `trains_base` (the method
-    trains the model's own weights, as full and freeze fine-tunes do, instead of injecting an adapter), `default_lr`.
+    trains the model's own weights, as full and freeze fine-tunes do, instead of injecting an adapter), `default_lr`,
+    `bundled_lr` (an adapter's learning rate on the bundled task, when the trainer's bundled default does not suit it).
     """
 
     name: ClassVar[str]
@@ -104,6 +105,8 @@ class Method:
     option_fields: ClassVar[dict[str, str]] = {}
     trains_base: ClassVar[bool] = False
     default_lr: ClassVar[float] = 2e-4  # the trainer's learning rate when none is given for the user's data
+    bundled_lr: ClassVar[float | None] = None  # an adapter's learning rate on the bundled task (no --data) where
+    # the trainer's bundled 2e-3 does not suit it (VeRA's two vectors per layer barely move at 2e-3 in 30 steps)
 
     def inject(self, model: nn.Module, config: Any, adapter_name: str) -> None:
         """Add adapter `adapter_name` described by `config` to `model` in place."""
@@ -200,6 +203,20 @@ class Method:
         """Bytes the `frozen` parameters take in memory when unquantized ones take `bytes_per_param` each (the
         default); qlora's quantized linears take less. The quantization itself happens at load (`load_options`)."""
         return frozen * bytes_per_param
+
+
+def copy_saved_tensors(method: str, wanted: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a file's `tensors` into the model's tensors `wanted` (both keyed as the file names them): the key sets
+    must be equal and each shape the same, else a one-line PeftkitError naming the first key that differs."""
+    for key in sorted(set(tensors) ^ set(wanted)):
+        what = f"is not a {method} tensor of this model" if key in tensors else "is missing from the file"
+        raise PeftkitError(f"{method} tensor {key!r} {what} (was the adapter trained for another base model?)")
+    with torch.no_grad():
+        for key, target in wanted.items():
+            if tensors[key].shape != target.shape:
+                raise PeftkitError(f"{method} tensor {key!r} has shape {tuple(tensors[key].shape)}, the model needs "
+                                   f"{tuple(target.shape)}")
+            target.copy_(tensors[key])
 
 
 def typed_field(field: str, value: Any, hint: Any) -> Any:

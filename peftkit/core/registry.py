@@ -8,10 +8,11 @@ stays light. Nothing else in peftkit names a method: the trainer, CLI, adapter I
 these lookups and the `Method` interface.
 
 Plugins: after the built-ins, the first lookup also loads every Python entry point of group `peftkit.methods`
-(`[project.entry-points."peftkit.methods"] ia3 = "peftkit_ia3:IA3Method"` in a package's pyproject.toml), once.
+(`[project.entry-points."peftkit.methods"] ln_tuning = "peftkit_ln_tuning:LNTuningMethod"` in a package's
+pyproject.toml), once.
 An entry point gives a `Method` subclass or instance; a plugin that fails to import, gives something else, or
 reuses a registered name is skipped with a one-line warning naming it. `register_method` (`peftkit.register_method`)
-registers one from Python. See examples/ia3_plugin/.
+registers one from Python. See examples/ln_tuning_plugin/.
 """
 
 from __future__ import annotations

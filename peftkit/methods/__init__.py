@@ -4,10 +4,12 @@
     prefix      prefix tuning                           prompt        prompt tuning (both on virtual_tokens.py)
     full        full fine-tune (whole.py)               freeze        last N layers (whole.py)
     qlora       LoRA over a bitsandbytes-quantized base (qlora.py; registered after lora, which loads LORA files)
+    ia3         IA3: a learned scale per output / input (ia3.py)
+    vera        VeRA: two vectors per layer on shared frozen random projections (vera.py)
 
 A method imports only `peftkit.core` (and `peftkit.errors`); nothing outside this package names a method.
 """
 
-from peftkit.methods import bottleneck, lora, prefix, prompt, qlora, whole
+from peftkit.methods import bottleneck, ia3, lora, prefix, prompt, qlora, vera, whole
 
-__all__ = ["bottleneck", "lora", "prefix", "prompt", "qlora", "whole"]
+__all__ = ["bottleneck", "ia3", "lora", "prefix", "prompt", "qlora", "vera", "whole"]

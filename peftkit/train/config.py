@@ -265,7 +265,8 @@ def print_config(cfg: TrainConfig, given: dict[str, Given]) -> str:
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     """Fill the `None` fields: bundled-task defaults when no --data, else generic ones; lr per method
-    (`Method.default_lr`: whole-model fine-tunes need a far smaller one than adapters)."""
+    (`Method.default_lr`: whole-model fine-tunes need a far smaller one than adapters; on the bundled task an
+    adapter's `Method.bundled_lr` where the method has one)."""
     return default_fill(cfg)[0]
 
 
@@ -279,6 +280,8 @@ def default_fill(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, str]]:
     method = get_method(cfg.method)
     if cfg.lr is None and (cfg.data is not None or method.trains_base):
         fill["lr"] = (method.default_lr, f"default (method {method.name})")
+    elif cfg.lr is None and method.bundled_lr is not None:
+        fill["lr"] = (method.bundled_lr, f"default (bundled task, method {method.name})")
     objective = get_objective(cfg.objective)
     fill.update({k: (v, f"default (objective {cfg.objective})") for k, v in objective.defaults(cfg).items()})
     unset = {k: v for k, v in objective.option_defaults().items() if k not in cfg.objective_options}

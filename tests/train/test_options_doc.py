@@ -20,4 +20,4 @@ def test_table_lists_every_option_with_its_flags_and_aliases():
     for name, option in train_options().items():
         assert f"| `{name}` |" in text, name
         assert all(f"`{alias}`" in text for alias in option.aliases), name
-    assert "`--rank`, `-r`" in text and "lora, qlora: `r`" in text and "`lora_r`" in text
+    assert "`--rank`, `-r`" in text and "lora, qlora, vera: `r`" in text and "`lora_r`" in text
