@@ -1,6 +1,6 @@
 """convert: an adapter of any mergeable method -> a plain LoRA by SVD of each module's weight delta, through the
 registry only. DoRA at full rank reproduces its logits and HF PEFT loads the result; at low rank the energy reported
-is what the written LoRA keeps; the IA3 example plugin converts too (no method is named); a full fine-tune's folder
+is what the written LoRA keeps; IA3 converts too (convert names no method); a full fine-tune's folder
 goes through compress; `check` prints a command that works; bad input is one line and exit code 2."""
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ from peft import PeftModel
 
 import peftkit
 from peftkit.cli import main
-from peftkit.core import registry
 from peftkit.core.state import set_base_model
 from peftkit.export.portability import check_portability
 from peftkit.merging.convert import convert
 from tests.tiny import logits, perturb_adapter, tiny_input, tiny_model
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ia3_plugin"
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +80,11 @@ def test_energy_picks_the_smallest_rank_per_module(dora):
         assert row.energy >= 0.9 > float(share[row.rank - 2]) and abs(row.energy - float(share[row.rank - 1])) <= 1e-4
 
 
-def test_the_ia3_example_plugin_converts_without_being_named(dora, tmp_path, monkeypatch):
+def test_ia3_converts_without_being_named(dora, tmp_path):
     tmp, _ = dora
-    monkeypatch.syspath_prepend(str(EXAMPLE))
-    registry.method_names()  # built-ins first; the registry is restored after the test
-    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
-    import peftkit_ia3
+    from peftkit.methods.ia3 import IA3Config
 
-    peftkit.register_method(peftkit_ia3.IA3Method)
-    model = peftkit.inject(tiny_model("llama"), peftkit_ia3.IA3Config())
+    model = peftkit.inject(tiny_model("llama"), IA3Config())
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "ia3_l" in name:
