@@ -115,10 +115,13 @@ class SavedActivations:
 
     per_layer: in every decoder layer (LoRA: the inputs of its A projections and its rank-r outputs).
     once: once per forward, whatever the layer count (prefix tuning: one boolean attention mask for all layers).
+    weights_per_layer: bytes (not per token) every decoder layer saves whatever the token count: weight-sized
+    tensors its forward builds and keeps for backward (LoKr / LoHa: each adapted linear's whole ΔW).
     """
 
     per_layer: int = 0
     once: int = 0
+    weights_per_layer: int = 0
 
 
 def _field(config: PretrainedConfig, name: str, source: str) -> int:

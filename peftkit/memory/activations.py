@@ -15,7 +15,7 @@ Trained decoder layer (every weight of the layer trainable), bytes per token per
   product (4i elements).
 Frozen decoder layer whose input requires grad (a method that injects adapters): norms save only their fp32 input
 (4h each); linears save nothing; the MLP saves gate, silu(gate) and up (3i); SDPA as above; the method adds what its
-own modules save (`Method.saved_activations`).
+own modules save (`Method.saved_activations`: per token, and weight-sized tensors per layer whatever the tokens).
 Which layers train is the method's answer (`Method.trained_base`: full -> all, freeze -> the top N, whose lower
 layers save nothing); how many positions run is the row plus `Method.extra_positions` (prompt tuning).
 Gradient checkpointing keeps only each layer's input (residual dtype) and recomputes one layer at a time.
@@ -115,12 +115,17 @@ def activation_bytes(s: ModelShape, setup: TrainingSetup) -> ActivationBytes:
     cache = 0
     if r.autocast_cache and base is not None:
         cache = 2 * sum(lin.d_in * lin.d_out for lin in s.linears) * base.layers
+    method = method_saved(s, setup)
+    weights = method.weights_per_layer if base is None else 0  # per layer, whatever the tokens
     if setup.gradient_checkpointing:
         saved = len(per_layer) * r.residual * s.hidden + final_norm + rotary
+        held = 0  # only the recomputed layer holds its weight-sized tensors
     else:
         saved = sum(per_layer) + final_norm + rotary
-    saved += method_saved(s, setup).once
-    return ActivationBytes(saved * tokens + cache, max(per_layer, default=0) * tokens, cache)
+        held = weights * len(per_layer)
+    saved += method.once
+    one_layer = max(per_layer, default=0) * tokens + weights
+    return ActivationBytes(saved * tokens + cache + held, one_layer, cache)
 
 
 def logits_bytes(s: ModelShape, setup: TrainingSetup) -> tuple[int, int]:
