@@ -69,9 +69,9 @@ class LohaLayer(DeltaLayer):
             return
         with torch.no_grad():
             for attr in FACTORS:
-                kaiming(getattr(self, attr)[name])
+                kaiming(self.factor(attr, name, fp32=False))
             if config.init_weights:
-                nn.init.zeros_(self.hada_w2_b[name])
+                nn.init.zeros_(self.factor("hada_w2_b", name, fp32=False))
 
     def unscaled_delta(self, name: str, fp32: bool = False) -> torch.Tensor:
         """(W1_a W1_b) ⊙ (W2_a W2_b), [out, in]."""

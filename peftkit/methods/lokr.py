@@ -100,9 +100,9 @@ class LokrLayer(DeltaLayer):
             for param in made.values():
                 kaiming(param)
             if config.init_weights is True:
-                nn.init.zeros_(made.get("w1", made.get("w1_a")))
+                nn.init.zeros_(made["w1"] if "w1" in made else made["w1_a"])
             elif config.init_weights == "lycoris":
-                nn.init.zeros_(made.get("w2", made.get("w2_b")))
+                nn.init.zeros_(made["w2"] if "w2" in made else made["w2_b"])
 
     def _block(self, which: str, name: str, fp32: bool) -> torch.Tensor:
         """W1 or W2 of adapter `name`: the full matrix, or its rank-r product."""
