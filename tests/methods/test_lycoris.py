@@ -21,15 +21,14 @@ from tests.tiny import logits, perturb_adapter, tiny_config, tiny_input, tiny_mo
 OURS = {"lokr": peftkit.LokrConfig, "loha": peftkit.LohaConfig}
 PEFT = {"lokr": PeftLokr, "loha": PeftLoha}
 
-CASES = [  # (method, architecture, options): every tiny family, the LoKr shapes, patterns and layer selection
+CASES = [  # (method, architecture, options): the tiny families, the LoKr shapes, patterns and layer selection
     ("lokr", "llama", {"target_modules": ["q_proj", "v_proj"]}),
     ("lokr", "qwen2", {"target_modules": "all-linear", "decompose_both": True, "r": 1}),
-    ("lokr", "mistral", {"target_modules": ["o_proj", "down_proj"], "decompose_factor": 4, "alpha": 3.0}),
-    ("lokr", "gemma", {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [1]}),
-    ("loha", "llama", {"target_modules": "all-linear"}),
+    ("lokr", "gemma", {"target_modules": ["o_proj", "down_proj"], "decompose_factor": 4, "alpha": 3.0,
+                       "layers_to_transform": [1]}),
+    ("loha", "mistral", {"target_modules": "all-linear"}),
     ("loha", "qwen2", {"target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 2},
                        "alpha_pattern": {"v_proj": 5.0}}),
-    ("loha", "mistral", {"target_modules": ["k_proj", "gate_proj"]}),
     ("loha", "gemma", {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [0]}),
 ]
 
@@ -71,8 +70,8 @@ def test_peftkit_loads_peft_adapter(tmp_path, method):
     assert (logits(model, ids) - expected).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("method,kind,targets", [("lokr", "llama", "all-linear"), ("lokr", "gemma", ["q_proj"]),
-                                                 ("loha", "mistral", ["q_proj", "v_proj"]), ("loha", "qwen2", "all-linear")])
+@pytest.mark.parametrize("method,kind,targets", [("lokr", "llama", "all-linear"), ("lokr", "mistral", ["q_proj"]),
+                                                 ("loha", "llama", ["q_proj", "v_proj"]), ("loha", "qwen2", "all-linear")])
 def test_trainable_counts_equal_peft(method, kind, targets):
     ours = count_parameters(tiny_config(kind), method, rank=8, target_modules=targets)  # meta device
     theirs = get_peft_model(tiny_model(kind), PEFT[method](r=8, target_modules=targets)).get_nb_trainable_parameters()
@@ -102,7 +101,7 @@ def test_starts_as_base_and_trains_with_dropouts(method):
     base = logits(model, ids)
     peftkit.inject(model, OURS[method](r=4, rank_dropout=0.5, module_dropout=0.1))
     assert torch.equal(logits(model, ids), base)
-    first, last = train_steps(model, ids, steps=6)
+    first, last = train_steps(model, ids, steps=4)
     assert last < first
     assert torch.equal(logits(model, ids), logits(model, ids))  # eval: no dropout
 
