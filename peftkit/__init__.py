@@ -37,6 +37,8 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs; at run time __ge
     from peftkit.io.adapters import load_adapter, save_adapter
     from peftkit.io.models import load_model
     from peftkit.methods.bottleneck import AdapterConfig
+    from peftkit.methods.loha import LohaConfig
+    from peftkit.methods.lokr import LokrConfig
     from peftkit.methods.lora import LoraConfig
     from peftkit.methods.prefix import PrefixConfig
     from peftkit.methods.prompt import PromptConfig
@@ -50,6 +52,8 @@ _LAZY = {
     "PrefixConfig": "peftkit.methods.prefix",
     "PromptConfig": "peftkit.methods.prompt",
     "QloraConfig": "peftkit.methods.qlora",
+    "LokrConfig": "peftkit.methods.lokr",
+    "LohaConfig": "peftkit.methods.loha",
     "inject": "peftkit.core.inject",
     "load_adapter": "peftkit.io.adapters",
     "save_adapter": "peftkit.io.adapters",
@@ -73,6 +77,8 @@ __all__ = [
     "PrefixConfig",
     "PromptConfig",
     "QloraConfig",
+    "LokrConfig",
+    "LohaConfig",
     "inject",
     "load_adapter",
     "save_adapter",

@@ -131,13 +131,14 @@ class SavedActivations:
 
     per_layer: in every decoder layer (LoRA: the inputs of its A projections and its rank-r outputs).
     once: once per forward, whatever the layer count (prefix tuning: one boolean attention mask for all layers).
-    layer_fixed: bytes (not per token) every decoder layer keeps whatever the tokens (LoRA on experts' weights: the
-    whole W + ΔW it builds); its gradient is as large, in flight while the layer's backward runs.
+    weights_per_layer: bytes (not per token) every decoder layer saves whatever the token count: weight-sized
+    tensors its forward builds and keeps for backward (LoKr / LoHa: each adapted linear's whole ΔW; LoRA on
+    experts' weights: the whole W + ΔW); their gradient is as large, in flight while the layer's backward runs.
     """
 
     per_layer: int = 0
     once: int = 0
-    layer_fixed: int = 0
+    weights_per_layer: int = 0
 
 
 def _field(config: PretrainedConfig, name: str, source: str) -> int:

@@ -15,7 +15,8 @@ Trained decoder layer (every weight of the layer trainable), bytes per token per
   product (4i elements).
 Frozen decoder layer whose input requires grad (a method that injects adapters): norms save only their fp32 input
 (4h each; q / k norms, OLMoE's and Qwen3's, also 4 (n_h + n_kv) d); linears save nothing; the MLP saves gate,
-silu(gate) and up (3i); SDPA as above; the method adds what its own modules save (`Method.saved_activations`).
+silu(gate) and up (3i); SDPA as above; the method adds what its own modules save (`Method.saved_activations`:
+per token, and weight-sized tensors per layer whatever the tokens).
 A mixture-of-experts layer (transformers' grouped_mm experts; E experts, k per token, expert MLP i_e) instead of the
 MLP: the router's fp32 softmax (4E) and top-k indices, and per routed copy of the token (k of them) gate, silu(gate),
 up (3 a i_e), the expert output kept for the routing-weight product (a h), its weight and three int64 index tensors
@@ -128,13 +129,17 @@ def activation_bytes(s: ModelShape, setup: TrainingSetup) -> ActivationBytes:
     cache = 0
     if r.autocast_cache and base is not None:
         cache = 2 * sum(lin.d_in * lin.d_out for lin in s.linears) * base.layers
-    fixed = method_saved(s, setup).layer_fixed
+    method = method_saved(s, setup)
+    weights = method.weights_per_layer if base is None else 0  # per layer, whatever the tokens
     if setup.gradient_checkpointing:
-        saved, layers_fixed = len(per_layer) * r.residual * s.hidden + final_norm + rotary, 0
+        saved = len(per_layer) * r.residual * s.hidden + final_norm + rotary
+        held = 0  # only the recomputed layer holds its weight-sized tensors
     else:
-        saved, layers_fixed = sum(per_layer) + final_norm + rotary, fixed * len(per_layer)
-    saved += method_saved(s, setup).once
-    return ActivationBytes(saved * tokens + cache + layers_fixed, max(per_layer, default=0) * tokens + fixed, cache)
+        saved = sum(per_layer) + final_norm + rotary
+        held = weights * len(per_layer)
+    saved += method.once
+    one_layer = max(per_layer, default=0) * tokens + weights
+    return ActivationBytes(saved * tokens + cache + held, one_layer, cache)
 
 
 def logits_bytes(s: ModelShape, setup: TrainingSetup) -> tuple[int, int]:

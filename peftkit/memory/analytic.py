@@ -96,7 +96,7 @@ def estimate_rows(s: ModelShape, setup: TrainingSetup, trainable: int, total: in
     r = regime(setup)
     tokens = setup.batch_size * model_seq_len(setup)
     layer_grads = r.a * tokens * (3 * s.mlp_width + 2 * s.hidden)  # a layer's activation gradients in flight
-    layer_grads += method_saved(s, setup).layer_fixed  # the gradient of LoRA's W + ΔW (experts)
+    layer_grads += method_saved(s, setup).weights_per_layer  # their gradient (LoRA on experts: of W + ΔW)
     if r.autocast_cache:
         layer_grads += 2 * s.hidden * s.mlp_width  # a bf16 weight gradient before its cast to fp32
     recompute = 0

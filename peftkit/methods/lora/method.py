@@ -122,7 +122,7 @@ class LoraMethod(Method):
         if not config.target_parameters:
             return linears
         params = param_saved(config, shape, act_bytes)
-        return SavedActivations(linears.per_layer + params.per_layer, layer_fixed=params.layer_fixed)
+        return SavedActivations(linears.per_layer + params.per_layer, weights_per_layer=params.weights_per_layer)
 
 
 def estimated_targets(config: LoraConfig, shape: ModelShape) -> list[str]:

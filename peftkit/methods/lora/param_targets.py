@@ -146,7 +146,7 @@ def param_saved(config: LoraConfig, shape: ModelShape, act_bytes: int) -> SavedA
 
     per token: the input of each adapted expert weight for each of the k routed copies (the grouped matmul saves
     it once its weight needs a gradient): a k h for gate_up_proj, a k i_e for down_proj; a h for the router's weight.
-    per layer (`layer_fixed`): the whole W + ΔW, a E d_in d_out per weight, and A, B cast to W's dtype,
+    per layer (`weights_per_layer`): the whole W + ΔW, a E d_in d_out per weight, and A, B cast to W's dtype,
     a r E (d_in + d_out) (under bf16 the cast is the factor itself: counted anyway, well under 1%).
     """
     if not shape.experts:
@@ -164,4 +164,4 @@ def param_saved(config: LoraConfig, shape: ModelShape, act_bytes: int) -> SavedA
         r, _ = config.rank_alpha(name)
         per_token += a * copies * d_in
         fixed += a * count * d_in * d_out + a * r * count * (d_in + d_out)
-    return SavedActivations(per_layer=per_token, layer_fixed=fixed)
+    return SavedActivations(per_layer=per_token, weights_per_layer=fixed)
