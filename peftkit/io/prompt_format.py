@@ -52,6 +52,9 @@ def _render_chat(text: str, where: str) -> str:
     return rendered
 
 
+PROMPT_FIELD = "prompt"  # the one field of a plain template: {prompt}
+
+
 def _render_plain(text: str, where: str) -> str:
     try:
         fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(text)
@@ -60,7 +63,7 @@ def _render_plain(text: str, where: str) -> str:
         raise PeftkitError(f"{where}: the plain template is not a format string ({exc}); write braces as {{{{ }}}} "
                            "and the prompt as {prompt}") from None
     wrong = ["{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-             for name, spec, conversion in fields if name != "prompt" or spec or conversion]
+             for name, spec, conversion in fields if name != PROMPT_FIELD or spec or conversion]
     if wrong or not fields:
         shown = f"has the field {wrong[0][:40]}" if wrong else "has no {prompt} field"
         raise PeftkitError(f"{where}: the plain template {shown}; its only field should be {{prompt}} (other braces "
