@@ -80,21 +80,22 @@ def test_energy_picks_the_smallest_rank_per_module(dora):
         assert row.energy >= 0.9 > float(share[row.rank - 2]) and abs(row.energy - float(share[row.rank - 1])) <= 1e-4
 
 
-def test_ia3_converts_without_being_named(dora, tmp_path):
+@pytest.mark.parametrize("method", ["ia3", "vera", "lokr", "loha"])
+def test_every_mergeable_method_converts_without_being_named(dora, tmp_path, method):
+    """Any registered mergeable method converts through the same path: its adapter, folded one layer at a time."""
     tmp, _ = dora
-    from peftkit.methods.ia3 import IA3Config
+    from peftkit.core.registry import get_method
 
-    model = peftkit.inject(tiny_model("llama"), IA3Config())
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "ia3_l" in name:
-                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)) * 0.2)
-    peftkit.save_adapter(model, tmp_path / "ia3")
-    report = convert(str(tmp_path / "ia3"), str(tmp_path / "lora"), base=str(tmp / "base"), rank=10_000, size_cap=False)
-    assert report.source == "ia3 adapter" and {r.module.rsplit(".", 1)[1] for r in report.rows} == {"k_proj", "v_proj", "down_proj"}
+    model = peftkit.inject(tiny_model("llama"), get_method(method).build_config({}))
+    perturb_adapter(model, scale=0.2)
+    set_base_model(model, str(tmp / "base"), None)
+    peftkit.save_adapter(model, tmp_path / method)
+    report = convert(str(tmp_path / method), str(tmp_path / "lora"), rank=10_000, size_cap=False)
+    assert report.source == f"{method} adapter" and report.rows and all(r.energy > 1 - 1e-6 for r in report.rows)
     ids = tiny_input()
     got = logits(peftkit.load_adapter(tiny_model("llama"), tmp_path / "lora"), ids)
     assert (got - logits(model, ids)).abs().max() <= 1e-4
+    assert (logits(model, ids) - logits(tiny_model("llama"), ids)).abs().max() > 1e-3  # the adapter changes the model
 
 
 def test_a_full_finetune_goes_through_compress_with_its_recorded_base(dora, tmp_path):
