@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs; at run time __ge
     from peftkit.io.models import load_model
     from peftkit.methods.bottleneck import AdapterConfig
     from peftkit.methods.lora import LoraConfig
+    from peftkit.methods.oft import OFTConfig
     from peftkit.methods.prefix import PrefixConfig
     from peftkit.methods.prompt import PromptConfig
     from peftkit.methods.qlora import QloraConfig
@@ -47,6 +48,7 @@ _LAZY = {
     "PrefixConfig": "peftkit.methods.prefix",
     "PromptConfig": "peftkit.methods.prompt",
     "QloraConfig": "peftkit.methods.qlora",
+    "OFTConfig": "peftkit.methods.oft",
     "inject": "peftkit.core.inject",
     "load_adapter": "peftkit.io.adapters",
     "save_adapter": "peftkit.io.adapters",
@@ -70,6 +72,7 @@ __all__ = [
     "PrefixConfig",
     "PromptConfig",
     "QloraConfig",
+    "OFTConfig",
     "inject",
     "load_adapter",
     "save_adapter",
