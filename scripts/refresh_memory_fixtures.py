@@ -23,7 +23,8 @@ from peftkit.memory.step_trace import trace_memory
 from peftkit.memory.training_setup import TrainingSetup
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "memory" / "traces.json"
-CASES = [("full", "amp"), ("full", "bf16"), ("lora", "amp"), ("prefix", "amp"), ("adapter", "amp"), ("prompt", "amp")]
+CASES = [("full", "amp"), ("full", "bf16"), ("lora", "amp"), ("prefix", "amp"), ("adapter", "amp"), ("prompt", "amp"),
+         ("oft", "amp")]
 SEQS = (512, 2048)
 
 

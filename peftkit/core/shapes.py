@@ -115,10 +115,13 @@ class SavedActivations:
 
     per_layer: in every decoder layer (LoRA: the inputs of its A projections and its rank-r outputs).
     once: once per forward, whatever the layer count (prefix tuning: one boolean attention mask for all layers).
+    layer_fixed: bytes (not per token) in every decoder layer, whatever the tokens: what a method computes from its
+    own weights alone (OFT: the tensors of each rotation's Cayley series).
     """
 
     per_layer: int = 0
     once: int = 0
+    layer_fixed: int = 0
 
 
 def _field(config: PretrainedConfig, name: str, source: str) -> int:

@@ -115,12 +115,13 @@ def activation_bytes(s: ModelShape, setup: TrainingSetup) -> ActivationBytes:
     cache = 0
     if r.autocast_cache and base is not None:
         cache = 2 * sum(lin.d_in * lin.d_out for lin in s.linears) * base.layers
+    fixed = method_saved(s, setup).layer_fixed if base is None else 0  # per layer, whatever the tokens
     if setup.gradient_checkpointing:
-        saved = len(per_layer) * r.residual * s.hidden + final_norm + rotary
+        saved, kept = len(per_layer) * r.residual * s.hidden + final_norm + rotary, 0
     else:
-        saved = sum(per_layer) + final_norm + rotary
+        saved, kept = sum(per_layer) + final_norm + rotary, fixed * len(per_layer)
     saved += method_saved(s, setup).once
-    return ActivationBytes(saved * tokens + cache, max(per_layer, default=0) * tokens, cache)
+    return ActivationBytes(saved * tokens + kept + cache, max(per_layer, default=0) * tokens + fixed, cache)
 
 
 def logits_bytes(s: ModelShape, setup: TrainingSetup) -> tuple[int, int]:

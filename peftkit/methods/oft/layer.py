@@ -97,6 +97,12 @@ def rotate(h: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return torch.bmm(flat, blocks).transpose(0, 1).reshape(h.shape)
 
 
+def in_features(module: nn.Module) -> int:
+    """The input width of a linear (or of the one an AdapterLayer wraps): nn.Linear's in_features, Conv1D's rows."""
+    base = getattr(module, "base_layer", module)
+    return base.in_features if isinstance(base, nn.Linear) else int(cast(torch.Tensor, base.weight).shape[0])
+
+
 class OftLayer(AdapterLayer):
     """Wraps one linear layer (`base_layer`) and holds any number of named OFT adapters (`oft_R`) for it."""
 
@@ -104,10 +110,10 @@ class OftLayer(AdapterLayer):
         super().__init__()
         self.base_layer = base_layer
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # GPT-2 Conv1D stores W as [in, out]
-        weight = self.weight
-        self.in_features = base_layer.in_features if isinstance(base_layer, nn.Linear) else weight.shape[0]
+        self.in_features = in_features(base_layer)
         self.oft_R = nn.ParameterDict()
         self.rotations: dict[str, Rotation] = {}
+        self.train(base_layer.training)  # module dropout follows the model's mode (an eval model stays eval)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -144,7 +150,7 @@ class OftLayer(AdapterLayer):
         h = x if torch.is_autocast_enabled(x.device.type) else x.to(blocks.dtype)
         return self.base_layer(rotate(h, blocks).to(x.dtype), *args, **kwargs)
 
-    def _apply(self, blocks: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _rotate_weight(self, blocks: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The fp32 weight `w` (base layout) with the input rotated by diag(blocks): W R^T for [out, in]."""
         w_out_in = w.T if self.fan_in_fan_out else w
         folded = rotate(w_out_in, blocks.transpose(1, 2))
@@ -158,7 +164,7 @@ class OftLayer(AdapterLayer):
         name = self.active_adapter
         if name is None or name in self.merged_adapters:
             return
-        self._write(self._apply(self.blocks(name, merging=True), self.weight.detach().float()))
+        self._write(self._rotate_weight(self.blocks(name, merging=True), self.weight.detach().float()))
         self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -166,13 +172,13 @@ class OftLayer(AdapterLayer):
         orthogonal, so the inverse, not the transpose)."""
         while self.merged_adapters:
             inverse = torch.linalg.inv(self.blocks(self.merged_adapters.pop(), merging=True))
-            self._write(self._apply(inverse, self.weight.detach().float()))
+            self._write(self._rotate_weight(inverse, self.weight.detach().float()))
 
     def unload(self, names: list[str]) -> nn.Module:
         """The base layer with adapters `names` folded in, one after the other, in fp32 and rounded once."""
         w = self.weight.detach().float()
         for name in names:
-            w = self._apply(self.blocks(name, merging=True), w)
+            w = self._rotate_weight(self.blocks(name, merging=True), w)
         self._write(w)
         return self.base_layer
 
