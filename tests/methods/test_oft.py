@@ -69,7 +69,7 @@ def test_peft_loads_peftkit_adapter(tmp_path, kind, options):
     assert torch.equal(logits(again, ids), ours)
 
 
-@pytest.mark.parametrize("kind,options", CASES[:3])
+@pytest.mark.parametrize("kind,options", CASES[:2])
 def test_peftkit_loads_peft_adapter_and_merges_as_peft(tmp_path, kind, options):
     ids = tiny_input()
     peft_model = get_peft_model(tiny_model(kind), PeftOFTConfig(task_type="CAUSAL_LM", **options))
