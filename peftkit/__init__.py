@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs; at run time __ge
     from peftkit.methods.loha import LohaConfig
     from peftkit.methods.lokr import LokrConfig
     from peftkit.methods.lora import LoraConfig
+    from peftkit.methods.oft import OFTConfig
     from peftkit.methods.prefix import PrefixConfig
     from peftkit.methods.prompt import PromptConfig
     from peftkit.methods.qlora import QloraConfig
@@ -54,6 +55,7 @@ _LAZY = {
     "QloraConfig": "peftkit.methods.qlora",
     "LokrConfig": "peftkit.methods.lokr",
     "LohaConfig": "peftkit.methods.loha",
+    "OFTConfig": "peftkit.methods.oft",
     "inject": "peftkit.core.inject",
     "load_adapter": "peftkit.io.adapters",
     "save_adapter": "peftkit.io.adapters",
@@ -79,6 +81,7 @@ __all__ = [
     "QloraConfig",
     "LokrConfig",
     "LohaConfig",
+    "OFTConfig",
     "inject",
     "load_adapter",
     "save_adapter",

@@ -26,7 +26,8 @@ from peftkit.memory.training_setup import TrainingSetup
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "memory" / "traces.json"
 CASES = [("full", "amp"), ("full", "bf16"), ("lora", "amp"), ("prefix", "amp"), ("adapter", "amp"), ("prompt", "amp"),
-         ("ia3", "amp"), ("vera", "amp"), ("lokr", "amp"), ("loha", "amp")]
+         ("ia3", "amp"), ("vera", "amp"), ("lokr", "amp"), ("loha", "amp"),
+         ("oft", "amp")]
 MOE_CASES = [("lora", "amp", {"target_parameters": "mlp.experts.gate_up_proj,mlp.experts.down_proj"})]
 SEQS = (512, 2048)
 

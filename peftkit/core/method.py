@@ -191,7 +191,7 @@ class Method:
 
     def saved_activations(self, config: Any, shape: ModelShape, act_bytes: int, seq_len: int) -> SavedActivations:
         """Bytes per token the method's own modules save for backward, beyond the frozen decoder's own (default
-        none). act_bytes: bytes of one activation element in the compute dtype (2 under bf16 / amp, 4 in fp32);
+        none), and bytes per layer that do not grow with the tokens (`SavedActivations.weights_per_layer`). act_bytes: bytes of one activation element in the compute dtype (2 under bf16 / amp, 4 in fp32);
         seq_len: real tokens per row. Counted from what each op of the method's forward saves (docs/memory.md)."""
         return SavedActivations()
 

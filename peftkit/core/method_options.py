@@ -13,8 +13,8 @@ from peftkit.core.options import Option
 
 SIZE_HIGH = 1 << 16  # no rank, reduction factor or virtual-token count of a real run comes near it
 
-RANK = Option("rank", int, help="LoRA or VeRA rank (the config's r).", low=1, high=SIZE_HIGH, flags=("--rank", "-r"),
-              aliases=("lora_rank", "lora_r"))
+RANK = Option("rank", int, help="Rank, the config's r (LoRA, VeRA: the update's rank; OFT: blocks per layer).", low=1,
+              high=SIZE_HIGH, flags=("--rank", "-r"), aliases=("lora_rank", "lora_r"))
 ALPHA = Option("alpha", float, help="LoRA alpha (default 2 x rank).", low=0, low_open=True, high=1e6,
                aliases=("lora_alpha",))
 DROPOUT = Option("dropout", float, help="Adapter dropout in [0, 1).", low=0, high=1, high_open=True,

@@ -133,7 +133,7 @@ class SavedActivations:
     once: once per forward, whatever the layer count (prefix tuning: one boolean attention mask for all layers).
     weights_per_layer: bytes (not per token) every decoder layer saves whatever the token count: weight-sized
     tensors its forward builds and keeps for backward (LoKr / LoHa: each adapted linear's whole ΔW; LoRA on
-    experts' weights: the whole W + ΔW); their gradient is as large, in flight while the layer's backward runs.
+    experts' weights: the whole W + ΔW; OFT: the tensors of each rotation's Cayley series); their gradient is as large, in flight while the layer's backward runs.
     """
 
     per_layer: int = 0

@@ -8,10 +8,11 @@
     vera        VeRA: two vectors per layer on shared frozen random projections (vera.py)
     lokr        LoKr, a Kronecker-product ΔW (lokr.py)  loha          LoHa, a Hadamard-product ΔW (loha.py)
                 (both on lycoris.py: the layer building a whole ΔW, PEFT's LOKR / LOHA format)
+    oft         orthogonal fine-tuning: a block-diagonal rotation of each adapted linear's input (methods/oft/)
 
 A method imports only `peftkit.core` (and `peftkit.errors`); nothing outside this package names a method.
 """
 
-from peftkit.methods import bottleneck, ia3, loha, lokr, lora, prefix, prompt, qlora, vera, whole
+from peftkit.methods import bottleneck, ia3, loha, lokr, lora, oft, prefix, prompt, qlora, vera, whole
 
-__all__ = ["bottleneck", "ia3", "loha", "lokr", "lora", "prefix", "prompt", "qlora", "vera", "whole"]
+__all__ = ["bottleneck", "ia3", "loha", "lokr", "lora", "oft", "prefix", "prompt", "qlora", "vera", "whole"]
