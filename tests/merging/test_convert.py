@@ -80,7 +80,7 @@ def test_energy_picks_the_smallest_rank_per_module(dora):
         assert row.energy >= 0.9 > float(share[row.rank - 2]) and abs(row.energy - float(share[row.rank - 1])) <= 1e-4
 
 
-@pytest.mark.parametrize("method", ["ia3", "vera", "lokr", "loha"])
+@pytest.mark.parametrize("method", ["ia3", "vera", "lokr", "loha", "oft"])
 def test_every_mergeable_method_converts_without_being_named(dora, tmp_path, method):
     """Any registered mergeable method converts through the same path: its adapter, folded one layer at a time."""
     tmp, _ = dora
