@@ -102,7 +102,8 @@ class Runs:
                 "eta_s": eta, "loss": last.get("loss"), "method": config.get("method"),
                 "objective": config.get("objective"), "command": (record or {}).get("argv"),
                 "adapter": str(folder / "adapter") if (folder / "adapter").is_dir() else None,
-                "model": str(folder / "model") if (folder / "model").is_dir() else None, "folder": str(folder)}
+                "model": str(folder / "model") if (folder / "model").is_dir() else None, "folder": str(folder),
+                "base": config.get("model"), "config": config}
 
     def _state(self, name: str, folder: Path, record: dict | None) -> tuple[str, str | None]:
         if record is not None and self._alive(record):

@@ -1,4 +1,5 @@
-"""Ship it: merge, export, check a finished run, each as the CLI command that does it, and uploads of data files.
+"""Ship it: merge, export, check, convert (a non-LoRA adapter to a LoRA) or compress (a full fine-tune to a LoRA) a
+finished run, each as the CLI command that does it, and uploads of data files.
 
 A job is that command run as a process (the CLI's code path, its checks and its one-line errors), its output kept in
 ROOT/.peftkit-ui/jobs/ID.log and streamed to the page with the command line, so the user can run the same thing
@@ -21,12 +22,14 @@ from typing import Any
 from peftkit.errors import PeftkitError
 from peftkit.ui.runs import STATE, child_env
 
+SERVED_RANK = 16  # convert / compress: vLLM's default max_lora_rank
 UPLOAD_LIMIT = 2 << 30  # bytes of one uploaded data file
 UPLOAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.(jsonl|json|csv|parquet|txt)")
 
 
 def _merge(status: dict[str, Any], root: Path) -> list[str]:
-    return ["peftkit", "merge", "--adapter", status["adapter"], "--output", str(root / f"{status['name']}-merged")]
+    return ["peftkit", "merge", "--adapter", status["adapter"], "--output", str(root / f"{status['name']}-merged"),
+            *_base(status)]
 
 
 def _export(status: dict[str, Any], root: Path) -> list[str]:
@@ -38,9 +41,25 @@ def _check(status: dict[str, Any], root: Path) -> list[str]:
     return ["peftkit", "check", status["adapter"]]
 
 
-# action -> (what it needs: "adapter" or "result", the command for a run's status)
+def _convert(status: dict[str, Any], root: Path) -> list[str]:
+    return ["peftkit", "convert", status["adapter"], "--to", "lora", "--rank", str(SERVED_RANK), "--output",
+            str(root / f"{status['name']}-lora"), *_base(status)]
+
+
+def _compress(status: dict[str, Any], root: Path) -> list[str]:
+    return ["peftkit", "compress", "--finetuned", status["model"], "--rank", str(SERVED_RANK), "--output",
+            str(root / f"{status['name']}-lora"), *_base(status)]
+
+
+def _base(status: dict[str, Any]) -> list[str]:
+    """`--base` when the run trained another model than the embedded one."""
+    return ["--base", status["base"]] if status.get("base") else []
+
+
+# action -> (what it needs: "adapter", "model" (a full fine-tune's folder) or "result" (either), its command)
 ACTIONS: dict[str, tuple[str, Callable[[dict[str, Any], Path], list[str]]]] = {
-    "merge": ("adapter", _merge), "export": ("result", _export), "check": ("adapter", _check)}
+    "merge": ("adapter", _merge), "export": ("result", _export), "check": ("adapter", _check),
+    "convert": ("adapter", _convert), "compress": ("model", _compress)}
 
 
 class Jobs:
@@ -56,9 +75,11 @@ class Jobs:
         if action not in ACTIONS:
             raise PeftkitError(f"unknown action {action!r}: {' | '.join(ACTIONS)}")
         needs, command = ACTIONS[action]
-        if status["status"] != "finished" or not (status["adapter"] or needs == "result" and status["model"]):
-            raise PeftkitError(f"{action} needs a finished run with {'an adapter' if needs == 'adapter' else 'a result'}; "
-                               f"run {status['name']!r} is {status['status']}")
+        has = {"adapter": status["adapter"], "model": status["model"], "result": status["adapter"] or status["model"]}
+        if status["status"] != "finished" or not has[needs]:
+            what = {"adapter": "an adapter", "model": "a whole model (full / freeze)", "result": "a result"}[needs]
+            raise PeftkitError(f"{action} needs a finished run with {what}; run {status['name']!r} is "
+                               f"{status['status']}{'' if has[needs] or status['status'] != 'finished' else ' without one'}")
         argv = command(status, self.root)
         job = uuid.uuid4().hex[:12]
         self.folder.mkdir(parents=True, exist_ok=True)

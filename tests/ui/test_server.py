@@ -141,3 +141,31 @@ def test_a_run_that_fails_shows_the_cli_error_line(tmp_path):
             break
         time.sleep(0.1)
     assert recorded == 2
+
+
+def test_ship_converts_a_finished_runs_dora_adapter_with_the_cli_command(client, tmp_path):
+    """A finished run (its folder as the trainer leaves it) with a DoRA adapter over a tiny base: the Convert job
+    runs `peftkit convert ... --base` and writes a LoRA beside the run; its output streams; a bad action is one line."""
+    import peftkit
+    from peftkit.core.state import set_base_model
+    from tests.tiny import perturb_adapter, tiny_model
+
+    http, root = client
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    run = root / "dora-run"
+    model = peftkit.inject(tiny_model("llama"), peftkit.LoraConfig(r=2, use_dora=True))
+    perturb_adapter(model)
+    set_base_model(model, str(base), None)
+    peftkit.save_adapter(model, run / "adapter")
+    (run / "run_config.yaml").write_text(f"model: {base}\nmethod: lora\nmax_steps: 2\n")
+    (run / "summary.json").write_text("{}")
+    job = post(http, "/api/ship", {"run": "dora-run", "action": "convert"}).json()
+    assert job["command"].startswith(f"peftkit convert {run / 'adapter'} --to lora --rank 16 --output ")
+    assert job["argv"][-2:] == ["--base", str(base)]
+    with http.stream("GET", f"/api/jobs/{job['job']}/events") as events:
+        text = "".join(events.iter_text())
+    assert 'event: end\ndata: {"code": 0}' in text, text[-2000:]
+    assert (root / "dora-run-lora" / "adapter_model.safetensors").is_file()
+    refused = post(http, "/api/ship", {"run": "dora-run", "action": "compress"})
+    assert refused.status_code == 400 and "a whole model (full / freeze)" in refused.json()["error"]

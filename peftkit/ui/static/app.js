@@ -256,6 +256,7 @@ function openRun(name) {
     $("#detail-status").textContent = `${s.status}${s.error ? `: ${s.error}` : ""} — step ${s.step}${s.total_steps ? ` of ${s.total_steps}` : ""}${s.eta_s ? `, about ${eta(s.eta_s)} left` : ""}`;
     $("#detail-status").className = `status-${s.status}`;
     $("#detail-command").textContent = s.command ? s.command.map((a) => /^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replaceAll("'", "'\\''")}'`).join(" ") : "(not started from this page)";
+    $("#detail-config").textContent = Object.keys(s.config || {}).length ? Object.entries(s.config).map(([k, v]) => `${k}: ${JSON.stringify(v)}`).join("\n") : "(written when the run starts)";
     $("#stop").disabled = s.status !== "running";
     $("#resume").disabled = s.status !== "stopped" && s.status !== "failed";
     refreshRuns();
