@@ -25,6 +25,7 @@ import yaml
 from peftkit.core.method_options import (
     ALPHA,
     DROPOUT,
+    INIT,
     NUM_VIRTUAL_TOKENS,
     RANK,
     REDUCTION_FACTOR,
@@ -83,6 +84,7 @@ class TrainConfig:
     alpha: float | None = declare(ALPHA)
     dropout: float | None = declare(DROPOUT)
     target_modules: str | list | None = declare(TARGET_MODULES)
+    init: str | None = declare(INIT)
     variant: str | None = declare(VARIANT)
     reduction_factor: int | None = declare(REDUCTION_FACTOR)
     num_virtual_tokens: int | None = declare(NUM_VIRTUAL_TOKENS)
