@@ -17,13 +17,13 @@ from torch import nn
 
 from peftkit.core.archs import LINEAR_TYPES
 from peftkit.core.inject import base_modules, find_targets, inject, replace_module
-from peftkit.core.method import Method
+from peftkit.core.method import InitData, Method
 from peftkit.core.registry import register
 from peftkit.core.shapes import ModelShape, SavedActivations
 from peftkit.core.state import adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora.config import LoraConfig
-from peftkit.methods.lora.inits import RESIDUAL_INITS
+from peftkit.methods.lora.eva import initialise_eva
 from peftkit.methods.lora.format import (
     config_from_peft,
     load_lora_tensors,
@@ -31,6 +31,7 @@ from peftkit.methods.lora.format import (
     peft_lora_config,
     saved_module_names,
 )
+from peftkit.methods.lora.inits import RESIDUAL_INITS
 from peftkit.methods.lora.layer import LoraLayer
 from peftkit.methods.lora.saved import export_saved, load_saved_modules, split_saved
 
@@ -55,6 +56,11 @@ class LoraMethod(Method):
             r, alpha = config.rank_alpha(path)
             module.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init,
                                config.lora_bias, config.use_dora)
+
+    def initialise(self, model: nn.Module, config: LoraConfig, adapter_name: str, data: InitData) -> None:
+        """`--init eva`: A (and the ranks) from the training data's layer inputs (`eva.py`); other inits: nothing."""
+        if config.init == "eva":
+            initialise_eva(model, config, adapter_name, data.batches)
 
     def export(self, model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         """PEFT's LoRA layout; a PiSSA / OLoRA adapter becomes a plain rank-2r LoRA against the original weights."""
