@@ -1,14 +1,16 @@
 """LoftQ (`--method qlora --init loftq`): the adapter starts at the rank-r part of the quantization error, so the
 quantized model's logits move towards the full-precision model's (a test that fails if they do not); A, B are what
 PEFT's `replace_lora_weights_loftq` gives (alpha = r, where PEFT's unscaled factors are right); the saved adapter is a
-plain LoRA that PEFT loads over the same bitsandbytes base."""
+plain LoRA that PEFT loads over the same bitsandbytes base (as it loads any QLoRA adapter: the base is quantized
+from the original weights at load, nothing of it is saved)."""
 
 from __future__ import annotations
 
+import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model, replace_lora_weights_loftq
+from peft import PeftModel
+from peft.utils.loftq_utils import _low_rank_decomposition
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -62,21 +64,21 @@ def _errors(model, reference, ids) -> tuple[float, float]:
 def test_loftq_brings_the_quantized_model_closer_to_full_precision(base):
     full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     ids = tiny_input(batch=4, length=12, size=QUANT)
-    plain_abs, plain_kl = _errors(_loftq_model(base, "default"), full, ids)  # B = 0: the quantized base
-    loftq_abs, loftq_kl = _errors(_loftq_model(base, "loftq"), full, ids)
-    assert loftq_abs < 0.7 * plain_abs and loftq_kl < 0.5 * plain_kl
+    plain_abs, plain_kl = _errors(_loftq_model(base, "default", r=16), full, ids)  # B = 0: the quantized base
+    loftq_abs, loftq_kl = _errors(_loftq_model(base, "loftq", r=16), full, ids)
+    assert loftq_abs < 0.75 * plain_abs and loftq_kl < 0.5 * plain_kl  # measured: 0.59x and 0.35x
 
 
 def test_loftq_matches_peft_and_saves_for_peft(base, tmp_path):
+    """PEFT's replace_lora_weights_loftq computes on CUDA only, so its CPU part is compared: the rank-r split of
+    (stored W - de-quantized W) it sets as (A, B) = (R, L)."""
     ours = _loftq_model(base, "loftq", r=8, alpha=8)
-    theirs = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
-                                                                 quantization_config=BitsAndBytesConfig(**NF4)),
-                            PeftLoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
-    replace_lora_weights_loftq(theirs, model_path=str(base / "model.safetensors"))
-    for part in ("lora_A", "lora_B"):
-        mine = getattr(ours.model.layers[1].mlp.down_proj, part)["default"].weight
-        peft_w = getattr(theirs.base_model.model.model.layers[1].mlp.down_proj, part)["default"].weight
-        assert torch.allclose(mine, peft_w, atol=1e-5)
+    layer = ours.model.layers[1].mlp.down_proj
+    stored = load_file(str(base / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"]
+    error = stored - bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    theirs = _low_rank_decomposition(error, reduced_rank=8)
+    assert torch.allclose(layer.lora_A["default"].weight, theirs["R"], atol=1e-5)
+    assert torch.allclose(layer.lora_B["default"].weight, theirs["L"], atol=1e-5)
     ids = tiny_input(size=QUANT)
     peftkit.save_adapter(ours, tmp_path / "ad")
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
