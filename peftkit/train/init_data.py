@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 def initialise_adapters(s: Session, objective: ObjectiveRun) -> None:
     """Give every adapter of the run's model to its method's `initialise` with this run's data."""
-    data = InitData(batches=lambda: _batches(s, objective), weight=_weight_reader(s.cfg.model))
+    data = InitData(batches=lambda: _batches(s, objective), weight=stored_weights(s.cfg.model))
     for name, record in list(adapters(s.model).items()):
         s.method.initialise(s.model, record.config, name, data)
 
@@ -35,7 +35,7 @@ def _batches(s: Session, objective: ObjectiveRun) -> Iterator[dict[str, torch.Te
             yield from objective.step_batches(s.model, [indices])
 
 
-def _weight_reader(model_name: str | None) -> Callable[[str], torch.Tensor]:
+def stored_weights(model_name: str | None) -> Callable[[str], torch.Tensor]:
     """weight(path) -> the stored `<path>.weight` of the run's base model (its safetensors folder, opened once)."""
 
     @cache
