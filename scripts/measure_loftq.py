@@ -2,7 +2,7 @@
 
     python scripts/measure_loftq.py [--model PATH] [--rank 16] [--prompts 8] [--iters 5]
 
-Loads the base twice (fp32, and NF4 with fp32 compute), injects qlora (default targets) with init default (B = 0:
+Loads the base twice (fp32, and NF4 with fp32 compute), injects qlora (all linear layers, as LoftQ is meant) with init default (B = 0:
 the quantized base itself) and with init loftq, and prints, over the first bundled eval prompts (each alone, no
 padding): the mean |logit difference| to the fp32 model and the mean per-token KL(fp32 || quantized). It also prints
 the weight error sum ||W - Q - s·B A||_F / sum ||W||_F over the adapted modules for 1 and --iters LoftQ alternations
@@ -28,7 +28,7 @@ from peftkit.train.init_data import stored_weights
 
 def _quantized(model_name: str | None, rank: int, init: str) -> torch.nn.Module:
     model, _ = peftkit.load_model(model_name, dtype="fp32", quantize="nf4")
-    config = get_method("qlora").build_config({"rank": rank, "init": init})
+    config = get_method("qlora").build_config({"rank": rank, "init": init, "target_modules": "all-linear"})
     peftkit.inject(model, config)
     get_method("qlora").initialise(model, config, "default", InitData(lambda: iter(()), stored_weights(model_name)))
     return model
@@ -74,7 +74,9 @@ def main() -> None:
     args = parser.parse_args()
     full, tokenizer = peftkit.load_model(args.model, dtype="fp32")
     rows = [json.loads(line) for line in BUNDLED_EVAL.read_text().splitlines()[: args.prompts]]
-    prompts = [tokenizer(f"{r['instruction']}\n{r['input']}\n{r['output']}", return_tensors="pt").input_ids for r in rows]
+    vocab = full.config.vocab_size  # a tiny test model may have fewer tokens than its tokenizer: ids are folded in
+    prompts = [tokenizer(f"{r['instruction']}\n{r['input']}\n{r['output']}", return_tensors="pt").input_ids % vocab
+               for r in rows]
     for init in ("default", "loftq"):
         model = _quantized(args.model, args.rank, init)
         mean_abs, kl = _logit_errors(model, full, prompts)

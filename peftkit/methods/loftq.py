@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +55,7 @@ def initialise_loftq(model: nn.Module, config: LoraConfig, adapter_name: str,
 
     layers = [(p, m) for p, m in base_modules(model) if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
     for path, layer in layers:
-        quantized = layer.weight
+        quantized: Any = layer.weight  # bitsandbytes' Params4bit (its quant_state is not in torch's Tensor type)
         if type(quantized).__name__ != "Params4bit":
             raise PeftkitError(f"loftq: module {path!r} is not quantized to 4 bits ({type(quantized).__name__}); "
                                "loftq needs a 4-bit base (--method qlora, bits 4)")

@@ -9,6 +9,7 @@ from functools import cache
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from peftkit.core.method import InitData
 from peftkit.core.state import adapters
@@ -16,23 +17,24 @@ from peftkit.errors import PeftkitError
 from peftkit.io.shards import Checkpoint, open_checkpoint, read_tensor, resolve_base
 
 if TYPE_CHECKING:
+    from peftkit.core.method import Method
     from peftkit.train.objectives.base import ObjectiveRun
-    from peftkit.train.run import Session
 
 
-def initialise_adapters(s: Session, objective: ObjectiveRun) -> None:
-    """Give every adapter of the run's model to its method's `initialise` with this run's data."""
-    data = InitData(batches=lambda: _batches(s, objective), weight=stored_weights(s.cfg.model))
-    for name, record in list(adapters(s.model).items()):
-        s.method.initialise(s.model, record.config, name, data)
+def initialise_adapters(model: nn.Module, method: Method, model_name: str | None, micro: list[list[int]],
+                        objective: ObjectiveRun) -> None:
+    """Give every adapter of `model` to its method's `initialise` with this run's data: the micro-batches `micro`
+    (the first epoch's, in training order), collated by the objective, and the stored weights of `model_name`."""
+    data = InitData(batches=lambda: _batches(model, micro, objective), weight=stored_weights(model_name))
+    for name, record in list(adapters(model).items()):
+        method.initialise(model, record.config, name, data)
 
 
-def _batches(s: Session, objective: ObjectiveRun) -> Iterator[dict[str, torch.Tensor]]:
-    """The first epoch's micro-batches in training order, again and again (the objective collates them)."""
-    micro = s.plan(0)
+def _batches(model: nn.Module, micro: list[list[int]], objective: ObjectiveRun) -> Iterator[dict[str, torch.Tensor]]:
+    """The micro-batches again and again."""
     while True:
         for indices in micro:
-            yield from objective.step_batches(s.model, [indices])
+            yield from objective.step_batches(model, [indices])
 
 
 def stored_weights(model_name: str | None) -> Callable[[str], torch.Tensor]:

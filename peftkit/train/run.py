@@ -158,7 +158,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
         model.to(acc.device)      # sharded: prepare places each process's shard (the whole model never moves)
     path = loss_path(model)
     objective = get_objective(cfg.objective).start(s, path)  # batches, loss, statistics, held-out score
-    initialise_adapters(s, objective)  # a data-driven init (EVA, LoftQ): before the optimizer sees the parameters
+    initialise_adapters(model, s.method, cfg.model, s.plan(0), objective)  # EVA, LoftQ: before the optimizer
     optimizer, scheduler = optimizer_and_schedule(model, cfg, s.steps)
     prepared, optimizer = acc.prepare(model, optimizer)
     pos = Position()
