@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -86,6 +87,21 @@ class AdapterLayer(nn.Module):
         return None
 
 
+@dataclass(frozen=True)
+class InitData:
+    """What a data-driven init may read (`Method.initialise`); each is fetched only when called.
+
+    batches(): an endless iterator of training micro-batches (dicts of `input_ids`, `labels` (-100 where not a
+    target), `attention_mask` or `position_ids`), on the model's device, cycling through the training data from
+    its first micro-batch (EVA reads the layer inputs of as many as its SVD needs to converge).
+    weight(path): the stored full-precision weight of the base model's module `path` (its `<path>.weight` in the
+    model's safetensors files), as saved, [out, in] for a linear layer (LoftQ reads what the quantized base lost).
+    """
+
+    batches: Callable[[], Iterator[dict[str, torch.Tensor]]]
+    weight: Callable[[str], torch.Tensor]
+
+
 class Method:
     """A registered method: how to build its config, apply it to a model, and move it to and from PEFT's format.
 
@@ -120,6 +136,13 @@ class Method:
         """Keyword arguments of `peftkit.io.models.load_model` this method needs the base loaded with (the trainer
         passes them): qlora asks for a quantized base (`quantize`, `double_quant`, `compute_dtype`); most need none."""
         return {}
+
+    def initialise(self, model: nn.Module, config: Any, adapter_name: str, data: InitData) -> None:
+        """Initialise adapter `adapter_name` (injected with `config`) from data, before the first training step.
+        The trainer calls it once per run after injecting, with the model on its device and before the optimizer
+        sees the parameters, so an init may replace them (new shapes, fewer modules; it records a changed config
+        with `core.state.set_adapter_config`). The default reads nothing: most inits happen in `inject`. LoRA's eva
+        reads `data.batches()`, qlora's loftq `data.weight(path)`."""
 
     def export(self, model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         """(adapter_config.json dict, tensors keyed as PEFT saves them) for one adapter."""

@@ -1,6 +1,6 @@
 """The options several methods share, declared once: `rank`, `alpha`, `dropout`, `target_modules`,
-`target_parameters`, `variant`, `reduction_factor`, `num_virtual_tokens` (no torch here: the CLI builds its flags
-from them for `--help`).
+`target_parameters`, `variant`, `reduction_factor`, `num_virtual_tokens`, `init` (no torch here: the CLI builds its
+flags from them for `--help`).
 
 A method maps the ones it reads to its config fields (`Method.option_fields`, e.g. LoRA's `{"rank": "r"}`), and its
 config checks those fields with the same `Option` (`LoraConfig` checks `r` with `RANK`), so `--rank 70000`,
@@ -28,7 +28,9 @@ VARIANT = Option("variant", str, help="Bottleneck adapter variant: houlsby | pfe
                  choices=("houlsby", "pfeiffer", "parallel"))
 REDUCTION_FACTOR = Option("reduction_factor", int, help="Bottleneck size = hidden / reduction factor.", low=1,
                           high=SIZE_HIGH)
+INIT = Option("init", str, help="How the adapter starts. LoRA / QLoRA: default (Kaiming A, zero B) | gaussian | pissa | "
+              "olora | eva (from the training data) | loftq (qlora); prefix / prompt: their own inits.")
 NUM_VIRTUAL_TOKENS = Option("num_virtual_tokens", int, help="Prefix / prompt length.", low=1, high=SIZE_HIGH)
 
-SHARED: dict[str, Option] = {o.name: o for o in (RANK, ALPHA, DROPOUT, TARGET_MODULES, TARGET_PARAMETERS, VARIANT,
+SHARED: dict[str, Option] = {o.name: o for o in (RANK, ALPHA, DROPOUT, TARGET_MODULES, TARGET_PARAMETERS, INIT, VARIANT,
                                                  REDUCTION_FACTOR, NUM_VIRTUAL_TOKENS)}

@@ -60,6 +60,11 @@ def add_adapter(model: nn.Module, name: str, record: AdapterRecord) -> None:
     model.__dict__["save_pretrained"] = AdapterSavePretrained(model)
 
 
+def set_adapter_config(model: nn.Module, name: str, config: Any) -> None:
+    """Replace the config recorded for adapter `name` (an init that changed it: EVA's ranks and modules)."""
+    adapters(model)[name].config = config
+
+
 def remove_adapters(model: nn.Module, names: list[str]) -> None:
     """Forget the adapters `names` (their modules are gone); with the last one goes the `save_pretrained` hook."""
     known = adapters(model)

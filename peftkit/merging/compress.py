@@ -45,7 +45,7 @@ from peftkit.io.shards import (
 )
 from peftkit.merging.svd import check_rank_energy, dense_cap, energy_svd, relative_error, top_svd
 from peftkit.methods.lora.format import lora_tensors, one_rank, scale_one_config, target_modules_for
-from peftkit.methods.lora.layer import split_factors
+from peftkit.methods.lora.inits import split_factors
 
 
 @dataclass

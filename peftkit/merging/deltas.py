@@ -37,7 +37,7 @@ from peftkit.methods.lora.format import (
     scale_one_config,
     target_modules_for,
 )
-from peftkit.methods.lora.layer import split_factors
+from peftkit.methods.lora.inits import split_factors
 from peftkit.methods.lora.saved import split_saved
 
 COMBINATIONS = ("concat", "linear", "svd")

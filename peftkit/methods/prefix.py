@@ -179,7 +179,7 @@ class PrefixMethod(Method):
         "prefix tuning adds learned key/value vectors to every attention layer at run time; no weight matrix "
         "absorbs them."
     )
-    option_fields = {"num_virtual_tokens": "num_virtual_tokens"}
+    option_fields = {"num_virtual_tokens": "num_virtual_tokens", "init": "init"}
 
     def inject(self, model: nn.Module, config: PrefixConfig, adapter_name: str) -> None:
         """Add the prefix adapter to `model.peftkit_prefix` (created, with its hooks, on first use)."""

@@ -102,7 +102,7 @@ class PromptMethod(Method):
     config_cls = PromptConfig
     mergeable = False
     why_not_mergeable = "prompt tuning prepends learned input embeddings at run time; no weight matrix absorbs them."
-    option_fields = {"num_virtual_tokens": "num_virtual_tokens"}
+    option_fields = {"num_virtual_tokens": "num_virtual_tokens", "init": "init"}
 
     def inject(self, model: nn.Module, config: PromptConfig, adapter_name: str) -> None:
         """Add the soft prompt to `model.peftkit_prompt` (created, with its hooks, on first use)."""

@@ -17,21 +17,25 @@ What PEFT's `prepare_model_for_kbit_training` does, and where peftkit does it:
   (PEFT's own comment says so); peftkit's checkpointing is non-reentrant (`core.archs.enable_checkpointing`).
 
 Options: `bits` 4 | 8 (as in `peftkit estimate`), `quant_type` nf4 | fp4, `double_quant` (default true),
-`compute_dtype` auto | fp32 | bf16 | fp16 (auto: the dtype of the training precision), plus every LoRA option.
+`compute_dtype` auto | fp32 | bf16 | fp16 (auto: the dtype of the training precision), plus every LoRA option;
+`--init loftq` (4-bit) starts the adapter at the quantization error's rank-r part (`loftq.py`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
+from peftkit.core.method import InitData
 from peftkit.core.registry import register
 from peftkit.core.shapes import ModelShape
 from peftkit.errors import PeftkitError
-from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.loftq import initialise_loftq
+from peftkit.methods.lora.config import INITS, LoraConfig
+from peftkit.methods.lora.inits import RESIDUAL_INITS
 from peftkit.methods.lora.method import LoraMethod
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,8 @@ class QloraConfig(LoraConfig):
     double_quant: bool = True     # bnb_4bit_use_double_quant
     compute_dtype: str = "auto"   # bnb_4bit_compute_dtype; auto: the training precision's dtype
 
+    inits: ClassVar[tuple[str, ...]] = (*INITS, "loftq")  # loftq: `methods/loftq.py`
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.bits not in (4, 8) or isinstance(self.bits, bool):
@@ -60,9 +66,11 @@ class QloraConfig(LoraConfig):
             raise PeftkitError(f"qlora double_quant must be true or false, got {self.double_quant!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise PeftkitError(f"qlora compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
-        if self.init == "pissa":
-            raise PeftkitError("qlora cannot use init=pissa (it rewrites the base weights, which are quantized); "
-                               "use init=default or gaussian")
+        if self.init in RESIDUAL_INITS:
+            raise PeftkitError(f"qlora cannot use init={self.init} (it rewrites the base weights, which are "
+                               "quantized); use init=default, gaussian, eva or loftq")
+        if self.init == "loftq" and self.bits != 4:
+            raise PeftkitError("qlora init=loftq needs a 4-bit base (bits 4), as PEFT's LoftQ does")
         if self.use_dora:
             raise PeftkitError("qlora cannot use use_dora yet: DoRA's row norm needs the full-precision base weight, "
                                "which a quantized layer does not hold; use --method lora --set use_dora=true, or "
@@ -98,6 +106,13 @@ class QloraMethod(LoraMethod):
             log.warning("qlora over a base that is not quantized trains plain LoRA; load the base with "
                         "load_model(..., quantize=%r) (the trainer does)", quantize)
         super().inject(model, config, adapter_name)
+
+    def initialise(self, model: nn.Module, config: LoraConfig, adapter_name: str, data: InitData) -> None:
+        """`--init loftq`: A, B from each quantized layer's error against the stored weights (`loftq.py`)."""
+        if config.init == "loftq":
+            initialise_loftq(model, config, adapter_name, data.weight)
+        else:
+            super().initialise(model, config, adapter_name, data)
 
     def frozen_weight_bytes(self, config: QloraConfig, shape: ModelShape, frozen: int, bytes_per_param: int) -> float:
         """The decoder layers' linear weights quantized (NF4 / FP4: NF4_BYTES per weight; int8: 1 byte plus an fp32

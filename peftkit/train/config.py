@@ -25,6 +25,7 @@ import yaml
 from peftkit.core.method_options import (
     ALPHA,
     DROPOUT,
+    INIT,
     NUM_VIRTUAL_TOKENS,
     RANK,
     REDUCTION_FACTOR,
@@ -85,6 +86,7 @@ class TrainConfig:
     dropout: float | None = declare(DROPOUT)
     target_modules: str | list | None = declare(TARGET_MODULES)
     target_parameters: str | list | None = declare(TARGET_PARAMETERS)
+    init: str | None = declare(INIT)
     variant: str | None = declare(VARIANT)
     reduction_factor: int | None = declare(REDUCTION_FACTOR)
     num_virtual_tokens: int | None = declare(NUM_VIRTUAL_TOKENS)

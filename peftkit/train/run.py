@@ -37,6 +37,7 @@ from peftkit.train.devices.precision import auto_precision, make_accelerator, up
 from peftkit.train.devices.sharding import is_sharded, whole_model
 from peftkit.train.devices.speed import apply_speed_settings
 from peftkit.train.evaluation.heldout import exact_match
+from peftkit.train.init_data import initialise_adapters
 from peftkit.train.loop.fit import Loop, fit
 from peftkit.train.loop.loss import loss_path
 from peftkit.train.loop.optim import optimizer_and_schedule, parameter_groups, total_steps
@@ -169,9 +170,10 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
         enable_checkpointing(model)
     if not is_sharded(acc):
         model.to(acc.device)      # sharded: prepare places each process's shard (the whole model never moves)
-    optimizer, scheduler = optimizer_and_schedule(model, cfg, s.steps)
     path = loss_path(model)
     objective = get_objective(cfg.objective).start(s, path)  # batches, loss, statistics, held-out score
+    initialise_adapters(model, s.method, cfg.model, s.plan(0), objective)  # EVA, LoftQ: before the optimizer
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, s.steps)
     prepared, optimizer = acc.prepare(model, optimizer)
     pos = Position()
     if s.resume_from is not None:

@@ -5,7 +5,7 @@ import torch
 
 from peftkit.cli import main
 from peftkit.merging.svd import EXACT_FRACTION, low_rank_svd, relative_error, top_svd
-from peftkit.methods.lora.layer import split_factors
+from peftkit.methods.lora.inits import split_factors
 from tests.tiny import tiny_model
 
 

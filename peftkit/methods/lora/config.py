@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from peftkit.core.method_options import ALPHA, DROPOUT, RANK
 from peftkit.errors import PeftkitError
 
-INITS = ("default", "gaussian", "pissa")
+INITS = ("default", "gaussian", "pissa", "olora", "eva")  # PEFT's init_lora_weights names ("default" is its True)
 PARAMETER_INITS = ("default", "gaussian")  # the inits that need no base weight: what parameter targets take
 
 
@@ -20,8 +20,12 @@ class LoraConfig:
     target_modules: None (the architecture's defaults), a list of module names / suffixes, a regex matched against
     the full module path, or "all-linear". lora_alpha None means 2 * r. rank_pattern / alpha_pattern map a module
     regex (matched against the end of the path) to its own rank / alpha, as in PEFT. use_dora: DoRA (Liu et al.
-    2024), a learned magnitude per output row on top of the LoRA direction (`dora.py`).
+    2024), a learned magnitude per output row on top of the LoRA direction (`dora.py`). init: one of `inits` (PEFT's
+    init_lora_weights names; `inits.py`, `eva.py`); eva_rho / eva_tau: EVA's rank budget factor (a layer gets at
+    most round(r * rho)) and its convergence threshold (PEFT's EvaConfig rho / tau).
     """
+
+    inits: ClassVar[tuple[str, ...]] = INITS
 
     r: int = 8
     lora_alpha: float | None = None
@@ -35,6 +39,8 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
     target_parameters: tuple[str, ...] | None = None
+    eva_rho: float = 2.0
+    eva_tau: float = 0.99
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "r", RANK.check(self.r, required=True))  # the options --rank / lora_r also check
@@ -42,8 +48,13 @@ class LoraConfig:
         if self.lora_alpha is None:
             object.__setattr__(self, "lora_alpha", 2 * self.r)
         object.__setattr__(self, "lora_dropout", DROPOUT.check(self.lora_dropout, required=True))
-        if self.init not in INITS:
-            raise PeftkitError(f"unknown LoRA init {self.init!r}; choose one of {', '.join(INITS)}")
+        if self.init not in self.inits:
+            hint = " (loftq needs a quantized base: --method qlora)" if self.init == "loftq" else ""
+            raise PeftkitError(f"unknown LoRA init {self.init!r}; choose one of {', '.join(self.inits)}{hint}")
+        if isinstance(self.eva_rho, bool) or not isinstance(self.eva_rho, (int, float)) or self.eva_rho < 1:
+            raise PeftkitError(f"eva_rho must be a number >= 1 (1: no rank redistribution), got {self.eva_rho!r}")
+        if isinstance(self.eva_tau, bool) or not isinstance(self.eva_tau, (int, float)) or not 0 <= self.eva_tau <= 1:
+            raise PeftkitError(f"eva_tau must be a cosine similarity in [0, 1], got {self.eva_tau!r}")
         object.__setattr__(self, "target_modules", normalize_targets(self.target_modules))
         if not isinstance(self.use_dora, bool):
             raise PeftkitError(f"use_dora must be true or false, got {self.use_dora!r}")

@@ -20,6 +20,7 @@ from torch import nn
 from peftkit.core.method import AdapterLayer
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora.dora import NormCache, dora_delta, row_norm
+from peftkit.methods.lora.inits import RESIDUAL_INITS, residual_factors
 
 
 class LoraLayer(AdapterLayer):
@@ -41,7 +42,7 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: m, one value per output row
         self.scaling: dict[str, float] = {}
-        self.pissa_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.residual_init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA / OLoRA: (A₀, B₀)
         self.merged_adapters: list[str] = []
         self.dora_norms = NormCache()  # ‖W + s·B A‖_row per DoRA adapter, reused while not training
         self.merge_scale: dict[str, torch.Tensor] = {}  # DoRA: g = m / ‖W + s·B A‖_row of a merged adapter
@@ -63,7 +64,9 @@ class LoraLayer(AdapterLayer):
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, init: str,
                     bias: bool = False, use_dora: bool = False) -> None:
-        """Create adapter `name` of rank `r`; `init` is "default" (Kaiming A, zero B), "gaussian" or "pissa".
+        """Create adapter `name` of rank `r`; `init` is "default" (Kaiming A, zero B), "gaussian", or
+        one of `inits.RESIDUAL_INITS` (pissa, olora); the data-driven ones (eva, loftq) start as "default" and are
+        set later by `Method.initialise`.
         With `use_dora` it gets a magnitude m = ‖W + s·B A‖_row, so it starts as the same function as without."""
         weight = self.weight
         device, dtype = weight.device, weight.dtype if weight.is_floating_point() else torch.float32
@@ -79,8 +82,8 @@ class LoraLayer(AdapterLayer):
 
     @torch.no_grad()
     def _init_factors(self, name: str, r: int, init: str, bias: bool) -> None:
-        if init == "pissa":
-            self._init_pissa(name, r)
+        if init in RESIDUAL_INITS:
+            self._init_residual(name, r, init)
             return
         if init == "gaussian":
             nn.init.normal_(self.factor_a(name).weight, std=1.0 / r)
@@ -101,21 +104,15 @@ class LoraLayer(AdapterLayer):
         self.weight.data.copy_(w.to(self.weight.dtype))
         self.dora_norms.clear()
 
-    def _init_pissa(self, name: str, r: int) -> None:
-        """PiSSA (Meng et al. 2024): A, B from the top-r singular triplets; the base keeps the residual.
-
-        With W = U S V^T: B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T (`split_factors`), so s * B A = U_r S_r V_r^T, and
-        W_res = W - s * B A. The initial (A0, B0) are kept to export the adapter as a plain LoRA later.
-        """
+    def _init_residual(self, name: str, r: int, init: str) -> None:
+        """PiSSA / OLoRA (`inits.py`): (A₀, B₀) from W, the base keeps W - s·B₀A₀, and (A₀, B₀) are kept in
+        `residual_init` to export the adapter as a plain LoRA against the original W."""
         w = self._base_weight_fp32()
-        if r > min(w.shape):
-            raise PeftkitError(f"PiSSA rank {r} exceeds the smaller side of a {tuple(w.shape)} weight")
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        a0, b0 = split_factors(u[:, :r], s[:r], vh[:r], self.scaling[name])
+        a0, b0 = residual_factors(init, w, r, self.scaling[name])
         self.factor_a(name).weight.data.copy_(a0)
         self.factor_b(name).weight.data.copy_(b0)
         self._set_base_weight(w - self.scaling[name] * (b0 @ a0))
-        self.pissa_init[name] = (a0.clone(), b0.clone())
+        self.residual_init[name] = (a0.clone(), b0.clone())
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B @ A in fp32, in the base weight's own layout ([in, out] for Conv1D)."""
@@ -242,10 +239,3 @@ class LoraLayer(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={self.adapter_names()}"
-
-
-def split_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA factors (A [r, n], B [m, r]) with scale·B·A = U diag(S) Vh, the root of S/scale on each side (balanced,
-    as PiSSA does). Used by PiSSA's init and by every SVD that produces an adapter (combine, compress)."""
-    root = torch.sqrt(s / scale)
-    return root[:, None] * vh, u * root[None, :]

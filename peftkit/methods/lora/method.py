@@ -18,12 +18,13 @@ from torch import nn
 
 from peftkit.core.archs import LINEAR_TYPES
 from peftkit.core.inject import base_modules, find_targets, inject, replace_module
-from peftkit.core.method import Method
+from peftkit.core.method import InitData, Method
 from peftkit.core.registry import register
 from peftkit.core.shapes import ModelShape, SavedActivations
 from peftkit.core.state import adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora.eva import initialise_eva
 from peftkit.methods.lora.format import (
     config_from_peft,
     load_lora_tensors,
@@ -31,6 +32,7 @@ from peftkit.methods.lora.format import (
     peft_lora_config,
     saved_module_names,
 )
+from peftkit.methods.lora.inits import RESIDUAL_INITS
 from peftkit.methods.lora.layer import LoraLayer
 from peftkit.methods.lora.param_targets import (
     check_param_shapes,
@@ -52,7 +54,7 @@ class LoraMethod(Method):
     config_cls = LoraConfig
     mergeable = True
     option_fields = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
-                     "target_parameters": "target_parameters"}
+                     "target_parameters": "target_parameters", "init": "init"}
 
     def inject(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
         """Wrap every targeted linear layer in a LoraLayer (or add to an existing one) with a new adapter, and every
@@ -70,16 +72,21 @@ class LoraMethod(Method):
             module.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init,
                                config.lora_bias, config.use_dora)
 
+    def initialise(self, model: nn.Module, config: LoraConfig, adapter_name: str, data: InitData) -> None:
+        """`--init eva`: A (and the ranks) from the training data's layer inputs (`eva.py`); other inits: nothing."""
+        if config.init == "eva":
+            initialise_eva(model, config, adapter_name, data.batches)
+
     def export(self, model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, torch.Tensor]]:
-        """PEFT's LoRA layout; a PiSSA adapter becomes a plain rank-2r LoRA against the original weights."""
+        """PEFT's LoRA layout; a PiSSA / OLoRA adapter becomes a plain rank-2r LoRA against the original weights."""
         config: LoraConfig = adapters(model)[adapter_name].config
         factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         magnitudes: dict[str, torch.Tensor] = {}
         for path, layer in _lora_layers(model, adapter_name):
             a = layer.factor_a(adapter_name).weight.detach()
             b = layer.factor_b(adapter_name).weight.detach()
-            if adapter_name in layer.pissa_init:  # W_orig + s' B' A' = W_res + s (B A) with s' = s: stack [A; A0]
-                a0, b0 = layer.pissa_init[adapter_name]
+            if adapter_name in layer.residual_init:  # W_orig + s' B' A' = W_res + s (B A) with s' = s: [A; A0]
+                a0, b0 = layer.residual_init[adapter_name]
                 a = torch.cat([a.float(), a0.to(a.device)], 0).to(a.dtype)
                 b = torch.cat([b.float(), -b0.to(b.device)], 1).to(b.dtype)
             bias = layer.factor_b(adapter_name).bias
@@ -148,7 +155,7 @@ def _peft_config(model: nn.Module, config: LoraConfig, paths: list[str], saved: 
     targets: list[str] | str = leaves if exact else "^(" + "|".join(re.escape(p) for p in paths) + ")$"
     r, alpha = config.r, config.alpha
     rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
-    if config.init == "pissa":  # exported as rank 2r with the same scale
+    if config.init in RESIDUAL_INITS:  # exported as rank 2r with the same scale
         r, alpha = 2 * r, alpha * (math.sqrt(2) if config.use_rslora else 2)
         factor = alpha / config.alpha
         rank_pattern = {k: 2 * v for k, v in rank_pattern.items()}
