@@ -182,7 +182,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     tracking = Tracking.start(acc, s.folder.tracking, s.folder.name, cfg.to_dict()) if main else None
     metrics = Metrics(s.folder, main, keep_until=pos.step if s.resume_from else None, tracking=tracking)
     evaluate = _evaluator(s, metrics, path, objective)
-    before = _earlier_eval(metrics, 0) if s.resume_from else evaluate(0, generate=True)
+    before = metrics.earlier_eval(0) if s.resume_from else evaluate(0, generate=True)
     _say_eval("before", before, say, objective)
     bar = Progress(s.steps, pos.step, enabled=main and progress)
 
@@ -289,12 +289,6 @@ def _write_result(model: CausalLM, tokenizer: Any, folder: RunDir, method: Metho
     if method.trains_base:
         return save_model_folder(model, tokenizer, folder.model, {"method": method.name, "prompt_format": prompt_format})
     return save_adapter(model, folder.adapter, prompt_format=prompt_format)
-
-
-def _earlier_eval(metrics: Metrics, step: int) -> dict:
-    """The evaluation recorded at `step` before an interruption (resume does not evaluate the base model again)."""
-    found = [r for r in metrics.read() if r["kind"] == "eval" and r["step"] == step]
-    return {k: v for k, v in found[-1].items() if k not in ("kind", "step")} if found else {}
 
 
 def _say_eval(when: str, result: dict, say: Callable[[str], None], objective: ObjectiveRun) -> None:

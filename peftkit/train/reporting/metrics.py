@@ -61,6 +61,11 @@ class Metrics:
     def read(self) -> list[dict[str, Any]]:
         return read_records(self.path)
 
+    def earlier_eval(self, step: int) -> dict[str, Any]:
+        """The evaluation recorded at `step` before an interruption (resume does not evaluate the base again)."""
+        found = [r for r in self.read() if r["kind"] == "eval" and r["step"] == step]
+        return {k: v for k, v in found[-1].items() if k not in ("kind", "step")} if found else {}
+
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl ([] when there is none); a line that is not a JSON object with a "kind" and
