@@ -59,6 +59,17 @@ def data_preview(cfg: Any, rows: int = 3) -> dict[str, Any]:
             "examples": examples}
 
 
+def data_columns(data: str) -> dict[str, Any]:
+    """The columns of each data source and the names peftkit reads, for the page's column mapping (the CLI's
+    `--columns peftkit_name=dataset_column`); a source that cannot be read is the CLI's one-line error."""
+    from peftkit.data.mixing import KNOWN_COLUMNS, parse_mixture
+    from peftkit.data.sources import load_rows
+
+    sources = [{"source": source.path, "columns": list(load_rows(source.path).column_names)}
+               for source in parse_mixture(data)]
+    return {"sources": sources, "known": list(KNOWN_COLUMNS)}
+
+
 def _token_parts(split: Any) -> list[tuple[str, list[list[int]], list[list[int]]]]:
     """(name, token ids per example, labels per example) for each tokenized part of a split: the fields named
     `<part>ids` with a `<part>labels` beside them (`input_ids` / `labels`, `chosen_ids` / `chosen_labels`, ...)."""

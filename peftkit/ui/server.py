@@ -63,6 +63,14 @@ def make_app(root: Path, token: str | None = None, local: bool = True, poll_s: f
         form = confine_form(root, await _json(request, "form"))
         return JSONResponse(await run_in_threadpool(planning.plan, form))
 
+    async def columns(request: Request) -> Response:
+        from peftkit.ui.preview import data_columns
+
+        data = str(confine_form(root, {"data": (await _json(request)).get("data") or ""})["data"])
+        if not data.strip():
+            raise PeftkitError("data: give a data file to map its columns")
+        return JSONResponse(await run_in_threadpool(data_columns, data))
+
     async def launch(request: Request) -> Response:
         body = await _json(request)
         name = str(body.get("name") or "")
@@ -131,6 +139,7 @@ def make_app(root: Path, token: str | None = None, local: bool = True, poll_s: f
         return JSONResponse({"path": await jobs.save_upload(name, request.stream())})
 
     routes = [Route("/", index), Route("/api/fields", fields), Route("/api/plan", plan, methods=["POST"]),
+              Route("/api/columns", columns, methods=["POST"]),
               Route("/api/runs", run_list), Route("/api/runs", launch, methods=["POST"]),
               Route("/api/runs/{name}/events", run_events),
               Route("/api/runs/{name}/evaluation", evaluation),

@@ -165,3 +165,27 @@ def test_launch_watch_reattach_stop_resume_chat_ship_and_reproduce(server, brows
     for key in want:
         assert float((want[key] - got[key]).abs().max()) <= 1e-5, key
     assert errors == []
+
+
+def test_unrecognised_columns_are_mapped_on_the_page(server, browser, shots, tmp_path):
+    """A file whose columns peftkit does not know: the CLI's error next to the data field, the file's columns to
+    map, and once mapped the plan shows the examples and the command carries --columns."""
+    url, _ = server
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text("".join(f'{{"question": "What is {i} + {i}?", "answer": "{2 * i}"}}\n' for i in range(30)))
+    page = _page(browser)
+    page.goto(url)
+    page.wait_for_selector("#f-rank")
+    page.set_input_files("#upload", str(rows))
+    page.wait_for_function("document.querySelector('#f-data').value === 'uploads/qa.jsonl'")
+    page.click("#check")
+    page.wait_for_selector('#mapping select[data-column="question"]')
+    assert "error:" in page.text_content('[data-error="data"]')
+    page.select_option('#mapping select[data-column="question"]', "instruction")
+    page.select_option('#mapping select[data-column="answer"]', "output")
+    assert page.input_value("#f-columns") == "instruction=question,output=answer"
+    page.click("#check")
+    page.wait_for_selector("#preview .example .trained")
+    assert "--columns instruction=question,output=answer" in page.text_content("#command")
+    assert "What is 0 + 0?" in page.text_content("#preview")
+    shots(page, "columns")

@@ -169,3 +169,12 @@ def test_ship_converts_a_finished_runs_dora_adapter_with_the_cli_command(client,
     assert (root / "dora-run-lora" / "adapter_model.safetensors").is_file()
     refused = post(http, "/api/ship", {"run": "dora-run", "action": "compress"})
     assert refused.status_code == 400 and "a whole model (full / freeze)" in refused.json()["error"]
+
+
+def test_columns_lists_a_files_columns_for_the_mapping(client):
+    http, root = client
+    (root / "qa.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    got = post(http, "/api/columns", {"data": "qa.jsonl"}).json()
+    assert got["sources"] == [{"source": str(root / "qa.jsonl"), "columns": ["question", "answer"]}]
+    assert {"instruction", "output", "messages"} <= set(got["known"])
+    assert post(http, "/api/columns", {"data": "../x.jsonl"}).status_code == 400

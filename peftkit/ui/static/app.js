@@ -71,6 +71,7 @@ function fieldBlock(field, choices) {
   label.append(el("span", {class: "help"}, field.flag));
   block.append(label, input(field, choices), el("div", {class: "help"}, field.help),
                el("div", {class: "error", "data-error": field.name}));
+  if (field.name === "data") block.append(el("div", {id: "mapping"}));
   return block;
 }
 
@@ -153,11 +154,39 @@ function renderPreview(preview) {
   });
 }
 
+// The column mapping: when the data's columns are not ones peftkit reads, map them (the CLI's --columns).
+async function showMapping() {
+  const box = $("#mapping");
+  box.replaceChildren();
+  const data = $("#f-data").value.trim();
+  if (!data) return;
+  let info;
+  try { info = await api("/api/columns", {data}); } catch (error) { return; }
+  const current = Object.fromEntries(($("#f-columns").value || "").split(",").filter((p) => p.includes("="))
+                                     .map((p) => p.split("=").map((x) => x.trim())).map(([ours, theirs]) => [theirs, ours]));
+  box.append(el("p", {}, "Map the data's columns to the ones peftkit reads (this fills --columns):"));
+  const table = el("table");
+  info.sources[0].columns.forEach((column) => {
+    const row = el("tr"), select = el("select", {"data-column": column});
+    select.append(el("option", {value: ""}, "(not used)"));
+    info.known.forEach((name) => select.append(el("option", {value: name}, name)));
+    select.value = current[column] || (info.known.includes(column) ? "" : "");
+    select.addEventListener("change", () => {
+      const pairs = [...box.querySelectorAll("select")].filter((s) => s.value).map((s) => `${s.value}=${s.dataset.column}`);
+      $("#f-columns").value = pairs.join(",");
+    });
+    row.append(el("td", {}, column), el("td", {}, "→"), el("td")); row.lastChild.append(select);
+    table.append(row);
+  });
+  box.append(table);
+}
+
 async function check() {
   clearErrors($("#form"));
   $("#check").disabled = true;
   try {
     const plan = await api("/api/plan", {form: formValues()});
+    $("#mapping").replaceChildren();
     $("#command").textContent = plan.command;
     $("#recipe").textContent = plan.recipe;
     renderEstimate(plan.estimate);
@@ -165,6 +194,7 @@ async function check() {
     return plan;
   } catch (error) {
     showError(error, "__form");
+    if (error.field === "data" || /column/.test(error.message)) showMapping();
     return null;
   } finally {
     $("#check").disabled = false;
