@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
+# TRL's loss_type names (named here: tests/train/test_objective_names.py keeps the literal "grpo" to its module)
+DAPO, GRPO, BNPO, DR_GRPO = "dapo", "grpo", "bnpo", "dr_grpo"
+LOSS_TYPES = (DAPO, GRPO, BNPO, DR_GRPO)
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -118,13 +120,22 @@ def token_losses(logps: torch.Tensor, old: torch.Tensor | None, ref: torch.Tenso
 def reduce(t: TokenLosses, s: LossSettings) -> tuple[torch.Tensor, int]:
     """(the micro-batch's share of the step's loss, what the step divides it by): see the module docstring."""
     masked = t.loss * t.mask
-    if s.loss_type == "grpo":
-        return (masked.sum(-1) / t.mask.sum(-1).clamp(min=1.0)).sum(), t.loss.shape[0]
-    if s.loss_type == "bnpo":
-        return masked.sum() / t.mask.sum().clamp(min=1.0), 1
-    if s.loss_type == "dr_grpo":
-        return masked.sum() / s.max_completion_length, t.loss.shape[0]
-    return masked.sum(), int(t.mask.sum())
+    if s.loss_type == GRPO:
+        total = (masked.sum(-1) / t.mask.sum(-1).clamp(min=1.0)).sum()
+    elif s.loss_type == BNPO:
+        total = masked.sum() / t.mask.sum().clamp(min=1.0)
+    elif s.loss_type == DR_GRPO:
+        total = masked.sum() / s.max_completion_length
+    else:
+        total = masked.sum()
+    return total, count(t.mask, s)
+
+
+def count(mask: torch.Tensor, s: LossSettings) -> int:
+    """What the step divides a micro-batch's `reduce` by, from its completion mask [B, C] (module docstring)."""
+    if s.loss_type in (GRPO, DR_GRPO):
+        return mask.shape[0]
+    return 1 if s.loss_type == BNPO else int(mask.sum())
 
 
 def clip_fractions(t: TokenLosses, s: LossSettings) -> dict[str, torch.Tensor]:
