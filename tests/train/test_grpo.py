@@ -15,6 +15,7 @@ from peftkit.methods.lora.config import LoraConfig
 from peftkit.train.config import load_train_config, resolve_defaults
 from peftkit.train.objectives import rewards
 from peftkit.train.objectives.rollouts import Sampling, pick, sample
+from peftkit.train.reporting import memory_report
 from peftkit.train.run import train
 from tests.tiny import greedy_generate, perturb_adapter, save_tiny_checkpoint, tiny_model
 
@@ -106,8 +107,9 @@ def test_prompt_rows_and_refusals(tmp_path):
             train(load_train_config(None, {**base, **options}), progress=False)
     with pytest.raises(PeftkitError, match="--num-generations is an option of grpo"):
         load_train_config(None, {"num_generations": 4})
-    cfg = resolve_defaults(load_train_config(None, {"objective": "grpo"}))
+    cfg = resolve_defaults(load_train_config(None, {"objective": "grpo", "num_generations": 6, "beta": 0}))
     assert cfg.objective_options["beta"] == 0.0 and cfg.objective_options["loss_type"] == "dapo"
+    assert (cfg.batch_size, cfg.max_steps) == (4, 30) and memory_report._rows(cfg) == 4 * 6  # the memory report: G rows a prompt
 
 
 def test_two_steps_on_a_tiny_model_log_the_metrics(tmp_path, monkeypatch):

@@ -89,6 +89,10 @@ class Grpo(Objective):
     row_shape = "prompt rows (prompt, and columns for the rewards)"
     bundled_defaults = BUNDLED_DEFAULTS
 
+    def rows(self, cfg: TrainConfig) -> int:
+        """G completion rows (prompt + completion, up to --max-length) per prompt."""
+        return int(cfg.objective_options.get("num_generations") or self.option_defaults()["num_generations"])
+
     def bundled(self) -> tuple[str, str]:
         from peftkit import data
 
