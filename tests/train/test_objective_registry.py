@@ -26,7 +26,7 @@ def test_builtins_options_and_errors():
     names = [o.name for o in base.declared_options()]
     assert len(names) == len(set(names)) and {"beta", "simpo_gamma", "precompute_ref", "desirable_weight"} <= set(names)
     assert base.option_aliases()["pref_beta"] == "beta"
-    with pytest.raises(PeftkitError, match=r"^objective must be one of sft, dpo, orpo, simpo, kto; got 'nope'$"):
+    with pytest.raises(PeftkitError, match=r"^objective must be one of sft, dpo, orpo, simpo, kto, grpo; got 'nope'$"):
         base.get_objective("nope")
     with pytest.raises(PeftkitError, match="a named peftkit Objective"):
         base.register_objective(object())

@@ -161,6 +161,11 @@ class Objective:
             fill.pop("max_steps", None)
         return fill
 
+    def rows(self, cfg: Any) -> int:
+        """Model rows each example of a resolved config `cfg` becomes in training (the memory report's rows per
+        micro-batch): `rows_per_example`, unless the count depends on an option (GRPO: its num_generations)."""
+        return self.rows_per_example
+
     def option_defaults(self) -> dict[str, Any]:
         """{option name: its declared default}."""
         return {option.name: option.default for option in self.options}
@@ -223,7 +228,21 @@ def declared_options() -> list[Option]:
     for objective in _REGISTRY.values():
         for option in objective.options:
             declared.setdefault(option.name, []).append((objective.name, option))
-    return [replace(pairs[0][1], default=None, help=_help(pairs)) for pairs in declared.values()]
+    return [replace(_widest([o for _, o in pairs]), default=None, help=_help(pairs)) for pairs in declared.values()]
+
+
+def _widest(options: list[Option]) -> Option:
+    """The first declaration with bounds that admit every declaration's values (DPO's beta > 0, GRPO's beta >= 0:
+    the flag takes 0 and each objective checks its own bounds in `resolve_options`)."""
+    first = options[0]
+    lows = [o for o in options if o.low is not None]
+    highs = [o for o in options if o.high is not None]
+    if len(lows) < len(options) or len(highs) < len(options):
+        return replace(first, low=None, high=None) if len(options) > 1 else first
+    low = min(o.low for o in lows if o.low is not None)
+    high = max(o.high for o in highs if o.high is not None)
+    return replace(first, low=low, high=high, low_open=all(o.low_open for o in lows if o.low == low),
+                   high_open=all(o.high_open for o in highs if o.high == high))
 
 
 def _help(pairs: list[tuple[str, Option]]) -> str:

@@ -44,11 +44,12 @@ def memory_estimate(cfg: TrainConfig, model_config: PretrainedConfig, precision:
 
 def _rows(cfg: TrainConfig) -> int:
     """Rows of max_length per micro-batch in the worst case: --batch-tokens bounds the padded positions (rows x the
-    longest row), else batch_size examples of the objective's rows each (a preference pair is two)."""
+    longest row), else batch_size examples of the objective's rows each (a preference pair is two, a GRPO prompt
+    its num_generations completions)."""
     assert cfg.max_length is not None and cfg.batch_size is not None, "a resolved config (resolve_defaults)"
     if cfg.batch_tokens:
         return -(-cfg.batch_tokens // cfg.max_length)
-    return cfg.batch_size * get_objective(cfg.objective).rows_per_example
+    return cfg.batch_size * get_objective(cfg.objective).rows(cfg)
 
 
 def report_memory(cfg: TrainConfig, model: PreTrainedModel, precision: str, say: Callable[[str], None], processes: int = 1) -> None:

@@ -1,0 +1,142 @@
+"""`grpo` (Shao et al. 2024, DeepSeekMath): online RL with verifiable rewards on prompt rows, as TRL's GRPOTrainer.
+
+Each step samples G completions of each of its prompts from the model as it trains (train/objectives/rollouts.py),
+scores them with the reward functions (rewards.py: `--reward NAME[:weight]`, built-ins or a user's
+`module:function` with TRL's signature), turns the rewards into group-normalised advantages and trains on the
+clipped surrogate plus an optional KL term to the reference, the model with its adapter switched off
+(grpo_loss.py). The options are TRL's GRPOConfig's names and defaults (beta 0, loss_type dapo, scale_rewards group,
+epsilon 0.2, temperature 1, top_p 1), but the completion length and the group size, which default to what the
+bundled task needs on a CPU.
+
+Rows: `prompt` (a string, the user's turn, or a list of messages) or `messages` (the turns before the last
+assistant turn are the prompt; that turn is the `answer` when the data has none) or alpaca rows (instruction /
+input, the output as `answer`); every other column is passed to the reward functions, one value per completion.
+With no --data: the bundled extraction task's prompts and answers with the field-level reward (`fields`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from peftkit.core.options import Option
+from peftkit.errors import PeftkitError
+from peftkit.train.objectives.base import Objective, ObjectiveRun, register_objective
+from peftkit.train.objectives.pairs import refuse_sft_options
+
+if TYPE_CHECKING:
+    from peftkit.core.method import Method
+    from peftkit.train.config import TrainConfig
+    from peftkit.train.run import Session
+
+BUNDLED_COMPLETION, GENERIC_COMPLETION = 32, 256
+OPTIONS = (
+    Option("reward", str, None, "GRPO: reward functions, NAME[:weight], several comma-separated or repeated: "
+           "exact_match | fields | format | length (built-ins) or module:function (TRL's reward signature); "
+           "default fields on the bundled task.", multiple=True, aliases=("reward_funcs",)),
+    Option("reward_pattern", str, r"name=[^;\n]+; city=[^;\n]+; date=\d{4}-\d{2}-\d{2}",
+           "GRPO: the regular expression the `format` reward fully matches (default: the bundled task's answer)."),
+    Option("num_generations", int, 4, "GRPO: completions sampled per prompt (TRL's default is 8).", low=2,
+           high=1024),
+    Option("max_completion_length", int, None, "GRPO: new tokens per completion (default 32 on the bundled task, "
+           f"{GENERIC_COMPLETION} otherwise; also Dr. GRPO's constant).", low=1, high=1 << 20),
+    Option("temperature", float, 1.0, "GRPO: sampling temperature (log-probs are scored at it, as in TRL).", low=0,
+           high=100, low_open=True),
+    Option("top_p", float, 1.0, "GRPO: nucleus sampling's probability mass.", low=0, high=1, low_open=True),
+    Option("beta", float, 0.0, "GRPO: weight of the KL term to the reference (the adapter switched off); 0 as in "
+           "TRL (no reference pass).", low=0, high=1e3),
+    Option("epsilon", float, 0.2, "GRPO: the importance ratio's lower clip (1 - epsilon).", low=0, high=1),
+    Option("epsilon_high", float, None, "GRPO: the ratio's upper clip (1 + epsilon_high; default epsilon; DAPO "
+           "uses 0.28).", low=0, high=100),
+    Option("loss_type", str, "dapo", "GRPO: the token losses' normalisation, TRL's: dapo (tokens of the step) | "
+           "grpo (each completion's mean) | bnpo (tokens of each micro-batch) | dr_grpo (completions x "
+           "max_completion_length).", choices=("dapo", "grpo", "bnpo", "dr_grpo")),
+    Option("scale_rewards", str, "group", "GRPO: divide advantages by the reward std of the group | batch | none "
+           "(Dr. GRPO).", choices=("group", "batch", "none")),
+    Option("num_iterations", int, 1, "GRPO: optimizer steps on each batch of rollouts (TRL's mu).", low=1, high=64),
+    Option("use_bias_correction_kl", bool, True, "GRPO: multiply the KL term by the importance ratio (TRL's "
+           "default)."),
+    Option("rollout_merge", bool, True, "GRPO: merge the adapter into the weights while sampling (exactly "
+           "restored after; faster)."),
+)
+# The bundled task on a CPU: 4 prompts x 4 completions per step; lr for LoRA under RL (higher than TRL's 1e-6,
+# which is for full fine-tuning).
+BUNDLED_DEFAULTS = {"max_steps": 30, "batch_size": 4, "lr": 2e-4}
+
+
+def completion_length(cfg: TrainConfig) -> int:
+    """max_completion_length, resolved (the bundled task's or the generic default when unset)."""
+    given = cfg.objective_options.get("max_completion_length")
+    return given or (BUNDLED_COMPLETION if cfg.data is None else GENERIC_COMPLETION)
+
+
+def reward_specs(cfg: TrainConfig) -> list[str]:
+    """The --reward values, one spec each (`fields` on the bundled task when none is given)."""
+    given = cfg.objective_options.get("reward")
+    if not given:
+        if cfg.data is not None:
+            raise PeftkitError("--objective grpo needs --reward: a built-in (exact_match, fields, format, length) or "
+                               "module:function returning one float per completion")
+        return ["fields"]
+    return [spec for spec in str(given).split(",") if spec.strip()]
+
+
+class Grpo(Objective):
+    """Group relative policy optimisation (see the module docstring)."""
+
+    name = "grpo"
+    options = OPTIONS
+    needs_generation = True
+    row_shape = "prompt rows (prompt, and columns for the rewards)"
+    bundled_defaults = BUNDLED_DEFAULTS
+
+    def rows(self, cfg: TrainConfig) -> int:
+        """G completion rows (prompt + completion, up to --max-length) per prompt."""
+        return int(cfg.objective_options.get("num_generations") or self.option_defaults()["num_generations"])
+
+    def bundled(self) -> tuple[str, str]:
+        from peftkit import data
+
+        return str(data.BUNDLED_TRAIN), str(data.BUNDLED_EVAL)
+
+    def accepts(self, column_names: list[str]) -> bool:
+        others = {"chosen", "rejected", "completion", "label"}
+        return "prompt" in column_names and not others & set(column_names)
+
+    def check(self, cfg: TrainConfig, method: Method) -> None:
+        refuse_sft_options(cfg, self.name, "prompt rows")
+        options = cfg.objective_options
+        if method.trains_base and options.get("beta"):
+            raise PeftkitError(f"--beta with --method {method.name}: GRPO's reference is the adapter switched off, "
+                               "and this method has none; use --beta 0 or an adapter method")
+        from peftkit.train.objectives import rewards
+
+        for spec in reward_specs(cfg):
+            rewards.parse(spec)  # a malformed spec is reported before the model loads
+
+    def load_splits(self, rows: Any, eval_rows: Any, tokenizer: Any, cfg: TrainConfig, prompt_format: dict) -> tuple:
+        from peftkit.train.objectives import rewards
+
+        specs = reward_specs(cfg)
+        needs_answer = [s for s in specs if rewards.parse(s)[0] in rewards.NEEDS_ANSWER]
+        from peftkit.train.objectives.grpo_prompts import prompt_rows
+
+        train = prompt_rows(rows, tokenizer, prompt_format, cfg.max_length, completion_length(cfg), "training")
+        held = None
+        if eval_rows is not None and len(eval_rows):
+            eval_rows = eval_rows.select(range(min(len(eval_rows), cfg.eval_examples)))
+            held = prompt_rows(eval_rows, tokenizer, prompt_format, cfg.max_length, completion_length(cfg),
+                               "eval")
+        for part, what in ((train, "training"), (held, "eval")):
+            if part is not None and needs_answer and "answer" not in part.columns:
+                raise PeftkitError(f"--reward {needs_answer[0]} compares completions with an `answer` column; the "
+                                   f"{what} data has {sorted(part.columns)}; add one or map it with --columns "
+                                   f"answer=YOUR_COLUMN")
+        return train, held, f"prompt rows, rewards {', '.join(specs)}"
+
+    def start(self, session: Session, loss_path: str) -> ObjectiveRun:
+        from peftkit.train.objectives.grpo_run import start_run
+
+        return start_run(session, completion_length(session.cfg), reward_specs(session.cfg))
+
+
+register_objective(Grpo())
