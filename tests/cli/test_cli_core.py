@@ -59,7 +59,7 @@ def test_inspect_counts_on_local_folder(tmp_path):
 
     info = json.loads(out.stdout)
     assert info["model_type"] == "qwen2" and info["layers"] == 2 and info["default_lora_targets"] == ["q_proj", "v_proj"]
-    lora = info["methods"][0]
+    lora = next(row for row in info["methods"] if row["method"] == "lora")
     # q: 32->32, v: 32->16; r=4: 4*(64) + 4*(48) = 448 per layer, 2 layers
     assert lora["trainable"] == 2 * (4 * (32 + 32) + 4 * (32 + 16))
 

@@ -80,7 +80,8 @@ except AttributeError as exc:
 """)
     assert out.returncode == 0, out.stderr
     registered, missing = out.stdout.splitlines()
-    assert registered == str(["adapter", "freeze", "full", "lora", "prefix", "prompt", "qlora"])
+    assert registered == str(["adapter", "freeze", "full", "ia3", "loha", "lokr", "lora", "oft", "prefix", "prompt",
+                              "qlora", "vera"])
     assert missing == "module 'peftkit' has no attribute 'no_such_name'"
 
 

@@ -68,8 +68,8 @@ def test_unsupported_peft_type_and_dora(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(PeftkitError, match="use_dora"):
         peftkit.load_adapter(tiny_model("llama"), folder)
-    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
-    with pytest.raises(PeftkitError, match="cannot load adapters of peft_type 'IA3'"):
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "ADALORA"}))
+    with pytest.raises(PeftkitError, match="cannot load adapters of peft_type 'ADALORA'"):
         peftkit.load_adapter(tiny_model("llama"), folder)
 
 

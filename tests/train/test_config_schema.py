@@ -132,7 +132,7 @@ def test_set_values_are_typed_and_canonicalised():
 
 
 @pytest.mark.parametrize("pair, needle", [("use_dora=maybe", "use_dora must be true or false, got 'maybe'"),
-                                          ("init=3", "init must be text, got 3"),
+                                          ("init=3", "unknown LoRA init '3'; choose one of default"),
                                           ("rnk=4", "method 'lora' has no option 'rnk'; valid options: alpha, "),
                                           ("r=abc", "rank must be a whole number, got 'abc'")])
 def test_set_type_errors_are_one_line(pair, needle, tmp_path, capsys):

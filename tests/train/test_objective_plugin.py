@@ -82,7 +82,7 @@ def fresh_python(site: Path, code: str, *args: str, cwd: Path = ROOT) -> subproc
 def test_entry_point_adds_the_objective_and_its_flag_without_torch(site):
     *shown, last = fresh_python(site, HELP, "train", "--help").stdout.rstrip("\n").split("\n")
     listed = json.loads(last)
-    assert listed["objectives"] == ["sft", "dpo", "orpo", "simpo", "kto", "smoothed_sft"]
+    assert listed["objectives"] == ["sft", "dpo", "orpo", "simpo", "kto", "grpo", "smoothed_sft"]
     assert listed["heavy"] == [], f"train --help imported {listed['heavy']}"
     flag = next(i for i, line in enumerate(shown) if "--label-smoothing" in line)
     assert "(--objective smoothed_sft; default 0.1)" in " ".join(shown[flag:flag + 3])  # the flag's help names it
