@@ -98,6 +98,10 @@ def test_only_this_page_may_change_anything(client):
     assert http.post("/api/plan", json={"form": {}}).status_code == 403  # no token header
     assert post(http, "/api/plan", {"form": {}}, origin="http://evil.example").status_code == 403
     assert http.get("/", headers={"host": "evil.example"}).status_code == 403  # DNS rebinding
+    for host in ("evil.com:80@127.0.0.1", "127.0.0.1@evil.com", "[::1", "localhost.", "127.0.0.2", "[::ffff:127.0.0.1]"):
+        assert http.get("/api/runs", headers={"host": host}).status_code == 403, host
+    for host in ("127.0.0.1:7860", "[::1]:7860", "LOCALHOST", "localhost:1"):
+        assert http.get("/api/runs", headers={"host": host}).status_code == 200, host
     assert post(http, "/api/runs/x/stop", {}, **{"X-Peftkit-Token": "wrong"}).status_code == 403
 
 
