@@ -125,6 +125,25 @@ def test_uploads_are_written_whole_and_never_replace_a_file(client):
     assert sorted(p.name for p in (root / "uploads").iterdir()) == ["rows.jsonl"]  # no partial file left
 
 
+def test_uploads_stay_under_the_root_and_a_full_disk_is_one_line(client, tmp_path, monkeypatch):
+    http, root = client
+    headers = {"X-Peftkit-Token": TOKEN}
+    (tmp_path / "elsewhere").mkdir()
+    (root / "uploads").symlink_to(tmp_path / "elsewhere")  # uploads/ pointing out of the root
+    refused = http.post("/api/upload?name=a.jsonl", content=b"x\n", headers=headers)
+    assert refused.status_code == 400 and "plain folder" in refused.json()["error"]
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+    (root / "uploads").unlink()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("peftkit.ui.ship.os.link", full)
+    failed = http.post("/api/upload?name=b.jsonl", content=b"x\n", headers=headers)
+    assert failed.status_code == 400 and "No space left" in failed.json()["error"]
+    assert list((root / "uploads").iterdir()) == []  # no partial file left
+
+
 def test_a_run_that_fails_shows_the_cli_error_line(tmp_path):
     runs = Runs(tmp_path)
     runs.launch("broken", ["peftkit", "train", "--model", str(tmp_path / "missing"), "--output",
