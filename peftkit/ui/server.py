@@ -67,6 +67,8 @@ def make_app(root: Path, token: str | None = None, local: bool = True, poll_s: f
         body = await _json(request)
         name = str(body.get("name") or "")
         folder = runs.folder(name)
+        if not isinstance(body.get("form") or {}, dict):
+            raise PeftkitError("the request body's 'form' must be a JSON object of option: value")
         form = confine_form(root, {**(body.get("form") or {}), "output": str(folder)})
         argv = planning.command_line(planning.flag_values(form))
         await run_in_threadpool(planning.plan, form, 0)  # every refusal the CLI makes before training, here
@@ -173,8 +175,8 @@ def named_field(message: str) -> str | None:
 async def _json(request: Request, key: str | None = None) -> dict[str, Any]:
     try:
         body = await request.json()
-    except ValueError:
-        raise PeftkitError("the request body must be JSON") from None
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        raise PeftkitError("the request body must be JSON (an object, not nested thousands deep)") from None
     value = body.get(key) if key and isinstance(body, dict) else body
     if not isinstance(value, dict):
         raise PeftkitError(f"the request body must be a JSON object{f' with {key!r}' if key else ''}")

@@ -144,6 +144,17 @@ def test_uploads_stay_under_the_root_and_a_full_disk_is_one_line(client, tmp_pat
     assert list((root / "uploads").iterdir()) == []  # no partial file left
 
 
+@pytest.mark.parametrize("path, body", [("/api/runs", '{"name": "x", "form": [1]}'),
+                                        ("/api/runs", '{"name": "x", "form": "abc"}'),
+                                        ("/api/plan", '{"form": ' + "[" * 10_000 + "]" * 10_000 + "}")],
+                         ids=["form-list", "form-text", "nested-deep"])
+def test_malformed_bodies_are_one_line_not_a_server_error(client, path, body):
+    http, root = client
+    answer = http.post(path, content=body, headers={"X-Peftkit-Token": TOKEN, "content-type": "application/json"})
+    assert answer.status_code == 400 and answer.json()["error"], answer.text
+    assert not (root / "x").exists() and not (root / ".peftkit-ui").exists()  # nothing launched
+
+
 def test_a_run_that_fails_shows_the_cli_error_line(tmp_path):
     runs = Runs(tmp_path)
     runs.launch("broken", ["peftkit", "train", "--model", str(tmp_path / "missing"), "--output",
