@@ -66,7 +66,10 @@ class Runs:
                                f"--output {self.folder(name)} --resume`")
         if self._alive(record):
             raise PeftkitError(f"run {name!r} is still running")
-        argv = [a for a in record["argv"] if a != "--resume"] + ["--resume"]
+        argv = [a for a in record["argv"] if a != "--resume"] + ["--resume"] if isinstance(record["argv"], list) else []
+        if not _writes_only_to(argv, self.folder(name)):
+            raise PeftkitError(f"the record of run {name!r} in {self.state} does not write to {self.folder(name)}; "
+                               "it was not written by this page: resume the run from a shell")
         return self._start(name, argv)
 
     def stop(self, name: str) -> dict[str, Any]:
@@ -162,6 +165,13 @@ class Runs:
             return False
         start = _proc_start(record["pid"])
         return start is not None and start == record.get("proc_start") and not _zombie(record["pid"])
+
+
+def _writes_only_to(argv: list[str], folder: Path) -> bool:
+    """`argv` (a recorded command line) gives one output, `--output FOLDER`: a record under the state folder is a
+    file anyone who can write to the root may have edited, and it must not send a run elsewhere."""
+    outputs = [i for i, a in enumerate(argv) if not isinstance(a, str) or a == "--output" or a.startswith(("--output=", "-o"))]
+    return len(outputs) == 1 and argv[outputs[0]] == "--output" and argv[outputs[0] + 1] == str(folder)
 
 
 def child_env() -> dict[str, str]:

@@ -28,9 +28,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from peftkit.errors import PeftkitError
+from peftkit.io.fs import read_json_object
 from peftkit.ui import plan as planning
 from peftkit.ui.runs import Runs, read_metrics
-from peftkit.ui.security import TOKEN_COOKIE, check_request, confine_form
+from peftkit.ui.security import TOKEN_COOKIE, check_request, confine_form, inside
 from peftkit.ui.ship import Jobs
 from peftkit.ui.tryit import Chats
 
@@ -108,7 +109,8 @@ def make_app(root: Path, token: str | None = None, local: bool = True, poll_s: f
         if not summary.is_file():
             raise PeftkitError(f"run {request.path_params['name']!r} has no evaluation yet (it writes summary.json "
                                "when it finishes)")
-        return JSONResponse(json.loads(summary.read_text()))
+        inside(root, str(summary), "summary.json")  # a link out of the root is not served
+        return JSONResponse(read_json_object(summary, "the run's evaluation summary"))
 
     async def chat(request: Request) -> Response:
         body = await _json(request)

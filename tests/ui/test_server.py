@@ -155,6 +155,34 @@ def test_malformed_bodies_are_one_line_not_a_server_error(client, path, body):
     assert not (root / "x").exists() and not (root / ".peftkit-ui").exists()  # nothing launched
 
 
+def test_a_run_folder_shows_nothing_from_outside_the_root(client, tmp_path):
+    http, root = client
+    (root / "damaged").mkdir()
+    (root / "damaged" / "summary.json").write_bytes(b"{bad\xff")
+    damaged = http.get("/api/runs/damaged/evaluation")
+    assert damaged.status_code == 400 and "is not valid JSON" in damaged.json()["error"]
+    (tmp_path / "secret.json").write_text('{"secret": 1}')
+    (root / "linked").mkdir()
+    (root / "linked" / "summary.json").symlink_to(tmp_path / "secret.json")
+    linked = http.get("/api/runs/linked/evaluation")
+    assert linked.status_code == 400 and "outside the runs root" in linked.json()["error"]
+
+
+@pytest.mark.parametrize("argv", [["peftkit", "train", "--output", "OUTSIDE"],
+                                  ["peftkit", "train", "--output", "RUN", "--output", "OUTSIDE"],
+                                  ["peftkit", "train", "--output", "RUN", "-oOUTSIDE"],
+                                  ["peftkit", "train", "--output=OUTSIDE"]])
+def test_a_forged_run_record_cannot_send_a_resumed_run_outside_the_root(client, tmp_path, argv):
+    http, root = client
+    places = {"RUN": str(root / "r"), "OUTSIDE": str(tmp_path / "outside")}
+    argv = [places.get(a, a.replace("OUTSIDE", places["OUTSIDE"])) for a in argv]
+    (root / ".peftkit-ui").mkdir()
+    (root / ".peftkit-ui" / "r.json").write_text(json.dumps({"pid": 1, "argv": argv, "exit_code": 1}))
+    refused = post(http, "/api/runs/r/resume", {})
+    assert refused.status_code == 400 and "does not write to" in refused.json()["error"]
+    assert not (tmp_path / "outside").exists() and not (root / ".peftkit-ui" / "r.log").exists()  # nothing started
+
+
 def test_a_run_that_fails_shows_the_cli_error_line(tmp_path):
     runs = Runs(tmp_path)
     runs.launch("broken", ["peftkit", "train", "--model", str(tmp_path / "missing"), "--output",
