@@ -184,7 +184,10 @@ def child_env() -> dict[str, str]:
 
 def read_metrics(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
     """(records, offset after them) of metrics.jsonl from byte `offset`: whole lines only (a line being written is
-    read next time), a damaged line skipped."""
+    read next time), a damaged line skipped. Only a regular file is read: a FIFO or a link to /dev/zero in a run
+    folder would block or fill the server, which reads metrics on its event loop."""
+    if not path.is_file():
+        return [], offset
     try:
         with open(path, "rb") as f:
             f.seek(offset)
@@ -205,6 +208,8 @@ def read_metrics(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():  # as read_metrics: never open a FIFO or a device
+        return {}
     try:
         loaded = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):

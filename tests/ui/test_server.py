@@ -183,6 +183,19 @@ def test_a_forged_run_record_cannot_send_a_resumed_run_outside_the_root(client, 
     assert not (tmp_path / "outside").exists() and not (root / ".peftkit-ui" / "r.log").exists()  # nothing started
 
 
+def test_a_fifo_in_a_run_folder_does_not_block_the_server(tmp_path):
+    import threading
+
+    (tmp_path / "r").mkdir()
+    os.mkfifo(tmp_path / "r" / "metrics.jsonl")
+    os.mkfifo(tmp_path / "r" / "run_config.yaml")
+    answer: list = []
+    reader = threading.Thread(target=lambda: answer.append(Runs(tmp_path).status("r")), daemon=True)
+    reader.start()
+    reader.join(10)  # a blocked open() never returns
+    assert answer and answer[0]["step"] == 0 and answer[0]["method"] is None
+
+
 def test_a_run_that_fails_shows_the_cli_error_line(tmp_path):
     runs = Runs(tmp_path)
     runs.launch("broken", ["peftkit", "train", "--model", str(tmp_path / "missing"), "--output",
