@@ -130,18 +130,35 @@ def _lora(config: dict, tensors: dict, where: str, verdicts: dict[str, Verdict])
         cpp.add("no", "lora_B biases: a GGUF adapter has no place for them")
         tgi.add("no", "lora_B biases: TGI ignores them")
     _targets(config, list(parse_keys({k: v for k, v in tensors.items() if ".lora_" in k})), verdicts)
-    if config.get("use_dora"):
-        return
     try:
         lora = lora_config_from_json(config, parse_keys({k: v for k, v in tensors.items() if ".lora_" in k}), where)
     except PeftkitError as exc:
-        for v in verdicts.values():
-            v.add("no", f"the adapter cannot be read: {exc}")
+        if not config.get("use_dora"):  # DoRA without magnitude vectors: PEFT computes them from the base
+            for v in verdicts.values():
+                v.add("no", f"the adapter cannot be read: {exc}")
+        return
+    _shapes(lora, tensors, verdicts)
+    if config.get("use_dora"):
         return
     ranks = {m: tensors[slots["A"]].shape[0] for m, slots in parse_keys(
         {k: v for k, v in tensors.items() if ".lora_A" in k}).items()}
     _scales(lora, ranks, verdicts)
     _ranks(lora, ranks, verdicts)
+
+
+def _shapes(lora, tensors: dict, verdicts: dict[str, Verdict]) -> None:
+    """PEFT builds each module's lora_A as (r_m, in) and lora_B as (out, r_m) from the config, then loads the tensors
+    into them: a pair whose inner sizes differ, or differ from the rank the config gives the module, is a size
+    mismatch in every runtime."""
+    for module, slots in parse_keys({k: v for k, v in tensors.items() if ".lora_" in k}).items():
+        if "A" not in slots or "B" not in slots:
+            continue
+        a, b, rank = tuple(tensors[slots["A"]].shape), tuple(tensors[slots["B"]].shape), lora.rank_alpha(module)[0]
+        if len(a) < 2 or len(b) < 2 or not a[0] == b[1] == rank:
+            for v in verdicts.values():
+                v.add("no", f"{module}: lora_A {a} and lora_B {b} do not fit the rank {rank} the config gives it "
+                            "(a size mismatch when loaded)")
+            return
 
 
 def _targets(config: dict, modules: list[str], verdicts: dict[str, Verdict]) -> None:

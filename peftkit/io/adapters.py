@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from peftkit._version import __version__
@@ -34,7 +34,7 @@ from peftkit.core.state import (
 from peftkit.core.state import prompt_format as prompt_format_of
 from peftkit.errors import PeftkitError
 from peftkit.io.finite import check_finite
-from peftkit.io.fs import atomic_dir, read_json_object
+from peftkit.io.fs import atomic_dir, read_json_object, save_tensors
 from peftkit.io.models import EMBEDDED_HUB_ID
 from peftkit.io.prompt_format import check_prompt_format
 from peftkit.io.quantize import quantization_record
@@ -123,7 +123,7 @@ def write_adapter_files(folder: Path, config_json: dict, tensors: dict[str, torc
         check_prompt_format(meta["prompt_format"], f"the prompt format to save in {folder.name}/{META_NAME}")
     (folder / CONFIG_NAME).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
     (folder / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_tensors(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict]:

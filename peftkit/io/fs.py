@@ -13,6 +13,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -166,3 +167,19 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise PeftkitError(f"{file} holds a JSON {type(value).__name__}, not an object; it should be {what}")
     return value
+
+
+def save_tensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, its I/O failures (a full disk, a read-only folder) raised as the OSError they are:
+    safetensors reports them as its own SafetensorError ("... (os error 28)"), which no caller catches as a fault of
+    the machine, so a full disk ended in a traceback instead of the CLI's one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import save_file
 
-from peftkit.io.fs import atomic_dir
+from peftkit.io.fs import atomic_dir, save_tensors
 from peftkit.io.model_config import complete_config
 
 if TYPE_CHECKING:
@@ -52,7 +51,7 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
     with atomic_dir(folder, command="convert") as tmp:
         write_model_config(model, tmp, torch.float32)
         tokenizer.save_pretrained(tmp)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
         write_conversion_version(tmp, gguf.name)
     log.info("converted in %.1f s", time.perf_counter() - start)
 

@@ -66,7 +66,10 @@ class Runs:
                                f"--output {self.folder(name)} --resume`")
         if self._alive(record):
             raise PeftkitError(f"run {name!r} is still running")
-        argv = [a for a in record["argv"] if a != "--resume"] + ["--resume"]
+        argv = [a for a in record["argv"] if a != "--resume"] + ["--resume"] if isinstance(record["argv"], list) else []
+        if not _writes_only_to(argv, self.folder(name)):
+            raise PeftkitError(f"the record of run {name!r} in {self.state} does not write to {self.folder(name)}; "
+                               "it was not written by this page: resume the run from a shell")
         return self._start(name, argv)
 
     def stop(self, name: str) -> dict[str, Any]:
@@ -165,6 +168,13 @@ class Runs:
         return start is not None and start == record.get("proc_start") and not _zombie(record["pid"])
 
 
+def _writes_only_to(argv: list[str], folder: Path) -> bool:
+    """`argv` (a recorded command line) gives one output, `--output FOLDER`: a record under the state folder is a
+    file anyone who can write to the root may have edited, and it must not send a run elsewhere."""
+    outputs = [i for i, a in enumerate(argv) if not isinstance(a, str) or a == "--output" or a.startswith(("--output=", "-o"))]
+    return len(outputs) == 1 and argv[outputs[0]] == "--output" and argv[outputs[0] + 1] == str(folder)
+
+
 def child_env() -> dict[str, str]:
     """The environment of a command the page starts: this one, unbuffered, with this peftkit first on the path (the
     command runs in the runs root, where a source checkout's package would not be found otherwise)."""
@@ -175,7 +185,10 @@ def child_env() -> dict[str, str]:
 
 def read_metrics(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
     """(records, offset after them) of metrics.jsonl from byte `offset`: whole lines only (a line being written is
-    read next time), a damaged line skipped."""
+    read next time), a damaged line skipped. Only a regular file is read: a FIFO or a link to /dev/zero in a run
+    folder would block or fill the server, which reads metrics on its event loop."""
+    if not path.is_file():
+        return [], offset
     try:
         with open(path, "rb") as f:
             f.seek(offset)
@@ -196,6 +209,8 @@ def read_metrics(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():  # as read_metrics: never open a FIFO or a device
+        return {}
     try:
         loaded = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):

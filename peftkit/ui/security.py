@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from peftkit.errors import PeftkitError
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")  # a host, an optional port: no more
 TOKEN_HEADER = "x-peftkit-token"
 TOKEN_COOKIE = "peftkit_token"
 
@@ -31,9 +33,16 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS
 
 
+def request_host(request: Request) -> str:
+    """The host the request's Host header names, lower-cased ("" when it is missing or is anything but a host and an
+    optional port: a URL parser would read `evil.com:80@127.0.0.1` as 127.0.0.1, and `[::1` not at all)."""
+    match = HOST_HEADER.fullmatch(request.headers.get("host", ""))
+    return match.group(1).lower() if match else ""
+
+
 def check_request(request: Request, token: str, local: bool) -> Response | None:
     """None when `request` may go on, else the response refusing it."""
-    host = request.url.hostname or ""
+    host = request_host(request)
     if local and not is_loopback(host):
         return JSONResponse({"error": f"host {host!r} refused: this server answers only on localhost"}, 403)
     given = request.headers.get(TOKEN_HEADER) or request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE)

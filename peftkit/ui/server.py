@@ -28,9 +28,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from peftkit.errors import PeftkitError
+from peftkit.io.fs import read_json_object
 from peftkit.ui import plan as planning
 from peftkit.ui.runs import Runs, read_metrics
-from peftkit.ui.security import TOKEN_COOKIE, check_request, confine_form
+from peftkit.ui.security import TOKEN_COOKIE, check_request, confine_form, inside
 from peftkit.ui.ship import Jobs
 from peftkit.ui.tryit import Chats
 
@@ -75,6 +76,8 @@ def make_app(root: Path, token: str | None = None, local: bool = True, poll_s: f
         body = await _json(request)
         name = str(body.get("name") or "")
         folder = runs.folder(name)
+        if not isinstance(body.get("form") or {}, dict):
+            raise PeftkitError("the request body's 'form' must be a JSON object of option: value")
         form = confine_form(root, {**(body.get("form") or {}), "output": str(folder)})
         argv = planning.command_line(planning.flag_values(form))
         await run_in_threadpool(planning.plan, form, 0)  # every refusal the CLI makes before training, here
@@ -114,7 +117,8 @@ def make_app(root: Path, token: str | None = None, local: bool = True, poll_s: f
         if not summary.is_file():
             raise PeftkitError(f"run {request.path_params['name']!r} has no evaluation yet (it writes summary.json "
                                "when it finishes)")
-        return JSONResponse(json.loads(summary.read_text()))
+        inside(root, str(summary), "summary.json")  # a link out of the root is not served
+        return JSONResponse(read_json_object(summary, "the run's evaluation summary"))
 
     async def chat(request: Request) -> Response:
         body = await _json(request)
@@ -182,8 +186,8 @@ def named_field(message: str) -> str | None:
 async def _json(request: Request, key: str | None = None) -> dict[str, Any]:
     try:
         body = await request.json()
-    except ValueError:
-        raise PeftkitError("the request body must be JSON") from None
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        raise PeftkitError("the request body must be JSON (an object, not nested thousands deep)") from None
     value = body.get(key) if key and isinstance(body, dict) else body
     if not isinstance(value, dict):
         raise PeftkitError(f"the request body must be a JSON object{f' with {key!r}' if key else ''}")

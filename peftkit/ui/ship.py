@@ -120,19 +120,27 @@ class Jobs:
                                ".parquet or .txt")
         folder = self.root / "uploads"
         folder.mkdir(exist_ok=True)
+        if folder.is_symlink() or not folder.is_dir():
+            raise PeftkitError(f"{folder} must be a plain folder under the runs root (it is a link or a file); "
+                               "move it away so uploads stay under the root")
         target, tmp = folder / name, folder / f".{name}.{uuid.uuid4().hex[:8]}.part"
+        exists = PeftkitError(f"uploads/{name} already exists; rename the file (an upload never replaces one)")
         if target.exists() or target.is_symlink():
-            raise PeftkitError(f"uploads/{name} already exists; rename the file (an upload never replaces one)")
+            raise exists
         size = 0
         try:
-            with open(tmp, "wb") as f:
+            with open(tmp, "xb") as f:
                 async for chunk in chunks:
                     size += len(chunk)
                     if size > UPLOAD_LIMIT:
                         raise PeftkitError(f"upload {name!r} is over {UPLOAD_LIMIT >> 30} GiB; point at a file "
                                            "under the runs root instead")
                     f.write(chunk)
-            os.replace(tmp, target)
+            os.link(tmp, target)  # fails if the name appeared meanwhile (os.replace would overwrite it)
+        except FileExistsError:
+            raise exists from None
+        except OSError as exc:
+            raise PeftkitError(f"upload {name!r} could not be written under {folder}: {exc.strerror or exc}") from None
         finally:
             tmp.unlink(missing_ok=True)
         return str(target.relative_to(self.root))

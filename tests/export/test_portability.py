@@ -100,3 +100,23 @@ def test_cli_table_and_exit_codes(files, capsys):
     with pytest.raises(SystemExit) as done:
         main(["check", str(files["tmp"] / "missing")])
     assert done.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_a_pair_that_does_not_fit_its_rank_loads_nowhere(files, tmp_path):
+    """A lora_A with more rows than the config's rank: PEFT refuses it (size mismatch), so check must not say yes."""
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(files["plain"], bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key] = torch.zeros(8, tensors[key].shape[1])
+    save_file(tensors, bad / "adapter_model.safetensors")
+    verdicts = _verdicts(bad)
+    assert all(status == "no" and "do not fit the rank 4" in reason for status, reason in verdicts.values()), verdicts
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(tiny_model("llama"), bad)

@@ -134,3 +134,21 @@ def test_bad_input_is_one_line_and_exit_code_2(dora, capsys, args, message):
     err = capsys.readouterr().err
     assert info.value.code == 2 and message in err and err.count("\n") == 1 and err.startswith("error: ")
     assert not (tmp / "bad").exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_output(dora, capsys, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError: it must reach the user as the CLI's line (exit 2),
+    not a traceback, with nothing half-written."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    tmp, _ = dora
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["convert", str(tmp / "dora"), "--rank", "4", "-o", str(tmp / "full-disk")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("error: No space left on device") and len(err.splitlines()) == 1
+    assert not (tmp / "full-disk").exists()

@@ -98,6 +98,10 @@ def test_only_this_page_may_change_anything(client):
     assert http.post("/api/plan", json={"form": {}}).status_code == 403  # no token header
     assert post(http, "/api/plan", {"form": {}}, origin="http://evil.example").status_code == 403
     assert http.get("/", headers={"host": "evil.example"}).status_code == 403  # DNS rebinding
+    for host in ("evil.com:80@127.0.0.1", "127.0.0.1@evil.com", "[::1", "localhost.", "127.0.0.2", "[::ffff:127.0.0.1]"):
+        assert http.get("/api/runs", headers={"host": host}).status_code == 403, host
+    for host in ("127.0.0.1:7860", "[::1]:7860", "LOCALHOST", "localhost:1"):
+        assert http.get("/api/runs", headers={"host": host}).status_code == 200, host
     assert post(http, "/api/runs/x/stop", {}, **{"X-Peftkit-Token": "wrong"}).status_code == 403
 
 
@@ -119,6 +123,77 @@ def test_uploads_are_written_whole_and_never_replace_a_file(client):
     assert (root / "uploads" / "rows.jsonl").read_bytes() == b'{"text": "hi"}\n'
     assert http.post("/api/upload?name=../x.jsonl", content=b"x", headers=headers).status_code == 400
     assert sorted(p.name for p in (root / "uploads").iterdir()) == ["rows.jsonl"]  # no partial file left
+
+
+def test_uploads_stay_under_the_root_and_a_full_disk_is_one_line(client, tmp_path, monkeypatch):
+    http, root = client
+    headers = {"X-Peftkit-Token": TOKEN}
+    (tmp_path / "elsewhere").mkdir()
+    (root / "uploads").symlink_to(tmp_path / "elsewhere")  # uploads/ pointing out of the root
+    refused = http.post("/api/upload?name=a.jsonl", content=b"x\n", headers=headers)
+    assert refused.status_code == 400 and "plain folder" in refused.json()["error"]
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+    (root / "uploads").unlink()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("peftkit.ui.ship.os.link", full)
+    failed = http.post("/api/upload?name=b.jsonl", content=b"x\n", headers=headers)
+    assert failed.status_code == 400 and "No space left" in failed.json()["error"]
+    assert list((root / "uploads").iterdir()) == []  # no partial file left
+
+
+@pytest.mark.parametrize("path, body", [("/api/runs", '{"name": "x", "form": [1]}'),
+                                        ("/api/runs", '{"name": "x", "form": "abc"}'),
+                                        ("/api/plan", '{"form": ' + "[" * 10_000 + "]" * 10_000 + "}")],
+                         ids=["form-list", "form-text", "nested-deep"])
+def test_malformed_bodies_are_one_line_not_a_server_error(client, path, body):
+    http, root = client
+    answer = http.post(path, content=body, headers={"X-Peftkit-Token": TOKEN, "content-type": "application/json"})
+    assert answer.status_code == 400 and answer.json()["error"], answer.text
+    assert not (root / "x").exists() and not (root / ".peftkit-ui").exists()  # nothing launched
+
+
+def test_a_run_folder_shows_nothing_from_outside_the_root(client, tmp_path):
+    http, root = client
+    (root / "damaged").mkdir()
+    (root / "damaged" / "summary.json").write_bytes(b"{bad\xff")
+    damaged = http.get("/api/runs/damaged/evaluation")
+    assert damaged.status_code == 400 and "is not valid JSON" in damaged.json()["error"]
+    (tmp_path / "secret.json").write_text('{"secret": 1}')
+    (root / "linked").mkdir()
+    (root / "linked" / "summary.json").symlink_to(tmp_path / "secret.json")
+    linked = http.get("/api/runs/linked/evaluation")
+    assert linked.status_code == 400 and "outside the runs root" in linked.json()["error"]
+
+
+@pytest.mark.parametrize("argv", [["peftkit", "train", "--output", "OUTSIDE"],
+                                  ["peftkit", "train", "--output", "RUN", "--output", "OUTSIDE"],
+                                  ["peftkit", "train", "--output", "RUN", "-oOUTSIDE"],
+                                  ["peftkit", "train", "--output=OUTSIDE"]])
+def test_a_forged_run_record_cannot_send_a_resumed_run_outside_the_root(client, tmp_path, argv):
+    http, root = client
+    places = {"RUN": str(root / "r"), "OUTSIDE": str(tmp_path / "outside")}
+    argv = [places.get(a, a.replace("OUTSIDE", places["OUTSIDE"])) for a in argv]
+    (root / ".peftkit-ui").mkdir()
+    (root / ".peftkit-ui" / "r.json").write_text(json.dumps({"pid": 1, "argv": argv, "exit_code": 1}))
+    refused = post(http, "/api/runs/r/resume", {})
+    assert refused.status_code == 400 and "does not write to" in refused.json()["error"]
+    assert not (tmp_path / "outside").exists() and not (root / ".peftkit-ui" / "r.log").exists()  # nothing started
+
+
+def test_a_fifo_in_a_run_folder_does_not_block_the_server(tmp_path):
+    import threading
+
+    (tmp_path / "r").mkdir()
+    os.mkfifo(tmp_path / "r" / "metrics.jsonl")
+    os.mkfifo(tmp_path / "r" / "run_config.yaml")
+    answer: list = []
+    reader = threading.Thread(target=lambda: answer.append(Runs(tmp_path).status("r")), daemon=True)
+    reader.start()
+    reader.join(10)  # a blocked open() never returns
+    assert answer and answer[0]["step"] == 0 and answer[0]["method"] is None
 
 
 def test_a_run_that_fails_shows_the_cli_error_line(tmp_path):

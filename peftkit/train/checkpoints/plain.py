@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from peftkit.io.fs import save_tensors
 from peftkit.train.checkpoints.checks import (
     apply_state,
     check_optimizer,
@@ -41,7 +41,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_plain(folder: Path, model: nn.Module, optimizer: Any) -> None:
     """Write the trained parameters and the optimizer state into checkpoint folder `folder`."""
-    save_file(trainable_state(model), str(folder / TRAINABLE))
+    save_tensors(trainable_state(model), folder / TRAINABLE)
     save_state_dict(folder, OPTIMIZER, optimizer.state_dict())
 
 

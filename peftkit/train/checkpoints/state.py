@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from peftkit.errors import PeftkitError
-from peftkit.io.fs import read_json_object
+from peftkit.io.fs import read_json_object, save_tensors
 
 FORMAT = 1
 TENSOR, TUPLE, ITEMS = "__tensor__", "__tuple__", "__items__"
@@ -102,7 +102,7 @@ def save_state_dict(folder: Path, stem: str, state: Any, with_tensors: bool = Tr
     """Write `state` as `<stem>.json` (+ `<stem>.safetensors` when `with_tensors`; otherwise it must hold none)."""
     tensors, skeleton = flatten_state(state)
     if with_tensors:
-        save_file(tensors, str(folder / f"{stem}.safetensors"))
+        save_tensors(tensors, folder / f"{stem}.safetensors")
     elif tensors:
         raise PeftkitError(f"the {stem} state holds tensors ({sorted(tensors)[:3]}), which {stem}.json cannot hold")
     (folder / f"{stem}.json").write_text(json.dumps({"format": FORMAT, "state": skeleton}, indent=2) + "\n")
