@@ -109,8 +109,8 @@ def test_resume_equals_an_uninterrupted_run(setup):
 
 @pytest.mark.parametrize("options, message", [
     ({"objective": "dpo", "packing": True}, "--packing does not work with --objective dpo"),
-    ({"objective": "ipo"}, "objective must be one of sft, dpo, orpo, simpo, kto; got 'ipo'"),
-    ({"beta": 0.2}, "--beta is an option of dpo, kto, orpo, simpo; add --objective dpo"),
+    ({"objective": "ipo"}, "objective must be one of sft, dpo, orpo, simpo, kto, grpo; got 'ipo'"),
+    ({"beta": 0.2}, "--beta is an option of dpo, grpo, kto, orpo, simpo; add --objective dpo"),
     ({"objective": "dpo", "simpo_gamma": 0.5}, "--simpo-gamma is an option of simpo; add --objective simpo"),
     ({"objective": "orpo", "precompute_ref": True}, "--precompute-ref is an option of dpo, kto; add --objective dpo"),
     ({"objective": "dpo", "beta": 0}, "beta must be > 0"),

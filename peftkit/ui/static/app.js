@@ -71,7 +71,7 @@ function fieldBlock(field, choices) {
   label.append(el("span", {class: "help"}, field.flag));
   block.append(label, input(field, choices), el("div", {class: "help"}, field.help),
                el("div", {class: "error", "data-error": field.name}));
-  if (field.name === "data") block.append(el("div", {id: "mapping"}));
+  if (field.name === "columns") block.append(el("div", {id: "mapping"}));
   return block;
 }
 
@@ -194,7 +194,7 @@ async function check() {
     return plan;
   } catch (error) {
     showError(error, "__form");
-    if (error.field === "data" || /column/.test(error.message)) showMapping();
+    if (error.field === "data" || error.field === "columns" || /column/.test(error.message)) showMapping();
     return null;
   } finally {
     $("#check").disabled = false;
