@@ -43,7 +43,10 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
 
     def set_active(self, name: str | None) -> None:
-        """Use adapter `name` in forward (None, or a name this layer does not hold, turns the layer off)."""
+        """Use adapter `name` in forward (None, or a name this layer does not hold, turns the layer off); refused
+        while another adapter is merged into the wrapped weights."""
+        if self.merged_adapters and name not in self.merged_adapters:
+            raise PeftkitError("unmerge the merged adapter (unmerge_adapter) before switching adapters")
         self.active_adapter = name if name in self.adapter_names() else None
 
     def adapter_names(self) -> list[str]:

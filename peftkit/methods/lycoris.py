@@ -186,12 +186,6 @@ class DeltaLayer(AdapterLayer):
             self._add_to_weight(sum(self.delta_weight(n) for n in names))  # type: ignore[arg-type]
         return self.base_layer
 
-    def set_active(self, name: str | None) -> None:
-        """Switch the adapter used in forward; refused while an adapter is merged into the weight."""
-        if self.merged_adapters and name not in self.merged_adapters:
-            raise PeftkitError("unmerge the merged adapter (unmerge_adapter) before switching adapters")
-        super().set_active(name)
-
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={self.adapter_names()}"
 

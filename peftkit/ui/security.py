@@ -27,6 +27,7 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")  # a host, an optional port: no more
 TOKEN_HEADER = "x-peftkit-token"
 TOKEN_COOKIE = "peftkit_token"
+READ_ONLY = frozenset({"GET", "HEAD"})  # HTTP methods that change nothing here; every other one is guarded
 
 
 def is_loopback(host: str) -> bool:
@@ -48,7 +49,7 @@ def check_request(request: Request, token: str, local: bool) -> Response | None:
     given = request.headers.get(TOKEN_HEADER) or request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE)
     if not local and not _same(given, token):
         return JSONResponse({"error": "this server needs its token: open the address it printed (?token=...)"}, 401)
-    if request.method != "GET":
+    if request.method not in READ_ONLY:
         origin = request.headers.get("origin")
         if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host"):
             return JSONResponse({"error": f"cross-site request from {origin!r} refused"}, 403)

@@ -142,12 +142,6 @@ class ParamLoraLayer(AdapterLayer):
             self._add(name, 1.0)
         return self.base_layer
 
-    def set_active(self, name: str | None) -> None:
-        """Switch the adapter used in forward; refused while an adapter is merged into the weights."""
-        if self.merged_adapters and name not in self.merged_adapters:
-            raise PeftkitError("unmerge the merged adapter (unmerge_adapter) before switching adapters")
-        super().set_active(name)
-
     def forward(self, *args, **kwargs):
         """The wrapped module's forward with each targeted weight replaced by W + ΔW of the active adapter."""
         name = self.active_adapter

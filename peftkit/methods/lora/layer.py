@@ -192,12 +192,6 @@ class LoraLayer(AdapterLayer):
             self._merge_bias(name, sign=1.0)
         return self.base_layer
 
-    def set_active(self, name: str | None) -> None:
-        """Switch the adapter used in forward; refused while an adapter is merged into the weight."""
-        if self.merged_adapters and name not in self.merged_adapters:
-            raise PeftkitError("unmerge the merged adapter (unmerge_adapter) before switching adapters")
-        super().set_active(name)
-
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         self.dora_norms.clear(name)

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from peftkit.core.method import AdapterLayer
-from peftkit.errors import PeftkitError
 
 
 @dataclass(frozen=True)
@@ -181,12 +180,6 @@ class OftLayer(AdapterLayer):
             w = self._rotate_weight(self.blocks(name, merging=True), w)
         self._write(w)
         return self.base_layer
-
-    def set_active(self, name: str | None) -> None:
-        """Switch the adapter used in forward; refused while an adapter is merged into the weight."""
-        if self.merged_adapters and name not in self.merged_adapters:
-            raise PeftkitError("unmerge the merged adapter (unmerge_adapter) before switching adapters")
-        super().set_active(name)
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
