@@ -1,4 +1,5 @@
-"""`peftkit eval [--model M] [--adapter DIR] [--data D]`: loss, perplexity, and exact match where rows have answers.
+"""`peftkit eval [--model M] [--adapter DIR] [--data D]`: loss, perplexity, exact match where rows have answers,
+forgetting (the loss change on bundled general text against the base) and the size of what a run saved.
 
 Without --data it evaluates on the bundled task's held-out split (peftkit/data/task_eval.jsonl), the same 50
 examples `peftkit train` reports before and after training with no arguments.
@@ -29,12 +30,14 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Examples per forward pass.")] = 8,
     json_out: Json = False,
     dequantized_base: DequantizedBase = False,
+    forgetting: Annotated[bool, typer.Option("--forgetting/--no-forgetting", help="Also score bundled general text (24 paragraphs) against the base: the loss change is the forgetting.")] = True,
 ) -> None:
     """Evaluate a base model or an adapter on held-out data."""
     from peftkit.train.evaluation.command import evaluate
 
     result = evaluate(model, adapter, data, fmt=format, split=split, max_examples=max_examples,
-                      max_length=max_length, batch_size=batch_size, dequantized=dequantized_base)
+                      max_length=max_length, batch_size=batch_size, dequantized=dequantized_base,
+                      with_forgetting=forgetting)
     if json_out:
         print_json(result)
         return
@@ -42,3 +45,8 @@ def eval_cmd(
     print(f"loss: {result['loss']:.4f}  perplexity: {result['perplexity']:.2f}")
     if result.get("exact_match") is not None:
         print(f"exact match: {result['exact_match']:.1%} of {result['n']}")
+    if "forgetting" in result:
+        print(f"general text loss: {result['general_loss']:.4f} (base {result['general_loss_base']:.4f}), "
+              f"forgetting: {result['forgetting']:+.4f}")
+    if "saved_parameters" in result:
+        print(f"saved: {result['saved_parameters']:,} parameters, {result['saved_bytes'] / 2**20:.2f} MiB")

@@ -131,6 +131,7 @@ class TrainConfig:
     resume: bool = option(False, flags=("--resume",), help="Continue the run in --output from its last checkpoint.")
     save_steps: int | None = option(None, low=1, high=BIG, help="Checkpoint every N steps.")
     eval_steps: int | None = option(None, low=1, high=BIG, help="Eval loss every N steps.")
+    eval_before: bool = option(True, help="Also score the held-out set before training (the baseline the run is compared with); --no-eval-before skips that pass.")
     keep_checkpoints: int = option(2, low=1, high=1 << 20, cli=False, help="Checkpoints kept in the run folder.")
     dry_run: bool = option(False, flags=("--dry-run",), help="Build everything, print counts and memory, train nothing.")
     # experiment trackers (tracking.py): "none" or a comma-separated list of tensorboard, wandb, mlflow

@@ -182,7 +182,8 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     tracking = Tracking.start(acc, s.folder.tracking, s.folder.name, cfg.to_dict()) if main else None
     metrics = Metrics(s.folder, main, keep_until=pos.step if s.resume_from else None, tracking=tracking)
     evaluate = _evaluator(s, metrics, path, objective)
-    before = metrics.earlier_eval(0) if s.resume_from else evaluate(0, generate=True)
+    fresh_before = evaluate(0, generate=True) if cfg.eval_before and not s.resume_from else {}
+    before = metrics.earlier_eval(0) if s.resume_from else fresh_before
     _say_eval("before", before, say, objective)
     bar = Progress(s.steps, pos.step, enabled=main and progress)
 
@@ -245,8 +246,11 @@ def _finish(s: Session, result: RunResult, metrics: Metrics, pos: Position) -> N
     result.saved = _save(s.model, s.tokenizer, s.folder, s.method, s.prompt_format)
     plot_loss(metrics.read(), s.folder.curve, f"{s.cfg.method} on {s.cfg.model or 'SmolLM2-135M-Instruct'}")
     result.wall_s = time.perf_counter() - s.started
+    trainable, total = trainable_parameters(s.model)
+    losses = [r["loss"] for r in metrics.read() if r.get("kind") == "train" and r.get("loss") is not None]
     summary = {"steps": pos.step, "tokens": pos.tokens, "wall_s": round(result.wall_s, 1), "before": result.before,
-               "after": result.after, "saved": str(result.saved)}
+               "after": result.after, "saved": str(result.saved), "trainable_parameters": trainable,
+               "total_parameters": total, "last_train_loss": losses[-1] if losses else None}
     s.folder.summary.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     result.summary = summary
 

@@ -109,3 +109,14 @@ def test_ctrl_c_says_where_the_checkpoint_is(tiny, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="peftkit"), pytest.raises(KeyboardInterrupt):
         train(_cfg(tiny, tmp_path / "run", save_steps=1), progress=False, on_checkpoint=interrupt)
     assert "newest checkpoint is" in caplog.text and "--resume" in caplog.text and "step-000001" in caplog.text
+
+
+def test_no_eval_before_skips_the_baseline_and_the_summary_counts_parameters(tiny, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(tiny, out, eval_before=False), progress=False)
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["before"] == {} and summary["after"]["loss"] > 0
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [2]  # only after training
+    assert 0 < summary["trainable_parameters"] < summary["total_parameters"]
+    assert summary["last_train_loss"] == [r for r in records if r["kind"] == "train"][-1]["loss"]

@@ -45,8 +45,8 @@ STEP_NAME = re.compile(r"step-(\d{6,})")  # a checkpoint folder's name: step-000
 
 # What a resumed run may change: where and how often it writes, how long it runs, what it reports to, and how fast it
 # computes the same thing (attention kernel, compiling, shared prefixes); not the model, data, batches or hyper-parameters.
-RESUME_MAY_CHANGE = {"resume", "overwrite", "output", "max_steps", "epochs", "save_steps", "eval_steps", "keep_checkpoints",
-                     "dry_run", "report_to", "attention", "compile", "share_prefix"}
+RESUME_MAY_CHANGE = {"resume", "overwrite", "output", "max_steps", "epochs", "save_steps", "eval_steps", "eval_before",
+                     "keep_checkpoints", "dry_run", "report_to", "attention", "compile", "share_prefix"}
 
 
 class _Entry:

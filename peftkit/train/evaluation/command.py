@@ -7,24 +7,30 @@ compares greedy answers with the references where rows have them (train/evaluati
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from peftkit import data
 from peftkit.errors import PeftkitError
-from peftkit.train.evaluation.heldout import eval_loss, exact_match, row_to_chat
+from peftkit.io.adapters import META_NAME, adapter_base_model
+from peftkit.io.models import load_model
+from peftkit.train.evaluation.forgetting import forgetting, loss_on_rows, saved_weights
+from peftkit.train.evaluation.heldout import exact_match, row_to_chat
 from peftkit.train.evaluation.loading import load_for_inference
-from peftkit.train.loop.loss import loss_path
-from peftkit.train.loop.shared_prefix import sharing_blocker
-from peftkit.train.splits import Split, collate_fn
+
+if TYPE_CHECKING:
+    from peftkit.io.models import CausalLM
 
 
 def evaluate(model_name: str | None, adapter: str | None, source: str | None = None, *, fmt: str = "auto",
              split: str | None = None, max_examples: int = 50, max_length: int = 512, batch_size: int = 8,
-             dequantized: bool = False) -> dict[str, Any]:
+             dequantized: bool = False, with_forgetting: bool = True) -> dict[str, Any]:
     """`peftkit eval`: load the model (and adapter, `loading.load_for_inference`), then loss / perplexity and, with
     references, exact match.
 
-    source: data file / folder / hub name (default: the bundled task's eval split).
+    source: data file / folder / hub name (default: the bundled task's eval split). with_forgetting: also the loss
+    on general text against the base (`forgetting.forgetting`). An adapter or a model folder also reports the
+    parameters and bytes it saved.
     """
     source = source or str(data.BUNDLED_EVAL)
     rows = data.load_rows(source, split=split)
@@ -34,17 +40,26 @@ def evaluate(model_name: str | None, adapter: str | None, source: str | None = N
     fmt = data.detect_format(rows.column_names) if fmt == "auto" else fmt
     loaded = load_for_inference(model_name, adapter, dequantized=dequantized)
     lm, tokenizer, prompt_format = loaded.model, loaded.tokenizer, loaded.prompt_format
-    ds = data.tokenize(rows, tokenizer, fmt=fmt, max_length=max_length, prompt_format=prompt_format)
-    if len(ds) == 0:
-        raise PeftkitError(f"no example has an answer token within --max-length {max_length}")
-    tokenized = Split(ds["input_ids"][:], ds["labels"][:], ds["length"][:], [])  # lists, not datasets Columns
-    share = sharing_blocker(lm, packing=False, checkpointing=False, sharded=False) is None
-    collate = collate_fn(tokenized, tokenizer.pad_token_id, False, next(lm.parameters()).device, share)
-
-    plan = [list(range(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
-    result: dict[str, Any] = {"format": fmt, "n_examples": len(ds), **eval_loss(lm, collate, plan,
-                                                                                 loss_path(lm))}
+    result: dict[str, Any] = {"format": fmt, **loss_on_rows(lm, tokenizer, rows, fmt, prompt_format,
+                                                            max_length=max_length, batch_size=batch_size)}
     if fmt in ("alpaca", "messages"):
         refs = [row_to_chat(row, fmt, i) for i, row in enumerate(rows)]
         result.update(exact_match(lm, tokenizer, [(chat, ref) for chat, ref in refs if ref is not None], prompt_format))
+    if with_forgetting:
+        result.update(forgetting(lm, tokenizer, _separate_base(model_name, adapter)))
+    if adapter or _is_finetune(model_name):
+        result.update(saved_weights(adapter or str(model_name)))
     return result
+
+
+def _separate_base(model_name: str | None, adapter: str | None) -> CausalLM | None:
+    """The base of a whole fine-tuned model folder (its peftkit.json records it), loaded; None otherwise (an adapter
+    is switched off instead, and a plain model is its own base)."""
+    if adapter or not _is_finetune(model_name):
+        return None
+    return load_model(adapter_base_model(str(model_name)))[0]
+
+
+def _is_finetune(model_name: str | None) -> bool:
+    """A whole model folder that peftkit's full or freeze fine-tuning wrote (it records its base)."""
+    return bool(model_name) and (Path(str(model_name)) / META_NAME).is_file()

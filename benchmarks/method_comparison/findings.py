@@ -1,0 +1,104 @@
+"""The report's findings: four published claims about PEFT, each checked against this comparison's numbers.
+
+A difference counts only when it is larger than the seeds' spread (the wider min-max range of the two settings);
+otherwise the verdict is "inconclusive". Each line states the numbers it rests on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Row = dict[str, Any]
+
+
+def _row(rows: list[Row], name: str) -> Row | None:
+    return next((r for r in rows if r["experiment_name"] == name), None)
+
+
+def _spread(*rows: Row) -> float:
+    return max(r["test_accuracy_max"] - r["test_accuracy_min"] for r in rows)
+
+
+def _acc(r: Row) -> str:
+    return f"{r['test_accuracy']:.1%} ({r['test_accuracy_min']:.0%}-{r['test_accuracy_max']:.0%})"
+
+
+def _compare(better: Row, worse: Row) -> str:
+    """'yes' when `better` beats `worse` beyond the seed spread, 'no' when it loses beyond it, else inconclusive."""
+    gap, spread = better["test_accuracy"] - worse["test_accuracy"], _spread(better, worse)
+    return "yes" if gap > spread else "no" if gap < -spread else "inconclusive"
+
+
+def all_linear(rows: list[Row]) -> str | None:
+    qv, all_ = _row(rows, "lora-qv-r16"), _row(rows, "lora-all-r3")
+    if not (qv and all_):
+        return None
+    return (f"all-linear r=3 ({all_['num_trainable_params']:,} parameters) {_acc(all_)} vs q,v r=16 "
+            f"({qv['num_trainable_params']:,}) {_acc(qv)}: reproduced: {_compare(all_, qv)}")
+
+
+def lr_ratio(rows: list[Row]) -> str | None:
+    full = _row(rows, "full-finetuning")
+    loras = [r for r in rows if r["experiment_name"] in ("lora-qv-r16", "lora-all-r3", "lora-all-r8")]
+    if not (full and loras):
+        return None
+    ratios = [r["lr"] / full["lr"] for r in loras]
+    ok = all(3 <= x <= 30 for x in ratios)
+    edge = any(r["lr"] in (min(r["lrs_tried"]), max(r["lrs_tried"])) for r in [full, *loras])
+    listed = ", ".join(f"{r['experiment_name']} {r['lr']:g} ({r['lr'] / full['lr']:.0f}x)" for r in loras)
+    return (f"best lr: full fine-tuning {full['lr']:g} (of {', '.join(f'{x:g}' for x in full['lrs_tried'])}); "
+            f"{listed}: reproduced (3-30x): {'yes' if ok else 'no'}"
+            + ("; a best lr sits at the edge of its grid, so the true optimum may lie outside it" if edge else ""))
+
+
+def rank_scaling(rows: list[Row]) -> str | None:
+    pairs = []
+    for r in sorted({int(x["experiment_name"].split("-r")[1].split("-")[0]) for x in rows
+                     if x["experiment_name"].startswith(("lora-all-r", "rslora-all-r")) and x["experiment_name"].endswith("-a16")}):
+        lo, rs = _row(rows, f"lora-all-r{r}-a16"), _row(rows, f"rslora-all-r{r}-a16")
+        if lo and rs:
+            pairs.append((r, lo, rs))
+    if len(pairs) < 2:
+        return None
+    (r0, lo0, rs0), (r1, lo1, rs1) = pairs[0], pairs[-1]
+    gain_lo, gain_rs = lo1["test_accuracy"] - lo0["test_accuracy"], rs1["test_accuracy"] - rs0["test_accuracy"]
+    spread = _spread(lo0, lo1, rs0, rs1)
+    verdict = "yes" if gain_rs - gain_lo > spread else "no" if gain_rs - gain_lo < -spread else "inconclusive"
+    steps = "; ".join(f"r={r}: LoRA {_acc(lo)} at lr {lo['lr']:g}, rsLoRA {_acc(rs)} at lr {rs['lr']:g}"
+                      for r, lo, rs in pairs)
+    return (f"alpha 16, all linears, each at its best lr: {steps}. Gain from r={r0} to r={r1}: LoRA "
+            f"{gain_lo:+.1%}, rsLoRA {gain_rs:+.1%}: reproduced: {verdict}")
+
+
+def forgetting(rows: list[Row]) -> str | None:
+    full = _row(rows, "full-finetuning")
+    loras = [r for r in rows if r["peft_type"] == "lora" and not r["experiment_name"].startswith("dora")]
+    if not (full and loras):
+        return None
+    lora = max(loras, key=lambda r: r["test_accuracy"])
+    learns = _compare(full, lora)
+    spread = max(r["forgetting_max"] - r["forgetting_min"] for r in (full, lora))
+    gap = full["forgetting"] - lora["forgetting"]
+    forgets = "yes" if gap > spread else "no" if gap < -spread else "inconclusive"
+    return (f"full fine-tuning {_acc(full)}, forgetting {full['forgetting']:+.3f}; best LoRA ({lora['experiment_name']}) "
+            f"{_acc(lora)}, forgetting {lora['forgetting']:+.3f}: LoRA learns less: {learns}; LoRA forgets less: "
+            f"{forgets}")
+
+
+CLAIMS = [
+    ("LoRA on all linear layers beats attention-only LoRA at equal parameters (LoRA without regret)", all_linear),
+    ("LoRA wants a learning rate about 10x full fine-tuning's (LoRA without regret)", lr_ratio),
+    ("rsLoRA keeps gaining with rank where LoRA saturates (Kalajdzievski 2023)", rank_scaling),
+    ("LoRA learns less and forgets less than full fine-tuning (Biderman et al. 2024)", forgetting),
+]
+
+
+def findings(tables: dict[str, list[Row]]) -> list[str]:
+    """Markdown lines: each claim, then per task the numbers and the verdict (or that the runs are missing)."""
+    out = ["## Findings", ""]
+    for i, (claim, check) in enumerate(CLAIMS, 1):
+        out.append(f"{i}. **{claim}**")
+        for task, rows in tables.items():
+            line = check(rows)
+            out.append(f"   - `{task}`: {line if line else 'not measured (its experiments did not run or failed)'}")
+    return out
