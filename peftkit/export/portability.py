@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftkit.core.inject import matches
+from peftkit.core.method import PEFT_PREFIX
 from peftkit.core.registry import method_for_peft_type
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import read_adapter
@@ -71,6 +72,7 @@ def check_portability(path: str | os.PathLike) -> Portability:
     _peft_rules(peft_type, config, verdicts)
     if peft_type != "LORA":
         _not_lora(peft_type, verdicts)
+        _targets(config, _adapted_modules(tensors), verdicts)
     else:
         _lora(config, tensors, str(path), verdicts)
     return Portability(str(path), peft_type, list(verdicts.values()), _convert_command(str(path), peft_type, config))
@@ -109,6 +111,14 @@ def _peft_rules(peft_type: str, config: dict, verdicts: dict[str, Verdict]) -> N
         return
     if refusal:
         verdicts["HF PEFT"].add("no", refusal)
+
+
+def _adapted_modules(tensors: dict) -> list[str]:
+    """The module paths a non-LoRA adapter's tensors belong to: PEFT saves `<prefix><module path>.<name>[.weight]`
+    (oft_R.weight, lokr_w1, ia3_l, ...); VeRA's shared `base_model.vera_A` / `vera_B` belong to none."""
+    paths = {key.removeprefix(PEFT_PREFIX).removesuffix(".weight").rpartition(".")[0] for key in tensors
+             if key.startswith(PEFT_PREFIX)}
+    return sorted(p for p in paths if p)
 
 
 def _base_path(config: dict, verdicts: dict[str, Verdict]) -> None:

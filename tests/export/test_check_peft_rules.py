@@ -73,3 +73,18 @@ def test_conv1d_adapters_of_methods_peft_refuses_there(tmp_path, config):
     assert _peft_verdict(tmp_path / "a") == "no"
     assert not _peft_loads_all(tiny_model("gpt2"), tmp_path / "a")
     assert peftkit.load_adapter(tiny_model("gpt2"), tmp_path / "a") is not None  # peftkit itself loads it
+
+
+@pytest.mark.parametrize("config", ["OFTConfig", "LokrConfig", "LohaConfig"])
+@pytest.mark.parametrize("targets,verdict", [(["zzz"], "no"), (5, "no"), (["q_proj"], "no"), (["q_proj", "v_proj"], "yes")])
+def test_target_modules_rules_hold_for_every_method(tmp_path, config, targets, verdict):
+    """The target_modules rules `check` applies to LoRA hold for the other PEFT types too: every adapted module of
+    the file must be selected (PEFT builds the selected ones and drops the others' tensors)."""
+    model = peftkit.inject(tiny_model("llama"), getattr(peftkit, config)(target_modules=["q_proj", "v_proj"]))
+    peftkit.save_adapter(model, tmp_path / "a")
+    adapter = _edited(tmp_path / "a", tmp_path, target_modules=targets)
+    assert _peft_verdict(adapter) == verdict
+    if verdict == "yes":
+        assert _peft_loads_all(tiny_model("llama"), adapter)
+    elif targets != ["q_proj"]:  # PEFT loads q_proj's and drops v_proj's tensors, with a warning of missing keys
+        assert not _peft_loads_all(tiny_model("llama"), adapter)
