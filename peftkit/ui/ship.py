@@ -21,6 +21,7 @@ from typing import Any
 
 from peftkit.errors import PeftkitError
 from peftkit.ui.runs import STATE, child_env
+from peftkit.ui.security import open_regular
 
 SERVED_RANK = 16  # convert / compress: vLLM's default max_lora_rank
 UPLOAD_LIMIT = 2 << 30  # bytes of one uploaded data file
@@ -94,13 +95,17 @@ class Jobs:
 
     async def events(self, job: str, request: Any, poll_s: float) -> AsyncIterator[str]:
         """The job's output lines as they come ("line" events), then ("end", {"code": exit code})."""
-        if not re.fullmatch(r"[0-9a-f]{12}", job) or not (self.folder / f"{job}.log").is_file():
+        log = self.folder / f"{job}.log"
+        if not re.fullmatch(r"[0-9a-f]{12}", job) or not log.is_file():
             raise PeftkitError(f"no job {job!r}")
         offset = 0
         while not await request.is_disconnected():
-            with open(self.folder / f"{job}.log", "rb") as f:
-                f.seek(offset)
-                data = f.read()
+            data = b""
+            file = open_regular(log)  # a link swapped in for the log is not followed (read as empty)
+            if file is not None:
+                with file:
+                    file.seek(offset)
+                    data = file.read()
             end = data.rfind(b"\n") + 1
             for line in data[:end].decode(errors="replace").splitlines():
                 yield f"event: line\ndata: {json.dumps(line)}\n\n"
