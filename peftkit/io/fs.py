@@ -165,6 +165,8 @@ def read_json_object(path: str | os.PathLike, what: str, data: bytes | None = No
         value = json.loads(file.read_text() if data is None else data.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PeftkitError(f"{file} is not valid JSON ({exc}); it should be {what}") from None
+    except RecursionError:
+        raise PeftkitError(f"{file} nests deeper than a JSON reader goes; it should be {what}") from None
     if not isinstance(value, dict):
         raise PeftkitError(f"{file} holds a JSON {type(value).__name__}, not an object; it should be {what}")
     return value

@@ -155,7 +155,7 @@ class Runs:
         try:
             with file:
                 record = json.loads(file.read())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             return None
         return record if isinstance(record, dict) and isinstance(record.get("pid"), int) else None
 
@@ -208,7 +208,7 @@ def read_metrics(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int
     for line in data[:end].splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(record, dict):
             record.pop("samples", None)  # generated examples: large, not plotted

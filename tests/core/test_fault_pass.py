@@ -116,3 +116,37 @@ def test_objective_options_of_the_wrong_type_beside_a_flat_option(given):
     with pytest.raises(PeftkitError, match="objective_options must be a mapping") as exc:
         load_train_config(None, {"objective": "dpo", "objective_options": given, "beta": 0})
     assert "\n" not in str(exc.value)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # nested deeper than Python's JSON reader goes: a RecursionError
+
+
+@pytest.mark.parametrize("edit", ["deep", "huge r"])
+def test_json_nested_too_deep_or_numbers_too_big_are_one_line(files, tmp_path, capsys, edit):
+    import json
+    import shutil
+
+    adapter, _ = files
+    shutil.copytree(adapter, tmp_path / "a")
+    config = tmp_path / "a" / "adapter_config.json"
+    config.write_text(DEEP if edit == "deep" else json.dumps({**json.loads(config.read_text()), "r": 10**400}))
+    for argv in (["check", str(tmp_path / "a")],
+                 ["combine", "-a", str(tmp_path / "a"), "-a", str(adapter), "-o", str(tmp_path / "o")]):
+        if edit == "deep" or argv[0] == "combine":  # check reports a huge r as an adapter no one loads (exit 3)
+            line = error_line(argv, capsys)
+            assert ("nests deeper" if edit == "deep" else "rank must be") in line
+
+
+def test_json_lines_nested_too_deep(tmp_path):
+    from peftkit.data import load_rows
+    from peftkit.errors import PeftkitError
+    from peftkit.train.reporting.metrics import read_records
+    from peftkit.ui.runs import read_metrics
+
+    file = tmp_path / "rows.jsonl"
+    file.write_text('{"kind": "train", "step": 1}\n{"x": ' + DEEP + "}\n")
+    with pytest.raises(PeftkitError, match="line 2 nests deeper"):
+        load_rows(str(file))
+    with pytest.raises(PeftkitError, match="line 2 is damaged"):
+        read_records(file)
+    assert [r["step"] for r in read_metrics(file.resolve())[0]] == [1]
