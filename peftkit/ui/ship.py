@@ -9,6 +9,7 @@ from a shell. Outputs go beside the run folder: ROOT/NAME-merged/, ROOT/NAME.ggu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -124,28 +125,35 @@ class Jobs:
             raise PeftkitError(f"upload name {name!r} must be a plain file name ending in .jsonl, .json, .csv, "
                                ".parquet or .txt")
         folder = self.root / "uploads"
-        folder.mkdir(exist_ok=True)
-        if folder.is_symlink() or not folder.is_dir():
+        with contextlib.suppress(FileExistsError):  # a link in its place is refused just below
+            folder.mkdir()
+        try:  # the folder opened without following a link; every name below goes through this descriptor, so a
+            # link swapped in for the folder after this point is not written through either
+            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
             raise PeftkitError(f"{folder} must be a plain folder under the runs root (it is a link or a file); "
-                               "move it away so uploads stay under the root")
-        target, tmp = folder / name, folder / f".{name}.{uuid.uuid4().hex[:8]}.part"
+                               "move it away so uploads stay under the root") from None
+        tmp = f".{name}.{uuid.uuid4().hex[:8]}.part"
         exists = PeftkitError(f"uploads/{name} already exists; rename the file (an upload never replaces one)")
-        if target.exists() or target.is_symlink():
-            raise exists
         size = 0
         try:
-            with open(tmp, "xb") as f:
+            with contextlib.suppress(FileNotFoundError):  # refused before the upload is read, when it can be
+                os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                raise exists
+            with open(tmp, "xb", opener=lambda path, flags: os.open(path, flags, 0o666, dir_fd=dir_fd)) as f:
                 async for chunk in chunks:
                     size += len(chunk)
                     if size > UPLOAD_LIMIT:
                         raise PeftkitError(f"upload {name!r} is over {UPLOAD_LIMIT >> 30} GiB; point at a file "
                                            "under the runs root instead")
                     f.write(chunk)
-            os.link(tmp, target)  # fails if the name appeared meanwhile (os.replace would overwrite it)
-        except FileExistsError:
+            os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)  # fails if the name
+        except FileExistsError:                                                            # exists (even a link)
             raise exists from None
         except OSError as exc:
             raise PeftkitError(f"upload {name!r} could not be written under {folder}: {exc.strerror or exc}") from None
         finally:
-            tmp.unlink(missing_ok=True)
-        return str(target.relative_to(self.root))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            os.close(dir_fd)
+        return f"uploads/{name}"

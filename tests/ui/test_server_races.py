@@ -91,3 +91,24 @@ def test_run_files_swapped_for_links_are_not_read(tmp_path):
     assert read_metrics(root / "r" / "metrics.jsonl") == ([], 0)
     status = Runs(root).status("r")
     assert status["step"] == 0 and status["config"] == {} and status["status"] == "stopped"
+
+
+def test_an_uploads_folder_swapped_for_a_link_mid_upload_is_not_written_through(tmp_path):
+    """The folder is checked when the upload starts; an attacker then renames it and puts a link to a folder
+    outside the root in its place while the data streams in. The file still lands in the folder that was checked."""
+    import asyncio
+
+    from peftkit.ui.ship import Jobs
+
+    root = (tmp_path / "runs").resolve()
+    (root / "uploads").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+
+    async def chunks():
+        (root / "uploads").rename(root / "checked")
+        (root / "uploads").symlink_to(tmp_path / "elsewhere")
+        yield b'{"text": "hi"}\n'
+
+    asyncio.run(Jobs(root).save_upload("rows.jsonl", chunks()))
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+    assert [p.name for p in (root / "checked").iterdir()] == ["rows.jsonl"]
