@@ -14,16 +14,15 @@ import peftkit
 import peftkit.io.adapters as adapters_io
 from peftkit.cli import Terminated
 from tests.core.test_hostile_adapters import error_line
-from tests.tiny import perturb_adapter, save_tiny_checkpoint
+from tests.tiny import perturb_adapter, tiny_model
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("faults")
-    base = save_tiny_checkpoint(root / "base")
-    model = AutoModelForCausalLM.from_pretrained(base)
+    base = root / "base"
+    tiny_model("llama").save_pretrained(base)
+    model = tiny_model("llama")
     peftkit.inject(model, peftkit.LoraConfig(r=2))
     perturb_adapter(model)
     peftkit.save_adapter(model, root / "adapter")

@@ -17,7 +17,7 @@ import peftkit
 from peftkit.cli import main
 from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
-from tests.tiny import perturb_adapter, save_tiny_checkpoint
+from tests.tiny import perturb_adapter, tiny_model
 
 METHODS = ("vera", "loha", "lokr", "oft", "ia3", "lora")
 
@@ -25,13 +25,12 @@ METHODS = ("vera", "loha", "lokr", "oft", "ia3", "lora")
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """{method: adapter folder} over one tiny base, and the base."""
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("hostile")
-    base = save_tiny_checkpoint(root / "base")
+    base = root / "base"
+    tiny_model("llama").save_pretrained(base)
     folders = {}
     for method in METHODS:
-        model = AutoModelForCausalLM.from_pretrained(base)
+        model = tiny_model("llama")
         peftkit.inject(model, get_method(method).build_config({}))
         perturb_adapter(model)
         peftkit.save_adapter(model, root / method)
