@@ -118,7 +118,8 @@ def inject(model: nn.Module, config: object, name: str = "default") -> nn.Module
     """Add adapter `name` described by `config` (LoraConfig, ...) to `model` in place and return the model.
 
     The base weights are frozen, the new adapter becomes the active one and only its parameters are trainable.
-    At initialisation the model computes exactly what the base model did (LoRA's B starts at zero, etc.).
+    At initialisation the model computes exactly what the base model did (LoRA's B starts at zero, etc.). The new
+    modules take the model's mode (torch builds modules in training mode: an eval model would get active dropout).
     """
     if not name or not isinstance(name, str) or "." in name:
         raise PeftkitError(f"adapter name {name!r} is invalid; use a non-empty name without dots")
@@ -128,7 +129,11 @@ def inject(model: nn.Module, config: object, name: str = "default") -> nn.Module
     if method.trains_base:
         raise PeftkitError(f"method {method.name!r} trains the model's own weights and injects no adapter; "
                            "use apply_method (as the trainer does) instead of inject")
+    existing = {id(module) for module in model.modules()}
     method.inject(model, config, name)
+    for module in model.modules():
+        if id(module) not in existing:
+            module.training = model.training  # the flag alone: a wrapped base module keeps its own
     add_adapter(model, name, AdapterRecord(method=method.name, config=config))
     activate(model, name)
     return model

@@ -124,6 +124,7 @@ class Method:
     option_fields: ClassVar[dict[str, str]] = {}
     trains_base: ClassVar[bool] = False
     default_lr: ClassVar[float] = 2e-4  # the trainer's learning rate when none is given for the user's data
+    peft_refuses_conv1d: ClassVar[bool] = False  # HF PEFT refuses this method on GPT-2's Conv1D (`peft_refusal`)
     bundled_lr: ClassVar[float | None] = None  # an adapter's learning rate on the bundled task (no --data) where
     # the trainer's bundled 2e-3 does not suit it (VeRA's two vectors per layer barely move at 2e-3 in 30 steps)
 
@@ -154,6 +155,16 @@ class Method:
     def load(self, model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], adapter_name: str) -> Any:
         """Inject the adapter saved as (config_json, tensors) and load its weights; returns its config."""
         raise NotImplementedError
+
+    def peft_refusal(self, config_json: dict) -> str | None:
+        """Why HF PEFT 0.21.2 refuses to load this method's adapter saved with `config_json` (its
+        adapter_config.json), or None when PEFT's loading rules accept it; `peftkit check` asks before it says PEFT
+        loads an adapter. The default applies `peft_refuses_conv1d` to the config's fan_in_fan_out (the adapted
+        layers are GPT-2's Conv1D, which PEFT's OFT, LoKr and LoHa refuse)."""
+        if self.peft_refuses_conv1d and config_json.get("fan_in_fan_out"):
+            return (f"it adapts Conv1D layers (GPT-2's, fan_in_fan_out), which PEFT's {self.peft_type} refuses "
+                    "(it takes Linear and Conv layers only)")
+        return None
 
     def shared_option(self, key: str) -> Option | None:
         """The shared option behind `key`, named as the option (`rank`) or as this method's config field (`r`)."""

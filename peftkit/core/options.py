@@ -94,7 +94,7 @@ class Option:
         return value
 
     def _check_bounds(self, value: float) -> None:
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # an int always is (10**400 has no float)
             raise PeftkitError(f"{self.name} must be a finite number, got {value!r}")
         low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
         high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)

@@ -81,6 +81,8 @@ def _check_jsonl(path: Path) -> None:
                 value = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise PeftkitError(f"{path}: line {number} is not valid JSON ({_first_line(exc)})") from None
+            except RecursionError:
+                raise PeftkitError(f"{path}: line {number} nests deeper than a JSON reader goes") from None
             if not isinstance(value, dict):
                 raise PeftkitError(f"{path}: line {number} is a JSON {type(value).__name__}, expected an object {{...}}")
 

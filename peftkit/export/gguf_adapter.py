@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from peftkit.errors import PeftkitError
 from peftkit.io.adapters import read_adapter
 from peftkit.io.fs import read_json_object, refuse_protected
 from peftkit.io.models import EMBEDDED_HUB_ID
+from peftkit.io.outputs import refuse_inputs
 from peftkit.io.shards import open_checkpoint, resolve_base, shapes
 from peftkit.methods.lora.format import lora_config_from_json, parse_keys, saved_module_names
 
@@ -134,12 +137,12 @@ def export_gguf_adapter(adapter: str | os.PathLike, output: str | os.PathLike, *
     """Write the LoRA adapter folder `adapter` as the llama.cpp adapter file `output` (see the module docstring)."""
     import gguf
 
-    target = check_file_output(output, overwrite)
+    target = check_file_output(output, overwrite, inputs=[adapter, base if base and Path(base).exists() else None])
     config_json, _, _ = read_adapter(adapter)
     config, weights = base_config(config_json, base)
     alpha, tensors = gguf_lora_tensors(adapter, config, weights)
     arch_name, _ = ARCHITECTURES[config["model_type"]]
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp = temporary_file(target)
     try:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch_name]])
         writer.add_type(gguf.GGUFType.ADAPTER)
@@ -159,13 +162,15 @@ def export_gguf_adapter(adapter: str | os.PathLike, output: str | os.PathLike, *
     return target
 
 
-def check_file_output(output: str | os.PathLike, overwrite: bool) -> Path:
-    """A .gguf output file in an existing folder; an existing one is replaced only with --overwrite and only when
-    it is a GGUF file (so no input, folder or foreign file is ever replaced)."""
+def check_file_output(output: str | os.PathLike, overwrite: bool,
+                      inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """A .gguf output file in an existing folder, not inside the command's `inputs`; an existing one is replaced only
+    with --overwrite and only when it is a GGUF file (so no input, folder or foreign file is ever replaced)."""
     target = Path(output).expanduser()
     if target.suffix != ".gguf":
         raise PeftkitError(f"output {str(output)!r} must be a file name ending in .gguf")
     refuse_protected(target.resolve(), str(output))
+    refuse_inputs(target.resolve(), str(output), inputs)
     if not target.parent.is_dir():
         raise PeftkitError(f"the folder of output {str(output)!r} does not exist; create it first")
     if target.is_symlink() or target.exists():
@@ -174,3 +179,11 @@ def check_file_output(output: str | os.PathLike, overwrite: bool) -> Path:
         if target.is_symlink() or not target.is_file() or target.open("rb").read(4) != b"GGUF":
             raise PeftkitError(f"output {str(output)!r} is not a GGUF file; --overwrite replaces only GGUF files")
     return target
+
+
+def temporary_file(target: Path) -> Path:
+    """A new empty file beside `target` for the write before the rename, made exclusively (O_EXCL) under a name
+    no one can guess: a link planted at a predictable name (`.NAME.tmp-PID`) would be written through."""
+    fd, name = tempfile.mkstemp(prefix=f".{target.stem}.tmp-{os.getpid()}-", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    return Path(name)

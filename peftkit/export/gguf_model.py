@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
-from peftkit.export.gguf_adapter import check_file_output
+from peftkit.export.gguf_adapter import check_file_output, temporary_file
 
 CONVERTER = "convert_hf_to_gguf.py"
 ENV = "PEFTKIT_LLAMA_CPP"
@@ -44,12 +44,12 @@ def export_gguf_model(model: str | os.PathLike, output: str | os.PathLike, *, ll
     folder = Path(model)
     if not (folder / "config.json").is_file():
         raise PeftkitError(f"{str(model)!r} is not a model folder (no config.json)")
-    target = check_file_output(output, overwrite)
+    target = check_file_output(output, overwrite, inputs=[folder])
     converter = find_converter(llama_cpp)
     paths = [str(converter / "gguf-py"), str(converter)] if (converter / "gguf-py").is_dir() else [str(converter)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "HF_HUB_OFFLINE": "1"}
-    tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}.gguf")
+    tmp = temporary_file(target)
     try:
         run = subprocess.run([sys.executable, str(converter / CONVERTER), "--outfile", str(tmp), "--outtype", outtype,
                               str(folder)], env=env, capture_output=True, text=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftkit.core.inject import matches
+from peftkit.core.method import PEFT_PREFIX
 from peftkit.core.registry import method_for_peft_type
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import read_adapter
@@ -68,8 +69,10 @@ def check_portability(path: str | os.PathLike) -> Portability:
     peft_type = str(config.get("peft_type"))
     verdicts = {name: Verdict(name) for name in CONSUMERS}
     _base_path(config, verdicts)
+    _peft_rules(peft_type, config, verdicts)
     if peft_type != "LORA":
         _not_lora(peft_type, verdicts)
+        _targets(config, _adapted_modules(tensors), verdicts)
     else:
         _lora(config, tensors, str(path), verdicts)
     return Portability(str(path), peft_type, list(verdicts.values()), _convert_command(str(path), peft_type, config))
@@ -100,6 +103,24 @@ def _not_lora(peft_type: str, verdicts: dict[str, Verdict]) -> None:
         verdicts[name].add("no", f"it loads only LoRA adapters, not {peft_type}")
 
 
+def _peft_rules(peft_type: str, config: dict, verdicts: dict[str, Verdict]) -> None:
+    """The method's own account of what PEFT's loader refuses in its config (`Method.peft_refusal`)."""
+    try:
+        refusal = method_for_peft_type(peft_type).peft_refusal(config)
+    except PeftkitError:  # a type peftkit does not load: `_not_lora` says what it can
+        return
+    if refusal:
+        verdicts["HF PEFT"].add("no", refusal)
+
+
+def _adapted_modules(tensors: dict) -> list[str]:
+    """The module paths a non-LoRA adapter's tensors belong to: PEFT saves `<prefix><module path>.<name>[.weight]`
+    (oft_R.weight, lokr_w1, ia3_l, ...); VeRA's shared `base_model.vera_A` / `vera_B` belong to none."""
+    paths = {key.removeprefix(PEFT_PREFIX).removesuffix(".weight").rpartition(".")[0] for key in tensors
+             if key.startswith(PEFT_PREFIX)}
+    return sorted(p for p in paths if p)
+
+
 def _base_path(config: dict, verdicts: dict[str, Verdict]) -> None:
     base = config.get("base_model_name_or_path")
     if isinstance(base, str) and Path(base).is_absolute():
@@ -111,6 +132,8 @@ def _base_path(config: dict, verdicts: dict[str, Verdict]) -> None:
 
 def _lora(config: dict, tensors: dict, where: str, verdicts: dict[str, Verdict]) -> None:
     vllm, cpp, tgi = verdicts["vLLM"], verdicts["llama.cpp"], verdicts["TGI"]
+    tensors = _without_parameter_lora(config, tensors, verdicts)
+    config = {**config, "target_parameters": None}
     if config.get("use_dora"):
         for v in (vllm, cpp, tgi):
             v.add("no", "DoRA (use_dora): it does not implement the magnitude vectors")
@@ -144,6 +167,32 @@ def _lora(config: dict, tensors: dict, where: str, verdicts: dict[str, Verdict])
         {k: v for k, v in tensors.items() if ".lora_A" in k}).items()}
     _scales(lora, ranks, verdicts)
     _ranks(lora, ranks, verdicts)
+
+
+def _without_parameter_lora(config: dict, tensors: dict, verdicts: dict[str, Verdict]) -> dict:
+    """The tensors of LoRA on modules: those of LoRA on parameters (`target_parameters`, MoE experts) set apart.
+
+    PEFT saves a parameter's pair under its owning module's path (`mlp.experts`, nested `base_layer.`s for the
+    module's other targeted parameters), so a pair is a parameter's when that path ends with the module part of a
+    listed name (`mlp.experts.down_proj`); a pair no name selects stays with the modules, where `_targets` says PEFT
+    drops it. A name without a module part selects by the base's parameters, which check does not read."""
+    names = config.get("target_parameters")
+    if not isinstance(names, list) or not names:
+        return tensors
+    names = [n for n in names if isinstance(n, str)]
+    owners = {n.rsplit(".", 1)[0] for n in names if "." in n}
+    if any("." not in n for n in names):
+        verdicts["HF PEFT"].add("needs", f"target_parameters {names} has a name without its module: which parameters "
+                                         "it selects depends on the base; load it with the base to be sure")
+    for v in ("vLLM", "llama.cpp", "TGI"):
+        verdicts[v].add("no", "target_parameters (LoRA on parameters such as MoE experts): it loads LoRA on modules "
+                              "only")
+
+    def owned(key: str) -> bool:
+        path = re.sub(r"(\.base_layer)*\.lora_[AB]\.weight$", "", key)
+        return any(path == o or path.endswith("." + o) for o in owners)
+
+    return {k: v for k, v in tensors.items() if not owned(k)}
 
 
 def _shapes(lora, tensors: dict, verdicts: dict[str, Verdict]) -> None:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from peftkit._version import __version__
+from peftkit.core.inject import layer_index
 from peftkit.core.registry import get_method, method_for_peft_type
 from peftkit.core.state import (
     adapters,
@@ -139,11 +140,31 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         raise PeftkitError(f"{config_file} has no peft_type; it is not a PEFT adapter config")
     tensors = _read_weights(folder)
     file = folder / WEIGHTS_NAME if (folder / WEIGHTS_NAME).is_file() else folder / "adapter_model.bin"
-    for key, tensor in tensors.items():
-        check_finite(tensor, f"adapter file {str(file)!r}: tensor {key!r}", "the adapter is broken (did its training diverge?)")
+    _check_tensors(config_json, tensors, file)
     meta_file = folder / META_NAME
     meta = read_json_object(meta_file, "peftkit's adapter metadata") if meta_file.is_file() else {}
     return config_json, tensors, meta
+
+
+def _check_tensors(config_json: dict, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Every tensor floating point and finite, and none in a decoder layer that the config's `layers_to_transform`
+    leaves out (PEFT would not load it, while peftkit's methods build their modules from the keys and would)."""
+    layers = config_json.get("layers_to_transform")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if layers is not None and not (isinstance(layers, list) and all(type(i) is int for i in layers)):
+        raise PeftkitError(f"{file.parent / CONFIG_NAME}: layers_to_transform must be a layer index or a list of "
+                           f"them (or null), got {layers!r}")
+    for key, tensor in tensors.items():
+        what = f"adapter file {str(file)!r}: tensor {key!r}"
+        if not tensor.is_floating_point():
+            raise PeftkitError(f"{what} is {str(tensor.dtype).removeprefix('torch.')}; adapter weights are floating "
+                               "point (float32, bfloat16 or float16): the file is damaged or not an adapter")
+        check_finite(tensor, what, "the adapter is broken (did its training diverge?)")
+        layer = layer_index(key)
+        if layers is not None and layer is not None and layer not in layers:
+            raise PeftkitError(f"{what} is in layer {layer}, which the config's layers_to_transform {layers} leaves "
+                               "out (PEFT would not load it): the config or the weights were changed apart")
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -156,14 +156,17 @@ def written_by_peftkit(folder: Path) -> bool:
     return (folder / MARKER_NAME).is_file()
 
 
-def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
-    """The JSON object in file `path`; a file that is not valid UTF-8 JSON, or holds no object, is a one-line
-    PeftkitError naming `what` the file should be (every JSON file peftkit reads goes through here)."""
+def read_json_object(path: str | os.PathLike, what: str, data: bytes | None = None) -> dict[str, Any]:
+    """The JSON object in file `path` (or in `data`, its bytes, when the caller has read them already); a file that
+    is not valid UTF-8 JSON, or holds no object, is a one-line PeftkitError naming `what` the file should be
+    (every JSON file peftkit reads goes through here)."""
     file = Path(path)
     try:
-        value = json.loads(file.read_text())
+        value = json.loads(file.read_text() if data is None else data.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PeftkitError(f"{file} is not valid JSON ({exc}); it should be {what}") from None
+    except RecursionError:
+        raise PeftkitError(f"{file} nests deeper than a JSON reader goes; it should be {what}") from None
     if not isinstance(value, dict):
         raise PeftkitError(f"{file} holds a JSON {type(value).__name__}, not an object; it should be {what}")
     return value

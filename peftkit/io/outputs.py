@@ -39,7 +39,7 @@ def check_target(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | N
                            "write through links)")
     resolved = target.resolve()
     refuse_protected(resolved, str(path))
-    _refuse_inputs(resolved, str(path), inputs)
+    refuse_inputs(resolved, str(path), inputs)
     _check_parents(target, str(path))
     if target.exists() and not target.is_dir():
         raise PeftkitError(f"output {str(path)!r} is a file, not a folder; choose another --output")
@@ -53,7 +53,7 @@ def check_replaceable(target: Path, shown: str) -> None:
                            "replaces only peftkit's own outputs: choose another --output or empty the folder yourself")
 
 
-def _refuse_inputs(resolved: Path, shown: str, inputs: Iterable[str | os.PathLike | None]) -> None:
+def refuse_inputs(resolved: Path, shown: str, inputs: Iterable[str | os.PathLike | None]) -> None:
     """An input of the command must not be replaced, hold the output, or be held by it."""
     for item in inputs:
         if item is None:

@@ -58,7 +58,7 @@ class IA3Config:
 
     def __post_init__(self) -> None:
         for field in ("target_modules", "feedforward_modules"):
-            object.__setattr__(self, field, normalize_targets(getattr(self, field)))
+            object.__setattr__(self, field, normalize_targets(getattr(self, field), field))
         if not isinstance(self.init_ia3_weights, bool):
             raise PeftkitError(f"init_ia3_weights must be true or false, got {self.init_ia3_weights!r}")
         targets, feedforward = self.target_modules, self.feedforward_modules

@@ -10,7 +10,8 @@ PEFT saves them as `base_model.model.<module path>.<name>`, no ".weight"). Train
 output row of ΔW with that probability (then rescales the kept rows by 1 / their mean when `rank_dropout_scale`).
 
 The wrapped layer is an nn.Linear or GPT-2's Conv1D (weight stored [in, out]: ΔW is added transposed). HF PEFT
-0.21.2 refuses Conv1D targets for LoKr / LoHa, so an adapter of a GPT-2 model loads in peftkit only.
+0.21.2 refuses Conv1D targets for LoKr / LoHa, so an adapter of a GPT-2 model loads in peftkit only (its
+adapter_config.json then says `fan_in_fan_out: true`, a field PEFT's LoKr / LoHa lack, for `peftkit check`).
 
 Saved for backward (the memory estimator's hook): F.linear saves the layer's input (shared as LoRA's A shares it)
 and ΔW itself, a whole weight-sized tensor per adapted linear, held from its layer's forward to its backward.
@@ -201,6 +202,7 @@ class DeltaMethod(Method):
     layer_cls: ClassVar[type[DeltaLayer]]
     mergeable = True
     option_fields = {"rank": "r", "alpha": "alpha", "target_modules": "target_modules"}
+    peft_refuses_conv1d = True
 
     def inject(self, model: nn.Module, config: LycorisConfig, adapter_name: str) -> None:
         """Wrap every targeted linear layer in the method's layer (or add to one) with a new adapter."""
@@ -231,6 +233,8 @@ class DeltaMethod(Method):
         config_json = {**config_fields(config), "peft_type": self.peft_type, "task_type": "CAUSAL_LM",
                        "target_modules": targets, "layers_to_transform": None, "layers_pattern": None,
                        "exclude_modules": None, "modules_to_save": None, "inference_mode": True, "revision": None}
+        if any(layer.fan_in_fan_out for _, layer in layers):  # PEFT has no such field: set only where it refuses
+            config_json["fan_in_fan_out"] = True              # anyway, so `peftkit check` can say why
         return config_json, tensors
 
     def load(self, model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], adapter_name: str) -> Any:

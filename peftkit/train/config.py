@@ -241,11 +241,11 @@ def load_sourced(recipe: str | Path | None = None,
             raise PeftkitError(f"unknown option {key!r}; valid: {', '.join(valid_keys())}")
     recipe_keys = read_recipe_keys(recipe) if recipe else {}
     values, given = gather(recipe_keys, overrides, f"recipe {Path(recipe).name}" if recipe else "",
-                           {**train_options(), **{n: o for n, (_, o) in extra_options().items()}},
-                           set(SHARED))
+                           {**train_options(), **{n: o for n, (_, o) in extra_options().items()}}, set(SHARED))
     for name, (field, declared) in extra_options().items():
-        if name in values:
-            values.setdefault(field, {})[declared.target] = declared.check(values.pop(name))
+        if name in values:  # the field checked first: a recipe's `objective_options: false` beside `beta: 0`
+            options = train_options()[field].check(values.get(field, {}))
+            values[field] = {**options, declared.target: declared.check(values.pop(name))}
     try:
         return TrainConfig(**values), given
     except TypeError as exc:

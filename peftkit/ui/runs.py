@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from peftkit.errors import PeftkitError
+from peftkit.ui.security import open_regular
 
 STATE = ".peftkit-ui"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -91,8 +92,11 @@ class Runs:
         return sorted(found)
 
     def status(self, name: str) -> dict[str, Any]:
-        """What the Runs tab shows for one run: status, its error line, progress, ETA, the command."""
+        """What the Runs tab shows for one run: status, its error line, progress, ETA, the command; a name with
+        neither a folder nor a record is an error (not a run that "stopped")."""
         folder, record = self.folder(name), self._record(name)
+        if record is None and not folder.is_dir():
+            raise PeftkitError(f"run {name!r} not found under {self.root}")
         config = _read_yaml(folder / "run_config.yaml")
         train = [r for r in read_metrics(folder / "metrics.jsonl")[0] if r.get("kind") == "train"]
         last = train[-1] if train else {}
@@ -113,8 +117,7 @@ class Runs:
             return "running", None
         if (folder / "summary.json").is_file():
             return "finished", None
-        log = self.state / f"{name}.log"
-        lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+        lines = _tail_lines(self.state / f"{name}.log")
         error = next((line for line in reversed(lines) if line.startswith("error: ")), None)
         if record is not None and record.get("stopped") or any("interrupted" in line for line in lines[-5:]):
             return "stopped", None
@@ -146,10 +149,13 @@ class Runs:
                 self._write(name, {**record, "exit_code": code})
 
     def _record(self, name: str) -> dict[str, Any] | None:
-        path = self.state / f"{self.folder(name).name}.json"
+        file = open_regular(self.state / f"{self.folder(name).name}.json")
+        if file is None:
+            return None
         try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
+            with file:
+                record = json.loads(file.read())
+        except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             return None
         return record if isinstance(record, dict) and isinstance(record.get("pid"), int) else None
 
@@ -185,14 +191,16 @@ def child_env() -> dict[str, str]:
 
 def read_metrics(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
     """(records, offset after them) of metrics.jsonl from byte `offset`: whole lines only (a line being written is
-    read next time), a damaged line skipped. Only a regular file is read: a FIFO or a link to /dev/zero in a run
-    folder would block or fill the server, which reads metrics on its event loop."""
-    if not path.is_file():
+    read next time), a damaged line skipped. Only a regular file reached through no link is read (`open_regular`):
+    a FIFO or a link to /dev/zero in a run folder would block or fill the server, which reads metrics on its event
+    loop."""
+    file = open_regular(path)
+    if file is None:
         return [], offset
     try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
+        with file:
+            file.seek(offset)
+            data = file.read()
     except OSError:
         return [], offset
     end = data.rfind(b"\n") + 1
@@ -200,7 +208,7 @@ def read_metrics(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int
     for line in data[:end].splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(record, dict):
             record.pop("samples", None)  # generated examples: large, not plotted
@@ -209,13 +217,29 @@ def read_metrics(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():  # as read_metrics: never open a FIFO or a device
+    file = open_regular(path)  # as read_metrics: never a FIFO, a device or a link
+    if file is None:
         return {}
     try:
-        loaded = yaml.safe_load(path.read_text())
+        with file:
+            loaded = yaml.safe_load(file.read().decode(errors="replace"))
     except (OSError, yaml.YAMLError):
         return {}
     return loaded if isinstance(loaded, dict) else {}
+
+
+def _tail_lines(path: Path, size: int = 1 << 16) -> list[str]:
+    """The lines of the last `size` bytes of a log (a run's error line is at its end), [] when `open_regular`
+    refuses it: a log is the process's whole output, and a link to /dev/zero must not fill the server."""
+    file = open_regular(path)
+    if file is None:
+        return []
+    try:
+        with file:
+            file.seek(max(0, file.seek(0, os.SEEK_END) - size))
+            return file.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []
 
 
 def _proc_fields(pid: int) -> list[str] | None:

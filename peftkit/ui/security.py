@@ -9,14 +9,18 @@
 - Paths given on the page are relative to the runs root (or absolute inside it) and must stay inside it after
   resolving `..` and symbolic links; anything else is refused in one line. Hub ids (`org/name`, not a file under
   the root) are passed on as they are: they read nothing local.
+- Files the server reads from run folders (metrics, configs, logs, summaries, its own records) are opened by
+  `open_regular`, which checks the opened file, not its name: a link swapped in after a check is never followed.
 """
 
 from __future__ import annotations
 
 import hmac
+import os
 import re
+import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -101,3 +105,25 @@ def _is_weight(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def open_regular(path: Path) -> BinaryIO | None:
+    """`path` opened for reading if it is a regular file reached through no symbolic link, else None. What is
+    checked is the opened file, so a link or FIFO swapped in between a caller's check and this open is refused too:
+    O_NOFOLLOW refuses a link as the last part, O_NONBLOCK keeps a FIFO from blocking the open, fstat says what was
+    opened, and the kernel's name of it (/proc/self/fd, where there is one) must be `path` itself, so no folder on
+    the way was a link either. `path` must be absolute with its links resolved (the runs root is)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        opened = os.readlink(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else str(path)
+    except OSError:
+        regular, opened = False, ""
+    if not regular or opened != str(path):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")

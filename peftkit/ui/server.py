@@ -31,7 +31,7 @@ from peftkit.errors import PeftkitError
 from peftkit.io.fs import read_json_object
 from peftkit.ui import plan as planning
 from peftkit.ui.runs import Runs, read_metrics
-from peftkit.ui.security import TOKEN_COOKIE, check_request, confine_form, inside
+from peftkit.ui.security import TOKEN_COOKIE, check_request, confine_form, inside, open_regular
 from peftkit.ui.ship import Jobs
 from peftkit.ui.tryit import Chats
 
@@ -42,7 +42,11 @@ def make_app(root: Path, token: str | None = None, local: bool = True, poll_s: f
     """The app serving runs under `root`; `token` (generated when None) guards POSTs, and every request when the
     server is not bound to loopback (`local=False`)."""
     root = root.resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise PeftkitError(f"--root {root} is a file, or lies under one; give a folder for the runs (it is created "
+                           "when missing)") from None
     token = token or secrets.token_urlsafe(24)
     runs, chats, jobs = Runs(root), Chats(), Jobs(root)
 
@@ -95,6 +99,7 @@ def make_app(root: Path, token: str | None = None, local: bool = True, poll_s: f
     async def run_events(request: Request) -> Response:
         name = request.path_params["name"]
         folder = runs.folder(name)
+        runs.status(name)  # an unknown run is refused here, before the stream starts
 
         async def events() -> AsyncIterator[str]:
             offset, last = 0, None
@@ -118,7 +123,11 @@ def make_app(root: Path, token: str | None = None, local: bool = True, poll_s: f
             raise PeftkitError(f"run {request.path_params['name']!r} has no evaluation yet (it writes summary.json "
                                "when it finishes)")
         inside(root, str(summary), "summary.json")  # a link out of the root is not served
-        return JSONResponse(read_json_object(summary, "the run's evaluation summary"))
+        file = open_regular(summary)  # nor one swapped in after that check
+        if file is None:
+            raise PeftkitError(f"{summary} is not a regular file in the run folder; it is not served")
+        with file:
+            return JSONResponse(read_json_object(summary, "the run's evaluation summary", file.read()))
 
     async def chat(request: Request) -> Response:
         body = await _json(request)

@@ -9,6 +9,7 @@ from a shell. Outputs go beside the run folder: ROOT/NAME-merged/, ROOT/NAME.ggu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from typing import Any
 
 from peftkit.errors import PeftkitError
 from peftkit.ui.runs import STATE, child_env
+from peftkit.ui.security import open_regular
 
 SERVED_RANK = 16  # convert / compress: vLLM's default max_lora_rank
 UPLOAD_LIMIT = 2 << 30  # bytes of one uploaded data file
@@ -94,13 +96,17 @@ class Jobs:
 
     async def events(self, job: str, request: Any, poll_s: float) -> AsyncIterator[str]:
         """The job's output lines as they come ("line" events), then ("end", {"code": exit code})."""
-        if not re.fullmatch(r"[0-9a-f]{12}", job) or not (self.folder / f"{job}.log").is_file():
+        log = self.folder / f"{job}.log"
+        if not re.fullmatch(r"[0-9a-f]{12}", job) or not log.is_file():
             raise PeftkitError(f"no job {job!r}")
         offset = 0
         while not await request.is_disconnected():
-            with open(self.folder / f"{job}.log", "rb") as f:
-                f.seek(offset)
-                data = f.read()
+            data = b""
+            file = open_regular(log)  # a link swapped in for the log is not followed (read as empty)
+            if file is not None:
+                with file:
+                    file.seek(offset)
+                    data = file.read()
             end = data.rfind(b"\n") + 1
             for line in data[:end].decode(errors="replace").splitlines():
                 yield f"event: line\ndata: {json.dumps(line)}\n\n"
@@ -119,28 +125,35 @@ class Jobs:
             raise PeftkitError(f"upload name {name!r} must be a plain file name ending in .jsonl, .json, .csv, "
                                ".parquet or .txt")
         folder = self.root / "uploads"
-        folder.mkdir(exist_ok=True)
-        if folder.is_symlink() or not folder.is_dir():
+        with contextlib.suppress(FileExistsError):  # a link in its place is refused just below
+            folder.mkdir()
+        try:  # the folder opened without following a link; every name below goes through this descriptor, so a
+            # link swapped in for the folder after this point is not written through either
+            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
             raise PeftkitError(f"{folder} must be a plain folder under the runs root (it is a link or a file); "
-                               "move it away so uploads stay under the root")
-        target, tmp = folder / name, folder / f".{name}.{uuid.uuid4().hex[:8]}.part"
+                               "move it away so uploads stay under the root") from None
+        tmp = f".{name}.{uuid.uuid4().hex[:8]}.part"
         exists = PeftkitError(f"uploads/{name} already exists; rename the file (an upload never replaces one)")
-        if target.exists() or target.is_symlink():
-            raise exists
         size = 0
         try:
-            with open(tmp, "xb") as f:
+            with contextlib.suppress(FileNotFoundError):  # refused before the upload is read, when it can be
+                os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                raise exists
+            with open(tmp, "xb", opener=lambda path, flags: os.open(path, flags, 0o666, dir_fd=dir_fd)) as f:
                 async for chunk in chunks:
                     size += len(chunk)
                     if size > UPLOAD_LIMIT:
                         raise PeftkitError(f"upload {name!r} is over {UPLOAD_LIMIT >> 30} GiB; point at a file "
                                            "under the runs root instead")
                     f.write(chunk)
-            os.link(tmp, target)  # fails if the name appeared meanwhile (os.replace would overwrite it)
-        except FileExistsError:
+            os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)  # fails if the name
+        except FileExistsError:                                                            # exists (even a link)
             raise exists from None
         except OSError as exc:
             raise PeftkitError(f"upload {name!r} could not be written under {folder}: {exc.strerror or exc}") from None
         finally:
-            tmp.unlink(missing_ok=True)
-        return str(target.relative_to(self.root))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            os.close(dir_fd)
+        return f"uploads/{name}"

@@ -79,9 +79,10 @@ class LoraConfig:
         return _pattern_value(self.rank_pattern, path, self.r), _pattern_value(self.alpha_pattern, path, self.alpha)
 
 
-def normalize_targets(targets: Any) -> tuple[str, ...] | str | None:
-    """Accept None, "all-linear", a regex, a comma list "q_proj,v_proj", or a list; lists become tuples."""
-    if targets is None or isinstance(targets, tuple):
+def normalize_targets(targets: Any, field: str = "target_modules") -> tuple[str, ...] | str | None:
+    """Accept None, "all-linear", a regex, a comma list "q_proj,v_proj", or a list of names; lists become tuples.
+    Anything else (a number, a mapping, a list holding non-names) is an error naming `field`."""
+    if targets is None:
         return targets
     if isinstance(targets, str):
         if targets == "all-linear":
@@ -90,10 +91,13 @@ def normalize_targets(targets: Any) -> tuple[str, ...] | str | None:
             try:
                 re.compile(targets)
             except re.error as exc:
-                raise PeftkitError(f"target_modules {targets!r} is not a valid regular expression ({exc}); give "
+                raise PeftkitError(f"{field} {targets!r} is not a valid regular expression ({exc}); give "
                                    "module names (q_proj,v_proj), all-linear, or a valid regex") from None
             return targets
         return tuple(t.strip() for t in targets.split(",") if t.strip())
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+        raise PeftkitError(f"{field} must be module names (a list or q_proj,v_proj), all-linear or a regex; got "
+                           f"{targets!r}")
     return tuple(targets)
 
 

@@ -72,6 +72,13 @@ class LoraMethod(Method):
             module.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init,
                                config.lora_bias, config.use_dora)
 
+    def peft_refusal(self, config_json: dict) -> str | None:
+        """PEFT's LoraConfig takes `target_parameters` only as a list (a string is a TypeError when it loads)."""
+        names = config_json.get("target_parameters")
+        if names is not None and not isinstance(names, list):
+            return f"target_parameters is {names!r}: PEFT needs a list of parameter names (a string is a TypeError)"
+        return super().peft_refusal(config_json)
+
     def initialise(self, model: nn.Module, config: LoraConfig, adapter_name: str, data: InitData) -> None:
         """`--init eva`: A (and the ranks) from the training data's layer inputs (`eva.py`); other inits: nothing."""
         if config.init == "eva":

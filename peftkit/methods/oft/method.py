@@ -45,6 +45,7 @@ class OftMethod(Method):
     config_cls = OFTConfig
     mergeable = True
     option_fields = {"rank": "r", "target_modules": "target_modules"}
+    peft_refuses_conv1d = True  # its config's fan_in_fan_out says the layers are GPT-2's Conv1D
     default_lr = 2e-4  # LoRA's: on the bundled task OFT trains at the 2e-3 LoRA gets there (10x this)
 
     def inject(self, model: nn.Module, config: OFTConfig, adapter_name: str) -> None:

@@ -85,6 +85,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             record, why = None, exc.msg
+        except RecursionError:
+            record, why = None, "nested deeper than a JSON reader goes"
         else:
             why = "not a record with a kind and an integer step"
         if not (isinstance(record, dict) and isinstance(record.get("kind"), str)
