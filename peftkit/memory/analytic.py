@@ -35,6 +35,7 @@ ALLOCATOR_SLACK = 0.05  # caching-allocator rounding and fragmentation, as a fra
 ZERO_BUCKET = 5e8  # DeepSpeed's default reduce/all-gather bucket, in elements
 ZERO3_SUB_GROUP = 1e9  # DeepSpeed stage 3 default sub_group_size, in elements
 
+Phase = tuple[float, float, float, float, float]  # activations, logits, gradients, step temporaries, generation
 ROWS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_states", "activations", "logits_and_loss",
         "step_temporaries", "generation", "overhead")  # fmt: skip
 
@@ -109,7 +110,7 @@ def estimate_rows(s: ModelShape, setup: TrainingSetup, trainable: int, total: in
         recompute = acts.one_layer + acts.weight_cache // max(s.layers, 1)
     after_forward = acts.saved - (acts.weight_cache if setup.gradient_checkpointing else 0)
     grads = state["gradients"]
-    phases = {
+    phases: dict[str, Phase] = {
         "forward": (acts.saved, fwd_logits, 0, 0, 0),
         "backward (loss)": (after_forward, bwd_logits, 0, 0, 0),
         "backward": (after_forward + recompute, 0, 0, layer_grads, 0),
@@ -158,7 +159,7 @@ def _merged_copy_bytes(s: ModelShape, setup: TrainingSetup, frozen: int, bytes_p
 
 
 def _rollout_phases(s: ModelShape, setup: TrainingSetup, frozen: int, bytes_per_param: int,
-                    a: int) -> tuple[dict[str, tuple[float, ...]], dict[str, int]]:
+                    a: int) -> tuple[dict[str, Phase], dict[str, int]]:
     """({phase: (activations, logits, gradients, step temporaries, generation)} of sampling and of the reference
     pass, {term: bytes} of the rollout for the report) (generation.py); both empty when the setup does not sample."""
     rollout = setup.rollout
@@ -170,7 +171,7 @@ def _rollout_phases(s: ModelShape, setup: TrainingSetup, frozen: int, bytes_per_
              "prefill": gen.layer_transient_bytes(s, rollout.prompts, setup.seq_len, a)}
     prompts_cache = gen.kv_cache_bytes(s, replace(rollout, generations=1), setup.seq_len, a)
     grown = terms["kv_cache"] + terms["kv_cache"] // max(s.layers, 1)  # + one layer's K, V while appended to
-    phases = {"rollout (prefill)": (terms["prefill"], 0, 0, 0, prompts_cache + terms["merged_copy"]),
+    phases: dict[str, Phase] = {"rollout (prefill)": (terms["prefill"], 0, 0, 0, prompts_cache + terms["merged_copy"]),
               "rollout": (0, terms["sampled_logits"], 0, 0, grown + terms["merged_copy"])}
     if rollout.reference_pass:
         rows = setup.batch_size

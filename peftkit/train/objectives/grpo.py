@@ -103,6 +103,7 @@ class Grpo(Objective):
         log-probs)."""
         from peftkit.memory.generation import Rollout
 
+        assert cfg.batch_size is not None, "a resolved config (resolve_defaults fills batch_size)"
         options = {**self.option_defaults(), **cfg.objective_options}
         return Rollout(cfg.batch_size * cfg.grad_accum, options["num_generations"], completion_length(cfg),
                        bool(options["beta"]) or options["num_iterations"] > 1, options["rollout_merge"])
