@@ -73,6 +73,12 @@ def test_user_reward_function_and_its_errors(tmp_path, monkeypatch):
                             (few, "returned 1 values for 2 completions")]:
         with pytest.raises(PeftkitError, match=message):
             reward(["p", "p"], ["a", "b"], {})
+    model = save_tiny_checkpoint(tmp_path / "tiny")  # inside a run: the same one line, before any update
+    options = dict(model=str(model), data=str(_rows(tmp_path / "t.jsonl", 4)), eval_split=0, objective="grpo",
+                   reward="my_rewards:few", num_generations=2, max_completion_length=2, max_steps=1, batch_size=2,
+                   max_length=48, precision="fp32", output=str(tmp_path / "run"))
+    with pytest.raises(PeftkitError, match="returned 1 values for 4 completions"):
+        train(load_train_config(None, options), progress=False)
     for spec, message in [("nope", "not a built-in reward"), ("no_such_module:f", "could not import"),
                           ("my_rewards:missing", "has no function 'missing'")]:
         with pytest.raises(PeftkitError, match=message):
@@ -122,7 +128,7 @@ def test_prompt_rows_and_refusals(tmp_path):
     plain.write_text(json.dumps({"prompt": "Say 1.", "topic": "x"}) + "\n")
     base = dict(model=str(model), objective="grpo", output=str(tmp_path / "run"), dry_run=True)
     for options, message in [({"data": str(plain)}, "--objective grpo needs --reward"),
-                             ({"data": str(plain), "reward": "exact_match"}, "compares completions with an `answer`"),
+                             ({"data": str(plain), "reward": "exact_match"}, "compares completions with an `answer` column; the training data has none"),
                              ({"data": str(_rows(tmp_path / "r.jsonl", 4)), "reward": "fields", "max_length": 20,
                                "max_completion_length": 32},
                               "prompt of row 0 has .* tokens, and with --max-completion-length 32 more it exceeds --max-length 20")]:

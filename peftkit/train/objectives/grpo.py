@@ -151,9 +151,10 @@ class Grpo(Objective):
                                "eval")
         for part, what in ((train, "training"), (held, "eval")):
             if part is not None and needs_answer and "answer" not in part.columns:
+                others = ", ".join(sorted(part.columns)) or "none"
                 raise PeftkitError(f"--reward {needs_answer[0]} compares completions with an `answer` column; the "
-                                   f"{what} data has {sorted(part.columns)}; add one or map it with --columns "
-                                   f"answer=YOUR_COLUMN")
+                                   f"{what} data has none (its columns besides the prompt: {others}); add one or "
+                                   f"map it with --columns answer=YOUR_COLUMN")
         return train, held, f"prompt rows, rewards {', '.join(specs)}"
 
     def start(self, session: Session, loss_path: str) -> ObjectiveRun:
