@@ -39,6 +39,7 @@ ROW_LABELS = {
     "activations": "activations",
     "logits_and_loss": "logits and loss",
     "step_temporaries": "optimizer-step temporaries",
+    "generation": "generation (KV cache, merged copy)",
     "overhead": "framework overhead",
 }
 
@@ -92,6 +93,10 @@ def _print(est: MemoryEstimate) -> None:
     console.print(table)
     console.print(f"parameters: {est.total_params:,} total, {est.trainable_params:,} trainable "
                   f"(the registered method's modules on the meta device); peak during: {est.peak_phase}")  # fmt: skip
+    if est.rollout:
+        terms = ", ".join(f"{k.replace('_', ' ')} {_gb(v)}" for k, v in est.rollout.items() if "/" not in k)
+        phases = ", ".join(f"{k[6:]} {_gb(v)}" for k, v in est.rollout.items() if k.startswith("phase/"))
+        console.print(f"rollouts (GB): {terms}; tensors per phase: {phases}")
     if est.cpu_offload_bytes:
         console.print(f"offloaded to CPU memory: {_gb(est.cpu_offload_bytes)} GB")
     if est.trace:
@@ -129,6 +134,7 @@ def estimate_cmd(
     deepspeed: Annotated[str | None, typer.Option("--deepspeed", help="DeepSpeed ZeRO as `peftkit train --deepspeed`: zero1 | zero2 | zero3 | a DeepSpeed JSON config.")] = None,
     zero: Annotated[int | None, typer.Option("--zero", hidden=True, help="Renamed: --deepspeed zeroN.")] = None,
     offload: Annotated[bool, typer.Option("--offload", help="Offload optimizer states (and ZeRO-3 weights) to CPU.")] = False,
+    objective: Annotated[str | None, typer.Option("--objective", help="A training objective (as `peftkit train --objective`): its rows per example (DPO pairs, GRPO's completions) and, for one that samples, its rollouts (KV cache, sampled logits, reference pass); its options by --set, e.g. --set num_generations=8.")] = None,
     trace: Annotated[bool, typer.Option("--trace", help="Also trace one real step on fake tensors (exact tensor peak).")] = False,
     list_presets: Annotated[bool, typer.Option("--list", help="List the model presets and exit.")] = False,
     as_json: Json = False,
@@ -137,6 +143,8 @@ def estimate_cmd(
     from peftkit.memory.presets import PRESETS
     from peftkit.memory.trace_estimate import traced_estimate
     from peftkit.memory.training_setup import field_options
+    from peftkit.train.objectives.base import get_objective
+    from peftkit.train.reporting.memory_report import objective_rows
 
     if zero is not None:
         raise PeftkitError(f"--zero was renamed to match `peftkit train`: use --deepspeed zero{zero}" if zero else
@@ -148,10 +156,15 @@ def estimate_cmd(
         raise PeftkitError(f"--model is required: a preset ({', '.join(PRESETS)}), a config.json, folder or hub id")
     given = {"rank": rank, "alpha": alpha, "target_modules": target_modules, "num_virtual_tokens": num_virtual_tokens,
              "reduction_factor": reduction_factor, "variant": variant, **parse_sets(sets)}  # fmt: skip
+    objective_options, rollout = {}, None
+    if objective is not None:  # the objective's own --set keys go to it, the rest to the method
+        own = {o.name for o in get_objective(objective).options}
+        objective_options = {k: given.pop(k) for k in list(given) if k in own}
+        batch_size, rollout = objective_rows(objective, batch_size, seq_len, objective_options)
     options = field_options(method, given)
     kwargs = dict(precision="amp" if precision.lower() == "auto" else precision, optimizer=optimizer,
                   batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing, gpus=gpus,
-                  deepspeed=deepspeed, fsdp=fsdp, offload=offload, gpu_memory_gb=gpu_memory)  # fmt: skip
+                  deepspeed=deepspeed, fsdp=fsdp, offload=offload, gpu_memory_gb=gpu_memory, rollout=rollout)  # fmt: skip
     est = estimate_memory(model, method, **kwargs, **options)
     if trace:
         est = traced_estimate(model, est)

@@ -148,8 +148,10 @@ def logits_bytes(s: ModelShape, setup: TrainingSetup) -> tuple[int, int]:
     HF's loss upcasts the logits to fp32 and log_softmax saves its fp32 output: the forward holds the logits
     (a bytes), their fp32 copy and the log-probabilities (4 + 4) at once: (a + 8) V bytes per token, with no extra
     copy in fp32 (8 V). The backward starts with the saved log-probabilities, the loss gradient and the
-    log_softmax gradient: 12 V bytes per token.
+    log_softmax gradient: 12 V bytes per token. An objective that samples (`setup.rollout`) scores only the
+    completion's positions.
     """
-    tokens = setup.batch_size * setup.seq_len
+    positions = setup.seq_len if setup.rollout is None else setup.rollout.new_tokens + 1  # GRPO: logits_to_keep
+    tokens = setup.batch_size * positions
     copy = 0 if regime(setup).a == 4 else 2
     return (copy + 8) * s.vocab * tokens, 12 * s.vocab * tokens

@@ -16,15 +16,18 @@ step temporaries (and at stage 3 the weights) to CPU memory.
 The step's peak is the largest of: the end of the forward (saved activations + logits and loss), the loss's
 backward (saved activations + 12 V bytes per token), the layers' backward (saved activations + one recomputed
 layer under checkpointing + the gradients in flight in one layer), the end of the backward (all gradients) and
-the optimizer step (gradients + step temporaries).
+the optimizer step (gradients + step temporaries), and, for an objective that samples (`TrainingSetup.rollout`,
+generation.py), the rollout (the `generation` row: KV cache and merged-weight copy; the sampled logits; the
+prefill's transient) and the no-grad reference pass.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from peftkit.core.shapes import ModelShape
-from peftkit.memory.activations import activation_bytes, logits_bytes, method_saved, model_seq_len, regime
+from peftkit.memory import generation as gen
+from peftkit.memory.activations import activation_bytes, logits_bytes, lora_targets, method_saved, model_seq_len, regime
 from peftkit.memory.training_setup import TrainingSetup
 
 CUDA_CONTEXT = 0.75e9  # CUDA context + cuBLAS workspaces of a PyTorch process (typical on A100/H100)
@@ -32,8 +35,9 @@ ALLOCATOR_SLACK = 0.05  # caching-allocator rounding and fragmentation, as a fra
 ZERO_BUCKET = 5e8  # DeepSpeed's default reduce/all-gather bucket, in elements
 ZERO3_SUB_GROUP = 1e9  # DeepSpeed stage 3 default sub_group_size, in elements
 
+Phase = tuple[float, float, float, float, float]  # activations, logits, gradients, step temporaries, generation
 ROWS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_states", "activations", "logits_and_loss",
-        "step_temporaries", "overhead")  # fmt: skip
+        "step_temporaries", "generation", "overhead")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class Analytic:
     rows: dict[str, int]
     peak_phase: str
     cpu_offload: int
+    phase_totals: dict[str, int] = field(default_factory=dict)  # tensor bytes of each phase (no overhead)
+    rollout: dict[str, int] = field(default_factory=dict)        # an objective's sampling terms (generation.py)
 
     @property
     def total(self) -> int:
@@ -104,17 +110,20 @@ def estimate_rows(s: ModelShape, setup: TrainingSetup, trainable: int, total: in
         recompute = acts.one_layer + acts.weight_cache // max(s.layers, 1)
     after_forward = acts.saved - (acts.weight_cache if setup.gradient_checkpointing else 0)
     grads = state["gradients"]
-    phases = {
-        "forward": (acts.saved, fwd_logits, 0, 0),
-        "backward (loss)": (after_forward, bwd_logits, 0, 0),
-        "backward": (after_forward + recompute, 0, 0, layer_grads),
-        "backward (end)": (0, 0, grads, layer_grads),
-        "optimizer step": (0, 0, grads, state["step_temporaries"]),
+    phases: dict[str, Phase] = {
+        "forward": (acts.saved, fwd_logits, 0, 0, 0),
+        "backward (loss)": (after_forward, bwd_logits, 0, 0, 0),
+        "backward": (after_forward + recompute, 0, 0, layer_grads, 0),
+        "backward (end)": (0, 0, grads, layer_grads, 0),
+        "optimizer step": (0, 0, grads, state["step_temporaries"], 0),
     }
+    frozen_bytes_per_param = 4 if setup.precision == "fp32" else 2
+    rollout_phases, rollout_terms = _rollout_phases(s, setup, total - trainable, frozen_bytes_per_param, r.a)
+    phases.update(rollout_phases)
     base = state["frozen_weights"] + state["trainable_weights"] + state["optimizer_states"]
     phase = max(phases, key=lambda k: sum(phases[k]))
-    act, logits, grad_live, temps = phases[phase]
-    tensors = base + act + logits + grad_live + temps
+    act, logits, grad_live, temps, generation = phases[phase]
+    tensors = base + act + logits + grad_live + temps + generation
     overhead = CUDA_CONTEXT + ALLOCATOR_SLACK * tensors
     if setup.zero:
         overhead += ZERO_BUCKET * 2 * (2 if setup.zero < 3 else 1)
@@ -126,6 +135,47 @@ def estimate_rows(s: ModelShape, setup: TrainingSetup, trainable: int, total: in
         "activations": act,
         "logits_and_loss": logits,
         "step_temporaries": temps,
+        "generation": generation,
         "overhead": overhead,
     }
-    return Analytic({k: int(round(v)) for k, v in rows.items()}, phase, int(cpu))
+    totals = {k: int(base + sum(v)) for k, v in phases.items()}
+    return Analytic({k: int(round(v)) for k, v in rows.items()}, phase, int(cpu), totals, rollout_terms)
+
+
+def _merged_copy_bytes(s: ModelShape, setup: TrainingSetup, frozen: int, bytes_per_param: int) -> float:
+    """The adapted linears' base weights, kept whole while the adapter is merged for sampling: none when the
+    rollout does not merge, the weights are sharded, or the method stores them quantized (smaller than their
+    dtype: they cannot be merged into)."""
+    rollout = setup.rollout
+    method, config = setup.registered_method, setup.config
+    if rollout is None or not rollout.merged or not method.mergeable or setup.shard_stage >= 3:
+        return 0
+    if method.frozen_weight_bytes(config, s, frozen, bytes_per_param) < frozen * bytes_per_param:
+        return 0
+    if not hasattr(config, "target_modules") or method.trains_base:
+        return 0  # no adapted linears to merge into
+    names = set(lora_targets(s, setup))
+    return sum(lin.d_in * lin.d_out for lin in s.linears if lin.name in names) * s.layers * bytes_per_param
+
+
+def _rollout_phases(s: ModelShape, setup: TrainingSetup, frozen: int, bytes_per_param: int,
+                    a: int) -> tuple[dict[str, Phase], dict[str, int]]:
+    """({phase: (activations, logits, gradients, step temporaries, generation)} of sampling and of the reference
+    pass, {term: bytes} of the rollout for the report) (generation.py); both empty when the setup does not sample."""
+    rollout = setup.rollout
+    if rollout is None:
+        return {}, {}
+    terms = {"kv_cache": gen.kv_cache_bytes(s, rollout, setup.seq_len, a),
+             "merged_copy": _merged_copy_bytes(s, setup, frozen, bytes_per_param),
+             "sampled_logits": gen.sampled_logits_bytes(s, rollout, a),
+             "prefill": gen.layer_transient_bytes(s, rollout.prompts, setup.seq_len, a)}
+    prompts_cache = gen.kv_cache_bytes(s, replace(rollout, generations=1), setup.seq_len, a)
+    grown = terms["kv_cache"] + terms["kv_cache"] // max(s.layers, 1)  # + one layer's K, V while appended to
+    phases: dict[str, Phase] = {"rollout (prefill)": (terms["prefill"], 0, 0, 0, prompts_cache + terms["merged_copy"]),
+              "rollout": (0, terms["sampled_logits"], 0, 0, grown + terms["merged_copy"])}
+    if rollout.reference_pass:
+        rows = setup.batch_size
+        terms["reference_pass"] = (gen.layer_transient_bytes(s, rows, setup.seq_len, a)
+                                   + gen.scored_logits_bytes(s, rows, rollout.new_tokens + 1, a))
+        phases["reference pass"] = (0, terms["reference_pass"], 0, 0, 0)
+    return phases, {k: int(v) for k, v in terms.items()}

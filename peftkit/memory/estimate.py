@@ -17,6 +17,7 @@ from peftkit.errors import PeftkitError
 from peftkit.io.deepspeed import deepspeed_stage
 from peftkit.memory.analytic import ROWS, Analytic, estimate_rows
 from peftkit.memory.building import build_meta_model
+from peftkit.memory.generation import Rollout
 from peftkit.memory.presets import resolve_config
 from peftkit.memory.training_setup import TrainingSetup
 
@@ -30,7 +31,8 @@ class MemoryEstimate:
 
     `breakdown` has the rows frozen_weights, trainable_weights, gradients, optimizer_states, activations,
     logits_and_loss, step_temporaries, overhead (their sum is `total_bytes`); `peak_phase` says when the peak
-    happens. `gpus_needed` is the smallest GPU count of `gpu_memory_gb` that holds the run with its sharding
+    happens. `rollout` (an objective that samples, `setup.rollout`): the KV cache, merged-weight copy, sampled
+    logits, prefill transient and reference pass, and each phase's tensor total. `gpus_needed` is the smallest GPU count of `gpu_memory_gb` that holds the run with its sharding
     (None when no count does: plain data parallel never lowers per-GPU memory). `max_batch_size` / `max_seq_len`
     are the largest that fit one GPU of `gpu_memory_gb` with the other settings unchanged (0 when none fits).
     """
@@ -50,6 +52,7 @@ class MemoryEstimate:
     max_seq_len: int | None = None
     assumptions: list[str] = field(default_factory=list)
     trace: dict[str, Any] | None = None
+    rollout: dict[str, int] | None = None  # an objective that samples: its terms and phases (bytes)
     units: str = "bytes; GB = 1e9 bytes"
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,6 +92,7 @@ def estimate_memory(
     fsdp: bool = False,
     offload: bool = False,
     gpu_memory_gb: float | None = None,
+    rollout: Rollout | None = None,
     **method_options: Any,
 ) -> MemoryEstimate:
     """Estimate per-GPU memory of one training step (analytic model, analytic.py); see `MemoryEstimate`.
@@ -98,12 +102,14 @@ def estimate_memory(
     the config's own defaults fill the rest. An option that does not apply to the method, a value its config
     refuses or an unknown preset raises PeftkitError. Sharding is spelled as in `peftkit train`:
     `fsdp=True` (FSDP2 full shard) or `deepspeed="zero1" | "zero2" | "zero3" | "<DeepSpeed config>.json"`.
+    `rollout`: an objective that samples before each step (its `Objective.rollout`; `batch_size` then counts the
+    rows trained per micro-batch, completions included).
     """
     if gpu_memory_gb is not None and not 0 < gpu_memory_gb <= 1e6:  # also refuses nan and inf
         raise PeftkitError(f"gpu-memory must be a number of GB in (0, 1,000,000], got {gpu_memory_gb!r}")
     opts = {k: v for k, v in method_options.items() if v is not None}
     setup = TrainingSetup(method, precision, optimizer, batch_size, seq_len, gradient_checkpointing, gpus,
-                          deepspeed_stage(deepspeed), fsdp, offload, opts)  # fmt: skip
+                          deepspeed_stage(deepspeed), fsdp, offload, opts, rollout)  # fmt: skip
     config, label = resolve_config(model)
     shape = model_shape(config)
     trainable, total = trainable_parameters(build_meta_model(config, setup))
@@ -111,6 +117,8 @@ def estimate_memory(
     est = MemoryEstimate(label, total, trainable, asdict(setup), result.rows, result.total,
                          result.peak_phase, result.cpu_offload, gpu_memory_gb)  # fmt: skip
     est.assumptions = assumptions(setup)
+    if result.rollout:
+        est.rollout = {**result.rollout, **{f"phase/{k}": v for k, v in result.phase_totals.items()}}
     if gpu_memory_gb is not None:
         budget = gpu_memory_gb * GB
         est.fits = result.total <= budget
@@ -157,6 +165,10 @@ def assumptions(setup: TrainingSetup) -> list[str]:
         out.append(f"DeepSpeed ZeRO-{setup.zero}: bf16 working weights/grads, fp32 master with the optimizer states")
     if setup.fsdp:
         out.append("FSDP full shard: fp32 shards, bf16 compute (MixedPrecision), 2 layers gathered at a time")
+    if setup.rollout is not None:
+        out.append(f"rollouts: {setup.rollout.rows} rows ({setup.rollout.prompts} prompts x "
+                   f"{setup.rollout.generations}) decoded at once with a KV cache of seq_len positions; the update "
+                   f"scores {setup.rollout.new_tokens + 1} positions per row")
     return out
 
 

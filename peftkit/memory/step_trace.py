@@ -40,6 +40,7 @@ from peftkit.errors import PeftkitError
 from peftkit.memory.attention import trace_attention
 from peftkit.memory.building import build_meta_model
 from peftkit.memory.live_bytes import LiveBytes, StorageTracker
+from peftkit.memory.rollout_trace import rollout_loss, trace_rollout
 from peftkit.memory.training_setup import TrainingSetup
 
 if TYPE_CHECKING:  # a runtime import of PreTrainedModel loads transformers' modeling code (~2.5 s)
@@ -92,14 +93,18 @@ def make_optimizer(params: list[nn.Parameter], setup: TrainingSetup, foreach: bo
 
 def train_step(model: PreTrainedModel, opt: torch.optim.Optimizer, ids: torch.Tensor, setup: TrainingSetup,
                counter: LiveBytes) -> None:  # fmt: skip
-    """One training step, phases named for the tracker: forward, logits and loss, backward, optimizer step."""
+    """One training step, phases named for the tracker: forward, logits and loss, backward, optimizer step; for a
+    setup that samples, the rollout first and the completion-only loss (rollout_trace.py)."""
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.precision == "amp")
+    if setup.rollout is not None:
+        trace_rollout(model, setup, counter)
     head = model.get_output_embeddings()
     hook = head.register_forward_pre_hook(lambda *_: counter.set_phase("logits and loss"))
     try:
         counter.set_phase("forward")
         with amp:
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = (model(input_ids=ids, labels=ids, use_cache=False).loss if setup.rollout is None
+                    else rollout_loss(model, ids, setup))
     finally:
         hook.remove()
     counter.set_phase("backward")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
+from peftkit.memory.generation import Rollout
 
 if TYPE_CHECKING:
     from peftkit.core.method import Method
@@ -39,6 +40,8 @@ class TrainingSetup:
     Sharding: `zero` is the DeepSpeed ZeRO stage (`--deepspeed zeroN`, see `peftkit.io.deepspeed.deepspeed_stage`)
     (0 = plain DDP; 1 shards optimizer states, 2 also gradients, 3 also weights); `fsdp=True` is FSDP full sharding,
     which shards like ZeRO-3. `offload` moves optimizer states (and, at stage 3, weights) to CPU memory.
+    `rollout`: how an objective that samples (GRPO) samples before each step; `batch_size` then counts the rows
+    trained per micro-batch (prompts x completions per prompt).
     """
 
     method: str = "full"
@@ -52,8 +55,11 @@ class TrainingSetup:
     fsdp: bool = False
     offload: bool = False
     method_options: dict[str, Any] = field(default_factory=dict)
+    rollout: Rollout | None = None  # an objective that samples before each step (memory/generation.py)
 
     def __post_init__(self) -> None:
+        if isinstance(self.rollout, dict):  # asdict(setup) of an estimate, rebuilt (trace_estimate.py)
+            object.__setattr__(self, "rollout", Rollout(**self.rollout))
         object.__setattr__(self, "method", self.method.lower())
         object.__setattr__(self, "precision", self.precision.lower())
         object.__setattr__(self, "optimizer", self.optimizer.lower())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,12 +27,34 @@ def test_builtin_rewards():
     completions = [ANSWER, "name=Ana Ruiz; city=Lima; date=2020-01-03", "Ana Ruiz was in Lima", "no"]
     answers = [ANSWER] * 4
     assert rewards.exact_match([], completions, answer=answers) == [1.0, 0.0, 0.0, 0.0]
-    assert rewards.fields([], completions, answer=answers) == [1.0, 2 / 3, 1 / 3, 0.0]
+    assert rewards.fields([], completions, answer=answers) == [1.0, 2 / 3, 0.0, 0.0]  # a value out of its slot: 0
+    echo = "Ana Ruiz moved to Lima on Jan 2, 2020."  # echoing the input sentence pays nothing
+    assert rewards.fields([], [echo, "name=Ana Ruiz; Lima"], answer=[ANSWER] * 2) == [0.0, 1 / 3]
     assert rewards.format_reward(rewards.DEFAULT_PATTERN)([], completions) == [1.0, 1.0, 0.0, 0.0]
     assert rewards.length_penalty(8)([], completions, completion_ids=[[1] * 8, [1] * 2, [], [1]]) == \
         [-1.0, -0.25, 0.0, -0.125]
     assert rewards.parse("fields:0.5") == ("fields", 0.5) and rewards.parse("mod:fn") == ("mod:fn", 1.0)
     assert rewards.parse("mod:fn:2") == ("mod:fn", 2.0)
+
+
+def test_bundled_prompts_show_one_training_row():
+    from transformers import AutoTokenizer
+
+    from peftkit.data.prompting import default_prompt_format
+    from peftkit.io.models import embedded_folder
+    from peftkit.train.splits import load_splits
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_folder())
+    cfg = resolve_defaults(load_train_config(None, {"objective": "grpo"}))
+    train_split, held, _ = load_splits(cfg, tokenizer, default_prompt_format(tokenizer))
+    shot = json.loads(Path(peftkit.data.BUNDLED_TRAIN).read_text(encoding="utf-8").splitlines()[0])
+    evals = [json.loads(line) for line in Path(peftkit.data.BUNDLED_EVAL).read_text(encoding="utf-8").splitlines()]
+    assert len(train_split) == 1499 and shot["output"] not in train_split.columns["answer"]  # not trained on
+    assert held.columns["answer"] == [row["output"] for row in evals]
+    for prompts in (train_split.prompts, held.prompts):
+        assert all([m["role"] for m in p] == ["user", "assistant", "user"] and p[1]["content"] == shot["output"]
+                   for p in prompts)
+    assert held.prompts[0][2]["content"].endswith(evals[0]["input"]) and len(held.references) == 50
 
 
 def test_user_reward_function_and_its_errors(tmp_path, monkeypatch):
@@ -50,6 +73,12 @@ def test_user_reward_function_and_its_errors(tmp_path, monkeypatch):
                             (few, "returned 1 values for 2 completions")]:
         with pytest.raises(PeftkitError, match=message):
             reward(["p", "p"], ["a", "b"], {})
+    model = save_tiny_checkpoint(tmp_path / "tiny")  # inside a run: the same one line, before any update
+    options = dict(model=str(model), data=str(_rows(tmp_path / "t.jsonl", 4)), eval_split=0, objective="grpo",
+                   reward="my_rewards:few", num_generations=2, max_completion_length=2, max_steps=1, batch_size=2,
+                   max_length=48, precision="fp32", output=str(tmp_path / "run"))
+    with pytest.raises(PeftkitError, match="returned 1 values for 4 completions"):
+        train(load_train_config(None, options), progress=False)
     for spec, message in [("nope", "not a built-in reward"), ("no_such_module:f", "could not import"),
                           ("my_rewards:missing", "has no function 'missing'")]:
         with pytest.raises(PeftkitError, match=message):
@@ -99,7 +128,7 @@ def test_prompt_rows_and_refusals(tmp_path):
     plain.write_text(json.dumps({"prompt": "Say 1.", "topic": "x"}) + "\n")
     base = dict(model=str(model), objective="grpo", output=str(tmp_path / "run"), dry_run=True)
     for options, message in [({"data": str(plain)}, "--objective grpo needs --reward"),
-                             ({"data": str(plain), "reward": "exact_match"}, "compares completions with an `answer`"),
+                             ({"data": str(plain), "reward": "exact_match"}, "compares completions with an `answer` column; the training data has none"),
                              ({"data": str(_rows(tmp_path / "r.jsonl", 4)), "reward": "fields", "max_length": 20,
                                "max_completion_length": 32},
                               "prompt of row 0 has .* tokens, and with --max-completion-length 32 more it exceeds --max-length 20")]:
@@ -109,7 +138,7 @@ def test_prompt_rows_and_refusals(tmp_path):
         load_train_config(None, {"num_generations": 4})
     cfg = resolve_defaults(load_train_config(None, {"objective": "grpo", "num_generations": 6, "beta": 0}))
     assert cfg.objective_options["beta"] == 0.0 and cfg.objective_options["loss_type"] == "dapo"
-    assert (cfg.batch_size, cfg.max_steps) == (4, 30) and memory_report._rows(cfg) == 4 * 6  # the memory report: G rows a prompt
+    assert (cfg.batch_size, cfg.max_steps) == (4, 20) and memory_report._rows(cfg) == 4 * 6  # the memory report: G rows a prompt
 
 
 def test_two_steps_on_a_tiny_model_log_the_metrics(tmp_path, monkeypatch):
@@ -130,3 +159,18 @@ def test_two_steps_on_a_tiny_model_log_the_metrics(tmp_path, monkeypatch):
     for key in ("loss", "kl", "entropy", "clip_ratio/region_mean", "update_s"):
         assert all(math.isfinite(r[key]) for r in steps), key
     assert steps[0]["completions/mean_length"] <= 4 and "rewards/mine:digit/std" in steps[0]
+
+
+def test_one_step_over_a_4bit_base_and_sharded_runs_refused(tmp_path):
+    model = save_tiny_checkpoint(tmp_path / "tiny")
+    options = dict(model=str(model), data=str(_rows(tmp_path / "t.jsonl", 4)), eval_split=0, objective="grpo",
+                   reward="exact_match", num_generations=2, max_completion_length=3, max_steps=1, batch_size=2,
+                   max_length=48, lr=1e-2, precision="fp32", beta=0.1, method="qlora", rank=2,
+                   output=str(tmp_path / "run"), seed=0)
+    result = train(load_train_config(None, options), progress=False)  # sampled unmerged: a 4-bit base
+    step = [json.loads(line) for line in result.run_dir.metrics.read_text().splitlines() if '"train"' in line][0]
+    assert math.isfinite(step["loss"]) and math.isfinite(step["kl"])
+    for sharding in ({"fsdp": True}, {"deepspeed": "zero2"}):
+        with pytest.raises(PeftkitError, match="--objective grpo runs on one process"):
+            train(load_train_config(None, {**options, **sharding, "method": "lora", "dry_run": True}),
+                  progress=False)

@@ -9,7 +9,8 @@ An objective is one module that subclasses `Objective` and is registered (the bu
   `bundled_defaults`: that task's step count and batch size);
 - `rows_per_example` (a DPO pair is two model rows: the memory report and `--batch-tokens` count them);
 - `shares_prefix` (whether `speed.should_share_prefix` may mark shared prompt prefixes in its batches),
-  `needs_generation` (online objectives sample from the model while training);
+  `needs_generation` (online objectives sample from the model while training), and `rollout`: how, for the
+  memory estimate;
 - `check(cfg, method)`: the combinations it refuses;
 - `start(session, loss_path) -> ObjectiveRun`: the per-run part the loop talks to (see `ObjectiveRun`).
 
@@ -27,6 +28,7 @@ from peftkit.errors import PeftkitError
 
 if TYPE_CHECKING:
     from peftkit.core.method import Method
+    from peftkit.memory.generation import Rollout
 # `cfg` (a TrainConfig) and `session` (a run.Session) stay Any here: train/config.py and train/run.py import this
 # module, and a TYPE_CHECKING import back would be an import cycle (tests/core/test_import_graph.py counts them).
 # The objectives' own modules annotate them where no such cycle arises.
@@ -165,6 +167,12 @@ class Objective:
         """Model rows each example of a resolved config `cfg` becomes in training (the memory report's rows per
         micro-batch): `rows_per_example`, unless the count depends on an option (GRPO: its num_generations)."""
         return self.rows_per_example
+
+    def rollout(self, cfg: Any) -> Rollout | None:
+        """How an objective that samples (`needs_generation`) samples before each step of a resolved config
+        `cfg`, for the memory estimate (peftkit.memory.generation.Rollout: prompts at once, completions each, new
+        tokens, reference pass); None for an objective that does not sample."""
+        return None
 
     def option_defaults(self) -> dict[str, Any]:
         """{option name: its declared default}."""

@@ -11,7 +11,8 @@ bundled task needs on a CPU.
 Rows: `prompt` (a string, the user's turn, or a list of messages) or `messages` (the turns before the last
 assistant turn are the prompt; that turn is the `answer` when the data has none) or alpaca rows (instruction /
 input, the output as `answer`); every other column is passed to the reward functions, one value per completion.
-With no --data: the bundled extraction task's prompts and answers with the field-level reward (`fields`).
+With no --data: the bundled extraction task's prompts, each showing one worked example (a training row) as an
+earlier chat turn, and answers, with the rewards `fields` and `exact_match`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from peftkit.train.objectives.pairs import refuse_sft_options
 
 if TYPE_CHECKING:
     from peftkit.core.method import Method
+    from peftkit.memory.generation import Rollout
     from peftkit.train.config import TrainConfig
     from peftkit.train.run import Session
 
@@ -32,7 +34,7 @@ BUNDLED_COMPLETION, GENERIC_COMPLETION = 32, 256
 OPTIONS = (
     Option("reward", str, None, "GRPO: reward functions, NAME[:weight], several comma-separated or repeated: "
            "exact_match | fields | format | length (built-ins) or module:function (TRL's reward signature); "
-           "default fields on the bundled task.", multiple=True, aliases=("reward_funcs",)),
+           "default fields,exact_match on the bundled task.", multiple=True, aliases=("reward_funcs",)),
     Option("reward_pattern", str, r"name=[^;\n]+; city=[^;\n]+; date=\d{4}-\d{2}-\d{2}",
            "GRPO: the regular expression the `format` reward fully matches (default: the bundled task's answer)."),
     Option("num_generations", int, 4, "GRPO: completions sampled per prompt (TRL's default is 8).", low=2,
@@ -58,9 +60,10 @@ OPTIONS = (
     Option("rollout_merge", bool, True, "GRPO: merge the adapter into the weights while sampling (exactly "
            "restored after; faster)."),
 )
-# The bundled task on a CPU: 4 prompts x 4 completions per step; lr for LoRA under RL (higher than TRL's 1e-6,
-# which is for full fine-tuning).
-BUNDLED_DEFAULTS = {"max_steps": 30, "batch_size": 4, "lr": 2e-4}
+# The bundled task on a CPU: 20 steps of 4 prompts x 4 completions; lr for LoRA under RL (higher than TRL's 1e-6,
+# which is for full fine-tuning; 2e-4 learned too slowly in 20-30 steps, docs/training.md); the one-shot prompts
+# are about 170 tokens.
+BUNDLED_DEFAULTS = {"max_steps": 20, "batch_size": 4, "lr": 1e-3, "max_length": 256}
 
 
 def completion_length(cfg: TrainConfig) -> int:
@@ -70,13 +73,14 @@ def completion_length(cfg: TrainConfig) -> int:
 
 
 def reward_specs(cfg: TrainConfig) -> list[str]:
-    """The --reward values, one spec each (`fields` on the bundled task when none is given)."""
+    """The --reward values, one spec each (on the bundled task when none is given: `fields`, the share of
+    fields in their slot, and `exact_match`, which pays for ending after the answer line)."""
     given = cfg.objective_options.get("reward")
     if not given:
         if cfg.data is not None:
             raise PeftkitError("--objective grpo needs --reward: a built-in (exact_match, fields, format, length) or "
                                "module:function returning one float per completion")
-        return ["fields"]
+        return ["fields", "exact_match"]
     return [spec for spec in str(given).split(",") if spec.strip()]
 
 
@@ -93,6 +97,17 @@ class Grpo(Objective):
         """G completion rows (prompt + completion, up to --max-length) per prompt."""
         return int(cfg.objective_options.get("num_generations") or self.option_defaults()["num_generations"])
 
+    def rollout(self, cfg: TrainConfig) -> Rollout:
+        """The step's prompts (batch x grad_accum, sampled at once) x num_generations, the completion length; a
+        reference pass when beta > 0 (the adapter switched off) or num_iterations > 1 (the old policy's
+        log-probs)."""
+        from peftkit.memory.generation import Rollout
+
+        assert cfg.batch_size is not None, "a resolved config (resolve_defaults fills batch_size)"
+        options = {**self.option_defaults(), **cfg.objective_options}
+        return Rollout(cfg.batch_size * cfg.grad_accum, options["num_generations"], completion_length(cfg),
+                       bool(options["beta"]) or options["num_iterations"] > 1, options["rollout_merge"])
+
     def bundled(self) -> tuple[str, str]:
         from peftkit import data
 
@@ -104,6 +119,10 @@ class Grpo(Objective):
 
     def check(self, cfg: TrainConfig, method: Method) -> None:
         refuse_sft_options(cfg, self.name, "prompt rows")
+        if cfg.fsdp or cfg.deepspeed:
+            raise PeftkitError(f"--objective grpo runs on one process for now: its rollouts under "
+                               f"{'--fsdp' if cfg.fsdp else '--deepspeed'} are untested; drop the sharding "
+                               f"(QLoRA fits a larger model on one GPU)")
         options = cfg.objective_options
         if method.trains_base and options.get("beta"):
             raise PeftkitError(f"--beta with --method {method.name}: GRPO's reference is the adapter switched off, "
@@ -118,8 +137,12 @@ class Grpo(Objective):
 
         specs = reward_specs(cfg)
         needs_answer = [s for s in specs if rewards.parse(s)[0] in rewards.NEEDS_ANSWER]
-        from peftkit.train.objectives.grpo_prompts import prompt_rows
+        from peftkit.train.objectives.grpo_prompts import one_shot, prompt_rows
 
+        if cfg.data is None:  # the bundled task: one worked example (training row 0, not trained on) in each prompt
+            shot = rows[0]
+            rows = one_shot(rows.select(range(1, len(rows))), shot)
+            eval_rows = one_shot(eval_rows, shot) if eval_rows is not None else None
         train = prompt_rows(rows, tokenizer, prompt_format, cfg.max_length, completion_length(cfg), "training")
         held = None
         if eval_rows is not None and len(eval_rows):
@@ -128,9 +151,10 @@ class Grpo(Objective):
                                "eval")
         for part, what in ((train, "training"), (held, "eval")):
             if part is not None and needs_answer and "answer" not in part.columns:
+                others = ", ".join(sorted(part.columns)) or "none"
                 raise PeftkitError(f"--reward {needs_answer[0]} compares completions with an `answer` column; the "
-                                   f"{what} data has {sorted(part.columns)}; add one or map it with --columns "
-                                   f"answer=YOUR_COLUMN")
+                                   f"{what} data has none (its columns besides the prompt: {others}); add one or "
+                                   f"map it with --columns answer=YOUR_COLUMN")
         return train, held, f"prompt rows, rewards {', '.join(specs)}"
 
     def start(self, session: Session, loss_path: str) -> ObjectiveRun:

@@ -65,6 +65,24 @@ def prompt_rows(rows: Any, tokenizer: Any, prompt_format: dict, max_length: int 
     return Prompts(prompts, ids, columns, references)
 
 
+def one_shot(rows: Any, shot: dict[str, Any]) -> Any:
+    """The bundled task's GRPO rows: each alpaca row becomes a `prompt` of three turns, the worked example `shot`
+    (a training row: its user turn and its answer as the assistant's) then the row's own user turn, and its
+    `answer`. An untrained 135M Instruct model never writes the `name=...; city=...; date=...` line from the
+    instruction alone, so sampling would find no reward to learn from; one example of the line gets it started
+    (docs/training.md, "GRPO on the bundled task")."""
+    from peftkit.data.prompting import alpaca_prompt
+
+    example = [{"role": "user", "content": alpaca_prompt(shot["instruction"], shot.get("input"))},
+               {"role": "assistant", "content": shot["output"]}]
+
+    def convert(row: dict[str, Any]) -> dict[str, Any]:
+        user = {"role": "user", "content": alpaca_prompt(row["instruction"], row.get("input"))}
+        return {"prompt": [*example, user], "answer": row["output"]}
+
+    return rows.map(convert, remove_columns=rows.column_names)
+
+
 def _prompt_of(row: dict[str, Any], index: int) -> tuple[Any, str | None]:
     """(the prompt as given: text or messages, the answer a messages / alpaca row carries or None)."""
     if "prompt" in row and row["prompt"] is not None:

@@ -10,9 +10,9 @@ working folder or the Python path (`path/to/file.py:function` loads that file): 
 Built-ins (no torch here):
     exact_match  1 when the completion, stripped, equals the `answer` column, stripped (exact match's rule)
     fields       the answer's `key=value` fields (separated by ";"; the bundled extraction task's name, city, date):
-                 each counts 1 when the completion has the same key=value (stripped), 1/2 when the value only
-                 appears somewhere in the completion (a shaped reward: an untrained model writes prose, and this
-                 gives its better samples an advantage); the mean over the answer's fields
+                 the share the completion writes in their slot (the same key=value, stripped). A value elsewhere
+                 earns nothing: credit for it paid the policy for echoing the input sentence, which names the
+                 person and the city (docs/training.md, "GRPO on the bundled task")
     format       1 when the whole stripped completion matches --reward-pattern (Python regex, fullmatch)
     length       -(completion tokens / max_completion_length): a length penalty in [-1, 0]
 
@@ -46,8 +46,8 @@ def exact_match(prompts: list, completions: list[str], answer: list[str], **_: A
 
 
 def fields(prompts: list, completions: list[str], answer: list[str], **_: Any) -> list[float]:
-    """Per completion, the mean over the answer's `key=value` fields of 1 (the same pair), 1/2 (the value
-    appears elsewhere) or 0."""
+    """Per completion, the share of the answer's `key=value` fields it writes in their slot (the same key, the
+    same stripped value)."""
     return [_field_share(c, str(a)) for c, a in zip(completions, answer, strict=True)]
 
 
@@ -65,7 +65,7 @@ def _field_share(completion: str, answer: str) -> float:
     got = _pairs(completion)
     if not want:
         return 0.0
-    return sum(1.0 if got.get(k) == v else 0.5 if v and v in completion else 0.0 for k, v in want.items()) / len(want)
+    return sum(got.get(k) == v for k, v in want.items()) / len(want)
 
 
 def format_reward(pattern: str) -> RewardFunction:

@@ -39,7 +39,7 @@ def memory_estimate(cfg: TrainConfig, model_config: PretrainedConfig, precision:
                            batch_size=_rows(cfg),
                            seq_len=cfg.max_length, gpu_memory_gb=gpu_gb,
                            gradient_checkpointing=cfg.gradient_checkpointing, gpus=processes, fsdp=cfg.fsdp,
-                           deepspeed=cfg.deepspeed, **options)
+                           deepspeed=cfg.deepspeed, rollout=get_objective(cfg.objective).rollout(cfg), **options)
 
 
 def _rows(cfg: TrainConfig) -> int:
@@ -50,6 +50,18 @@ def _rows(cfg: TrainConfig) -> int:
     if cfg.batch_tokens:
         return -(-cfg.batch_tokens // cfg.max_length)
     return cfg.batch_size * get_objective(cfg.objective).rows(cfg)
+
+
+def objective_rows(objective: str, batch_size: int, seq_len: int, options: dict[str, Any]) -> tuple[int, Any]:
+    """(rows per micro-batch, the objective's `Rollout` or None) of `batch_size` examples of rows of `seq_len`
+    tokens under `objective` with these of its options (`peftkit estimate --objective`): what the trainer's own
+    estimate asks of the objective."""
+    from peftkit.train.config import load_train_config, resolve_defaults
+
+    cfg = resolve_defaults(load_train_config(None, {"objective": objective, "batch_size": batch_size,
+                                                    "max_length": seq_len, **options}))
+    chosen = get_objective(objective)
+    return batch_size * chosen.rows(cfg), chosen.rollout(cfg)
 
 
 def report_memory(cfg: TrainConfig, model: PreTrainedModel, precision: str, say: Callable[[str], None], processes: int = 1) -> None:
