@@ -86,18 +86,22 @@ def main(spec_file: str, result_file: str) -> None:
     with tempfile.TemporaryDirectory(prefix="peftkit-compare-") as tmp:
         cfg = TrainConfig(**spec["options"], data=spec["train"], eval_data=spec["test"], lr=spec["lr"],
                           seed=spec["seed"], eval_before=False, output=str(Path(tmp) / "run"))
+        started_training = time.perf_counter()
         result = train(cfg, progress=False)
         memory = peak_memory()
         seconds, tokens = train_time(Path(tmp) / "run" / "metrics.jsonl")
         saved = Path(str(result.saved))
+        started_scoring = time.perf_counter()
         scores = score(saved, spec)
+        phases = {"startup_s": started_training - started, "train_call_s": started_scoring - started_training,
+                  "score_s": time.perf_counter() - started_scoring}
     method = get_method(cfg.method)
     train_info = {
         "status": "success", "train_time": seconds, "train_total_tokens": tokens, "tokens_per_s": tokens / seconds,
         "file_size": scores.pop("saved_bytes"), "saved_parameters": scores.pop("saved_parameters"),
         "num_trainable_params": result.summary["trainable_parameters"], **memory,
         "test_accuracy": result.after.get("exact_match"), "test_loss": result.after.get("loss"), **scores,
-        "train_loss": result.summary["last_train_loss"],
+        "train_loss": result.summary["last_train_loss"], **phases,
     }
     run_info = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "total_time": time.perf_counter() - started, "experiment_name": spec["name"], "task_name": spec["task"],
