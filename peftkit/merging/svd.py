@@ -21,9 +21,10 @@ import torch
 from peftkit.errors import PeftkitError
 
 EXACT_FRACTION = 0.25  # exact SVD once r >= EXACT_FRACTION * min(m, n): there it is as fast (compress_bench.py)
-# Exact SVD whenever m·n·min(m, n) <= SMALL_WORK (1024³): an exact SVD then takes <= ~0.5 s on one core (measured on
-# the 2-core reference machine with `compress_bench.py --calibrate`: ~4e-10 s per unit of m·n·min(m, n), i.e.
-# 0.015 s for 192x576, 0.09 s for 576x576, 0.15-0.2 s for 1536x576 / 576x1536, 0.5 s for 1024², 3.5 s for 2048²).
+# Exact SVD whenever m·n·min(m, n) <= SMALL_WORK (1024³): an exact SVD then takes ~0.5-1 s at most on one core.
+# Measured with `compress_bench.py --calibrate` on one thread of the 2-core reference machine (loaded: 4e-10 to
+# 1.2e-9 s per unit of m·n·min(m, n)): 0.015-0.03 s for 192x576, 0.09-0.19 s for 576x576, 0.15-0.5 s for
+# 1536x576 / 576x1536, 0.5-1.2 s for 1024², 3.5 s for 2048² (where r = 8 randomized takes 0.05 s).
 SMALL_WORK = 1024**3
 NITER = 2  # subspace iterations of svd_lowrank (>= 2 keeps the extra error under ~1% on decaying spectra)
 SEED = 0  # the random test matrix of svd_lowrank is drawn from this seed: same input, same adapter
