@@ -1,11 +1,11 @@
 """Full fine-tune -> LoRA adapter: truncated SVD of each linear layer's weight delta (streamed, tensor by tensor).
 
 For every linear weight (nn.Linear, GPT-2 Conv1D), in fp32: Δ = W_ft − W_base ([out, in]); keep the top r singular
-triplets (`svd.py`: randomized with q ≈ 2r, niter 2, fixed seed; exact once r is a large fraction of min(m, n));
-A = √S Vᵀ, B = U √S, written at one rank (the largest, zero-padded: `format.one_rank` says why) with alpha = r
-(scale 1). The rank is fixed (--rank) or the smallest keeping a share `energy` of
-‖Δ‖²_F (--energy), never above --max-rank nor above m·n/(m+n), where a LoRA stops being smaller than the dense delta
-(lift that cap with size_cap=False, e.g. to reproduce a fine-tune exactly).
+triplets (`svd.py`: exact where that costs little, i.e. small matrices or r a large share of min(m, n); else
+randomized with q = 2r, niter 2, fixed seed); A = √S Vᵀ, B = U √S, written at one rank (the largest,
+zero-padded: `format.one_rank` says why) with alpha = r (scale 1). The rank is fixed (--rank) or the smallest
+keeping a share `energy` of ‖Δ‖²_F (--energy), never above --max-rank nor above m·n/(m+n), where a LoRA stops
+being smaller than the dense delta (lift that cap with size_cap=False, e.g. to reproduce a fine-tune exactly).
 
 Deltas of everything else (norms, embeddings, biases) cannot be a LoRA: they are always reported and, with
 keep_nonlinear, kept the way PEFT keeps them: whole modules in `modules_to_save`, and bias deltas as `lora_B.bias`
