@@ -13,11 +13,13 @@ of HF PEFT's method_comparison results (run_info / train_info / meta_info) so bo
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -44,22 +46,38 @@ def train_time(metrics_file: Path) -> tuple[float, int]:
 
 
 def score(adapter: Path, spec: dict) -> dict[str, Any]:
-    """What `peftkit eval` reports beyond exact match: validation loss, forgetting, saved size."""
+    """What `peftkit eval` reports beyond exact match, with the same functions and the same autocast: validation
+    loss, forgetting, saved size. The base's general-text loss is the same for every run of a comparison, so it is
+    computed once (BASE_LOSS file beside the data) and reused."""
     from peftkit import data
-    from peftkit.train.evaluation.forgetting import forgetting, loss_on_rows, saved_weights
+    from peftkit.train.devices.precision import inference_autocast
+    from peftkit.train.evaluation.forgetting import forgetting, general_text_loss, loss_on_rows, saved_weights
     from peftkit.train.evaluation.loading import load_for_inference
 
     is_model = (adapter / "config.json").is_file()
     loaded = load_for_inference(str(adapter) if is_model else None, None if is_model else str(adapter))
-    base = None
-    if is_model:  # a whole fine-tune: its base is loaded beside it
-        from peftkit.io.models import load_model
-        base = load_model(spec["options"].get("model"))[0]
-    valid = data.load_rows(spec["valid"])
-    out = {"valid_loss": loss_on_rows(loaded.model, loaded.tokenizer, valid, "alpaca", loaded.prompt_format)["loss"]}
-    out.update(forgetting(loaded.model, loaded.tokenizer, base))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    with inference_autocast(next(model.parameters()).device):
+        base_loss = _cached(Path(spec["valid"]).parent.parent / "base_general_loss.json", spec["options"].get("model"),
+                            lambda: general_text_loss(load_for_inference(spec["options"].get("model"), None).model,
+                                                      tokenizer))
+        valid = data.load_rows(spec["valid"])
+        out = {"valid_loss": loss_on_rows(model, tokenizer, valid, "alpaca", loaded.prompt_format)["loss"]}
+        out.update(forgetting(model, tokenizer, base_loss=base_loss))
     out.update(saved_weights(adapter))
     return out
+
+
+def _cached(path: Path, model: str | None, compute: Callable[[], float]) -> float:
+    """The value stored in `path` for `model`, else computed and stored (atomically: runs may race)."""
+    key = model or "embedded"
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in stored:
+        stored[key] = compute()
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stored))
+        os.replace(tmp, path)
+    return float(stored[key])
 
 
 def versions() -> dict[str, str]:

@@ -30,6 +30,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Examples per forward pass.")] = 8,
     json_out: Json = False,
     dequantized_base: DequantizedBase = False,
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 autocast where training would use amp, as its own eval does) | fp32.")] = "auto",
     forgetting: Annotated[bool, typer.Option("--forgetting/--no-forgetting", help="Also score bundled general text (24 paragraphs) against the base: the loss change is the forgetting.")] = True,
 ) -> None:
     """Evaluate a base model or an adapter on held-out data."""
@@ -37,7 +38,7 @@ def eval_cmd(
 
     result = evaluate(model, adapter, data, fmt=format, split=split, max_examples=max_examples,
                       max_length=max_length, batch_size=batch_size, dequantized=dequantized_base,
-                      with_forgetting=forgetting)
+                      with_forgetting=forgetting, precision=precision)
     if json_out:
         print_json(result)
         return

@@ -60,3 +60,12 @@ def test_eval_base_adapter_and_full_fine_tune(tmp_path, capsys):
     shards = sorted((tmp_path / "full").glob("*.safetensors"))
     assert full["saved_parameters"] == sum(t.numel() for f in shards for t in load_file(f).values())
     assert full["saved_bytes"] == sum(f.stat().st_size for f in shards)
+
+
+def test_eval_precision_is_auto_or_fp32(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--precision", "bf16"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --precision must be auto or fp32, got 'bf16'"

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,8 +37,7 @@ def make_accelerator(precision: str, trains_base: bool = False, log_with: list[s
     from peftkit.train.devices.sharding import build_accelerator
 
     gpu = torch.cuda.is_available()
-    if precision == "auto":
-        precision = auto_precision()[0]
+    precision = resolve_auto(precision)
     if precision == "fp16" and not gpu:
         raise PeftkitError("--precision fp16 needs a GPU (fp16 autocast with loss scaling); use fp32 or bf16 on a CPU")
     mixed = {"amp": "bf16", "fp16": "fp16"}.get(precision, "no")
@@ -47,6 +47,19 @@ def make_accelerator(precision: str, trains_base: bool = False, log_with: list[s
     half_base = precision == "bf16" or (precision in ("amp", "fp16") and not trains_base)
     dtype = {"fp16": torch.float16}.get(precision, torch.bfloat16) if half_base else torch.float32
     return acc, dtype, precision
+
+
+def inference_autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """The autocast that scoring a model under `precision` means: bf16 autocast where `auto` (or `amp`) picks amp
+    (what training's own held-out evaluation runs under), else none (fp32, or weights already in half)."""
+    if resolve_auto(precision) != "amp":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def resolve_auto(precision: str) -> str:
+    """What `precision` means here: `auto` resolved by `auto_precision`, any other name itself."""
+    return auto_precision()[0] if precision == "auto" else precision
 
 
 def auto_precision() -> tuple[str, str]:

@@ -14,6 +14,7 @@ from peftkit import data
 from peftkit.errors import PeftkitError
 from peftkit.io.adapters import META_NAME, adapter_base_model
 from peftkit.io.models import load_model
+from peftkit.train.devices.precision import inference_autocast, resolve_auto
 from peftkit.train.evaluation.forgetting import forgetting, loss_on_rows, saved_weights
 from peftkit.train.evaluation.heldout import exact_match, row_to_chat
 from peftkit.train.evaluation.loading import load_for_inference
@@ -24,14 +25,17 @@ if TYPE_CHECKING:
 
 def evaluate(model_name: str | None, adapter: str | None, source: str | None = None, *, fmt: str = "auto",
              split: str | None = None, max_examples: int = 50, max_length: int = 512, batch_size: int = 8,
-             dequantized: bool = False, with_forgetting: bool = True) -> dict[str, Any]:
+             dequantized: bool = False, with_forgetting: bool = True, precision: str = "auto") -> dict[str, Any]:
     """`peftkit eval`: load the model (and adapter, `loading.load_for_inference`), then loss / perplexity and, with
     references, exact match.
 
     source: data file / folder / hub name (default: the bundled task's eval split). with_forgetting: also the loss
     on general text against the base (`forgetting.forgetting`). An adapter or a model folder also reports the
-    parameters and bytes it saved.
+    parameters and bytes it saved. precision: "auto" scores under bf16 autocast where training would use amp (as
+    training's own held-out evaluation does; several times faster on a bf16 CPU), "fp32" without autocast.
     """
+    if precision not in ("auto", "fp32"):
+        raise PeftkitError(f"--precision must be auto or fp32, got {precision!r}")
     source = source or str(data.BUNDLED_EVAL)
     rows = data.load_rows(source, split=split)
     if len(rows) == 0:
@@ -40,13 +44,16 @@ def evaluate(model_name: str | None, adapter: str | None, source: str | None = N
     fmt = data.detect_format(rows.column_names) if fmt == "auto" else fmt
     loaded = load_for_inference(model_name, adapter, dequantized=dequantized)
     lm, tokenizer, prompt_format = loaded.model, loaded.tokenizer, loaded.prompt_format
-    result: dict[str, Any] = {"format": fmt, **loss_on_rows(lm, tokenizer, rows, fmt, prompt_format,
-                                                            max_length=max_length, batch_size=batch_size)}
-    if fmt in ("alpaca", "messages"):
-        refs = [row_to_chat(row, fmt, i) for i, row in enumerate(rows)]
-        result.update(exact_match(lm, tokenizer, [(chat, ref) for chat, ref in refs if ref is not None], prompt_format))
-    if with_forgetting:
-        result.update(forgetting(lm, tokenizer, _separate_base(model_name, adapter)))
+    with inference_autocast(next(lm.parameters()).device, precision):
+        result: dict[str, Any] = {"format": fmt, "precision": resolve_auto(precision),
+                                  **loss_on_rows(lm, tokenizer, rows, fmt, prompt_format, max_length=max_length,
+                                                 batch_size=batch_size)}
+        if fmt in ("alpaca", "messages"):
+            refs = [row_to_chat(row, fmt, i) for i, row in enumerate(rows)]
+            result.update(exact_match(lm, tokenizer, [(chat, ref) for chat, ref in refs if ref is not None],
+                                      prompt_format))
+        if with_forgetting:
+            result.update(forgetting(lm, tokenizer, _separate_base(model_name, adapter)))
     if adapter or _is_finetune(model_name):
         result.update(saved_weights(adapter or str(model_name)))
     return result
@@ -63,3 +70,4 @@ def _separate_base(model_name: str | None, adapter: str | None) -> CausalLM | No
 def _is_finetune(model_name: str | None) -> bool:
     """A whole model folder that peftkit's full or freeze fine-tuning wrote (it records its base)."""
     return bool(model_name) and (Path(str(model_name)) / META_NAME).is_file()
+

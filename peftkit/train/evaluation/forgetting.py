@@ -50,22 +50,30 @@ def loss_on_rows(model: CausalLM, tokenizer: Any, rows: Dataset, fmt: str, promp
     return {"n_examples": len(ds), **eval_loss(model, collate, plan, loss_path(model))}
 
 
-def forgetting(model: CausalLM, tokenizer: Any, base: CausalLM | None = None) -> dict[str, float]:
+def forgetting(model: CausalLM, tokenizer: Any, base: CausalLM | None = None,
+               base_loss: float | None = None) -> dict[str, float]:
     """General-text loss of `model`, of its base, and the difference (see the module docstring).
 
     base: a separately loaded base model (for whole fine-tunes); None: `model`'s adapter switched off (a model
-    without an adapter is its own base, so its forgetting is 0).
+    without an adapter is its own base, so its forgetting is 0). base_loss: the base's loss when already known
+    (`general_text_loss` of the base; a benchmark scoring many runs of one base computes it once).
     """
-    rows = data.load_rows(str(GENERAL_TEXT))
-    tuned = loss_on_rows(model, tokenizer, rows, "text", None)["loss"]
-    if base is not None:
-        before = loss_on_rows(base, tokenizer, rows, "text", None)["loss"]
+    tuned = general_text_loss(model, tokenizer)
+    if base_loss is not None:
+        before = base_loss
+    elif base is not None:
+        before = general_text_loss(base, tokenizer)
     elif adapters(model):
         with disable_adapters(model):
-            before = loss_on_rows(model, tokenizer, rows, "text", None)["loss"]
+            before = general_text_loss(model, tokenizer)
     else:
         before = tuned
     return {"general_loss": tuned, "general_loss_base": before, "forgetting": tuned - before}
+
+
+def general_text_loss(model: CausalLM, tokenizer: Any) -> float:
+    """Mean token loss of `model` on GENERAL_TEXT, as plain text."""
+    return loss_on_rows(model, tokenizer, data.load_rows(str(GENERAL_TEXT)), "text", None)["loss"]
 
 
 def saved_weights(folder: str | Path) -> dict[str, int]:
