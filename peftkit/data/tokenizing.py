@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -223,14 +224,21 @@ def tokenizer_key(tokenizer: Any) -> str:
     `datasets`' Hasher pickles such a dict object by object, which took ~0.8 s per call (twice per run)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        spec = json.loads(backend.to_str())
-        spec.pop("truncation", None)
-        spec.pop("padding", None)
-        core: Any = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+        core: Any = _backend_digest(backend.to_str())
     else:
         core = Hasher.hash(tokenizer)
     return Hasher.hash([type(tokenizer).__name__, core, tokenizer.all_special_tokens,
                         getattr(tokenizer, "chat_template", None)])
+
+
+@lru_cache(maxsize=4)
+def _backend_digest(spec_text: str) -> str:
+    """sha256 of a backend's JSON without its truncation / padding state, keys sorted. Parsing and re-dumping 1.5 MB
+    of JSON takes ~0.5 s, so the digest is remembered per exact text (a changed backend has another text)."""
+    spec = json.loads(spec_text)
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def _shortest_prompt(dataset: datasets.Dataset, tokenizer: Any, fmt: str, prompt_format: dict[str, str],

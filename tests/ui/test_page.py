@@ -19,8 +19,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from peftkit.cli import main
 from tests.train.test_distributed import REPO, _free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -30,6 +32,7 @@ playwright = pytest.importorskip("playwright.sync_api")
 
 pytestmark = pytest.mark.embedded
 STEPS = 24  # long enough to stop mid-run, short enough for the suite
+BATCH = 2  # examples per step: cheap steps (the default 8 made this the suite's slowest test)
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +99,14 @@ def test_launch_watch_reattach_stop_resume_chat_ship_and_reproduce(server, brows
     page.wait_for_selector("#f-rank")  # the form is built from the server's declarations
     page.fill("#run-name", "page-run")
     page.fill("#f-max_steps", str(STEPS))
+    page.fill("#f-batch_size", str(BATCH))
     page.fill("#f-save_steps", "4")
     page.fill("#f-eval_split", "0")
     page.fill("#f-rank", "4")
     page.click("#check")
     page.wait_for_selector("#preview .example .trained", timeout=600_000)
     command = page.text_content("#command")
-    assert command == f"peftkit train --rank 4 --eval-split 0 --max-steps {STEPS} --save-steps 4"
+    assert command == f"peftkit train --rank 4 --eval-split 0 --max-steps {STEPS} --batch-size {BATCH} --save-steps 4"
     assert "MB" in page.text_content("#estimate") and "fits on one" in page.text_content("#estimate")
     shots(page, "new-run")
 
@@ -154,11 +158,15 @@ def test_launch_watch_reattach_stop_resume_chat_ship_and_reproduce(server, brows
 
     # The command the page showed, run from a shell, trains the same adapter (the page's run was stopped and
     # resumed on the way: resume continues exactly).
-    cli = command.split()[2:] + ["--output", str(root / "cli-run"), "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "peftkit.cli", "train", *cli], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # In this process (a subprocess would add its imports), on one thread as the page's run had (the server's
+    # OMP_NUM_THREADS=1), so that the sums match.
+    assert command.startswith("peftkit train ")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(command.split()[1:] + ["--output", str(root / "cli-run"), "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
     want = load_file(str(root / "cli-run" / "adapter" / "adapter_model.safetensors"))
     got = load_file(str(root / "page-run" / "adapter" / "adapter_model.safetensors"))
     assert want.keys() == got.keys()
