@@ -23,10 +23,17 @@ def _acc(r: Row) -> str:
     return f"{r['test_accuracy']:.1%} ({r['test_accuracy_min']:.0%}-{r['test_accuracy_max']:.0%})"
 
 
-def _compare(better: Row, worse: Row) -> str:
-    """'yes' when `better` beats `worse` beyond the seed spread, 'no' when it loses beyond it, else inconclusive."""
-    gap, spread = better["test_accuracy"] - worse["test_accuracy"], _spread(better, worse)
+def _verdict(gap: float, spread: float, *rows: Row) -> str:
+    """'yes' for a gap beyond the seed spread, 'no' for one beyond it the other way, else inconclusive; a setting
+    run with one seed has no spread to judge by, so it is inconclusive."""
+    if min(r["seeds"] for r in rows) < 2:
+        return "inconclusive (one seed)"
     return "yes" if gap > spread else "no" if gap < -spread else "inconclusive"
+
+
+def _compare(better: Row, worse: Row) -> str:
+    """Whether `better` beats `worse` on test accuracy beyond the seeds' spread (`_verdict`)."""
+    return _verdict(better["test_accuracy"] - worse["test_accuracy"], _spread(better, worse), better, worse)
 
 
 def all_linear(rows: list[Row]) -> str | None:
@@ -44,7 +51,8 @@ def lr_ratio(rows: list[Row]) -> str | None:
         return None
     ratios = [r["lr"] / full["lr"] for r in loras]
     ok = all(3 <= x <= 30 for x in ratios)
-    edge = any(r["lr"] in (min(r["lrs_tried"]), max(r["lrs_tried"])) for r in [full, *loras])
+    edge = any(r["lr"] in (min(r["lrs_tried"]), max(r["lrs_tried"])) for r in [full, *loras]
+               if r["lr_from"] == "sweep")
     listed = ", ".join(f"{r['experiment_name']} {r['lr']:g} ({r['lr'] / full['lr']:.0f}x)" for r in loras)
     return (f"best lr: full fine-tuning {full['lr']:g} (of {', '.join(f'{x:g}' for x in full['lrs_tried'])}); "
             f"{listed}: reproduced (3-30x): {'yes' if ok else 'no'}"
@@ -55,18 +63,18 @@ def rank_scaling(rows: list[Row]) -> str | None:
     pairs = []
     for r in sorted({int(x["experiment_name"].split("-r")[1].split("-")[0]) for x in rows
                      if x["experiment_name"].startswith(("lora-all-r", "rslora-all-r")) and x["experiment_name"].endswith("-a16")}):
-        lo, rs = _row(rows, f"lora-all-r{r}-a16"), _row(rows, f"rslora-all-r{r}-a16")
+        lo = _row(rows, f"lora-all-r{r}-a16") or (_row(rows, "lora-all-r8") if r == 8 else None)  # alpha 2r = 16
+        rs = _row(rows, f"rslora-all-r{r}-a16")
         if lo and rs:
             pairs.append((r, lo, rs))
     if len(pairs) < 2:
         return None
     (r0, lo0, rs0), (r1, lo1, rs1) = pairs[0], pairs[-1]
     gain_lo, gain_rs = lo1["test_accuracy"] - lo0["test_accuracy"], rs1["test_accuracy"] - rs0["test_accuracy"]
-    spread = _spread(lo0, lo1, rs0, rs1)
-    verdict = "yes" if gain_rs - gain_lo > spread else "no" if gain_rs - gain_lo < -spread else "inconclusive"
+    verdict = _verdict(gain_rs - gain_lo, _spread(lo0, lo1, rs0, rs1), lo0, lo1, rs0, rs1)
     steps = "; ".join(f"r={r}: LoRA {_acc(lo)} at lr {lo['lr']:g}, rsLoRA {_acc(rs)} at lr {rs['lr']:g}"
                       for r, lo, rs in pairs)
-    return (f"alpha 16, all linears, each at its best lr: {steps}. Gain from r={r0} to r={r1}: LoRA "
+    return (f"alpha 16, all linears: {steps}. Gain from r={r0} to r={r1}: LoRA "
             f"{gain_lo:+.1%}, rsLoRA {gain_rs:+.1%}: reproduced: {verdict}")
 
 
@@ -78,8 +86,7 @@ def forgetting(rows: list[Row]) -> str | None:
     lora = max(loras, key=lambda r: r["test_accuracy"])
     learns = _compare(full, lora)
     spread = max(r["forgetting_max"] - r["forgetting_min"] for r in (full, lora))
-    gap = full["forgetting"] - lora["forgetting"]
-    forgets = "yes" if gap > spread else "no" if gap < -spread else "inconclusive"
+    forgets = _verdict(full["forgetting"] - lora["forgetting"], spread, full, lora)
     return (f"full fine-tuning {_acc(full)}, forgetting {full['forgetting']:+.3f}; best LoRA ({lora['experiment_name']}) "
             f"{_acc(lora)}, forgetting {lora['forgetting']:+.3f}: LoRA learns less: {learns}; LoRA forgets less: "
             f"{forgets}")

@@ -72,7 +72,7 @@ def _markdown(summaries: list[dict], failed: list[dict]) -> list[str]:
         tried = "of " + ", ".join(f"{x:g}" for x in s["lrs_tried"]) if s["lr_from"] == "sweep" else s["lr_from"] + "'s"
         lines.append(
             f"| {s['experiment_name']} | {s['test_accuracy']:.1%} ({s['test_accuracy_min']:.0%}-"
-            f"{s['test_accuracy_max']:.0%}, {s['seeds']} seeds) | {s['forgetting']:+.3f} | {s['lr']:g} ({tried}) | "
+            f"{s['test_accuracy_max']:.0%}, {s['seeds']} seed{'s' if s['seeds'] > 1 else ''}) | {s['forgetting']:+.3f} | {s['lr']:g} ({tried}) | "
             f"{s['train_time']:.0f} | {s['tokens_per_s']:.0f} | {s['accelerator_memory_max'] / 2**30:.2f} GiB | "
             f"{s['num_trainable_params']:,} | {s['file_size'] / 2**20:.2f} MiB |")
     lines += [f"| {r['run_info']['experiment_name']} lr {r['run_info']['lr']:g} seed {r['run_info']['seed']} | failed: "
