@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peftkit
-from peftkit.cli import main
 from peftkit.core.registry import get_method
 from peftkit.errors import PeftkitError
+from tests.cli_errors import cli_error_line
 from tests.tiny import perturb_adapter, tiny_model
 
 METHODS = ("vera", "loha", "lokr", "oft", "ia3", "lora")
@@ -48,17 +48,6 @@ def _damaged(source, tmp_path, config=None, tensors=None):
         weights = folder / "adapter_model.safetensors"
         save_file({k: tensors(v).contiguous() for k, v in load_file(weights).items()}, weights)
     return folder
-
-
-def error_line(argv: list[str], capsys) -> str:
-    """Run the CLI in-process; it must end in exactly one `error:` line, exit code 2 and no traceback."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert exc.value.code == 2 and "Traceback" not in err and len(errors) == 1, err
-    return errors[0]
 
 
 CASES = {
@@ -97,6 +86,6 @@ def test_the_cli_refuses_them_before_writing(saved, tmp_path, capsys, command):
         folder = _damaged(folders[method], tmp_path / method, **damage)
         out = tmp_path / method / "out"
         argv = (["convert", str(folder), "--rank", "2"] if command == "convert" else ["merge", "-a", str(folder)])
-        line = error_line([*argv, "--base", str(base), "-o", str(out)], capsys)
+        line = cli_error_line([*argv, "--base", str(base), "-o", str(out)], capsys)
         assert expected in line, line
         assert not out.exists()

@@ -14,6 +14,7 @@ import pytest
 import peftkit
 from peftkit.cli import main
 from peftkit.export.portability import check_portability
+from tests.cli_errors import cli_error_line
 from tests.tiny import SMALL, WIDE, save_tiny_checkpoint, tiny_model
 
 
@@ -27,16 +28,6 @@ def files(tmp_path_factory):
         peftkit.save_adapter(model, root / name)
     tiny_model("llama", WIDE).save_pretrained(root / "wide_base")
     return root, base
-
-
-def _error(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert exc.value.code == 2 and "Traceback" not in err and len(errors) == 1, err
-    return errors[0]
 
 
 @pytest.mark.parametrize("damage", ["header", "truncated"])
@@ -54,7 +45,7 @@ def test_a_damaged_weights_file_is_named(files, tmp_path, capsys, damage):
     for argv in (["generate", "hi", "--model", str(bad)],
                  ["merge", "-a", str(root / "narrow"), "--base", str(bad), "-o", str(tmp_path / "m")],
                  ["compress", "--finetuned", str(bad), "--base", str(base), "--rank", "2", "-o", str(tmp_path / "c")]):
-        message = _error(argv, capsys)
+        message = cli_error_line(argv, capsys)
         assert str(weights) in message and "damaged" in message, message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # nothing written
 
@@ -64,13 +55,13 @@ def test_adapters_of_different_hidden_sizes_are_refused(files, tmp_path, capsys)
     for argv in (["combine", "-a", str(root / "narrow"), "-a", str(root / "wide"), "-o", str(tmp_path / "c")],
                  ["merge", "-a", str(root / "narrow"), "-a", str(root / "wide"), "--base", str(base), "-o",
                   str(tmp_path / "m")]):
-        message = _error(argv, capsys)
+        message = cli_error_line(argv, capsys)
         assert "do not fit one base" in message and "32x32" in message and "64x64" in message, message
 
 
 def test_export_checks_the_shapes_against_the_base(files, tmp_path, capsys):
     root, base = files
-    message = _error(["export", str(root / "narrow"), "--base", str(root / "wide_base"), "-o",
+    message = cli_error_line(["export", str(root / "narrow"), "--base", str(root / "wide_base"), "-o",
                       str(tmp_path / "x.gguf")], capsys)
     assert "32x32 weight but the base's is 64x64" in message
     assert not (tmp_path / "x.gguf").exists()

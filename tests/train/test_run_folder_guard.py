@@ -16,6 +16,7 @@ import pytest
 from peftkit.cli import main
 from peftkit.train.checkpoints.claim import lock_file
 from peftkit.train.checkpoints.rundir import RunDir
+from tests.cli_errors import cli_error_line
 from tests.tiny import save_tiny_checkpoint, tiny_model, write_rows
 
 HOLD = """
@@ -37,18 +38,6 @@ def finished(tmp_path_factory):
             "--max-steps", "2", "--save-steps", "1", "--batch-size", "2", "--max-length", "48", "--precision", "fp32"]
     main(argv)
     return argv, root / "run"
-
-
-def _error(argv: list[str], capsys) -> str:
-    """Run the CLI expecting exit code 2 and one `error:` line (no traceback); that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 def _copy(finished, tmp_path) -> tuple[list[str], Path]:
@@ -74,13 +63,13 @@ def test_a_second_process_on_the_same_folder_is_refused_naming_the_holder(finish
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         before = {p.name: p.stat().st_mtime_ns for p in copy.iterdir()}
         for attempt in (argv, [*argv[:-3], "--overwrite"]):  # resuming it, or replacing it
-            message = _error(attempt, capsys)
+            message = cli_error_line(attempt, capsys)
             assert f"in use by process {holder.pid}" in message and str(copy) in message, message
         assert {p.name: p.stat().st_mtime_ns for p in copy.iterdir()} == before  # untouched
     finally:
         holder.kill()
         holder.wait()
-    assert "in use" not in _error([*argv[:-3]], capsys)  # released with its process: the usual "not empty" refusal
+    assert "in use" not in cli_error_line([*argv[:-3]], capsys)  # released with its process: the usual "not empty" refusal
 
 
 def test_resume_refuses_a_symlink_out_of_the_run_folder(finished, tmp_path, capsys):
@@ -89,7 +78,7 @@ def test_resume_refuses_a_symlink_out_of_the_run_folder(finished, tmp_path, caps
     outside.write_text("")
     (copy / "metrics.jsonl").unlink()
     (copy / "metrics.jsonl").symlink_to(outside)
-    message = _error(argv, capsys)
+    message = cli_error_line(argv, capsys)
     assert "metrics.jsonl is a symbolic link" in message
     assert outside.read_text() == ""  # nothing appended through the link
 
@@ -97,7 +86,7 @@ def test_resume_refuses_a_symlink_out_of_the_run_folder(finished, tmp_path, caps
     elsewhere = tmp_path / "elsewhere"
     shutil.move(copy / "adapter", elsewhere)
     (copy / "adapter").symlink_to(elsewhere)
-    assert "adapter is a symbolic link" in _error(argv, capsys)  # refused before training, not after
+    assert "adapter is a symbolic link" in cli_error_line(argv, capsys)  # refused before training, not after
     assert not RunDir(copy).checkpoint(3).exists()
 
 
@@ -108,7 +97,7 @@ def test_resume_refuses_a_damaged_metrics_file_naming_the_line(finished, tmp_pat
     metrics = copy / "metrics.jsonl"
     lines = metrics.read_text().splitlines()
     metrics.write_bytes(("\n".join([lines[0], damage, *lines[1:]]) + "\n").encode("utf-8", "surrogateescape"))
-    message = _error(argv, capsys)
+    message = cli_error_line(argv, capsys)
     assert str(metrics) in message
     assert "line 2" in message or "not UTF-8" in message, message
     assert not RunDir(copy).checkpoint(3).exists()
@@ -158,7 +147,7 @@ def test_a_full_disk_in_a_new_run_is_exit_2_and_removes_the_folder(finished, tmp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(run_module, "save_config", full)
-    message = _error([*argv[:at], str(tmp_path / "new"), *argv[at + 1:]], capsys)
+    message = cli_error_line([*argv[:at], str(tmp_path / "new"), *argv[at + 1:]], capsys)
     assert "No space left on device" in message
     assert not (tmp_path / "new").exists() and not lock_file(RunDir(tmp_path / "new")).exists()
 
@@ -171,7 +160,7 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_before_anything(tmp_pa
     tiny_model("llama").save_pretrained(tmp_path / "small")  # 128 embedding rows
     AutoTokenizer.from_pretrained(embedded_folder()).save_pretrained(tmp_path / "small")
     data = write_rows(tmp_path / "d.jsonl", 2)
-    message = _error(["train", "--quiet", "--model", str(tmp_path / "small"), "--data", str(data), "--output",
+    message = cli_error_line(["train", "--quiet", "--model", str(tmp_path / "small"), "--data", str(data), "--output",
                       str(tmp_path / "run"), "--max-steps", "1"], capsys)
     assert "128 embedding rows" in message and "49,152 tokens" in message
     assert not (tmp_path / "run").exists()
