@@ -13,7 +13,7 @@ import pytest
 import peftkit
 import peftkit.io.adapters as adapters_io
 from peftkit.cli import Terminated
-from tests.core.test_hostile_adapters import error_line
+from tests.cli_errors import cli_error_line
 from tests.tiny import perturb_adapter, tiny_model
 
 
@@ -53,7 +53,7 @@ def test_a_link_planted_at_the_export_temporary_is_not_written_through(files, tm
 def test_export_into_the_folder_it_reads_is_refused(files, capsys):
     adapter, base = files
     for inside in (adapter, base):
-        line = error_line(["export", str(adapter), "--base", str(base), "-o", str(inside / "x.gguf")], capsys)
+        line = cli_error_line(["export", str(adapter), "--base", str(base), "-o", str(inside / "x.gguf")], capsys)
         assert "overlaps the input" in line and not (inside / "x.gguf").exists()
 
 
@@ -132,7 +132,7 @@ def test_json_nested_too_deep_or_numbers_too_big_are_one_line(files, tmp_path, c
     for argv in (["check", str(tmp_path / "a")],
                  ["combine", "-a", str(tmp_path / "a"), "-a", str(adapter), "-o", str(tmp_path / "o")]):
         if edit == "deep" or argv[0] == "combine":  # check reports a huge r as an adapter no one loads (exit 3)
-            line = error_line(argv, capsys)
+            line = cli_error_line(argv, capsys)
             assert ("nests deeper" if edit == "deep" else "rank must be") in line
 
 

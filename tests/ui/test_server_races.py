@@ -14,7 +14,7 @@ from peftkit.ui import server
 from peftkit.ui.runs import Runs, read_metrics
 from peftkit.ui.security import open_regular
 from peftkit.ui.server import make_app
-from tests.core.test_hostile_adapters import error_line
+from tests.cli_errors import cli_error_line
 
 TOKEN = "test-token"
 
@@ -28,7 +28,7 @@ def client(tmp_path):
 def test_a_root_that_is_a_file_is_one_clear_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     for root in (tmp_path / "file", tmp_path / "file" / "below"):
-        line = error_line(["ui", "--root", str(root)], capsys)
+        line = cli_error_line(["ui", "--root", str(root)], capsys)
         assert "is a file" in line and "give a folder" in line and "File exists" not in line, line
 
 
