@@ -94,11 +94,11 @@ def run_one(out: Path, task: str, files: dict, exp: Experiment, lr: float, seed:
               flush=True)
 
 
-def chosen_lr(out: Path, task: str, exp: Experiment, chosen: list[Experiment], quick: bool,
+def chosen_lr(rows: list[dict], task: str, exp: Experiment, chosen: list[Experiment], quick: bool,
               seed: int) -> tuple[float | None, str]:
     """The experiment's own best lr if it was swept, else its family lead's (None: its sweep failed), and which."""
     source = exp if exp.swept(quick) else next(e for e in chosen if e.name == LEADS[exp.family])
-    lr = best_lr(load_results(out / "results"), task, source.name, source.grid, seed)
+    lr = best_lr(rows, task, source.name, source.grid, seed)
     return lr, "sweep" if source is exp else f"lead {source.name}"
 
 
@@ -137,7 +137,8 @@ def main() -> None:
 
             swept = [e for e in chosen if e.swept(args.quick)]
             run_all([(e, lr, seeds[0]) for e in sorted(swept, key=lambda e: not e.lead) for lr in e.grid])
-            picked = {e.name: chosen_lr(args.out, task, e, chosen, args.quick, seeds[0]) for e in chosen}
+            rows = load_results(args.out / "results")  # the sweeps' results, read once
+            picked = {e.name: chosen_lr(rows, task, e, chosen, args.quick, seeds[0]) for e in chosen}
             run_all([(e, picked[e.name][0], seed, picked[e.name][1]) for e in chosen if picked[e.name][0]
                      for seed in task_seeds])
     written = write_report(args.out / "results", args.docs, {"quick": args.quick, "seeds": seeds, "tasks": tasks,

@@ -14,6 +14,7 @@ fine-tuned model, a separately loaded base (`base`).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,10 +86,5 @@ def saved_weights(folder: str | Path) -> dict[str, int]:
     parameters = 0
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                shape = f.get_slice(key).get_shape()
-                count = 1
-                for d in shape:
-                    count *= d
-                parameters += count
+            parameters += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
     return {"saved_parameters": parameters, "saved_bytes": sum(f.stat().st_size for f in files)}
