@@ -32,7 +32,7 @@ LAYERS: dict[str, frozenset[str] | None] = {
     "peftkit.merging": frozenset({"merging", "io", "methods", "core", "errors"}),  # LoRA's format, by name
     "peftkit.export": frozenset({"export", "io", "methods", "core", "errors"}),  # LoRA's format, by name
     "peftkit.memory": frozenset({"memory", "core", "io", "errors"}),
-    "peftkit.train": frozenset({"train", "data", "io", "core", "memory", "errors"}),  # methods via the registry
+    "peftkit.train": frozenset({"train", "data", "io", "core", "memory", "export", "errors"}),  # methods via the registry; export: portability's vLLM verdict (GRPO --use-vllm)
     "peftkit.cli": ANY,
     "peftkit.ui": ANY,  # the web page: a front end like the CLI (it shows and runs the CLI's commands)
     "peftkit": frozenset({"errors", "_version", "core", "methods", "data", "io", "merging", "export", "memory", "train"}),  # anything but cli

@@ -80,6 +80,7 @@ class RunDir:
     adapter = _Entry("adapter")                # the result of an adapter method, in PEFT's format
     model = _Entry("model")                    # the result of full / freeze: a whole model folder
     tracking = _Entry(TRACKING)                # the trackers' files (--report-to)
+    vllm_adapters = _Entry("vllm-adapters")    # GRPO --use-vllm: each rollout batch's adapter, for the server
     checkpoints_folder = _Entry("checkpoints")  # checkpoints/step-NNNNNN/
     marker = _Entry(MARKER_NAME)               # peftkit's ownership marker, written by `fresh`
 

@@ -59,6 +59,16 @@ OPTIONS = (
            "default)."),
     Option("rollout_merge", bool, True, "GRPO: merge the adapter into the weights while sampling (exactly "
            "restored after; faster)."),
+    Option("use_vllm", bool, False, "GRPO: sample the rollouts on a running vLLM server (`vllm serve BASE "
+           "--enable-lora` with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; docs/training.md), the adapter loaded into it "
+           "before each rollout batch; LoRA adapters only."),
+    Option("vllm_server_base_url", str, "http://localhost:8000", "GRPO with --use-vllm: the server's address "
+           "(http or https)."),
+    Option("vllm_server_timeout", float, 240.0, "GRPO with --use-vllm: seconds to wait for the server to answer "
+           "(at the start, while it may still be loading, and for each request).", low=0, high=86400,
+           low_open=True),
+    Option("vllm_adapter_dir", str, None, "GRPO with --use-vllm: the folder each rollout batch's adapter is "
+           "written to, which the server must read at the same path (default RUN/vllm-adapters)."),
 )
 # The bundled task on a CPU: 20 steps of 4 prompts x 4 completions; lr for LoRA under RL (higher than TRL's 1e-6,
 # which is for full fine-tuning; 2e-4 learned too slowly in 20-30 steps, docs/training.md); the one-shot prompts
@@ -127,8 +137,9 @@ class Grpo(Objective):
         if method.trains_base and options.get("beta"):
             raise PeftkitError(f"--beta with --method {method.name}: GRPO's reference is the adapter switched off, "
                                "and this method has none; use --beta 0 or an adapter method")
-        from peftkit.train.objectives import rewards
+        from peftkit.train.objectives import rewards, vllm_rollouts
 
+        vllm_rollouts.check_options(options, method.trains_base)
         for spec in reward_specs(cfg):
             rewards.parse(spec)  # a malformed spec is reported before the model loads
 

@@ -14,6 +14,7 @@ rollout_s and update_s (the wall time of sampling and of the rest of the step).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,6 +46,7 @@ class GrpoRun(ObjectiveRun):
         self.reuse = 0
         self.sums: dict[str, float] = {}
         self.sampled_at = time.perf_counter()
+        self.sampler: Callable[..., Rollouts] = sample  # rollouts.sample's signature (start_run: vLLM's, maybe)
 
     # -- the step ---------------------------------------------------------------------------------------------
     def step_batches(self, model: Any, indices_per_micro: list[list[int]]) -> list[dict[str, Any]]:
@@ -53,8 +55,8 @@ class GrpoRun(ObjectiveRun):
             self.sampled_at = time.perf_counter()
             return self.kept
         flat = [i for micro in indices_per_micro for i in micro]
-        rollouts = sample(self.base, [self.train.prompt_ids[i] for i in flat], self.sampling,
-                          self.tokenizer.pad_token_id, self.ends, self.generator)
+        rollouts = self.sampler(self.base, [self.train.prompt_ids[i] for i in flat], self.sampling,
+                                self.tokenizer.pad_token_id, self.ends, self.generator)
         per_function = self.score(self.train, flat, rollouts)                     # [N, F]
         weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
         total = (per_function * weights).sum(1)
@@ -189,5 +191,10 @@ def start_run(session: Session, max_completion_length: int, specs: list[str]) ->
                                max_completion_length, options["use_bias_correction_kl"])
     rewards = build(specs, options["reward_pattern"], max_completion_length)
     seed = s.cfg.seed + s.accelerator.process_index
-    return GrpoRun(train, held, s.tokenizer, s.model, sampling, settings, rewards, options["scale_rewards"],
-                   options["num_iterations"], seed)
+    run = GrpoRun(train, held, s.tokenizer, s.model, sampling, settings, rewards, options["scale_rewards"],
+                  options["num_iterations"], seed)
+    if options["use_vllm"]:
+        from peftkit.train.objectives.vllm_rollouts import connect
+
+        run.sampler = connect(session, options)
+    return run
