@@ -33,7 +33,8 @@ PROMPTS = [[5] * 18 + [7, 8, 9], [5] * 18 + [11, 12]]  # a shared prefix: rollou
 
 class Stub:
     """vLLM's OpenAI-compatible server, as far as --use-vllm uses it. `mode`: "ok", "no_runtime_lora" (the routes
-    absent, FastAPI's 404), "few" (one completion short), "error" (HTTP 500, vLLM's error JSON), "no_ids"."""
+    absent, FastAPI's 404), "unreadable" (loads after the first fail: vLLM cannot read the folder), "few" (one
+    completion short), "error" (HTTP 500, vLLM's error JSON), "no_ids" (a vLLM before return_token_ids)."""
 
     def __init__(self, base: torch.nn.Module, mode: str = "ok") -> None:
         self.base, self.mode = base, mode
@@ -70,6 +71,10 @@ class Stub:
         lora = path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
         if lora and self.mode == "no_runtime_lora":
             return 404, {"detail": "Not Found"}
+        if path == "/v1/load_lora_adapter" and self.mode == "unreadable" and self.loaded:  # vLLM 0.34's answer
+            return 404, {"error": {"message": f"Loading lora {body['lora_name']} failed: No adapter found for "
+                                              f"{body['lora_path']}", "type": "NotFoundError", "param": None,
+                                   "code": 404}}
         if path == "/v1/load_lora_adapter":
             tensors = load_file(Path(body["lora_path"]) / "adapter_model.safetensors")
             self.loaded.append((body["lora_name"], body["lora_path"], tensors))
@@ -151,14 +156,23 @@ def test_greedy_rollouts_equal_the_in_process_sampler_and_the_protocol(adapted, 
 @pytest.mark.parametrize(("mode", "message"), [
     ("no_runtime_lora", r"has no /v1/load_lora_adapter: runtime LoRA updating is off; restart it as "
                         r"`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve tiny --enable-lora --max-lora-rank 8"),
+    ("unreadable", r"could not load the adapter .* \(HTTP 404: Loading lora peftkit-\w+-2 failed: No adapter found "
+                   r"for .*\); it must read that folder \(--vllm-adapter-dir on a shared filesystem\)"),
+    ("gone", r"did not answer /v1/load_lora_adapter within 30 s \(.*\); raise --vllm-server-timeout"),
     ("few", "returned 3 completions for 2 prompts x 2 generations; expected 4"),
     ("error", "answered /v1/completions with HTTP 500: CUDA out of memory"),
     ("no_ids", "returned completions without token_ids; it needs vLLM 0.10.2 or newer")])
 def test_server_errors_are_one_line(adapted, tmp_path, mode, message):
     model, base = adapted
-    sampler = VllmSampler(Stub(base, mode).url, 30, tmp_path, "tiny")
+    stub = Stub(base, mode)
+    sampler = VllmSampler(stub.url, 30, tmp_path, "tiny")
     with pytest.raises(PeftkitError, match=message):
-        sampler.start(model)(model, PROMPTS, Sampling(2, 3, 0.0), 0, [1])
+        sampler.start(model)
+        if mode == "gone":  # the server stopped after the start
+            stub.server.shutdown()
+            stub.server.server_close()
+        sampler(model, PROMPTS, Sampling(2, 3, 0.0), 0, [1])
+    assert not list(tmp_path.iterdir())  # the adapter folder is deleted whatever failed
 
 
 def test_adapters_vllm_cannot_serve_are_refused(tmp_path):

@@ -62,11 +62,11 @@ OPTIONS = (
     Option("use_vllm", bool, False, "GRPO: sample the rollouts on a running vLLM server (`vllm serve BASE "
            "--enable-lora` with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; docs/training.md), the adapter loaded into it "
            "before each rollout batch; LoRA adapters only."),
-    Option("vllm_server_base_url", str, "http://localhost:8000", "GRPO with --use-vllm: the server's address "
-           "(http or https)."),
-    Option("vllm_server_timeout", float, 240.0, "GRPO with --use-vllm: seconds to wait for the server to answer "
-           "(at the start, while it may still be loading, and for each request).", low=0, high=86400,
-           low_open=True),
+    Option("vllm_server_base_url", str, None, "GRPO with --use-vllm: the server's address, http or https "
+           "(default http://localhost:8000)."),
+    Option("vllm_server_timeout", float, None, "GRPO with --use-vllm: seconds to wait for the server to answer, at "
+           "the start (while it may still be loading) and for each request (default 240, as TRL).", low=0,
+           high=86400, low_open=True),
     Option("vllm_adapter_dir", str, None, "GRPO with --use-vllm: the folder each rollout batch's adapter is "
            "written to, which the server must read at the same path (default RUN/vllm-adapters)."),
 )

@@ -47,6 +47,7 @@ VLLM_OPTIONS = ("vllm_server_base_url", "vllm_server_timeout", "vllm_adapter_dir
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts (vllm/config/lora.py)
 NEUTRAL = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}  # -1: no top-k in every vLLM version
 SEED_HIGH = 2 ** 62
+DEFAULT_URL, DEFAULT_TIMEOUT = "http://localhost:8000", 240.0  # the options' defaults (TRL's timeout)
 
 
 def check_options(options: dict[str, Any], trains_base: bool) -> None:
@@ -58,7 +59,7 @@ def check_options(options: dict[str, Any], trains_base: bool) -> None:
             raise PeftkitError(f"--{given[0].replace('_', '-')} sets up rollouts on a vLLM server; add --use-vllm "
                                "or drop it")
         return
-    url = options.get("vllm_server_base_url") or "http://localhost:8000"
+    url = options.get("vllm_server_base_url") or DEFAULT_URL
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise PeftkitError(f"--vllm-server-base-url {url!r} is not an http(s) URL; give the server's address, e.g. "
@@ -92,17 +93,19 @@ class VllmSampler:
         return self
 
     def _wait(self) -> None:
+        """Ask /v1/models once a second until the server answers (it may still be loading) or the timeout ends."""
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                self._call("GET", "/v1/models", None, timeout=max(deadline - time.monotonic(), 0.1))
-                return
+                status, body = self._send("GET", "/v1/models", None, max(deadline - time.monotonic(), 0.1))
+                break
             except _Unreachable as exc:
                 if time.monotonic() + 1 > deadline:
                     raise PeftkitError(f"no vLLM server answered at {self.url} within {self.timeout:g} s "
                                        f"({exc}); start one serving the same base model: `{self.serve_command()}` "
                                        "(or point --vllm-server-base-url at yours)") from None
                 time.sleep(1)
+        self._check("/v1/models", status, body)
 
     def _portable(self, path: Path) -> None:
         from peftkit.export.portability import check_portability
@@ -194,32 +197,40 @@ class VllmSampler:
             ids.append(tokens)
         return ids
 
-    def _call(self, method: str, path: str, payload: dict | None, timeout: float | None = None,
-              check: bool = True) -> tuple[int, Any]:
-        """(HTTP status, the JSON body or its text) of one request; an unreachable server raises `_Unreachable`
-        (`_wait`) or a PeftkitError; with `check` a status other than 200 is a PeftkitError."""
+    def _call(self, method: str, path: str, payload: dict | None, check: bool = True) -> tuple[int, Any]:
+        """(HTTP status, the JSON body or its text) of one request; PeftkitError when there is no answer within
+        the timeout or, with `check`, the status is not 200."""
+        try:
+            status, body = self._send(method, path, payload, self.timeout)
+        except _Unreachable as exc:
+            raise PeftkitError(f"the vLLM server at {self.url} did not answer {path} within {self.timeout:g} s "
+                               f"({exc}); raise --vllm-server-timeout or check the server") from None
+        if check:
+            self._check(path, status, body)
+        return status, body
+
+    def _send(self, method: str, path: str, payload: dict | None, timeout: float) -> tuple[int, Any]:
+        """One JSON request; `_Unreachable` when nothing answers (refused, unresolved, timed out)."""
         data = json.dumps(payload).encode() if payload is not None else None
         request = urllib.request.Request(self.url + path, data=data, method=method,
                                          headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 status, raw = response.status, response.read()
         except urllib.error.HTTPError as exc:
             status, raw = exc.code, exc.read()
         except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            if timeout is not None:
-                raise _Unreachable(str(reason)) from None
-            raise PeftkitError(f"the vLLM server at {self.url} did not answer {path} within {self.timeout:g} s "
-                               f"({reason}); raise --vllm-server-timeout or check the server") from None
+            raise _Unreachable(str(getattr(exc, "reason", exc))) from None
         text = raw.decode("utf-8", "replace")
         try:
-            body: Any = json.loads(text)
+            return status, json.loads(text)
         except ValueError:
-            body = text
-        if check and status != 200:
+            return status, text
+
+    def _check(self, path: str, status: int, body: Any) -> None:
+        """One line naming the request and vLLM's message, for an answer that is not 200."""
+        if status != 200:
             raise PeftkitError(f"the vLLM server at {self.url} answered {path} with HTTP {status}: {_message(body)}")
-        return status, body
 
 
 class _Unreachable(Exception):
@@ -256,6 +267,7 @@ def connect(session: Any, options: dict[str, Any]) -> VllmSampler:
     """The sampler of a run with --use-vllm, checked against its server (grpo_run.start_run)."""
     folder = options.get("vllm_adapter_dir")
     model_path = str(getattr(session.model, "name_or_path", "") or session.cfg.model or "MODEL")
-    sampler = VllmSampler(options["vllm_server_base_url"], options["vllm_server_timeout"],
+    sampler = VllmSampler(options.get("vllm_server_base_url") or DEFAULT_URL,
+                          options.get("vllm_server_timeout") or DEFAULT_TIMEOUT,
                           Path(folder) if folder else session.folder.vllm_adapters, model_path)
     return sampler.start(session.model)
