@@ -79,12 +79,12 @@ class VllmSampler:
 
     # -- before the first step --------------------------------------------------------------------------------
     def start(self, model: torch.nn.Module) -> VllmSampler:
-        """Wait (up to the timeout) for the server to answer, check that vLLM can serve this adapter
-        (export/portability's vLLM verdict), and load and unload it once: the endpoints and the folder work."""
-        self._wait()
+        """Check that vLLM can serve this adapter (export/portability's vLLM verdict), wait (up to the timeout) for
+        the server to answer, and load and unload the adapter once: the endpoints and the folder work."""
         name, path = self._write(model)
         try:
             self._portable(path)
+            self._wait()
             self._load(name, path)
             self._unload(name)
         finally:
