@@ -12,7 +12,8 @@ The trainer keeps the model and its adapter; the server (a stock `vllm serve BAS
    min_p / repetition_penalty at their neutral values (else the server's generation-config defaults apply), the end
    tokens as `stop_token_ids`, and `return_token_ids` (vLLM >= 0.10.2): each choice's `token_ids` are the sampled
    ids, the end token included;
-4. POST /v1/unload_lora_adapter and the folder is deleted, so nothing is left on the server or disk between steps.
+4. POST /v1/unload_lora_adapter drops the name (vLLM's engine keeps at most --max-cpu-loras adapters cached, the
+   least recently used evicted) and the folder is deleted: nothing accumulates on the server or disk.
 
 The completions are laid out exactly as rollouts.sample lays them out (the prompts by evaluation/generation.layout,
 the completion cut after its first end token, padded with the pad id, the mask 1 up to and including the end), so
