@@ -144,7 +144,12 @@ class VllmSampler:
         finally:
             shutil.rmtree(path, ignore_errors=True)
         device = next(model.parameters()).device
-        inputs, _ = layout(model, prompts, [], pad_id, device)  # rollouts.sample's prompt rows (its cache unused)
+        was_training = model.training
+        model.eval()  # as rollouts.sample lays the prompts out (its prefix forward without dropout)
+        try:
+            inputs, _ = layout(model, prompts, [], pad_id, device)  # its prompt rows; the prefix cache is unused
+        finally:
+            model.train(was_training)
         completion, mask = _completion_rows(choices, end_ids, s.max_completion_length, pad_id, device)
         group = s.num_generations
         return Rollouts(inputs["input_ids"].repeat_interleave(group, 0),
