@@ -16,6 +16,7 @@ LoRA vs full fine-tuning). FULL adds every other method and variant peftkit has.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,19 +72,28 @@ def lora(name: str, rank: int, targets: str | None = None, alpha: float | None =
 # linears 10,176 x r, so q,v at r=16 (30,720) and all-linear at r=3 (30,528) are equal-parameter.
 EQUAL_PARAMETERS = [lora("lora-qv-r16", 16), lora("lora-all-r3", 3, ALL_LINEAR)]
 FULL_FT = [Experiment("full-finetuning", "full", {"method": "full"})]
-# Rank sweep at a fixed alpha 16 (as rsLoRA's paper): LoRA scales by 16/r, rsLoRA by 16/sqrt(r). The lead
-# lora-all-r8 (alpha = 2r = 16) is LoRA's r=8 point.
+# Rank sweep (as rsLoRA's paper: one alpha per scaling rule, the same at every rank, one lr). LoRA scales by
+# alpha / r with alpha 16; rsLoRA by alpha / sqrt(r) with alpha 2 sqrt(8), so that both equal the lead lora-all-r8
+# (alpha 2r = 16, scale 2) at r=8, which is then the r=8 point of both: the comparison is how each rule's accuracy
+# moves away from the same model as the rank grows (LoRA's scale shrinks as 1/r, rsLoRA's as 1/sqrt(r)).
 LORA_LEAD = lora("lora-all-r8", 8, ALL_LINEAR)
+LORA_ALPHA, RSLORA_ALPHA = 16.0, 2 * math.sqrt(8)
 RANKS_QUICK = (8, 64)
 RANKS_FULL = (1, 4, 8, 16, 64)
 
 
+def rank_name(rank: int, rslora: bool) -> str:
+    """The rank sweep's experiment at `rank` (the lead at r=8 for both rules)."""
+    if rank == 8:
+        return LORA_LEAD.name
+    return f"rslora-all-r{rank}-a{RSLORA_ALPHA:.2f}" if rslora else f"lora-all-r{rank}-a{LORA_ALPHA:g}"
+
+
 def rank_sweep(ranks: tuple[int, ...]) -> list[Experiment]:
     out = []
-    for r in ranks:
-        if r != 8:
-            out.append(lora(f"lora-all-r{r}-a16", r, ALL_LINEAR, alpha=16))
-        out.append(lora(f"rslora-all-r{r}-a16", r, ALL_LINEAR, alpha=16, use_rslora=True))
+    for r in (r for r in ranks if r != 8):
+        out.append(lora(rank_name(r, False), r, ALL_LINEAR, alpha=LORA_ALPHA))
+        out.append(lora(rank_name(r, True), r, ALL_LINEAR, alpha=RSLORA_ALPHA, use_rslora=True))
     return out
 
 

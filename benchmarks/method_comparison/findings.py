@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from experiments import LORA_ALPHA, RANKS_FULL, RANKS_QUICK, RSLORA_ALPHA, rank_name
+
 Row = dict[str, Any]
 
 
@@ -49,6 +51,8 @@ def lr_ratio(rows: list[Row]) -> str | None:
     loras = [r for r in rows if r["experiment_name"] in ("lora-qv-r16", "lora-all-r3", "lora-all-r8")]
     if not (full and loras):
         return None
+    if full["lr_from"] != "sweep":
+        return f"not measured on this task: its learning rates are {full['lr_from']} (--quick sweeps the first task only)"
     ratios = [r["lr"] / full["lr"] for r in loras]
     ok = all(3 <= x <= 30 for x in ratios)
     edge = any(r["lr"] in (min(r["lrs_tried"]), max(r["lrs_tried"])) for r in [full, *loras]
@@ -60,22 +64,21 @@ def lr_ratio(rows: list[Row]) -> str | None:
 
 
 def rank_scaling(rows: list[Row]) -> str | None:
-    pairs = []
-    for r in sorted({int(x["experiment_name"].split("-r")[1].split("-")[0]) for x in rows
-                     if x["experiment_name"].startswith(("lora-all-r", "rslora-all-r")) and x["experiment_name"].endswith("-a16")}):
-        lo = _row(rows, f"lora-all-r{r}-a16") or (_row(rows, "lora-all-r8") if r == 8 else None)  # alpha 2r = 16
-        rs = _row(rows, f"rslora-all-r{r}-a16")
-        if lo and rs:
-            pairs.append((r, lo, rs))
-    if len(pairs) < 2:
+    """Each rule's accuracy from r=8 (the lead, where both rules give the same model) to the largest rank run."""
+    ranks = sorted({r for r in (*RANKS_FULL, *RANKS_QUICK) if _row(rows, rank_name(r, False))
+                    and _row(rows, rank_name(r, True))})
+    if len(ranks) < 2 or 8 not in ranks:
         return None
-    (r0, lo0, rs0), (r1, lo1, rs1) = pairs[0], pairs[-1]
-    gain_lo, gain_rs = lo1["test_accuracy"] - lo0["test_accuracy"], rs1["test_accuracy"] - rs0["test_accuracy"]
-    verdict = _verdict(gain_rs - gain_lo, _spread(lo0, lo1, rs0, rs1), lo0, lo1, rs0, rs1)
-    steps = "; ".join(f"r={r}: LoRA {_acc(lo)} at lr {lo['lr']:g}, rsLoRA {_acc(rs)} at lr {rs['lr']:g}"
-                      for r, lo, rs in pairs)
-    return (f"alpha 16, all linears: {steps}. Gain from r={r0} to r={r1}: LoRA "
-            f"{gain_lo:+.1%}, rsLoRA {gain_rs:+.1%}: reproduced: {verdict}")
+    top = ranks[-1]
+    lead, lo, rs = _row(rows, rank_name(8, False)), _row(rows, rank_name(top, False)), _row(rows, rank_name(top, True))
+    assert lead and lo and rs
+    gain_lo, gain_rs = lo["test_accuracy"] - lead["test_accuracy"], rs["test_accuracy"] - lead["test_accuracy"]
+    verdict = _verdict(gain_rs - gain_lo, _spread(lead, lo, rs), lead, lo, rs)
+    steps = "; ".join(f"r={r}: LoRA {_acc(_row(rows, rank_name(r, False)))}, rsLoRA {_acc(_row(rows, rank_name(r, True)))}"
+                      for r in ranks if r != 8)
+    return (f"all linears at lr {lead['lr']:g}, LoRA alpha {LORA_ALPHA:g} and rsLoRA alpha {RSLORA_ALPHA:.2f} (both "
+            f"the lead at r=8: {_acc(lead)}); {steps}. Gain from r=8 to r={top}: LoRA {gain_lo:+.1%}, rsLoRA "
+            f"{gain_rs:+.1%}: reproduced: {verdict}")
 
 
 def forgetting(rows: list[Row]) -> str | None:

@@ -95,6 +95,35 @@ def _setup(rows: list[dict]) -> list[str]:
             f"warmup {cfg['warmup']}, precision {cfg['precision']}"]
 
 
+PUBLISHED = Path(__file__).resolve().parent / "peft_published.json"
+
+
+def beside_peft(tables: dict[str, list[dict]]) -> list[str]:
+    """HF PEFT's published method comparison (peft_published.json) next to the closest peftkit experiment on each
+    task: a 3B model after 5000 steps against a 135M model after 30, so the rankings are what can be
+    compared, not the accuracies."""
+    published = json.loads(PUBLISHED.read_text())
+    tasks = list(tables)
+    out = ["## Beside HF PEFT's published comparison", "",
+           f"PEFT's numbers: {published['setting']} ({published['source']}). The peftkit column is the closest "
+           "experiment of this comparison (its targets and ranks differ: see experiments.py); \"-\" = not in this "
+           "run (the full mode has it).", "",
+           "| PEFT experiment | setting | PEFT test accuracy | peftkit experiment | " + " | ".join(f"`{t}`" for t in tasks)
+           + " |", "|---|---|---|---|" + "---|" * len(tasks)]
+    for r in published["results"]:
+        ours = [next((f"{s['test_accuracy']:.1%}" for s in tables[t] if s["experiment_name"] == r["peftkit"]), "-")
+                for t in tasks]
+        out.append(f"| {r['experiment_name']} | {r['setting']} | {r['test_accuracy']:.1%} | {r['peftkit']} | "
+                   + " | ".join(ours) + " |")
+    for task in tasks:
+        both = [(r, s) for r in published["results"] for s in tables[task] if s["experiment_name"] == r["peftkit"]]
+        if len(both) >= 2:
+            order = lambda pairs, key: " > ".join(p[1]["experiment_name"] for p in sorted(pairs, key=key))  # noqa: E731
+            out += ["", f"- `{task}`, the experiments both have, best first: PEFT "
+                    f"{order(both, lambda p: -p[0]['test_accuracy'])}; peftkit {order(both, lambda p: -p[1]['test_accuracy'])}"]
+    return out
+
+
 def write_report(results: Path, docs: Path, how: dict[str, Any]) -> list[Path]:
     """Write docs/method_comparison.md and docs/images/method_comparison/*.png from every result; returns paths."""
     from plots import plot_all
@@ -111,6 +140,7 @@ def write_report(results: Path, docs: Path, how: dict[str, Any]) -> list[Path]:
            f"{total / 60:.0f} min of run time summed over the runs, {created[0][:16] if created else '?'} to {created[-1][:16] if created else '?'} UTC",
            f"- seeds: {', '.join(map(str, how['seeds']))}", *_setup(rows), ""]
     out += findings(tables)
+    out += ["", *beside_peft(tables)]
     for task in tasks:
         failed = [r for r in rows if r["run_info"]["task_name"] == task and r["train_info"]["status"] != "success"]
         out += ["", f"## Task `{task}`", "", *_markdown(tables[task], failed), "",

@@ -73,3 +73,32 @@ def test_report_and_plots_are_written(results, tmp_path):
     assert "| lora-all-r3 | 82.0% (80%-84%, 2 seeds) |" in text and "lead lora-all-r8's" in text
     assert "broken lr 0.001 seed 0 | failed: boom" in text
     assert all(p.is_file() and p.stat().st_size > 0 for p in written)
+
+
+def test_rank_scaling_compares_each_rule_from_the_shared_r8_lead(results):
+    folder = results
+    for seed, (lo, rs) in enumerate([(0.60, 0.85), (0.62, 0.87)]):       # lead at r=8: 80% / 70%
+        _result(folder, "lora-all-r64-a16", 2e-3, seed, lo, 0.2, 0.1, lr_from="lead lora-all-r8")
+        _result(folder, "rslora-all-r64-a5.66", 2e-3, seed, rs, 0.2, 0.1, lr_from="lead lora-all-r8")
+    line = findings.rank_scaling(report.table(report.load_results(folder), "extract"))
+    assert "Gain from r=8 to r=64: LoRA -14.0%, rsLoRA +11.0%" in line and line.endswith("reproduced: yes")
+
+
+def test_lrs_taken_from_another_task_are_not_a_finding_and_peft_sits_beside(results, tmp_path):
+    inherited = [r for r in report.load_results(results) if r["train_info"]["status"] == "success"
+                 and r["run_info"]["lr"] in (2e-3, 1e-4)]     # one lr per experiment, as a later --quick task has
+    for r in inherited:
+        r["run_info"]["lr_from"] = "extract's"
+    table = report.table(inherited, "extract")
+    assert findings.lr_ratio(table).startswith("not measured on this task: its learning rates are extract's")
+    lines = report.beside_peft({"extract": report.table(report.load_results(results), "extract")})
+    full = next(line for line in lines if line.startswith("| full-finetuning/"))
+    assert full.endswith("| 47.2% | full-finetuning | 94.0% |")        # PEFT's published figure, ours beside it
+
+
+def test_quick_later_tasks_take_the_first_tasks_lrs(tmp_path):
+    import run
+
+    first = ("extract", {"lora-all-r8": (2e-3, "sweep"), "full-finetuning": (1e-4, "sweep")})
+    picked = run.plan("intent", [], True, 0, tmp_path, first)
+    assert picked == {"lora-all-r8": (2e-3, "extract's"), "full-finetuning": (1e-4, "extract's")}
