@@ -44,7 +44,9 @@ class ObjectiveRun:
         loss = run.loss(model, batch, loss_path)               # per micro-batch: the SUM of its losses
         record.update(run.stats(accelerator))                  # per-step metrics (means over all processes)
 
-    and the evaluation `run.evaluate(model, loss_path)` (held-out score) / `run.describe(result)` (one line).
+    and the evaluation `run.evaluate(model, loss_path)` (held-out score, with `exact_match` when it derives it
+    from its own generations; otherwise the run adds it) / `run.describe(result)` (one line). A checkpoint saves
+    `run.state_dict()` and `--resume` gives it back to `run.load_state_dict`.
     An online objective (e.g. GRPO) generates in `step_batches`: it receives the model of the step, samples
     completions of the step's prompts, scores them (rewards, advantages, old log-probs) and returns the
     micro-batches to train on; it may keep them to reuse over several steps (update iterations).
@@ -73,6 +75,15 @@ class ObjectiveRun:
     def describe(self, result: dict[str, Any]) -> str:
         """One line for `eval before` / `eval after`."""
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """This process's state that a checkpoint must hold for `--resume` to continue exactly, beyond the model,
+        optimizer, schedule and global RNGs (GRPO: its sampler's generator, the rollouts it reuses): tensors,
+        numbers, strings, lists and dicts (checkpoints/state.py's format); {} when there is none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from what `state_dict` returned in the run that wrote the checkpoint ({}: a fresh state)."""
 
 
 class CollatedRun(ObjectiveRun):
