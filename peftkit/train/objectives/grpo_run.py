@@ -82,15 +82,15 @@ class GrpoRun(ObjectiveRun):
         group = rollouts.completion_ids.shape[0] // max(len(flat), 1)
         rows = [i for i in flat for _ in range(group)]
         ids = rollouts.token_lists()
-        texts = self.texts(rollouts)
+        texts = self.texts(ids)
         columns = {name: [values[i] for i in rows] for name, values in prompts.columns.items()}
         columns["completion_ids"] = ids
         given = [prompts.prompts[i] for i in rows]
         return torch.tensor([reward(given, texts, columns) for reward in self.rewards], dtype=torch.float32).T
 
-    def texts(self, rollouts: Rollouts) -> list[str]:
-        """The completions' text (special tokens, the end token among them, left out)."""
-        return self.tokenizer.batch_decode(rollouts.token_lists(), skip_special_tokens=True)
+    def texts(self, ids: list[list[int]]) -> list[str]:
+        """The text of completions (token lists; special tokens, the end token among them, left out)."""
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     @torch.no_grad()
     def _batch(self, model: Any, rollouts: Rollouts, rows: slice, advantages: torch.Tensor) -> dict[str, Any]:
@@ -188,7 +188,7 @@ class GrpoRun(ObjectiveRun):
             scored = rollouts.first(completion)  # greedy: the first tokens are those of a shorter generation
             scores.append(self.score(held, flat, scored))
             lengths += int(scored.completion_mask.sum())
-            answers += self.texts(rollouts.first(answer)) if references else []
+            answers += self.texts(rollouts.first(answer).token_lists()) if references else []
         per_function = torch.cat(scores)
         weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
         result: dict[str, Any] = {"reward": float((per_function * weights).sum(1).mean()), "n": len(held),
