@@ -40,3 +40,24 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert max(float((want[k] - got[k]).abs().max()) for k in want) <= 1e-6
     records = [json.loads(line) for line in resumed.run_dir.metrics.read_text().splitlines()]
     assert [("rollout_s" in r) for r in records if r["kind"] == "train"] == [True, False, True]
+
+
+def test_objective_state_files(tmp_path):
+    """Each process's state round-trips; a checkpoint of fewer processes, or a broken file, is one line."""
+    import torch
+
+    from peftkit.errors import PeftkitError
+    from peftkit.train.checkpoints.objective import load_objective, save_objective
+
+    states = [{"generator": torch.arange(4, dtype=torch.uint8), "reuse": 1, "kept": [{"count": 3}]}, {"reuse": 0}]
+    save_objective(tmp_path, states)
+    got = load_objective(tmp_path, 0)
+    assert torch.equal(got["generator"], states[0]["generator"]) and got["kept"] == [{"count": 3}]
+    assert load_objective(tmp_path, 1) == {"reuse": 0}
+    with pytest.raises(PeftkitError, match="written by 2 processes; resume with as many"):
+        load_objective(tmp_path, 2)
+    save_objective(tmp_path / "none", [{}, {}])  # no objective state: no file, nothing to load
+    assert load_objective(tmp_path / "none", 0) == {}
+    (tmp_path / "objective.json").write_text('{"format": 1, "state": {"g": {"__tensor__": "0.generator"}}}')
+    with pytest.raises(PeftkitError, match="should hold a list of objective states"):
+        load_objective(tmp_path, 0)
