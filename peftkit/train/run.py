@@ -177,7 +177,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     prepared, optimizer = acc.prepare(model, optimizer)
     pos = Position()
     if s.resume_from is not None:
-        pos = load_checkpoint(s.resume_from, model, optimizer, scheduler, acc.process_index)
+        pos = load_checkpoint(s.resume_from, model, optimizer, scheduler, acc.process_index, objective)
         say(f"resuming from {s.resume_from} (step {pos.step}, epoch {pos.epoch}, micro-batch {pos.micro})")
     tracking = Tracking.start(acc, s.folder.tracking, s.folder.name, cfg.to_dict()) if main else None
     metrics = Metrics(s.folder, main, keep_until=pos.step if s.resume_from else None, tracking=tracking)
@@ -231,7 +231,7 @@ def _evaluator(s: Session, metrics: Metrics, path: str, objective: ObjectiveRun)
         if s.main or is_sharded(s.accelerator):  # sharded: every process takes part in each forward
             with s.accelerator.autocast():  # under amp: half-precision base weights meet fp32 adapter weights
                 result = objective.evaluate(s.model, path)
-                if generate and eval_split.references:
+                if generate and eval_split.references and "exact_match" not in result:  # not derived
                     result.update(exact_match(s.model, s.tokenizer, eval_split.references, s.prompt_format))
             if s.main:
                 metrics.write("eval", {"step": step, **result})

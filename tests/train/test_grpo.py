@@ -1,5 +1,6 @@
 """GRPO: the reward functions and their checks, rollouts (greedy = HF generate, the merged adapter restored
-exactly, top-p), the prompt rows and their refusals, and a two-step run on a tiny model logging TRL's metrics."""
+exactly, top-p), the prompt rows and their refusals, and a two-step run on a tiny model logging TRL's metrics
+(under FSDP: test_grpo_fsdp.py; resumed: test_grpo_resume.py)."""
 
 from __future__ import annotations
 
@@ -161,7 +162,7 @@ def test_two_steps_on_a_tiny_model_log_the_metrics(tmp_path, monkeypatch):
     assert steps[0]["completions/mean_length"] <= 4 and "rewards/mine:digit/std" in steps[0]
 
 
-def test_one_step_over_a_4bit_base_and_sharded_runs_refused(tmp_path):
+def test_one_step_over_a_4bit_base_and_deepspeed_refused(tmp_path):
     model = save_tiny_checkpoint(tmp_path / "tiny")
     options = dict(model=str(model), data=str(_rows(tmp_path / "t.jsonl", 4)), eval_split=0, objective="grpo",
                    reward="exact_match", num_generations=2, max_completion_length=3, max_steps=1, batch_size=2,
@@ -170,7 +171,6 @@ def test_one_step_over_a_4bit_base_and_sharded_runs_refused(tmp_path):
     result = train(load_train_config(None, options), progress=False)  # sampled unmerged: a 4-bit base
     step = [json.loads(line) for line in result.run_dir.metrics.read_text().splitlines() if '"train"' in line][0]
     assert math.isfinite(step["loss"]) and math.isfinite(step["kl"])
-    for sharding in ({"fsdp": True}, {"deepspeed": "zero2"}):
-        with pytest.raises(PeftkitError, match="--objective grpo runs on one process"):
-            train(load_train_config(None, {**options, **sharding, "method": "lora", "dry_run": True}),
-                  progress=False)
+    with pytest.raises(PeftkitError, match="--objective grpo under --deepspeed is not verified yet"):  # --fsdp runs
+        train(load_train_config(None, {**options, "deepspeed": "zero2", "method": "lora", "dry_run": True}),
+              progress=False)

@@ -218,6 +218,7 @@ def test_refusals_before_the_model_loads(tmp_path, capsys):
     for options, message in [({"vllm_server_base_url": "ftp://host:8000"}, "is not an http\\(s\\) URL"),
                              ({"vllm_server_base_url": "localhost:8000"}, "is not an http\\(s\\) URL"),
                              ({"method": "full"}, "this method trains the model's own weights"),
+                             ({"fsdp": True}, "--use-vllm with --fsdp: every process would write and load"),
                              ({"vllm_server_timeout": 0}, "vllm_server_timeout"),
                              ({"use_vllm": False, "vllm_adapter_dir": "x"}, "--vllm-adapter-dir sets up rollouts "
                                                                              "on a vLLM server; add --use-vllm")]:

@@ -8,12 +8,14 @@ atomically. It holds only safetensors and JSON files, never a pickle:
     scheduler.json          {"format": 1, "state": the LambdaLR state_dict()}: last_epoch, base_lrs, _last_lr, ...
                             (its `lr_lambdas` are plain functions, stored as null and rebuilt by the trainer)
     rng.safetensors, rng.json   every process's RNG states (rng.py)
+    objective.safetensors, objective.json   every process's objective state (objective.py: GRPO's sampler
+                            generator and reused rollouts), when the objective has one
     trainer_state.json      {"step", "epoch", "micro", "tokens"}: the Position (position.py), written last
 
 The modules, by idea: folder.py (save_checkpoint / load_checkpoint of one folder), plain.py and sharded.py (the
-trained state, whole or per process), rng.py, position.py, checks.py (does a checkpoint fit the run resuming it),
-state.py (nested state dicts as safetensors + a JSON skeleton: {"__tuple__": [...]} for a tuple, {"__items__":
-[[key, value], ...]} for a dict with non-string keys, {"__tensor__": key} for a tensor).
+trained state, whole or per process), rng.py, objective.py, position.py, checks.py (does a checkpoint fit the run
+resuming it), state.py (nested state dicts as safetensors + a JSON skeleton: {"__tuple__": [...]} for a tuple,
+{"__items__": [[key, value], ...]} for a dict with non-string keys, {"__tensor__": key} for a tensor).
 
 Loading reads and checks every file before changing anything: a missing file, one that is not valid safetensors /
 JSON, or tensors whose names or shapes do not fit the model and optimizer is a one-line PeftkitError naming the file

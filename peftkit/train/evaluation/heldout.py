@@ -69,8 +69,7 @@ def exact_match(model: CausalLM, tokenizer: Any, examples: list[tuple[list[dict]
     was_training = model.training
     model.eval()
     if max_new_tokens is None:
-        longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for _, ref in examples)
-        max_new_tokens = longest + 8
+        max_new_tokens = answer_tokens(tokenizer, [ref for _, ref in examples])
     answers: list[str] = []
     stopped: list[bool] = []
     texts = [render_prompt(tokenizer, messages, prompt_format) for messages, _ in examples]
@@ -83,7 +82,19 @@ def exact_match(model: CausalLM, tokenizer: Any, examples: list[tuple[list[dict]
             stopped += cut
     finally:
         model.train(was_training)
+    return match_result(answers, examples, stopped)
+
+
+def answer_tokens(tokenizer: Any, references: list[str]) -> int:
+    """Exact match's answer length: the longest reference's tokens + 8."""
+    return max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references) + 8
+
+
+def match_result(answers: list[str], examples: list[tuple[list[dict], str]], cut: list[bool] | None = None) -> dict:
+    """{"exact_match": share of answers equal to their reference once stripped, "n", "samples": the first three
+    (prompt, answer, reference, and `cut` where the answer was cut short as a sure miss)}."""
+    cut = cut or [False] * len(answers)
     hits = [a.strip() == ref.strip() for a, (_, ref) in zip(answers, examples, strict=True)]
-    samples = [{"prompt": m[-1]["content"], "answer": a.strip(), "reference": r, **({"cut": True} if cut else {})}
-               for a, (m, r), cut in list(zip(answers, examples, stopped, strict=True))[:3]]
+    samples = [{"prompt": m[-1]["content"], "answer": a.strip(), "reference": r, **({"cut": True} if c else {})}
+               for a, (m, r), c in list(zip(answers, examples, cut, strict=True))[:3]]
     return {"exact_match": sum(hits) / len(hits), "n": len(hits), "samples": samples}

@@ -125,7 +125,7 @@ def fit(loop: Loop, pos: Position) -> Position:
             model.train()
         if loop.save_steps and loop.run_dir and pos.step % loop.save_steps == 0 and pos.step < loop.total_steps:
             save_checkpoint(loop.run_dir, acc.unwrap_model(model), loop.optimizer, loop.scheduler, pos, acc,
-                            loop.keep_checkpoints)
+                            loop.keep_checkpoints, objective)
             loop.on_checkpoint(pos.step)
     return pos
 

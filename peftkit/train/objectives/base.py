@@ -29,9 +29,8 @@ from peftkit.errors import PeftkitError
 if TYPE_CHECKING:
     from peftkit.core.method import Method
     from peftkit.memory.generation import Rollout
-# `cfg` (a TrainConfig) and `session` (a run.Session) stay Any here: train/config.py and train/run.py import this
-# module, and a TYPE_CHECKING import back would be an import cycle (tests/core/test_import_graph.py counts them).
-# The objectives' own modules annotate them where no such cycle arises.
+# `cfg` (a TrainConfig) and `session` (a run.Session) stay Any here: config.py and run.py import this module (a
+# TYPE_CHECKING import back is a cycle, tests/core/test_import_graph.py); objectives' modules annotate them.
 
 ENTRY_POINT_GROUP = "peftkit.objectives"
 
@@ -45,9 +44,8 @@ class ObjectiveRun:
         record.update(run.stats(accelerator))                  # per-step metrics (means over all processes)
 
     and the evaluation `run.evaluate(model, loss_path)` (held-out score) / `run.describe(result)` (one line).
-    An online objective (e.g. GRPO) generates in `step_batches`: it receives the model of the step, samples
-    completions of the step's prompts, scores them (rewards, advantages, old log-probs) and returns the
-    micro-batches to train on; it may keep them to reuse over several steps (update iterations).
+    An online objective (e.g. GRPO) generates in `step_batches`: it samples completions of the step's prompts from
+    the step's model, scores them and returns the micro-batches to train on (maybe again for later steps).
     """
 
     def step_batches(self, model: Any, indices_per_micro: list[list[int]]) -> list[dict[str, Any]]:
@@ -67,18 +65,25 @@ class ObjectiveRun:
         return {}
 
     def evaluate(self, model: Any, loss_path: str) -> dict[str, Any]:
-        """Held-out score on the eval split (the same figures before and after training)."""
+        """Held-out score on the eval split (the same figures before and after training); with `exact_match`
+        when it derives that from its own generations (run.py adds it otherwise)."""
         raise NotImplementedError
 
     def describe(self, result: dict[str, Any]) -> str:
         """One line for `eval before` / `eval after`."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, Any]:
+        """What each checkpoint keeps for an exact `--resume` beyond model, optimizer, schedule and RNGs ({}: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from what `state_dict` returned when the checkpoint was written ({}: nothing saved)."""
+
 
 class CollatedRun(ObjectiveRun):
-    """The run of an offline objective, whose data is tokenised before training: each micro-batch is
-    `collate(indices)`, and the held-out score runs over `eval_plan` with `eval_collate`. SFT, the pair objectives
-    and KTO are built on it; an online objective (which generates its batches) is not."""
+    """The run of an offline objective (SFT, the pair objectives, KTO), whose data is tokenised before training:
+    each micro-batch is `collate(indices)`, and the held-out score runs over `eval_plan` with `eval_collate`."""
 
     def __init__(self, collate: Callable[[list[int]], dict[str, Any]],
                  eval_collate: Callable[[list[int]], dict[str, Any]] | None = None,
@@ -89,8 +94,7 @@ class CollatedRun(ObjectiveRun):
         return [self.collate(indices) for indices in indices_per_micro]
 
     def score_held_out(self, model: Any, score: Callable[[Any, dict[str, Any], str], Any], loss_path: str) -> None:
-        """Call `score(model, batch, loss_path)` on every held-out micro-batch, in eval mode, without gradients
-        (the model's training mode is restored after)."""
+        """`score(model, batch, loss_path)` on each held-out micro-batch, in eval mode (restored after), no grad."""
         import torch
 
         was_training = model.training

@@ -8,7 +8,11 @@ micro-batch per micro-batch of prompts, holding their G x prompts completions. W
 batches come back for that many optimizer steps (the step's own prompts are then not sampled: the loop's count
 of steps stays the optimizer's). The statistics (`stats`) are TRL's names: reward, reward_std,
 rewards/NAME/mean and /std, completions/mean_length, kl, entropy, clip_ratio/*, frac_reward_zero_std, plus
-rollout_s and update_s (the wall time of sampling and of the rest of the step).
+rollout_s and update_s (the wall time of sampling, a mean over the processes, and of the rest of the step).
+
+A checkpoint keeps the sampler's generator and the batches kept for reuse (`state_dict`), so a resumed run samples
+and trains as the uninterrupted one. The held-out score (`evaluate`) generates each greedy completion once and
+derives both the rewards and, where every held-out row has a reference, exact match from it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from peftkit.core.ops import disable_adapters
+from peftkit.train.evaluation.heldout import answer_tokens, match_result
 from peftkit.train.objectives import grpo_loss as gl
 from peftkit.train.objectives.base import ObjectiveRun, exact_match_text
 from peftkit.train.objectives.grpo_prompts import Prompts
@@ -36,11 +41,13 @@ class GrpoRun(ObjectiveRun):
     """GRPO's per-run state: the prompts, the sampler's settings and generator, the kept batches, running sums."""
 
     def __init__(self, train: Prompts, held: Prompts | None, tokenizer: Any, base: Any, sampling: Sampling,
-                 settings: gl.LossSettings, rewards: list[Reward], scale: str, iterations: int, seed: int) -> None:
+                 settings: gl.LossSettings, rewards: list[Reward], scale: str, iterations: int, seed: int,
+                 device: Any) -> None:
         self.train, self.held, self.tokenizer, self.base = train, held, tokenizer, base
         self.sampling, self.settings, self.rewards, self.scale, self.iterations = (sampling, settings, rewards,
                                                                                    scale, iterations)
-        self.generator = torch.Generator(next(base.parameters()).device).manual_seed(seed)
+        self.device = device  # where sampling runs (a sharded model's parameters are not placed before `prepare`)
+        self.generator = torch.Generator(device).manual_seed(seed)
         self.ends = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self.kept: list[dict[str, Any]] = []
         self.reuse = 0
@@ -76,13 +83,16 @@ class GrpoRun(ObjectiveRun):
         completion_ids and the data's columns, one value per completion)."""
         group = rollouts.completion_ids.shape[0] // max(len(flat), 1)
         rows = [i for i in flat for _ in range(group)]
-        ids = [r[m.bool()].tolist() for r, m in zip(rollouts.completion_ids.cpu(), rollouts.completion_mask.cpu(),
-                                                    strict=True)]
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        ids = rollouts.token_lists()
+        texts = self.texts(ids)
         columns = {name: [values[i] for i in rows] for name, values in prompts.columns.items()}
         columns["completion_ids"] = ids
         given = [prompts.prompts[i] for i in rows]
         return torch.tensor([reward(given, texts, columns) for reward in self.rewards], dtype=torch.float32).T
+
+    def texts(self, ids: list[list[int]]) -> list[str]:
+        """The text of completions (token lists; special tokens, the end token among them, left out)."""
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     @torch.no_grad()
     def _batch(self, model: Any, rollouts: Rollouts, rows: slice, advantages: torch.Tensor) -> dict[str, Any]:
@@ -113,6 +123,18 @@ class GrpoRun(ObjectiveRun):
     def count(self, batch: dict[str, Any]) -> int:
         return int(batch["count"])
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's generator, and the batches still to be reused with the count of reuses left."""
+        return {"generator": self.generator.get_state(), "reuse": self.reuse, "kept": self.kept if self.reuse else []}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.generator.set_state(state["generator"])
+        self.reuse = int(state["reuse"])
+        self.kept = [{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                     for batch in state["kept"]]
+
     # -- statistics -----------------------------------------------------------------------------------------
     def _add(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
@@ -131,7 +153,8 @@ class GrpoRun(ObjectiveRun):
     def stats(self, accelerator: Any = None) -> dict[str, float]:
         keys = sorted(self.sums)
         totals = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64)
-        if accelerator is not None and accelerator.num_processes > 1:
+        processes = accelerator.num_processes if accelerator is not None else 1
+        if processes > 1:
             totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
         t = dict(zip(keys, totals.tolist(), strict=True))
         self.sums = {}
@@ -140,7 +163,7 @@ class GrpoRun(ObjectiveRun):
         if "completions" in t:
             out.update({"reward": t["reward"] / n, "reward_std": _std(t["reward"], t["reward_sq"], n),
                         "frac_reward_zero_std": t["zero_std"] / n, "completions/mean_length": t["length"] / n,
-                        "rollout_s": t["rollout_s"]})
+                        "rollout_s": t["rollout_s"] / processes})
             for reward in self.rewards:
                 s, sq = t[f"rewards/{reward.name}/sum"], t[f"rewards/{reward.name}/sq"]
                 out[f"rewards/{reward.name}/mean"], out[f"rewards/{reward.name}/std"] = s / n, _std(s, sq, n)
@@ -151,23 +174,30 @@ class GrpoRun(ObjectiveRun):
 
     # -- the held-out score ---------------------------------------------------------------------------------
     def evaluate(self, model: Any, loss_path: str) -> dict[str, Any]:
-        """Mean reward of greedy completions of the held-out prompts, per function and weighted."""
-        assert self.held is not None, "run.py evaluates only a run with an eval split"
-        greedy = Sampling(1, self.sampling.max_completion_length, 0.0, 1.0, self.sampling.merge)
-        scores, lengths = [], 0
-        for start in range(0, len(self.held), EVAL_PROMPTS):
-            flat = list(range(start, min(start + EVAL_PROMPTS, len(self.held))))
-            rollouts = sample(self.base, [self.held.prompt_ids[i] for i in flat], greedy,
-                              self.tokenizer.pad_token_id, self.ends)
-            scores.append(self.score(self.held, flat, rollouts))
-            lengths += int(rollouts.completion_mask.sum())
+        """Mean reward of greedy completions of the held-out prompts, per function and weighted, and exact match
+        of the same completions cut to exact match's answer length (when every held-out row has a reference)."""
+        held = self.held
+        assert held is not None, "run.py evaluates only a run with an eval split"
+        completion = self.sampling.max_completion_length
+        references = held.references if len(held.references) == len(held) else []
+        answer = answer_tokens(self.tokenizer, [ref for _, ref in references]) if references else 0
+        greedy = Sampling(1, max(completion, answer), 0.0, 1.0, self.sampling.merge)
+        scores, lengths, answers = [], 0, []
+        for start in range(0, len(held), EVAL_PROMPTS):
+            flat = list(range(start, min(start + EVAL_PROMPTS, len(held))))
+            rollouts = sample(self.base, [held.prompt_ids[i] for i in flat], greedy, self.tokenizer.pad_token_id,
+                              self.ends)
+            scored = rollouts.first(completion)  # greedy: the first tokens are those of a shorter generation
+            scores.append(self.score(held, flat, scored))
+            lengths += int(scored.completion_mask.sum())
+            answers += self.texts(rollouts.first(answer).token_lists()) if references else []
         per_function = torch.cat(scores)
         weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
-        result: dict[str, Any] = {"reward": float((per_function * weights).sum(1).mean()), "n": len(self.held),
-                                  "completions/mean_length": lengths / len(self.held)}
+        result: dict[str, Any] = {"reward": float((per_function * weights).sum(1).mean()), "n": len(held),
+                                  "completions/mean_length": lengths / len(held)}
         result.update({f"rewards/{r.name}/mean": float(c.mean()) for r, c in zip(self.rewards, per_function.T,
                                                                                    strict=True)})
-        return result
+        return {**result, **match_result(answers, references)} if references else result
 
     def describe(self, result: dict[str, Any]) -> str:
         each = ", ".join(f"{r.name} {result[f'rewards/{r.name}/mean']:.3f}" for r in self.rewards)
@@ -192,7 +222,7 @@ def start_run(session: Session, max_completion_length: int, specs: list[str]) ->
     rewards = build(specs, options["reward_pattern"], max_completion_length)
     seed = s.cfg.seed + s.accelerator.process_index
     run = GrpoRun(train, held, s.tokenizer, s.model, sampling, settings, rewards, options["scale_rewards"],
-                  options["num_iterations"], seed)
+                  options["num_iterations"], seed, s.accelerator.device)
     if options["use_vllm"]:
         from peftkit.train.objectives.vllm_rollouts import connect
 

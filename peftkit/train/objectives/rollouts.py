@@ -11,6 +11,11 @@ What makes it faster than `generate(num_return_sequences=G)` on a PEFT model, wi
 3. One forward per new token for the whole batch, the sampling done here (temperature, top-p, as HF's
    TemperatureLogitsWarper and TopPLogitsWarper), rows that ended feeding the pad token until all have ended.
 
+On a sharded model (FSDP2's DTensors, DeepSpeed ZeRO-3's partitioned parameters) every forward is a collective
+each process must make: the processes decide together when all their rows have ended (`_all_done`, an all-reduce
+per token), the prompts' shared prefix is not computed separately (one process's prompts may share one, another's
+not), and the adapter is not merged (no process holds a whole weight: `can_merge`).
+
 Positions are counted over the attention mask, as generate() counts them, and the training forward
 (grpo_loss.completion_logps) takes the same prompt layout, so the log-probs of sampling and training agree.
 """
@@ -20,7 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -58,6 +63,16 @@ class Rollouts:
     seconds: float
     tokens: int
 
+    def first(self, tokens: int) -> Rollouts:
+        """The same completions cut to their first `tokens` tokens."""
+        return replace(self, completion_ids=self.completion_ids[:, :tokens],
+                       completion_mask=self.completion_mask[:, :tokens])
+
+    def token_lists(self) -> list[list[int]]:
+        """Each completion's tokens up to and including its end token."""
+        return [r[m.bool()].tolist() for r, m in zip(self.completion_ids.cpu(), self.completion_mask.cpu(),
+                                                     strict=True)]
+
     def batch(self, rows: slice | list[int]) -> dict[str, torch.Tensor]:
         """These rows as a training batch (grpo_loss.completion_logps's keys)."""
         return {"prompt_ids": self.prompt_ids[rows], "prompt_mask": self.prompt_mask[rows],
@@ -85,11 +100,12 @@ def sample(model: nn.Module, prompts: list[list[int]], s: Sampling, pad_id: int,
     started = time.perf_counter()
     device = next(model.parameters()).device
     was_training = model.training
+    together = partitioned(model)
     model.eval()
     try:
         with merged(model, s.merge):
-            inputs, width = layout(model, prompts, [], pad_id, device)
-            completion = _decode(model, inputs, width, s, pad_id, end_ids, generator)
+            inputs, _ = layout(model, prompts, [], pad_id, device, shareable=False if together else None)
+            completion = _decode(model, inputs, s, pad_id, end_ids, generator, together)
     finally:
         model.train(was_training)
     group = s.num_generations
@@ -99,9 +115,10 @@ def sample(model: nn.Module, prompts: list[list[int]], s: Sampling, pad_id: int,
                     int(mask.sum()))
 
 
-def _decode(model: nn.Module, inputs: dict[str, Any], width: int, s: Sampling, pad_id: int, end_ids: list[int],
-            generator: torch.Generator | None) -> torch.Tensor:
-    """Prefill the rest of the prompts on the shared prefix's cache, repeat it G times, sample token by token."""
+def _decode(model: nn.Module, inputs: dict[str, Any], s: Sampling, pad_id: int, end_ids: list[int],
+            generator: torch.Generator | None, together: bool) -> torch.Tensor:
+    """Prefill the rest of the prompts on the shared prefix's cache, repeat it G times, sample token by token
+    (until every row has ended on every process when `together`)."""
     name = cache_kwarg(model) or "past_key_values"
     mask = inputs["attention_mask"]
     cached = inputs["cached"]
@@ -120,7 +137,7 @@ def _decode(model: nn.Module, inputs: dict[str, Any], width: int, s: Sampling, p
         token = pick(logits, s.temperature, s.top_p, generator).masked_fill(done, pad_id)
         tokens.append(token)
         done |= torch.isin(token, ends)
-        if done.all() or step == s.max_completion_length - 1:
+        if step == s.max_completion_length - 1 or _all_done(done, together):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         position = position + 1
@@ -128,6 +145,24 @@ def _decode(model: nn.Module, inputs: dict[str, Any], width: int, s: Sampling, p
                     **{name: kv})
         kv, logits = returned_cache(out), out.logits[:, -1]
     return torch.stack(tokens, 1)
+
+
+def _all_done(done: torch.Tensor, together: bool) -> bool:
+    """Whether every row has ended; `together`: on every process (summed over them, so all stop at one step)."""
+    left = (~done).sum()
+    if together:
+        import torch.distributed as dist
+
+        dist.all_reduce(left)
+    return int(left) == 0
+
+
+def partitioned(model: nn.Module) -> bool:
+    """Whether no process holds the model's parameters whole: FSDP2's DTensors or DeepSpeed ZeRO-3's partitions
+    (`ds_id`); its forwards are then collectives of all processes."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
 
 
 def _up_to_end(completion: torch.Tensor, end_ids: list[int]) -> torch.Tensor:
@@ -144,11 +179,8 @@ def can_merge(model: nn.Module) -> bool:
         return False
     if not all(get_method(record.method).mergeable for record in adapters(model).values()):
         return False
-    from torch.distributed.tensor import DTensor
-
     layers = [layer for _, layer in adapter_layers(model)]
-    return all(isinstance(getattr(layer, "base_layer", None), nn.Module) for layer in layers) and not any(
-        isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+    return all(isinstance(getattr(layer, "base_layer", None), nn.Module) for layer in layers) and not partitioned(model)
 
 
 @contextmanager
