@@ -219,33 +219,6 @@ def test_mlflow_default_store_is_inside_the_run_folder(tiny, tmp_path, monkeypat
     mlflow.set_tracking_uri(None)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
-def test_two_processes_write_one_tensorboard_run(tiny, tmp_path):
-    """Under torchrun only rank 0 writes tracker files: one scalar stream, each step once."""
-    import os
-    import subprocess
-    import sys
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from tests.train.test_distributed import REPO, _free_port
-
-    model, data = tiny
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(REPO / "cli.py"), "train", "--model", str(model), "--data", str(data), "--eval-split", "0",
-           "--max-steps", "3", "--batch-size", "2", "--max-length", "64", "--precision", "fp32", "--quiet",
-           "--report-to", "tensorboard", "--output", str(tmp_path / "run")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          cwd=tmp_path, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    with_scalars = [e for e in (tmp_path / "run" / "tracking").rglob("events.out.tfevents.*")
-                    if EventAccumulator(str(e)).Reload().Tags()["scalars"]]
-    assert len(with_scalars) == 1, with_scalars
-    steps = [e.step for e in EventAccumulator(str(with_scalars[0])).Reload().Scalars("train/loss")]
-    assert steps == [1, 2, 3]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-
-
 def test_tokens_per_s_counts_the_time_since_the_previous_record(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
