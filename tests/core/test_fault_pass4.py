@@ -1,0 +1,75 @@
+"""The fourth adversarial pass's cases, in-process. First the last wrong success: an adapter whose weights are huge
+but finite (LoRA lora_B of 1e20) loaded, and `generate` / `chat` / `eval` ran a model whose logits were exactly 0
+(the final norm's mean of squares overflowed to inf, rsqrt(inf) = 0), printed empty text and exited 0. The probe
+forward after loading (`peftkit.io.probe`) refuses it, and passes an adapter of every method with trained-like
+weights."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import peftkit
+from peftkit.core.registry import get_method
+from peftkit.errors import PeftkitError
+from peftkit.io.probe import check_adapted_output
+from tests.cli_errors import cli_error_line
+from tests.tiny import WIDE, perturb_adapter, save_tiny_checkpoint, tiny_model, write_rows
+
+# every adapter method (DoRA is LoRA's option), with options that fit a tiny model
+METHODS = {"lora": {}, "dora": {"use_dora": "true"}, "ia3": {}, "vera": {}, "oft": {}, "lokr": {}, "loha": {},
+           "prefix": {}, "prompt": {}, "adapter": {}}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_probe_passes_an_adapter_of_every_method(method):
+    model = tiny_model("llama", WIDE)
+    options = METHODS[method]
+    peftkit.inject(model, get_method("lora" if method == "dora" else method).build_config(options))
+    perturb_adapter(model, scale=0.5)
+    check_adapted_output(model, method)
+
+
+def test_the_probe_does_not_blame_the_adapter_for_a_degenerate_base():
+    model = tiny_model("llama")
+    torch.nn.init.zeros_(model.lm_head.weight)  # every logit 0 without any adapter
+    peftkit.inject(model, peftkit.LoraConfig(r=2))
+    perturb_adapter(model)
+    check_adapted_output(model, "x")
+
+
+@pytest.fixture(scope="module")
+def huge(tmp_path_factory):
+    """(base folder with a tokenizer, adapter with lora_B = 1e20, an eval data file)."""
+    root = tmp_path_factory.mktemp("huge")
+    base = save_tiny_checkpoint(root / "base")
+    model = tiny_model("llama")
+    model = type(model).from_pretrained(base)
+    peftkit.inject(model, peftkit.LoraConfig(r=2))
+    perturb_adapter(model)
+    peftkit.save_adapter(model, root / "good")
+    shutil.copytree(root / "good", root / "huge")
+    weights = root / "huge" / "adapter_model.safetensors"
+    tensors = {k: torch.full_like(v, 1e20) if "lora_B" in k else v for k, v in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return base, root / "huge", write_rows(root / "data.jsonl", 2)
+
+
+def test_the_probe_refuses_huge_finite_weights(huge):
+    base, adapter, _ = huge
+    model = type(tiny_model("llama")).from_pretrained(base)
+    peftkit.load_adapter(model, adapter)
+    with pytest.raises(PeftkitError, match="give every token the same score"):
+        check_adapted_output(model, str(adapter))
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "eval"])
+def test_generate_chat_and_eval_refuse_huge_finite_weights(huge, capsys, command):
+    base, adapter, data = huge
+    argv = {"generate": ["generate", "hi", "--max-new-tokens", "2"], "chat": ["chat"],
+            "eval": ["eval", "--data", str(data), "--no-forgetting"]}[command]
+    line = cli_error_line([*argv, "--model", str(base), "--adapter", str(adapter)], capsys)
+    assert f"adapter {str(adapter)!r} breaks the model" in line
