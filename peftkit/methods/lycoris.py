@@ -239,7 +239,7 @@ class DeltaMethod(Method):
 
     def load(self, model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], adapter_name: str) -> Any:
         """Inject the adapter saved as (config_json, tensors) by peftkit or HF PEFT and copy its factors in."""
-        refuse_unsupported_fields(config_json, self.peft_type)
+        refuse_unsupported_fields(config_json, self.peft_type or self.name)
         known = {f.name for f in fields(self.config_cls)}
         config = self.build_config({k: v for k, v in config_json.items() if k in known and v is not None})
         inject(model, config, adapter_name)

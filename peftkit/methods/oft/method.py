@@ -82,7 +82,7 @@ class OftMethod(Method):
     def load(self, model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], adapter_name: str) -> OFTConfig:
         """Inject an OFT adapter saved by peftkit or HF PEFT and copy its tensors in (every key and shape checked
         before anything is injected)."""
-        refuse_unsupported_fields(config_json, self.peft_type)
+        refuse_unsupported_fields(config_json, self.peft_type or self.name)
         keys = _parse_keys(tensors)
         config = _config_from_json(config_json, list(keys))
         modules = dict(base_modules(model))
