@@ -73,3 +73,28 @@ def test_generate_chat_and_eval_refuse_huge_finite_weights(huge, capsys, command
             "eval": ["eval", "--data", str(data), "--no-forgetting"]}[command]
     line = cli_error_line([*argv, "--model", str(base), "--adapter", str(adapter)], capsys)
     assert f"adapter {str(adapter)!r} breaks the model" in line
+
+
+LATE_SIGNAL = """
+import os, signal, sys, time
+class Late:  # torn down with __main__'s globals, after Python reset its signal handlers
+    def __del__(self, kill=os.kill, pid=os.getpid(), sig=signal.SIGINT, sleep=time.sleep):
+        kill(pid, sig)
+        sleep(0.2)
+late = Late()
+sys.argv = ["peftkit", "merge", "-a", sys.argv[1]]
+from peftkit.cli import main
+main()
+"""
+
+
+def test_a_ctrl_c_after_the_error_line_keeps_exit_code_2(tmp_path):
+    """One SIGINT sent to `peftkit merge` after its error line, while the interpreter shut down, ended it with -2
+    (killed by the signal, 130 in a shell) and sometimes a KeyboardInterrupt traceback, instead of exit code 2."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LATE_SIGNAL, str(tmp_path / "missing")], capture_output=True,
+                          text=True, timeout=120)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, (done.returncode, done.stderr)
