@@ -6,6 +6,7 @@ weights."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -42,20 +43,23 @@ def test_the_probe_does_not_blame_the_adapter_for_a_degenerate_base():
 
 
 @pytest.fixture(scope="module")
-def huge(tmp_path_factory):
-    """(base folder with a tokenizer, adapter with lora_B = 1e20, an eval data file)."""
+def base_folder(tmp_path_factory):
+    """A tiny base with a tokenizer (the embedded model's)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("base") / "base")
+
+
+@pytest.fixture(scope="module")
+def huge(base_folder, tmp_path_factory):
+    """(base folder, adapter with lora_B = 1e20, an eval data file)."""
     root = tmp_path_factory.mktemp("huge")
-    base = save_tiny_checkpoint(root / "base")
-    model = tiny_model("llama")
-    model = type(model).from_pretrained(base)
+    model = type(tiny_model("llama")).from_pretrained(base_folder)
     peftkit.inject(model, peftkit.LoraConfig(r=2))
     perturb_adapter(model)
-    peftkit.save_adapter(model, root / "good")
-    shutil.copytree(root / "good", root / "huge")
+    peftkit.save_adapter(model, root / "huge")
     weights = root / "huge" / "adapter_model.safetensors"
     tensors = {k: torch.full_like(v, 1e20) if "lora_B" in k else v for k, v in load_file(weights).items()}
     save_file(tensors, weights, metadata={"format": "pt"})
-    return base, root / "huge", write_rows(root / "data.jsonl", 2)
+    return base_folder, root / "huge", write_rows(root / "data.jsonl", 2)
 
 
 def test_the_probe_refuses_huge_finite_weights(huge):
@@ -102,3 +106,69 @@ def test_a_signal_after_the_outcome_keeps_the_exit_code(tmp_path, signal_name, a
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert done.returncode == code and len(errors) == (code == 2) and "Traceback" not in done.stderr, \
         (done.returncode, done.stderr)
+
+
+def _edited_config(base, tmp_path, **fields):
+    folder = tmp_path / "edited"
+    shutil.copytree(base, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(fields)
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return folder
+
+
+@pytest.mark.parametrize("field,value", [("hidden_size", -32), ("hidden_size", 32.5), ("hidden_size", "32"),
+                                         ("num_hidden_layers", True), ("num_hidden_layers", 10**9),
+                                         ("vocab_size", 10**12)])
+def test_a_damaged_config_size_is_refused_before_transformers_reads_it(base_folder, tmp_path, capsys, field, value):
+    """A negative or fractional size crashed torch (traceback), a string or bool one crashed transformers' type
+    check, 10**9 layers hung its config reader (a per-layer list) in estimate and inspect."""
+    folder = _edited_config(base_folder, tmp_path, **{field: value})
+    for argv in (["estimate", "--model", str(folder)], ["inspect", str(folder)],
+                 ["generate", "hi", "--model", str(folder), "--max-new-tokens", "1"]):
+        line = cli_error_line(argv, capsys)
+        assert f"{field} is {value!r}; it must be a whole number from 1 to" in line, line
+
+
+def test_a_config_that_does_not_fit_the_weights_is_refused(base_folder, tmp_path, capsys):
+    """Without hidden_size transformers takes its default (4096) and its size-mismatch RuntimeError was a traceback."""
+    folder = _edited_config(base_folder, tmp_path, hidden_size=None)
+    line = cli_error_line(["generate", "hi", "--model", str(folder), "--max-new-tokens", "1"], capsys)
+    assert "its weights do not fit the sizes its config.json gives" in line
+
+
+def test_generation_stops_at_the_context(base_folder, capsys):
+    """--max-new-tokens 10**12 generated past the model's 256 positions for ever; now at most what the context
+    leaves, and a prompt that fills it is refused."""
+    from peftkit.cli._generation import Generator
+
+    generator = Generator(str(base_folder), None, seed=0)
+    assert generator.room(10, 10**12) == 246 and generator.room(10, 5) == 5
+    with pytest.raises(PeftkitError, match="the prompt is 256 tokens, and the model's context holds 256"):
+        generator.room(256, 1)
+    line = cli_error_line(["generate", "word " * 300, "--model", str(base_folder), "--max-new-tokens", "1"], capsys)
+    assert "and the model's context holds 256; shorten it" in line
+
+
+@pytest.mark.parametrize("text,expected", [
+    (b"\xff\xfe\x00\x01rank: 8", "is not UTF-8 text"),  # a UnicodeDecodeError traceback
+    (b"a: " + b"[" * 5000 + b"]" * 5000, "nests deeper than a YAML reader goes"),  # a RecursionError traceback
+    (b"rank: 4\nrank: 8\n", "the key 'rank' is given twice"),  # trained with 8, silently
+])
+def test_damaged_recipes_are_refused(tmp_path, capsys, text, expected):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(text)
+    assert expected in cli_error_line(["train", "--config", str(recipe), "--print-config"], capsys)
+
+
+def test_a_recipe_may_override_what_it_merges_in():
+    import yaml
+
+    from peftkit.train.options.recipe_keys import _UniqueKeys
+
+    assert yaml.load("b: &b {rank: 4}\nr:\n  <<: *b\n  rank: 8\n", Loader=_UniqueKeys)["r"] == {"rank": 8}
+
+
+def test_an_infinite_temperature_is_refused(capsys):
+    """--temperature inf (or 1e309) sampled uniformly random tokens and exited 0."""
+    assert "--temperature" in cli_error_line(["generate", "hi", "--temperature", "1e309"], capsys)
