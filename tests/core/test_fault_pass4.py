@@ -172,3 +172,16 @@ def test_a_recipe_may_override_what_it_merges_in():
 def test_an_infinite_temperature_is_refused(capsys):
     """--temperature inf (or 1e309) sampled uniformly random tokens and exited 0."""
     assert "--temperature" in cli_error_line(["generate", "hi", "--temperature", "1e309"], capsys)
+
+
+@pytest.mark.parametrize("template,expected", [("{{ ''.__class__.__mro__ }}", "SecurityError"),
+                                               ("{% for i in range(10**9) %}x{% endfor %}", "Range too big"),
+                                               ("{% for %}", "TemplateSyntaxError")])
+def test_a_base_models_hostile_chat_template_is_refused(base_folder, tmp_path, capsys, template, expected):
+    """`generate` used the base tokenizer's chat template unchecked: a sandbox escape attempt, a huge loop or a
+    syntax error in it was a jinja traceback (train already checked it)."""
+    folder = tmp_path / "base"
+    shutil.copytree(base_folder, folder)
+    (folder / "chat_template.jinja").write_text(template)
+    line = cli_error_line(["generate", "hi", "--model", str(folder), "--max-new-tokens", "1"], capsys)
+    assert f"the chat template of model {str(folder)!r}" in line and expected in line, line
