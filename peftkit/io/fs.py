@@ -9,6 +9,7 @@ command may write at all is decided by `peftkit.io.outputs.check_output`.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
@@ -53,12 +54,13 @@ def atomic_dir(path: str | os.PathLike, command: str = "peftkit") -> Iterator[Pa
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    existed = final.exists() or final.is_symlink()  # only what was checked above may be replaced
     tmp.mkdir()
     try:
         yield tmp
         write_marker(tmp, command)
         _umask_permissions(tmp)
-        _swap_in(tmp, final)
+        _swap_in(tmp, final, existed)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -85,10 +87,20 @@ def _refuse_foreign(final: Path) -> None:
                            "only its own outputs: write to a new folder")
 
 
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an existing `final` is renamed aside first and deleted only once `tmp` is in place
-    (if that last rename fails, the old folder is put back)."""
+def _swap_in(tmp: Path, final: Path, existed: bool) -> None:
+    """Rename `tmp` to `final`; a `final` that `existed` when the write began is renamed aside first and deleted only
+    once `tmp` is in place (if that last rename fails, the old folder is put back). One that appeared meanwhile (two
+    commands writing to one output at once) is never replaced: the kernel's rename refuses a non-empty folder."""
     old = None
+    if not existed:
+        try:
+            tmp.rename(final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            raise PeftkitError(f"output {str(final)!r} was created by another command while this one ran; it was left "
+                               "as it is and this result discarded: write to another --output") from None
+        return
     if final.exists() or final.is_symlink():
         old = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         final.rename(old)

@@ -185,3 +185,17 @@ def test_a_base_models_hostile_chat_template_is_refused(base_folder, tmp_path, c
     (folder / "chat_template.jinja").write_text(template)
     line = cli_error_line(["generate", "hi", "--model", str(folder), "--max-new-tokens", "1"], capsys)
     assert f"the chat template of model {str(folder)!r}" in line and expected in line, line
+
+
+def test_an_output_another_command_created_meanwhile_is_not_replaced(tmp_path):
+    """Two merges into one new output at once both reported success, the later one silently replacing the other's
+    result (neither had --overwrite). Now the later rename finds the folder taken and refuses."""
+    from peftkit.io.fs import atomic_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(PeftkitError, match="was created by another command while this one ran"), \
+            atomic_dir(out, command="merge") as tmp:
+        (tmp / "mine.txt").write_text("mine")
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "theirs.txt").read_text() == "theirs"
