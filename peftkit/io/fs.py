@@ -54,16 +54,27 @@ def atomic_dir(path: str | os.PathLike, command: str = "peftkit") -> Iterator[Pa
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    existed = final.exists() or final.is_symlink()  # only what was checked above may be replaced
+    # only what was there when checked may be replaced: not a folder that another command created meanwhile
+    existed = (final.exists() or final.is_symlink()) and final.resolve() not in _EXPECTED_NEW
     tmp.mkdir()
     try:
         yield tmp
         write_marker(tmp, command)
         _umask_permissions(tmp)
         _swap_in(tmp, final, existed)
+        _EXPECTED_NEW.discard(final.resolve())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_EXPECTED_NEW: set[Path] = set()  # outputs `outputs.check_output` found absent in this process
+
+
+def expect_new(path: Path, new: bool) -> None:
+    """Record that output `path` was checked and found absent (`new`), or present and replaceable: `atomic_dir`
+    will then refuse to replace a folder that appeared there after the check (two commands writing one output)."""
+    (_EXPECTED_NEW.add if new else _EXPECTED_NEW.discard)(path.resolve())
 
 
 def refuse_protected(resolved: Path, shown: str) -> None:

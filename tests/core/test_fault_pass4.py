@@ -199,3 +199,22 @@ def test_an_output_another_command_created_meanwhile_is_not_replaced(tmp_path):
         out.mkdir()
         (out / "theirs.txt").write_text("theirs")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "theirs.txt").read_text() == "theirs"
+
+
+def test_an_output_finished_by_another_command_after_the_check_is_not_replaced(tmp_path):
+    """The same race when the other command finished between this one's output check and its write."""
+    from peftkit.io.fs import atomic_dir, write_marker
+    from peftkit.io.outputs import check_output
+
+    out = tmp_path / "out"
+    check_output(out, overwrite=False)
+    out.mkdir()  # the other command (another process), start to finish
+    (out / "theirs.txt").write_text("theirs")
+    write_marker(out, "merge")
+    with pytest.raises(PeftkitError, match="was created by another command"), atomic_dir(out, command="merge") as tmp:
+        (tmp / "mine.txt").write_text("mine")
+    assert (out / "theirs.txt").read_text() == "theirs" and not (out / "mine.txt").exists()
+    check_output(out, overwrite=True)  # asked for: replaced
+    with atomic_dir(out, command="merge") as tmp:
+        (tmp / "mine.txt").write_text("mine")
+    assert (out / "mine.txt").is_file()
