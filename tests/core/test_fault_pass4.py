@@ -218,3 +218,16 @@ def test_an_output_finished_by_another_command_after_the_check_is_not_replaced(t
     with atomic_dir(out, command="merge") as tmp:
         (tmp / "mine.txt").write_text("mine")
     assert (out / "mine.txt").is_file()
+
+
+def test_a_data_file_that_is_a_pipe_or_a_device_is_named_so(tmp_path, capsys):
+    """A FIFO or a link to /dev/zero given as --data was refused as a file that "does not exist"."""
+    import os
+
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.jsonl"
+    zero.symlink_to("/dev/zero")
+    for data in (fifo, zero):
+        line = cli_error_line(["eval", "--data", str(data), "--model", "missing-folder/x/y"], capsys)
+        assert "is not a regular file (a pipe or a device?)" in line, line
