@@ -6,6 +6,8 @@ module imports the library (torch, transformers, datasets, accelerate) only insi
 `--help`, `--version` and shell completion stay instant (tests/cli/test_cli_manners.py checks it).
 """
 
+import atexit
+import contextlib
 import errno
 import importlib
 import logging
@@ -54,8 +56,43 @@ def _show_library_logs() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. A `PeftkitError` and a usage error (missing option, bad value, unknown command)
-    become one line `error: ...` on stderr and exit code 2; `--debug` shows the traceback instead."""
-    args = sys.argv[1:] if argv is None else argv
+    become one line `error: ...` on stderr and exit code 2; `--debug` shows the traceback instead. Run as the
+    program (no `argv`), the exit code is final once decided (`_settle`)."""
+    if argv is not None:
+        _run(argv)
+        return
+    try:
+        _run(sys.argv[1:])
+    except SystemExit as exc:
+        _settle(exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1)
+        raise
+    _settle(0)
+
+
+def _settle(code: int) -> None:
+    """The outcome is decided (and its `error:` line printed): a Ctrl-C or SIGTERM during the interpreter's
+    shutdown (torch's finalizers take a moment) must not turn it into a KeyboardInterrupt traceback and the signal's
+    code (-2). While Python code still runs (thread joins, exit handlers) such a signal ends the process at once with
+    `code`; from the exit handlers on, the signals are ignored, because Python resets any other handler to the
+    default (death by the signal) before it tears the modules down."""
+    def handler(signum: int, frame: object) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+    def ignore() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, handler)
+        atexit.register(ignore)  # registered last, so it runs first
+
+
+def _run(args: list[str]) -> None:
+    """Run the command line `args`, every failure turned into `_fail`'s one line and exit code."""
     debug = "--debug" in args
     _show_library_logs()
     _quiet_third_party_progress()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
+from peftkit.errors import PeftkitError
+
 if TYPE_CHECKING:  # `peftkit --help` imports this module: no torch or transformers at run time
     from transformers import BatchEncoding
 
@@ -65,6 +67,7 @@ class Generator:
         from transformers import TextStreamer
 
         inputs = self.encode(messages).to(self.lm.device)
+        max_new_tokens = self.room(inputs["input_ids"].shape[1], max_new_tokens)
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with torch.inference_mode():
@@ -72,6 +75,18 @@ class Generator:
                                    pad_token_id=self.tokenizer.pad_token_id, **sampling)
         new = out[0, inputs["input_ids"].shape[1]:]
         return cast(str, self.tokenizer.decode(new, skip_special_tokens=True)).strip()  # one sequence: one str
+
+
+    def room(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """How many tokens may follow a prompt of `prompt_tokens`: at most `max_new_tokens`, and no more than the
+        model's context leaves (past its positions a model produces garbage; 10**12 asked for ran for ever). A
+        prompt that fills the context is refused in one line."""
+        if not self.context:
+            return max_new_tokens
+        if prompt_tokens >= self.context:
+            raise PeftkitError(f"the prompt is {prompt_tokens:,} tokens, and the model's context holds "
+                               f"{self.context:,}; shorten it")
+        return min(max_new_tokens, self.context - prompt_tokens)
 
 
 def opening(system: str | None) -> list[Message]:

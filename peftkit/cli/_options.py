@@ -72,5 +72,5 @@ def print_json(value: Any) -> None:
 # Shared by generate / chat.
 System = Annotated[str | None, typer.Option("--system", help="System message (chat models).")]
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens generated per answer.")]
-Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 = greedy.")]
+Temperature = Annotated[float, typer.Option("--temperature", min=0.0, max=1e6, help="Sampling temperature; 0 = greedy.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed of the sampling (with --temperature > 0).")]

@@ -90,6 +90,17 @@ def find_targets(
     return selected
 
 
+def refuse_unsupported_fields(config_json: dict, method: str,
+                              fields: Sequence[str] = ("modules_to_save", "exclude_modules")) -> None:
+    """Refuse a saved adapter config that sets one of `fields` (PEFT options such as modules_to_save or
+    exclude_modules that peftkit's `method` does not implement): loading it while ignoring them would run another
+    adapter than the one saved. One PeftkitError line naming the field."""
+    for field in fields:
+        if config_json.get(field):
+            raise PeftkitError(f"this {method} adapter sets {field} ({config_json[field]!r}), which peftkit's "
+                               f"{method} does not support; save it without {field}")
+
+
 def saved_targets(model: nn.Module, paths: Sequence[str], given: Sequence[str] | str | None = None) -> list[str] | str:
     """`target_modules` as adapter_config.json should say it, so that PEFT re-creates exactly `paths`: `given` (the
     config's own spec) when it selects exactly them, else their module names when those do, else a regex of the

@@ -30,6 +30,8 @@ def load_rows(source: str, split: str | None = None) -> datasets.Dataset:
         rows = _load_folder(path, split)
     elif path.is_file():
         rows = _load_file(path, split)
+    elif path.exists():  # a FIFO, a device (/dev/zero), a socket: reading it would block or never end
+        raise PeftkitError(f"data file {source!r} is not a regular file (a pipe or a device?); give a data file")
     elif _looks_like_path(source):
         raise PeftkitError(f"data file {source!r} does not exist")
     else:

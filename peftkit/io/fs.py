@@ -9,6 +9,7 @@ command may write at all is decided by `peftkit.io.outputs.check_output`.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
@@ -53,15 +54,27 @@ def atomic_dir(path: str | os.PathLike, command: str = "peftkit") -> Iterator[Pa
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # only what was there when checked may be replaced: not a folder that another command created meanwhile
+    existed = (final.exists() or final.is_symlink()) and final.resolve() not in _EXPECTED_NEW
     tmp.mkdir()
     try:
         yield tmp
         write_marker(tmp, command)
         _umask_permissions(tmp)
-        _swap_in(tmp, final)
+        _swap_in(tmp, final, existed)
+        _EXPECTED_NEW.discard(final.resolve())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_EXPECTED_NEW: set[Path] = set()  # outputs `outputs.check_output` found absent in this process
+
+
+def expect_new(path: Path, new: bool) -> None:
+    """Record that output `path` was checked and found absent (`new`), or present and replaceable: `atomic_dir`
+    will then refuse to replace a folder that appeared there after the check (two commands writing one output)."""
+    (_EXPECTED_NEW.add if new else _EXPECTED_NEW.discard)(path.resolve())
 
 
 def refuse_protected(resolved: Path, shown: str) -> None:
@@ -85,10 +98,20 @@ def _refuse_foreign(final: Path) -> None:
                            "only its own outputs: write to a new folder")
 
 
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an existing `final` is renamed aside first and deleted only once `tmp` is in place
-    (if that last rename fails, the old folder is put back)."""
+def _swap_in(tmp: Path, final: Path, existed: bool) -> None:
+    """Rename `tmp` to `final`; a `final` that `existed` when the write began is renamed aside first and deleted only
+    once `tmp` is in place (if that last rename fails, the old folder is put back). One that appeared meanwhile (two
+    commands writing to one output at once) is never replaced: the kernel's rename refuses a non-empty folder."""
     old = None
+    if not existed:
+        try:
+            tmp.rename(final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            raise PeftkitError(f"output {str(final)!r} was created by another command while this one ran; it was left "
+                               "as it is and this result discarded: write to another --output") from None
+        return
     if final.exists() or final.is_symlink():
         old = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         final.rename(old)

@@ -24,7 +24,7 @@ from torch import nn
 
 from peftkit.core.state import base_model_id, base_model_note, set_base_model
 from peftkit.errors import PeftkitError
-from peftkit.io.fs import atomic_dir
+from peftkit.io.fs import atomic_dir, read_json_object
 from peftkit.io.gguf import (
     CONVERSION_VERSION,
     conversion_version,
@@ -32,7 +32,7 @@ from peftkit.io.gguf import (
     damaged_files,
     write_conversion_version,
 )
-from peftkit.io.model_config import complete_config
+from peftkit.io.model_config import check_config_sizes, complete_config
 from peftkit.io.quantize import bnb_config, check_quantize, fsdp_requested, keep_trainable_layout
 
 if TYPE_CHECKING:
@@ -141,6 +141,7 @@ def _source(name_or_path: str | None) -> tuple[str, dict, str | None]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise PeftkitError(f"{name_or_path!r} is a folder without config.json; point at a Hugging Face model folder")
+        check_config_sizes(read_json_object(path / "config.json", "a model config"), str(path / "config.json"))
         for weights in sorted(path.glob("*.safetensors")):
             safetensors_keys(weights)  # a damaged file is named here, before transformers reads it
         return str(path), {}, None
@@ -183,7 +184,7 @@ def load_tokenizer(name_or_path: str | None = None, trust_remote_code: bool = Fa
     source, extra, _ = _source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: transformers checks the config's field types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeftkitError(f"could not load model {name_or_path!r}: {first}") from None
     if tokenizer.pad_token is None:
@@ -226,9 +227,12 @@ def load_model(
         model = cast("CausalLM", AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype or "auto", trust_remote_code=trust_remote_code, **extra, **quantized
         ))
-    except (OSError, ValueError, SafetensorError, UnpicklingError) as exc:
+    except (OSError, ValueError, TypeError, SafetensorError, UnpicklingError) as exc:  # TypeError: a config field's type
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeftkitError(f"could not load model {name_or_path!r}: {first}") from None
+    except RuntimeError:  # transformers' size-mismatch report: the weights were not saved for this config
+        raise PeftkitError(f"could not load model {name_or_path!r}: its weights do not fit the sizes its config.json "
+                           "gives (an edited or another model's config); use the config saved with the weights") from None
     if device is not None and quantize is None:
         # transformers declares PreTrainedModel.to through functools.wraps(nn.Module.to), which mypy reads as
         # taking the model again as its first argument: the stub is wrong, the call is nn.Module.to's
@@ -274,7 +278,7 @@ def load_model_config(name_or_path: str | None = None, trust_remote_code: bool =
     source, extra, _ = _source(name_or_path)
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: transformers' check of a field's type
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeftkitError(f"could not load the config of {name_or_path!r}: {first}") from None
 

@@ -17,17 +17,19 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
-from peftkit.io.fs import MARKER_NAME, refuse_protected, written_by_peftkit
+from peftkit.io.fs import MARKER_NAME, expect_new, refuse_protected, written_by_peftkit
 
 
 def check_output(path: str | os.PathLike, overwrite: bool, *, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
     """Refuse an output target that the policy above forbids; called before any work starts."""
     target = check_target(path, inputs)
     if not target.exists():
+        expect_new(target, True)  # found absent: the write must not replace what appears there meanwhile
         return
     if not overwrite:
         raise PeftkitError(f"output {str(path)!r} already exists; pass --overwrite to replace it or choose another folder")
     check_replaceable(target, str(path))
+    expect_new(target, False)
 
 
 def check_target(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:

@@ -20,6 +20,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from peftkit.errors import PeftkitError
 from peftkit.io.fs import read_json_object
+from peftkit.io.model_config import check_config_sizes
 
 _LLAMA = {"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 _QWEN2 = {"model_type": "qwen2", "hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
@@ -81,12 +82,15 @@ def _from_dict(fields: dict, source: str) -> PretrainedConfig:
     missing = [f for f in REQUIRED_FIELDS if f not in fields]
     if missing:
         raise PeftkitError(f"{source} lacks the fields the estimate needs: {', '.join(missing)}")
+    check_config_sizes(fields, source)
     fields = dict(fields)
     model_type = fields.pop("model_type")
     try:
         return AutoConfig.for_model(model_type, **fields)
     except ValueError as exc:
         raise PeftkitError(f"{source}: model_type {model_type!r} is unknown to transformers ({exc})") from None
+    except TypeError as exc:  # transformers' check of a field's type
+        raise PeftkitError(f"{source}: {' '.join(str(exc).split())}") from None
 
 
 def resolve_config(model: str | PretrainedConfig | dict) -> tuple[PretrainedConfig, str]:

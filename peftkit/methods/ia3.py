@@ -27,7 +27,14 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from peftkit.core.inject import base_modules, find_targets, inject, replace_module, saved_targets
+from peftkit.core.inject import (
+    base_modules,
+    find_targets,
+    inject,
+    refuse_unsupported_fields,
+    replace_module,
+    saved_targets,
+)
 from peftkit.core.method import PEFT_PREFIX, AdapterLayer, Method, copy_saved_tensors
 from peftkit.core.registry import register
 from peftkit.core.shapes import ModelShape, SavedActivations
@@ -185,6 +192,7 @@ class IA3Method(Method):
 
     def load(self, model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], adapter_name: str) -> IA3Config:
         """Inject an IA3 adapter saved by peftkit or HF PEFT and copy its vectors in (names and shapes checked)."""
+        refuse_unsupported_fields(config_json, self.peft_type or self.name)
         config = IA3Config(target_modules=config_json.get("target_modules"),
                            feedforward_modules=config_json.get("feedforward_modules") or ())
         inject(model, config, adapter_name)

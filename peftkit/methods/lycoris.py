@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.core.archs import LINEAR_TYPES
-from peftkit.core.inject import base_modules, find_targets, inject, replace_module
+from peftkit.core.inject import base_modules, find_targets, inject, refuse_unsupported_fields, replace_module
 from peftkit.core.method import PEFT_PREFIX, AdapterLayer, Method, config_fields
 from peftkit.core.method_options import ALPHA, DROPOUT, RANK
 from peftkit.core.shapes import ModelShape, SavedActivations
@@ -239,10 +239,7 @@ class DeltaMethod(Method):
 
     def load(self, model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], adapter_name: str) -> Any:
         """Inject the adapter saved as (config_json, tensors) by peftkit or HF PEFT and copy its factors in."""
-        for unsupported in ("exclude_modules", "modules_to_save"):
-            if config_json.get(unsupported):
-                raise PeftkitError(f"this {self.peft_type} adapter sets {unsupported}, which peftkit's {self.name} "
-                                   "does not support; save it without")
+        refuse_unsupported_fields(config_json, self.peft_type or self.name)
         known = {f.name for f in fields(self.config_cls)}
         config = self.build_config({k: v for k, v in config_json.items() if k in known and v is not None})
         inject(model, config, adapter_name)

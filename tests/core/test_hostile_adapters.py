@@ -1,7 +1,8 @@
 """Hostile and damaged adapters of every mergeable method (VeRA, LoHa, LoKr, OFT, IA3, LoRA): a config field of the
 wrong type, layers_to_transform that leaves out layers the file holds, tensors of an integer dtype. `load_adapter`
 refuses each in one PeftkitError line, and `peftkit convert` / `merge` end in one `error:` line, exit code 2, no
-output written (they had crashed with a TypeError, or converted every layer and the integers as weights)."""
+output written (they had crashed with a TypeError, or converted every layer and the integers as weights). PEFT
+options that a method does not implement (modules_to_save, exclude_modules) are refused by every such method."""
 
 from __future__ import annotations
 
@@ -77,6 +78,16 @@ def test_target_fields_of_the_wrong_type(saved, tmp_path, method, field, value):
     with pytest.raises(PeftkitError, match=field) as exc:
         peftkit.load_adapter(torch.nn.Module(), folder)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("field", ["modules_to_save", "exclude_modules"])
+@pytest.mark.parametrize("method", ["oft", "ia3", "lokr", "loha"])
+def test_unsupported_peft_fields_are_refused_alike(saved, tmp_path, method, field):
+    """OFT and IA3 loaded an adapter with modules_to_save while ignoring it (LoKr and LoHa refused it)."""
+    folders, _ = saved
+    folder = _damaged(folders[method], tmp_path, config={field: ["lm_head"]})
+    with pytest.raises(PeftkitError, match=f"sets {field} \\(\\['lm_head'\\]\\), which peftkit's"):
+        peftkit.load_adapter(torch.nn.Module(), folder)
 
 
 @pytest.mark.parametrize("command", ["convert", "merge"])

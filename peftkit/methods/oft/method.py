@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from peftkit.core.archs import LINEAR_TYPES
-from peftkit.core.inject import base_modules, find_targets, inject, replace_module
+from peftkit.core.inject import base_modules, find_targets, inject, refuse_unsupported_fields, replace_module
 from peftkit.core.method import PEFT_PREFIX, Method
 from peftkit.core.registry import register
 from peftkit.core.shapes import ModelShape, SavedActivations
@@ -82,6 +82,7 @@ class OftMethod(Method):
     def load(self, model: nn.Module, config_json: dict, tensors: dict[str, torch.Tensor], adapter_name: str) -> OFTConfig:
         """Inject an OFT adapter saved by peftkit or HF PEFT and copy its tensors in (every key and shape checked
         before anything is injected)."""
+        refuse_unsupported_fields(config_json, self.peft_type or self.name)
         keys = _parse_keys(tensors)
         config = _config_from_json(config_json, list(keys))
         modules = dict(base_modules(model))

@@ -6,7 +6,9 @@ Without `model`, an adapter's recorded base (`base_model_name_or_path`) is loade
 records a quantization) was trained over a quantized base, so the base is loaded quantized the same way (bits,
 quant type, double quantization, compute dtype: `peftkit.io.quantize.load_options`), unless `dequantized=True` asks
 for the original weights. The adapter's stored prompt format is checked when loaded (`io.prompt_format`); without
-one, the tokenizer's chat template, else the plain template. Every refusal is one PeftkitError line.
+one, the tokenizer's chat template (checked the same way: a hostile or broken template of a base model was a
+traceback in `generate`), else the plain template. A loaded adapter must leave the model's output usable
+(finite, not the same score for every token: `io.probe`). Every refusal is one PeftkitError line.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from peftkit.core.state import prompt_format
 from peftkit.data.prompting import default_prompt_format
 from peftkit.io.adapters import META_NAME, adapter_base_model, load_adapter
 from peftkit.io.fs import read_json_object
-from peftkit.io.models import load_model
+from peftkit.io.models import EMBEDDED_HUB_ID, load_model
+from peftkit.io.probe import check_adapted_output
+from peftkit.io.prompt_format import check_prompt_format
 from peftkit.io.quantize import load_options
 
 if TYPE_CHECKING:
@@ -43,7 +47,9 @@ def load_for_inference(model: str | None, adapter: str | None, *, dequantized: b
     lm, tokenizer = load_model(base, **options)
     if adapter:
         load_adapter(lm, adapter)
-    return Loaded(lm, tokenizer, prompt_format(lm) or default_prompt_format(tokenizer))
+        check_adapted_output(lm, adapter)
+    shown = f"the chat template of model {base or EMBEDDED_HUB_ID!r}"  # an adapter's own was checked as it loaded
+    return Loaded(lm, tokenizer, prompt_format(lm) or check_prompt_format(default_prompt_format(tokenizer), shown))
 
 
 def recorded_load_options(adapter: str) -> dict[str, Any]:

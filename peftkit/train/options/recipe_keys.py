@@ -31,15 +31,41 @@ FSDP_FULL_SHARD = "full_shard"  # TrainingArguments' / axolotl's `fsdp: "full_sh
 SWITCHES = {"lora_target_linear": ("target_modules", "all-linear")}  # axolotl's `key: true` -> option: value
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """yaml's SafeLoader, refusing a key given twice in one mapping (YAML itself keeps the last one silently, so
+    `rank: 4` ... `rank: 8` would train with 8 whatever the reader of the recipe believed)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: list[Any] = []
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here, on purpose
+            continue
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice", key_node.start_mark)
+        seen.append(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def read_recipe_file(path: str | Path, options: Iterable[Option]) -> dict[str, tuple[str, Any]]:
     """option name -> (the key as written, value) of the YAML recipe at `path`, keys translated (`translate_keys`)."""
     file = Path(path)
     if not file.is_file():
         raise PeftkitError(f"recipe {str(file)!r} does not exist")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = yaml.load(file.read_text(), Loader=_UniqueKeys) or {}  # a SafeLoader
     except yaml.YAMLError as exc:
-        raise PeftkitError(f"recipe {file} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise PeftkitError(f"recipe {file} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except UnicodeDecodeError as exc:
+        raise PeftkitError(f"recipe {file} is not UTF-8 text ({exc.reason} at byte {exc.start}); a recipe is a "
+                           "YAML file") from None
+    except RecursionError:
+        raise PeftkitError(f"recipe {file} nests deeper than a YAML reader goes; a recipe is a flat mapping of "
+                           "option: value") from None
     if not isinstance(data, dict):
         raise PeftkitError(f"recipe {file} must be a mapping of option: value")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
