@@ -16,7 +16,6 @@ import textwrap
 import pytest
 from transformers import AutoModelForCausalLM
 
-from tests.train.test_distributed import REPO
 from tests.train.test_fsdp import _torchrun
 from tests.train.test_grpo import _rows
 from tests.train.test_grpo_fsdp import _ending_model
