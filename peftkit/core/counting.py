@@ -20,12 +20,14 @@ if TYPE_CHECKING:  # a runtime import of PreTrainedModel loads transformers' mod
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, shared (tied) tensors counted once, as PEFT prints them."""
+    """(trainable, total) parameter counts, shared (tied) tensors counted once, as PEFT prints them. A parameter
+    partitioned by DeepSpeed ZeRO-3 (loaded inside `zero.Init`: an empty local tensor) counts its whole size."""
     trainable = total = 0
     for param in model.parameters():
-        total += param.numel()
+        size = getattr(param, "ds_numel", param.numel())
+        total += size
         if param.requires_grad:
-            trainable += param.numel()
+            trainable += size
     return trainable, total
 
 

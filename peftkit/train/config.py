@@ -123,7 +123,7 @@ class TrainConfig:
     objective_options: dict[str, Any] = option(default_factory=dict, cli=False, help="The objective's options (given flat: beta, ...).")
     # sharding over the processes of a launcher (peftkit/train/devices/sharding.py)
     fsdp: bool = option(False, help="Shard weights, gradients and optimizer states over the launcher's processes with FSDP2 (full shard).")
-    deepspeed: str | None = option(None, help="Shard with DeepSpeed through accelerate: zero1 | zero2 | zero3 | a DeepSpeed JSON config (needs a GPU).")
+    deepspeed: str | None = option(None, help="Shard with DeepSpeed through accelerate: zero1 | zero2 | zero3 | a DeepSpeed JSON config (on a CPU: several torchrun processes).")
     # run folder
     output: str | None = option(None, flags=("--output", "-o", "--out"), aliases=("output_dir",), help="Output folder.")
     overwrite: bool = option(False, flags=("--overwrite",), aliases=("overwrite_output_dir",), help="Replace an existing output folder.")

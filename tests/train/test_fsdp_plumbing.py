@@ -59,6 +59,21 @@ def test_what_the_loop_does_not_do_under_deepspeed_is_refused(options, says):
         check_deepspeed_run(load_train_config(None, {"deepspeed": "zero2", **options}))
 
 
+def test_use_vllm_refuses_deepspeed_as_it_refuses_fsdp():
+    with pytest.raises(PeftkitError, match="--use-vllm with --deepspeed: every process would write and load"):
+        load_train_config(None, {"objective": "grpo", "use_vllm": True, "deepspeed": "zero2"})
+
+
+def test_zero3_partitioned_parameters_count_their_whole_size():
+    from peftkit.core.counting import trainable_parameters
+
+    model = nn.Linear(4, 3)
+    model.weight.requires_grad_(False)
+    model.weight.data = torch.empty(0)  # what a ZeRO-3 partition holds locally; DeepSpeed records the whole size
+    model.weight.ds_numel = 12
+    assert trainable_parameters(model) == (3, 15)
+
+
 def test_recipe_spellings_of_other_tools():
     valid = ["fsdp", "deepspeed"]
     assert translate({"fsdp": "full_shard auto_wrap"}, valid, "r") == {"fsdp": True}  # TrainingArguments

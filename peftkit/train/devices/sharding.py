@@ -61,6 +61,8 @@ def build_accelerator(cpu: bool, mixed_precision: str, cfg: TrainConfig | None =
                            "supported)")
     if plugin is not None and cpu and acc.num_processes > 1:
         _fsdp_on_cpu(acc, plugin, mixed_precision)
+    if "deepspeed_plugin" in kwargs and cpu:
+        _deepspeed_on_cpu(acc, kwargs["deepspeed_plugin"], mixed_precision)
     return acc
 
 
@@ -84,6 +86,19 @@ def _fsdp_on_cpu(acc: Any, plugin: Any, mixed_precision: str) -> None:
     acc.state.fsdp_plugin = plugin
     # both shared states: every AcceleratorState() copies the process state's entries over its own
     PartialState().distributed_type = acc.state.distributed_type = DistributedType.FSDP
+
+
+def _deepspeed_on_cpu(acc: Any, plugin: Any, mixed_precision: str) -> None:
+    """Switch a multi-process CPU accelerator (gloo) to accelerate's DeepSpeed path, which it enables only on
+    accelerators: `prepare` then builds the DeepSpeed engine (its CPU accelerator, over the same gloo group)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    plugin.set_mixed_precision(mixed_precision)
+    plugin.select(_from_accelerator_state=True)
+    acc.state.deepspeed_plugins = plugin
+    acc.state._mixed_precision = "no"  # as accelerate does under DeepSpeed: the engine's config holds the precision
+    PartialState().distributed_type = acc.state.distributed_type = DistributedType.DEEPSPEED
 
 
 def deepspeed_config(spec: str, batch_size: int = 1, grad_accum: int = 1, max_grad_norm: float = 1.0,
@@ -125,13 +140,19 @@ def check_deepspeed_run(cfg: TrainConfig) -> None:
 
 
 def deepspeed_plugin(spec: str, cpu: bool, **run: Any) -> Any:
-    """accelerate's DeepSpeedPlugin for `--deepspeed`; DeepSpeed needs its package and a CUDA GPU."""
+    """accelerate's DeepSpeedPlugin for `--deepspeed`: needs the deepspeed package, and on a CPU (DeepSpeed's CPU
+    accelerator, gloo) several processes (`torchrun --nproc_per_node N`)."""
+    import os
+
     from accelerate.utils import DeepSpeedPlugin, is_deepspeed_available
 
     config = deepspeed_config(spec, **run)
-    if cpu or not is_deepspeed_available():
-        raise PeftkitError("--deepspeed needs the deepspeed package and a CUDA GPU (pip install deepspeed); on a "
-                           "CPU use --fsdp, which shards the same way as ZeRO-3")
+    if not is_deepspeed_available():
+        raise PeftkitError("--deepspeed needs the deepspeed package (pip install deepspeed); or shard with --fsdp, "
+                           "which shards the same way as ZeRO-3")
+    if cpu and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise PeftkitError("--deepspeed on a CPU needs several processes (torchrun --nproc_per_node 2 ...); for one "
+                           "process drop it, or shard with --fsdp")
     return DeepSpeedPlugin(hf_ds_config=config)
 
 

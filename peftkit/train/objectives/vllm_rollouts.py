@@ -51,9 +51,10 @@ SEED_HIGH = 2 ** 62
 DEFAULT_URL, DEFAULT_TIMEOUT = "http://localhost:8000", 240.0  # the options' defaults (TRL's timeout)
 
 
-def check_options(options: dict[str, Any], trains_base: bool, sharded: bool) -> None:
+def check_options(options: dict[str, Any], trains_base: bool, sharding: str | None) -> None:
     """The refusals that need no model (Grpo.check): vLLM options without --use-vllm, a URL that is not http(s),
-    a method with no adapter to serve, sharded training (each process would write and load its own adapter)."""
+    a method with no adapter to serve, sharded training (`sharding`: "--fsdp" or "--deepspeed"; each process would
+    write and load its own adapter)."""
     if not options.get("use_vllm"):
         given = [name for name in VLLM_OPTIONS if options.get(name) is not None]
         if given:
@@ -68,9 +69,9 @@ def check_options(options: dict[str, Any], trains_base: bool, sharded: bool) -> 
     if trains_base:
         raise PeftkitError("--use-vllm loads the trained adapter into the server as a LoRA; this method trains the "
                            "model's own weights (no adapter); use an adapter method")
-    if sharded:
-        raise PeftkitError("--use-vllm with --fsdp: every process would write and load its own adapter; drop "
-                           "--use-vllm (rollouts are then sampled by the sharded model itself) or --fsdp")
+    if sharding:
+        raise PeftkitError(f"--use-vllm with {sharding}: every process would write and load its own adapter; drop "
+                           f"--use-vllm (rollouts are then sampled by the sharded model itself) or {sharding}")
 
 
 class VllmSampler:
