@@ -171,6 +171,8 @@ def test_one_step_over_a_4bit_base_and_deepspeed_refused(tmp_path):
     result = train(load_train_config(None, options), progress=False)  # sampled unmerged: a 4-bit base
     step = [json.loads(line) for line in result.run_dir.metrics.read_text().splitlines() if '"train"' in line][0]
     assert math.isfinite(step["loss"]) and math.isfinite(step["kl"])
-    with pytest.raises(PeftkitError, match="--objective grpo under --deepspeed is not verified yet"):  # --fsdp runs
-        train(load_train_config(None, {**options, "deepspeed": "zero2", "method": "lora", "dry_run": True}),
+    ds_config = tmp_path / "ds.json"  # the presets run (test_grpo_deepspeed.py); a JSON config has not
+    ds_config.write_text('{"zero_optimization": {"stage": 2}}')
+    with pytest.raises(PeftkitError, match="--objective grpo under --deepspeed is not verified yet with a DeepSpeed"):
+        train(load_train_config(None, {**options, "deepspeed": str(ds_config), "method": "lora", "dry_run": True}),
               progress=False)
