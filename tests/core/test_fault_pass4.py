@@ -70,6 +70,17 @@ def test_the_probe_refuses_huge_finite_weights(huge):
         check_adapted_output(model, str(adapter))
 
 
+def test_the_probe_refuses_weights_that_swamp_the_model_without_overflowing():
+    model = tiny_model("llama")
+    peftkit.inject(model, peftkit.LoraConfig(r=2))
+    perturb_adapter(model)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.fill_(1e6)  # logits stay finite and varied: the answer is garbage all the same
+    with pytest.raises(PeftkitError, match="makes the residual stream .*x as large as the base model's"):
+        check_adapted_output(model, "x")
+
+
 @pytest.mark.parametrize("command", ["generate", "chat", "eval"])
 def test_generate_chat_and_eval_refuse_huge_finite_weights(huge, capsys, command):
     base, adapter, data = huge
