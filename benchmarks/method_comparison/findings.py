@@ -52,7 +52,7 @@ def lr_ratio(rows: list[Row]) -> str | None:
     if not (full and loras):
         return None
     if full["lr_from"] != "sweep":
-        return f"not measured on this task: its learning rates are {full['lr_from']} (--quick sweeps the first task only)"
+        return f"not measured on this task: its learning rates are {full['lr_from']}'s (--quick sweeps the first task only)"
     ratios = [r["lr"] / full["lr"] for r in loras]
     ok = all(3 <= x <= 30 for x in ratios)
     edge = any(r["lr"] in (min(r["lrs_tried"]), max(r["lrs_tried"])) for r in [full, *loras]

@@ -12,7 +12,7 @@ bundled held-out file is the test split, whose names or products and sentence te
 Learning rates (experiments.py): each family's lead, and in the full comparison every experiment, is trained at
 every lr of its family's grid with the first seed; the lr with the lowest validation loss is then trained with
 every seed. In --quick the family's other experiments take their lead's lr, and the tasks after the first take the
-first task's lrs (one seed each). Each run is one process (one_run.py; --jobs N runs N at once, each with cores / N
+first task's lrs. Each run is one process (one_run.py; --jobs N runs N at once, each with cores / N
 threads) writing one JSON file under results/TASK/; a file already there is not run again, so an interrupted
 comparison continues where it stopped. report.py then writes the table, the findings and the plots.
 """
@@ -107,7 +107,7 @@ def plan(task: str, chosen: list[Experiment], quick: bool, seed: int, out: Path,
     """Each experiment's lr on `task` and where it comes from. In --quick every task after the first takes the
     first task's lrs (`first`: that task and its plan) instead of sweeping again."""
     if quick and first:
-        return {name: (lr, f"{first[0]}'s") for name, (lr, _) in first[1].items()}
+        return {name: (lr, f"task {first[0]}") for name, (lr, _) in first[1].items()}
     rows = load_results(out / "results")  # the sweeps' results, read once
     return {e.name: chosen_lr(rows, task, e, chosen, quick, seed) for e in chosen}
 
@@ -128,8 +128,7 @@ def run_comparison(args: argparse.Namespace, chosen: list[Experiment], seeds: li
 
     pending: list[tuple] = []
     first: tuple[str, dict] | None = None
-    for i, task in enumerate(tasks):
-        task_seeds = seeds[:1] if args.quick and i > 0 and not args.seeds else seeds  # --quick: 1 seed after the first task
+    for task in tasks:
         if not (args.quick and first):
             swept = [e for e in chosen if e.swept(args.quick)]
             run_all(pending + [(task, e, lr, seeds[0]) for e in swept for lr in e.grid])
@@ -137,7 +136,7 @@ def run_comparison(args: argparse.Namespace, chosen: list[Experiment], seeds: li
         picked = plan(task, chosen, args.quick, seeds[0], args.out, first)
         first = first or (task, picked)
         pending += [(task, e, picked[e.name][0], seed, picked[e.name][1]) for e in chosen if picked[e.name][0]
-                    for seed in task_seeds]
+                    for seed in seeds]
     run_all(pending)
 
 
@@ -145,7 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the findings' experiments and one per family (~15 min, CPU)")
     ap.add_argument("--tasks", default="extract,intent", help="comma list of: " + ", ".join(TASKS))
-    ap.add_argument("--seeds", default=None, help="comma list (default: 0,1,2; --quick: 0,1 on the first task, 0 on the others)")
+    ap.add_argument("--seeds", default=None, help="comma list (default: 0,1,2; --quick: 0,1)")
     ap.add_argument("--only", default=None, help="comma list of experiment names")
     ap.add_argument("--out", type=Path, default=HERE, help="folder of results/ and data/ (default: this folder)")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs", help="where the report and plots go")

@@ -88,9 +88,9 @@ def test_lrs_taken_from_another_task_are_not_a_finding_and_peft_sits_beside(resu
     inherited = [r for r in report.load_results(results) if r["train_info"]["status"] == "success"
                  and r["run_info"]["lr"] in (2e-3, 1e-4)]     # one lr per experiment, as a later --quick task has
     for r in inherited:
-        r["run_info"]["lr_from"] = "extract's"
+        r["run_info"]["lr_from"] = "task extract"
     table = report.table(inherited, "extract")
-    assert findings.lr_ratio(table).startswith("not measured on this task: its learning rates are extract's")
+    assert findings.lr_ratio(table).startswith("not measured on this task: its learning rates are task extract's")
     lines = report.beside_peft({"extract": report.table(report.load_results(results), "extract")})
     full = next(line for line in lines if line.startswith("| full-finetuning/"))
     assert full.endswith("| 47.2% | full-finetuning | 94.0% |")        # PEFT's published figure, ours beside it
@@ -101,4 +101,4 @@ def test_quick_later_tasks_take_the_first_tasks_lrs(tmp_path):
 
     first = ("extract", {"lora-all-r8": (2e-3, "sweep"), "full-finetuning": (1e-4, "sweep")})
     picked = run.plan("intent", [], True, 0, tmp_path, first)
-    assert picked == {"lora-all-r8": (2e-3, "extract's"), "full-finetuning": (1e-4, "extract's")}
+    assert picked == {"lora-all-r8": (2e-3, "task extract"), "full-finetuning": (1e-4, "task extract")}
