@@ -27,6 +27,9 @@ def test_the_objective_describes_its_rollouts():
     assert get_objective("grpo").rollout(cfg) == Rollout(6, 6, 32, False, True)  # the step's prompts at once
     cfg = resolve_defaults(load_train_config(None, {**given, "beta": 0.04, "rollout_merge": False}))
     assert get_objective("grpo").rollout(cfg) == Rollout(6, 6, 32, True, False)
+    for sharding, merges in [({"fsdp": True}, False), ({"deepspeed": "zero3"}, False), ({"deepspeed": "zero2"}, True)]:
+        cfg = resolve_defaults(load_train_config(None, {**given, **sharding}))  # no merging into sharded weights
+        assert get_objective("grpo").rollout(cfg).merged is merges, sharding
     assert get_objective("sft").rollout(resolve_defaults(load_train_config(None, {}))) is None
 
 

@@ -110,13 +110,15 @@ class Grpo(Objective):
     def rollout(self, cfg: TrainConfig) -> Rollout:
         """The step's prompts (batch x grad_accum, sampled at once) x num_generations, the completion length; a
         reference pass when beta > 0 (the adapter switched off) or num_iterations > 1 (the old policy's
-        log-probs)."""
+        log-probs); the adapter merged while sampling unless the weights are sharded (--fsdp, ZeRO-3), which
+        rollouts.can_merge refuses at run time."""
         from peftkit.memory.generation import Rollout
 
         assert cfg.batch_size is not None, "a resolved config (resolve_defaults fills batch_size)"
         options = {**self.option_defaults(), **cfg.objective_options}
+        sharded = bool(cfg.fsdp) or cfg.deepspeed == "zero3"
         return Rollout(cfg.batch_size * cfg.grad_accum, options["num_generations"], completion_length(cfg),
-                       bool(options["beta"]) or options["num_iterations"] > 1, options["rollout_merge"])
+                       bool(options["beta"]) or options["num_iterations"] > 1, options["rollout_merge"] and not sharded)
 
     def bundled(self) -> tuple[str, str]:
         from peftkit import data
