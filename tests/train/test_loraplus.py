@@ -93,8 +93,8 @@ def test_groups_learning_rates_survive_resume(tmp_path, monkeypatch):
     seen = []
     real = run_module.load_checkpoint
 
-    def spy(folder, model, optimizer, scheduler, process_index):
-        pos = real(folder, model, optimizer, scheduler, process_index)
+    def spy(folder, model, optimizer, scheduler, *rest):
+        pos = real(folder, model, optimizer, scheduler, *rest)
         seen.append([(g["lr"], len(g["params"])) for g in optimizer.param_groups])
         return pos
 
