@@ -10,6 +10,7 @@ and the held-out evaluation, on every process, run under FSDP too.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -35,21 +36,31 @@ def _ending_model(folder):
     return folder
 
 
-def test_two_grpo_steps_under_fsdp(tmp_path):
+def grpo_options(tmp_path):
+    """The two-step GRPO run the sharded tests launch (the model that ends early, the KL term, an eval split)."""
+    return dict(model=str(_ending_model(tmp_path / "tiny")), data=str(_rows(tmp_path / "t.jsonl", 8)),
+                eval_data=str(_rows(tmp_path / "e.jsonl", 2)), objective="grpo", reward="length,exact_match",
+                num_generations=2, max_completion_length=8, max_steps=2, batch_size=2, max_length=64, lr=1e-2,
+                precision="fp32", beta=0.1, seed=0, output=str(tmp_path / "run"))
+
+
+def check_two_steps(options, keys=()):
+    """Both steps logged GRPO's metrics (and `keys`), both evaluations exact match, and PEFT loads the adapter."""
     from peft import PeftModel
 
-    model = _ending_model(tmp_path / "tiny")
-    options = dict(model=model, data=_rows(tmp_path / "t.jsonl", 8), eval_data=_rows(tmp_path / "e.jsonl", 2),
-                   objective="grpo", reward="length,exact_match", num_generations=2, max_completion_length=8,
-                   max_steps=2, batch_size=2, max_length=64, lr=1e-2, precision="fp32", beta=0.1, seed=0, fsdp=True,
-                   output=tmp_path / "run", quiet=True)
-    proc = _torchrun([str(REPO / "cli.py"), "train", *_flags(options)], tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    run = Path(options["output"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in steps] == [1, 2]
-    for key in ("loss", "reward", "rewards/length/mean", "kl", "entropy", "completions/mean_length", "rollout_s"):
+    for key in ("loss", "reward", "rewards/length/mean", "kl", "entropy", "completions/mean_length", *keys):
         assert all(isinstance(r[key], float) for r in steps), key
     assert {r["step"] for r in records if r["kind"] == "eval" and "exact_match" in r} == {0, 2}
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), str(tmp_path / "run" / "adapter"))
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(options["model"]), str(run / "adapter"))
     assert peft.peft_config["default"].r > 0
+
+
+def test_two_grpo_steps_under_fsdp(tmp_path):
+    options = grpo_options(tmp_path)
+    proc = _torchrun([str(REPO / "cli.py"), "train", *_flags({**options, "fsdp": True, "quiet": True})], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    check_two_steps(options, ["rollout_s"])
