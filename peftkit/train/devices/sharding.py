@@ -20,6 +20,7 @@ and `check_complete` refuses to let an empty or partial tensor be written.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,8 +41,6 @@ log = logging.getLogger(__name__)
 def build_accelerator(cpu: bool, mixed_precision: str, cfg: TrainConfig | None = None, **options: Any) -> Any:
     """An Accelerator, sharding with FSDP2 or DeepSpeed when `cfg` (a TrainConfig) asks for it, or when the config
     of `accelerate launch` says so; `options` go to the Accelerator as they are (trackers)."""
-    import os
-
     from accelerate import Accelerator
 
     kwargs: dict[str, Any] = dict(options)
@@ -142,8 +141,6 @@ def check_deepspeed_run(cfg: TrainConfig) -> None:
 def deepspeed_plugin(spec: str, cpu: bool, **run: Any) -> Any:
     """accelerate's DeepSpeedPlugin for `--deepspeed`: needs the deepspeed package, and on a CPU (DeepSpeed's CPU
     accelerator, gloo) several processes (`torchrun --nproc_per_node N`)."""
-    import os
-
     from accelerate.utils import DeepSpeedPlugin, is_deepspeed_available
 
     config = deepspeed_config(spec, **run)
