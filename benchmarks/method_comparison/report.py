@@ -118,9 +118,9 @@ def beside_peft(tables: dict[str, list[dict]]) -> list[str]:
     for task in tasks:
         both = [(r, s) for r in published["results"] for s in tables[task] if s["experiment_name"] == r["peftkit"]]
         if len(both) >= 2:
-            order = lambda pairs, key: " > ".join(p[1]["experiment_name"] for p in sorted(pairs, key=key))  # noqa: E731
-            out += ["", f"- `{task}`, the experiments both have, best first: PEFT "
-                    f"{order(both, lambda p: -p[0]['test_accuracy'])}; peftkit {order(both, lambda p: -p[1]['test_accuracy'])}"]
+            ranked = [" > ".join(s["experiment_name"] for _, s in sorted(both, key=lambda pair: -pair[side]["test_accuracy"]))
+                      for side in (0, 1)]
+            out += ["", f"- `{task}`, the experiments both have, best first: PEFT {ranked[0]}; peftkit {ranked[1]}"]
     return out
 
 
