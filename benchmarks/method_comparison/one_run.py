@@ -3,11 +3,12 @@
     python benchmarks/method_comparison/one_run.py SPEC.json RESULT.json
 
 SPEC holds the experiment name, task, lr, seed, the TrainConfig fields and the data files (train, validation,
-test). The run trains with peftkit's own trainer (`peftkit.train.run.train`, exactly what `peftkit train` runs; the
-test split is its held-out set, scored after training by greedy exact match), then measures what `peftkit eval`
-measures for any adapter: the loss on the validation rows (the lr is chosen on it, never on the test split), the
-forgetting on bundled general text against the base, and the saved parameters and bytes. RESULT follows the layout
-of HF PEFT's method_comparison results (run_info / train_info / meta_info) so both can be read side by side.
+test). The run trains with peftkit's own trainer (`peftkit.train.run.train`, exactly what `peftkit train` runs, with
+no held-out pass of its own), then scores the trained model it hands back (`RunResult.trained`: still in memory,
+as PEFT's method comparison scores it) with `peftkit eval`'s functions: greedy exact match on the test split, the
+loss on the validation rows (the lr is chosen on it, never on the test split), the forgetting on bundled general
+text against the base, and the saved parameters and bytes. RESULT follows the layout of HF PEFT's method_comparison results (run_info / train_info / meta_info) so both
+can be read side by side.
 """
 
 from __future__ import annotations
@@ -45,26 +46,28 @@ def train_time(metrics_file: Path) -> tuple[float, int]:
     return float(last["elapsed_s"]), int(last["tokens"])
 
 
-def score(adapter: Path, spec: dict) -> dict[str, Any]:
-    """What `peftkit eval` reports beyond exact match, with the same functions and the same autocast: validation
-    loss, forgetting, saved size. The base's general-text loss is the same for every run of a comparison, so it is
-    computed once (BASE_LOSS file beside the data) and reused."""
+def score(trained: Any, saved: Path, spec: dict) -> dict[str, Any]:
+    """What `peftkit eval` reports, with the same functions and the same autocast, for the trained model
+    (`trained`, a `Loaded`) and what it saved: exact match on the test split, validation loss, forgetting, saved
+    size. The base's general-text loss is the same for every run of a comparison, so it is computed once
+    (BASE_LOSS file beside the data) and reused."""
     from peftkit import data
     from peftkit.train.devices.precision import inference_autocast
     from peftkit.train.evaluation.forgetting import forgetting, general_text_loss, loss_on_rows, saved_weights
+    from peftkit.train.evaluation.heldout import exact_match, references
     from peftkit.train.evaluation.loading import load_for_inference
 
-    is_model = (adapter / "config.json").is_file()
-    loaded = load_for_inference(str(adapter) if is_model else None, None if is_model else str(adapter))
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer, prompt_format = trained.model, trained.tokenizer, trained.prompt_format
     with inference_autocast(next(model.parameters()).device):
         base_loss = _cached(Path(spec["valid"]).parent.parent / "base_general_loss.json", spec["options"].get("model"),
                             lambda: general_text_loss(load_for_inference(spec["options"].get("model"), None).model,
                                                       tokenizer))
-        valid = data.load_rows(spec["valid"])
-        out = {"valid_loss": loss_on_rows(model, tokenizer, valid, "alpaca", loaded.prompt_format)["loss"]}
+        test = exact_match(model, tokenizer, references(data.load_rows(spec["test"]), "alpaca"), prompt_format)
+        out = {"test_accuracy": test["exact_match"], "test_examples": test["n"],
+               "valid_loss": loss_on_rows(model, tokenizer, data.load_rows(spec["valid"]), "alpaca",
+                                          prompt_format)["loss"]}
         out.update(forgetting(model, tokenizer, base_loss=base_loss))
-    out.update(saved_weights(adapter))
+    out.update(saved_weights(saved))
     return out
 
 
@@ -102,15 +105,15 @@ def main(spec_file: str, result_file: str) -> None:
     from peftkit.train.run import train
 
     with tempfile.TemporaryDirectory(prefix="peftkit-compare-") as tmp:
-        cfg = TrainConfig(**spec["options"], data=spec["train"], eval_data=spec["test"], lr=spec["lr"],
-                          seed=spec["seed"], eval_before=False, output=str(Path(tmp) / "run"))
+        cfg = TrainConfig(**spec["options"], data=spec["train"], eval_split=0, lr=spec["lr"], seed=spec["seed"],
+                          eval_before=False, output=str(Path(tmp) / "run"))
         started_training = time.perf_counter()
         result = train(cfg, progress=False)
         memory = peak_memory()
         seconds, tokens = train_time(Path(tmp) / "run" / "metrics.jsonl")
         saved = Path(str(result.saved))
         started_scoring = time.perf_counter()
-        scores = score(saved, spec)
+        scores = score(result.trained, saved, spec)
         phases = {"startup_s": started_training - started, "train_call_s": started_scoring - started_training,
                   "score_s": time.perf_counter() - started_scoring}
     method = get_method(cfg.method)
@@ -118,7 +121,7 @@ def main(spec_file: str, result_file: str) -> None:
         "status": "success", "train_time": seconds, "train_total_tokens": tokens, "tokens_per_s": tokens / seconds,
         "file_size": scores.pop("saved_bytes"), "saved_parameters": scores.pop("saved_parameters"),
         "num_trainable_params": result.summary["trainable_parameters"], **memory,
-        "test_accuracy": result.after.get("exact_match"), "test_loss": result.after.get("loss"), **scores,
+        **scores,
         "train_loss": result.summary["last_train_loss"], **phases,
     }
     run_info = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -34,9 +34,10 @@ from peftkit.train.checkpoints.claim import claim
 from peftkit.train.checkpoints.rundir import RunDir
 from peftkit.train.config import TrainConfig, resolve_defaults, save_config
 from peftkit.train.devices.precision import auto_precision, make_accelerator, upcast_trainable
-from peftkit.train.devices.sharding import is_sharded, whole_model
+from peftkit.train.devices.sharding import is_sharded, whole_model, wraps_training
 from peftkit.train.devices.speed import apply_speed_settings
 from peftkit.train.evaluation.heldout import exact_match
+from peftkit.train.evaluation.loading import Loaded
 from peftkit.train.init_data import initialise_adapters
 from peftkit.train.loop.fit import Loop, fit
 from peftkit.train.loop.loss import loss_path
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
-    """Where a run's outputs are and how evaluation changed."""
+    """Where a run's outputs are, how evaluation changed, and the trained model (to use or score without a reload)."""
 
     run_dir: RunDir | None
     saved: Path | None = None
@@ -64,6 +65,7 @@ class RunResult:
     wall_s: float = 0.0
     summary: dict = field(default_factory=dict)
     main: bool = True               # False on the other processes of a distributed run (they print nothing)
+    trained: Loaded | None = None   # the model in memory, as load_for_inference loads it (None: dry or sharded run)
 
 
 @dataclass
@@ -153,8 +155,7 @@ def _load(cfg: TrainConfig, method: Method, acc: Any, dtype: Any, precision: str
     say(f"{steps} optimizer step{'s' if steps != 1 else ''}, each {cfg.grad_accum} x {acc.num_processes} micro-batches "
         f"(accumulated x processes) of {rows}, lr {cfg.lr}")
     planned = steps * cfg.grad_accum * acc.num_processes * sum(train_split.lengths) // max(len(plan(0)), 1)
-    share = apply_speed_settings(model, cfg, precision, acc.device.type, planned, say,
-                                 sharded=acc.distributed_type in ("FSDP", "DEEPSPEED"))
+    share = apply_speed_settings(model, cfg, precision, acc.device.type, planned, say, sharded=wraps_training(acc))
     return Session(cfg, method, acc, model, tokenizer, prompt_format, train_split, eval_split, plan, steps, run_dir,
                    resume_from, share)
 
@@ -173,7 +174,7 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
     path = loss_path(model)
     objective = get_objective(cfg.objective).start(s, path)  # batches, loss, statistics, held-out score
     initialise_adapters(model, s.method, cfg.model, s.plan(0), objective)  # EVA, LoftQ: before the optimizer
-    optimizer, scheduler = optimizer_and_schedule(model, cfg, s.steps)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, s.steps, sharded=wraps_training(acc))
     prepared, optimizer = acc.prepare(model, optimizer)
     pos = Position()
     if s.resume_from is not None:
@@ -210,7 +211,8 @@ def _run(s: Session, progress: bool, on_checkpoint: Callable[[int], None] | None
         bar.stop()
     after = evaluate(pos.step, generate=True)
     _say_eval("after", after, say, objective)
-    result = RunResult(s.run_dir, before=before, after=after, steps=pos.step, main=main)
+    result = RunResult(s.run_dir, before=before, after=after, steps=pos.step, main=main,
+                       trained=None if is_sharded(acc) else Loaded(model, s.tokenizer, s.prompt_format))
     with whole_model(acc, prepared, not s.method.trains_base, "the trained result") as writer:  # sharded: gathered
         if writer:
             _finish(s, result, metrics, pos)
@@ -259,8 +261,7 @@ def _say_interrupted(s: Session) -> None:
     """Ctrl-C or SIGTERM: where the newest checkpoint is and the command that continues from it."""
     if not s.main:
         return
-    newest = s.run_dir.latest_checkpoint() if s.run_dir else None
-    if newest:
+    if newest := (s.run_dir.latest_checkpoint() if s.run_dir else None):
         log.warning("interrupted; the newest checkpoint is %s: continue with `peftkit train ... --output %s --resume` "
                     "(the same options)", newest, s.run_dir)
     else:
@@ -278,8 +279,7 @@ def _save(model: CausalLM, tokenizer: Any, run_dir: RunDir, method: Method, prom
         return _write_result(model, tokenizer, run_dir, method, prompt_format)
     except OSError as exc:
         rescue = RunDir.rescue()
-        latest = run_dir.latest_checkpoint()
-        newest = f"; the newest checkpoint is {latest}" if latest else ""
+        newest = f"; the newest checkpoint is {latest}" if (latest := run_dir.latest_checkpoint()) else ""
         try:
             kept = _write_result(model, tokenizer, rescue, method, prompt_format)
         except OSError as again:

@@ -153,6 +153,11 @@ def deepspeed_plugin(spec: str, cpu: bool, **run: Any) -> Any:
     return DeepSpeedPlugin(hf_ds_config=config)
 
 
+def wraps_training(accelerator: Any) -> bool:
+    """True when FSDP or DeepSpeed (any ZeRO stage) wraps the model and its optimizer."""
+    return accelerator.distributed_type in ("FSDP", "DEEPSPEED")
+
+
 def is_sharded(accelerator: Any) -> bool:
     """True when no process holds whole parameters: FSDP or DeepSpeed ZeRO-3 over several processes."""
     from accelerate.utils import DistributedType

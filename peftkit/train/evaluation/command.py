@@ -16,7 +16,7 @@ from peftkit.io.adapters import META_NAME, adapter_base_model
 from peftkit.io.models import load_model
 from peftkit.train.devices.precision import inference_autocast, resolve_auto
 from peftkit.train.evaluation.forgetting import forgetting, loss_on_rows, saved_weights
-from peftkit.train.evaluation.heldout import exact_match, row_to_chat
+from peftkit.train.evaluation.heldout import exact_match, references
 from peftkit.train.evaluation.loading import load_for_inference
 
 if TYPE_CHECKING:
@@ -49,9 +49,7 @@ def evaluate(model_name: str | None, adapter: str | None, source: str | None = N
                                   **loss_on_rows(lm, tokenizer, rows, fmt, prompt_format, max_length=max_length,
                                                  batch_size=batch_size)}
         if fmt in ("alpaca", "messages"):
-            refs = [row_to_chat(row, fmt, i) for i, row in enumerate(rows)]
-            result.update(exact_match(lm, tokenizer, [(chat, ref) for chat, ref in refs if ref is not None],
-                                      prompt_format))
+            result.update(exact_match(lm, tokenizer, references(rows, fmt), prompt_format))
         if with_forgetting:
             result.update(forgetting(lm, tokenizer, _separate_base(model_name, adapter)))
     if adapter or _is_finetune(model_name):

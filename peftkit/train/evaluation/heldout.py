@@ -39,6 +39,15 @@ def row_to_chat(row: dict[str, Any], fmt: str, index: int = 0) -> tuple[list[dic
     return example[:last], example[last]["content"]
 
 
+def references(rows: Any, fmt: str) -> list[tuple[list[dict[str, str]], str]]:
+    """(prompt messages, reference answer) of every row that has a reference (`row_to_chat`): what exact match
+    scores. Only alpaca and messages rows have references; any other format gives none."""
+    if fmt not in ("alpaca", "messages"):
+        return []
+    pairs = (row_to_chat(row, fmt, i) for i, row in enumerate(rows))
+    return [(chat, ref) for chat, ref in pairs if ref is not None]
+
+
 @torch.no_grad()
 def eval_loss(model: nn.Module, collate: Callable[[list[int]], dict], batches: list[list[int]],
               path: str = "fused") -> dict[str, float]:

@@ -47,6 +47,18 @@ def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str,
     return [g for g in groups if g["params"]]
 
 
+def cpu_fused(groups: list[dict[str, Any]], sharded: bool) -> bool | None:
+    """True (torch's fused AdamW) when every trainable parameter is a plain tensor on the CPU and no FSDP or
+    DeepSpeed wraps the optimizer; None (torch's default) otherwise.
+
+    On a CPU torch's default AdamW steps one parameter at a time: measured on 1 thread, 0.64 s per step over the
+    135M parameters of a full fine-tune of the embedded model, against 0.08 s fused (the same update up to float
+    rounding). On a GPU the default (foreach) is kept: it is what the memory estimator models."""
+    params = [p for group in groups for p in group["params"]]
+    plain = all(type(p) is torch.nn.Parameter and p.device.type == "cpu" for p in params)
+    return True if plain and not sharded else None
+
+
 def _lr(cfg: TrainConfig) -> float:
     """The learning rate of a resolved config (`resolve_defaults` always sets one)."""
     if cfg.lr is None:
@@ -54,10 +66,15 @@ def _lr(cfg: TrainConfig) -> float:
     return cfg.lr
 
 
-def optimizer_and_schedule(model: torch.nn.Module, cfg: TrainConfig, steps: int) -> tuple[Any, Any]:
+def optimizer_and_schedule(model: torch.nn.Module, cfg: TrainConfig, steps: int,
+                           sharded: bool = False) -> tuple[Any, Any]:
     """AdamW over the trainable parameters (`parameter_groups`), and a LambdaLR: linear warmup, then cosine /
-    linear / constant."""
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=_lr(cfg), weight_decay=cfg.weight_decay)
+    linear / constant.
+
+    On a CPU the step is torch's fused kernel (`cpu_fused`), elsewhere torch's default for the device."""
+    groups = parameter_groups(model, cfg)
+    optimizer = torch.optim.AdamW(groups, lr=_lr(cfg), weight_decay=cfg.weight_decay,
+                                  fused=cpu_fused(groups, sharded))
     warmup = int(cfg.warmup * steps) if cfg.warmup < 1 else int(cfg.warmup)
 
     def factor(step: int) -> float:
