@@ -102,3 +102,18 @@ def test_quick_later_tasks_take_the_first_tasks_lrs(tmp_path):
     first = ("extract", {"lora-all-r8": (2e-3, "sweep"), "full-finetuning": (1e-4, "sweep")})
     picked = run.plan("intent", [], True, 0, tmp_path, first)
     assert picked == {"lora-all-r8": (2e-3, "task extract"), "full-finetuning": (1e-4, "task extract")}
+
+
+@pytest.mark.parametrize("task, rows", [("extract", 50), ("intent", 30)])
+def test_validation_is_drawn_like_the_test_split_and_shares_no_row_with_it(tmp_path, task, rows):
+    """The lr is chosen on rows of the test split's kind (its held-out pools), none of them a test or training row."""
+    import run
+
+    files = run.split_task(task, tmp_path)
+    inputs = {name: [json.loads(line)["input"] for line in Path(files[name]).read_text().splitlines()]
+              for name in ("train", "valid", "test")}
+    assert len(inputs["valid"]) == len(set(inputs["valid"])) == rows
+    assert not set(inputs["valid"]) & (set(inputs["test"]) | set(inputs["train"]))
+    pools = {"extract": run.make_dataset.CITY_EVAL, "intent": run.make_intent_dataset.PRODUCTS_EVAL}[task]
+    held_out = [text for text in inputs["valid"] if any(word in text for word in pools)]
+    assert len(held_out) >= rows * 0.8  # intent: a few held-out templates name no product

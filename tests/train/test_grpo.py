@@ -1,6 +1,6 @@
 """GRPO: the reward functions and their checks, rollouts (greedy = HF generate, the merged adapter restored
 exactly, top-p), the prompt rows and their refusals, and a two-step run on a tiny model logging TRL's metrics
-(under FSDP: test_grpo_fsdp.py; resumed: test_grpo_resume.py)."""
+(under FSDP: test_fsdp.py; resumed: test_grpo_resume.py)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 GRPO's metrics and save a whole adapter.
 
 ZeRO-3 partitions every parameter, so each forward of the token-by-token sampler gathers them (a collective), like
-FSDP: the model of test_grpo_fsdp.py ends its completions early and at random, so the two processes' loops end at
+FSDP: the model of sharded_grpo.py ends its completions early and at random, so the two processes' loops end at
 different steps and must stop together (rollouts._all_done). The reference pass (beta > 0) and the held-out
 evaluation run under ZeRO-3 too, and the save gathers the adapter through the engine. ZeRO-1/2 keep whole
 parameters in every process (no collective in a forward); measured: the same two steps run under each preset.
@@ -14,8 +14,8 @@ import textwrap
 
 import pytest
 
+from tests.train.sharded_grpo import check_two_steps, grpo_options
 from tests.train.test_fsdp import _torchrun
-from tests.train.test_grpo_fsdp import check_two_steps, grpo_options
 
 pytest.importorskip("deepspeed")
 

@@ -12,7 +12,7 @@ from peftkit.train.objectives.grpo_prompts import Prompts
 from peftkit.train.objectives.grpo_run import GrpoRun
 from peftkit.train.objectives.rewards import DEFAULT_PATTERN, build
 from peftkit.train.objectives.rollouts import Sampling
-from tests.train.test_grpo_fsdp import _ending_model
+from tests.train.sharded_grpo import _ending_model
 
 
 def test_exact_match_from_the_scored_completions_equals_exact_match(tmp_path):

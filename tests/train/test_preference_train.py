@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
@@ -147,31 +144,3 @@ def test_defaults_and_other_tools_recipe_keys(tmp_path):
     assert (bundled.max_steps, bundled.batch_size, bundled.lr, bundled.max_length) == (20, 4, 2e-3, 128)
     assert resolve_defaults(load_train_config(None, {"objective": "dpo", "epochs": 2})).max_steps is None
     assert resolve_defaults(load_train_config(None, {"objective": "dpo", "data": "x.jsonl"})).max_steps is None
-
-
-def test_two_processes_equal_one(setup):
-    """DDP: 2 processes x 1 micro-batch of 2 pairs give the adapter (and the logged means) of 1 process x 2 micro-
-    batches (the loss is normalised by the pairs of the whole step on both sides; see tests/train/test_distributed)."""
-    from tests.train.test_distributed import REPO, _free_port
-
-    root, model, data, _ = setup
-    common = _options(setup, "ddp-one", objective="dpo", batch_size=2, max_steps=3, lr=1e-2, eval_data=None,
-                      eval_split="0")
-    one = train(load_train_config(None, {**common, "grad_accum": 2}), progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(REPO / "cli.py"), "train", "--objective", "dpo", "--model", str(model), "--data", str(data),
-           "--eval-split", "0", "--max-steps", "3", "--batch-size", "2", "--grad-accum", "1", "--max-length", "64",
-           "--lr", "1e-2", "--rank", "4", "--dropout", "0", "--precision", "fp32", "--seed", "0", "--warmup", "0",
-           "--quiet", "--output", str(root / "ddp-two")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          cwd=root, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    want = load_file(str(one.saved / "adapter_model.safetensors"))
-    got = load_file(str(root / "ddp-two" / "adapter" / "adapter_model.safetensors"))
-    assert max(float(t.abs().max()) for k, t in want.items() if "lora_B" in k) > 1e-4
-    assert max(float((want[k] - got[k]).abs().max()) for k in want) <= 1e-5
-    steps_one, steps_two = _records(one.run_dir, "train"), _records(root / "ddp-two", "train")
-    assert [r["step"] for r in steps_two] == [1, 2, 3] and all(r["pairs"] == 4 for r in steps_two)
-    for a, b in zip(steps_one, steps_two, strict=True):
-        for key in ("loss", "rewards/margins", "rewards/accuracies", "preference_accuracy"):
-            assert a[key] == pytest.approx(b[key], abs=1e-5), key

@@ -1,4 +1,5 @@
-"""GRPO under FSDP2 on two CPU processes (gloo): two steps finish, log GRPO's metrics and save a whole adapter.
+"""The GRPO run the sharded tests launch (tests/train/test_fsdp.py under FSDP2, test_grpo_deepspeed.py under ZeRO-3,
+two CPU processes): two steps finish, log GRPO's metrics and save a whole adapter.
 
 The tiny model is made to end its completions early and at random (its end token gets a large logit offset: a
 constant first embedding dimension feeds it), so the two processes, sampling different prompts with different
@@ -16,8 +17,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.tiny import save_tiny_checkpoint
-from tests.train.test_distributed import REPO
-from tests.train.test_fsdp import _flags, _torchrun
 from tests.train.test_grpo import _rows
 
 END_OFFSET = 2.9  # measured: without the stop together, this launch hangs (the loops end at different steps)
@@ -58,9 +57,3 @@ def check_two_steps(options, keys=()):
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(options["model"]), str(run / "adapter"))
     assert peft.peft_config["default"].r > 0
 
-
-def test_two_grpo_steps_under_fsdp(tmp_path):
-    options = grpo_options(tmp_path)
-    proc = _torchrun([str(REPO / "cli.py"), "train", *_flags({**options, "fsdp": True, "quiet": True})], tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    check_two_steps(options, ["rollout_s"])
