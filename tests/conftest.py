@@ -30,13 +30,14 @@ def _share_cores_between_workers() -> None:
 _share_cores_between_workers()
 
 
-# The files that take longest, longest first (seconds of one worker's time with `-n auto` on 2 cores: the page's
-# journey ~55, FSDP's 5 torchrun launches ~75, then 15-30 each). Their files start first, so that none of them is
-# left running alone at the end of the suite while the other worker idles; every other file keeps its place.
-SLOW_FILES_FIRST = ("tests/train/test_fsdp.py", "tests/ui/test_page.py", "tests/train/test_preference_train.py",
-                    "tests/io/test_llama_cpp_converters.py", "tests/cli/test_cli_core.py",
-                    "tests/train/test_distributed.py", "tests/train/test_resume.py", "tests/methods/test_plugin.py",
-                    "tests/io/test_output_policy.py", "tests/cli/test_cli_manners.py")
+# The files that take longest, longest first (seconds of one worker's time with `-n auto` on 2 cores, measured
+# 2026-12-08: the page's journey ~85, FSDP's 3 torchrun launches ~60, then 13-25 each). Their files start first, so
+# that none of them is left running alone at the end of the suite while the other worker idles; every other file
+# keeps its place.
+SLOW_FILES_FIRST = ("tests/ui/test_page.py", "tests/train/test_fsdp.py", "tests/io/test_llama_cpp_converters.py",
+                    "tests/cli/test_cli_core.py", "tests/train/test_grpo_deepspeed.py", "tests/io/test_output_policy.py",
+                    "tests/cli/test_cli_manners.py", "tests/train/test_distributed.py",
+                    "tests/train/test_train_methods.py", "tests/ui/test_server.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:

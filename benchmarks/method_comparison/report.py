@@ -149,7 +149,7 @@ def write_report(results: Path, docs: Path, how: dict[str, Any]) -> list[Path]:
             "test accuracy: greedy exact match on the held-out split, mean over the seeds at the chosen lr; forgetting: "
             "mean token loss on bundled general text (peftkit/data/general_text.jsonl) minus the base model's, as "
             "`peftkit eval` reports it (positive = worse); lr: chosen by the lowest validation loss of the first seed "
-            "(validation = the last 50 rows of the task's training file, not trained on), or in --quick the family lead's "
+            "(validation = rows drawn like the test split's, none of them a test row), or in --quick the family lead's "
             "(\"lead X's\"); train s: the training "
             "loop's wall time (median); peak memory: the run process's peak resident memory on CPU, the CUDA "
             "allocator's peak on a GPU; saved: the size of the adapter (or model) safetensors."]

@@ -11,12 +11,11 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from peftkit.core.counting import trainable_parameters
 from peftkit.core.shapes import ModelShape, model_shape
 from peftkit.errors import PeftkitError
 from peftkit.io.deepspeed import deepspeed_stage
 from peftkit.memory.analytic import ROWS, Analytic, estimate_rows
-from peftkit.memory.building import build_meta_model
+from peftkit.memory.building import parameter_counts
 from peftkit.memory.generation import Rollout
 from peftkit.memory.presets import resolve_config
 from peftkit.memory.training_setup import TrainingSetup
@@ -112,7 +111,7 @@ def estimate_memory(
                           deepspeed_stage(deepspeed), fsdp, offload, opts, rollout)  # fmt: skip
     config, label = resolve_config(model)
     shape = model_shape(config)
-    trainable, total = trainable_parameters(build_meta_model(config, setup))
+    trainable, total = parameter_counts(config, setup)
     result = _rows(shape, setup, trainable, total)
     est = MemoryEstimate(label, total, trainable, asdict(setup), result.rows, result.total,
                          result.peak_phase, result.cpu_offload, gpu_memory_gb)  # fmt: skip

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import bitsandbytes as bnb
 import pytest
 from transformers import AutoTokenizer
 
@@ -91,6 +90,8 @@ def test_generate_chat_and_eval_refuse_it_alike(adapter, tmp_path, capsys, monke
 
 
 def test_a_qlora_adapter_runs_over_the_quantized_base_it_records(tmp_path):
+    import bitsandbytes as bnb
+
     base = tmp_path / "base"
     tiny_model("llama", QUANT).save_pretrained(base)
     AutoTokenizer.from_pretrained(embedded_folder()).save_pretrained(base)

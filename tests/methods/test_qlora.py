@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import bitsandbytes as bnb
 import pytest
 import torch
 from peft import PeftModel
@@ -45,9 +44,11 @@ def _quantized(base, quantize: str):
     return model
 
 
-@pytest.mark.parametrize("quantize,layer", [("nf4", bnb.nn.Linear4bit), ("fp4", bnb.nn.Linear4bit),
-                                            ("int8", bnb.nn.Linear8bitLt)])
+@pytest.mark.parametrize("quantize,layer", [("nf4", "Linear4bit"), ("fp4", "Linear4bit"), ("int8", "Linear8bitLt")])
 def test_load_model_quantizes_linears(base, quantize, layer):
+    import bitsandbytes as bnb  # here, not at collection: its import takes ~2 s in every worker
+
+    layer = getattr(bnb.nn, layer)
     model = _quantized(base, quantize)
     assert isinstance(model.model.layers[0].self_attn.q_proj, layer)
     assert isinstance(model.model.layers[1].mlp.down_proj, layer)
@@ -65,6 +66,8 @@ def test_unknown_quantization_is_refused(base):
 
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
 def test_peft_loads_qlora_adapter_over_bnb_base(base, tmp_path, quantize):
+    import bitsandbytes as bnb
+
     model = _quantized(base, quantize)
     peftkit.inject(model, QloraConfig(r=4, target_modules="all-linear", bits=8 if quantize == "int8" else 4))
     perturb_adapter(model)  # B = 0 would hide a wrong adapter

@@ -6,7 +6,6 @@ from the original weights at load, nothing of it is saved)."""
 
 from __future__ import annotations
 
-import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 from peft import PeftModel
@@ -72,10 +71,12 @@ def test_loftq_brings_the_quantized_model_closer_to_full_precision(base):
 def test_loftq_matches_peft_and_saves_for_peft(base, tmp_path):
     """PEFT's replace_lora_weights_loftq computes on CUDA only, so its CPU part is compared: the rank-r split of
     (stored W - de-quantized W) it sets as (A, B) = (R, L)."""
+    from bitsandbytes.functional import dequantize_4bit  # here: its import takes ~2 s in every worker
+
     ours = _loftq_model(base, "loftq", r=8, alpha=8)
     layer = ours.model.layers[1].mlp.down_proj
     stored = load_file(str(base / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"]
-    error = stored - bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    error = stored - dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     theirs = _low_rank_decomposition(error, reduced_rank=8)
     assert torch.allclose(layer.lora_A["default"].weight, theirs["R"], atol=1e-5)
     assert torch.allclose(layer.lora_B["default"].weight, theirs["L"], atol=1e-5)
