@@ -7,8 +7,8 @@ test). The run trains with peftkit's own trainer (`peftkit.train.run.train`, exa
 no held-out pass of its own), then scores the trained model it hands back (`RunResult.trained`: still in memory,
 as PEFT's method comparison scores it) with `peftkit eval`'s functions: greedy exact match on the test split, the
 loss on the validation rows (the lr is chosen on it, never on the test split), the forgetting on bundled general
-text against the base, and the saved parameters and bytes. RESULT follows the layout of HF PEFT's method_comparison results (run_info / train_info / meta_info) so both
-can be read side by side.
+text against the base, and the saved parameters and bytes. RESULT follows the layout of HF PEFT's
+method_comparison results (run_info / train_info / meta_info) so both can be read side by side.
 """
 
 from __future__ import annotations

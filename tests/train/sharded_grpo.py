@@ -56,4 +56,3 @@ def check_two_steps(options, keys=()):
     assert {r["step"] for r in records if r["kind"] == "eval" and "exact_match" in r} == {0, 2}
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(options["model"]), str(run / "adapter"))
     assert peft.peft_config["default"].r > 0
-

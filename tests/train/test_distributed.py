@@ -66,9 +66,7 @@ def runs(tmp_path_factory):
 
     launch = root / "launch"  # the launch's working folder: nothing but the SFT run folder may appear in it
     launch.mkdir()
-    sft = ["train", "--model", str(model), "--data", str(root / "train.jsonl"), "--eval-split", "0", "--max-steps",
-           "4", "--batch-size", "2", "--grad-accum", "1", "--max-length", "64", "--lr", "1e-2", "--rank", "4",
-           "--dropout", "0", "--precision", "fp32", "--seed", "3", "--quiet", "--output", str(launch / "two"),
+    sft = ["train", *_flags({**common, "grad_accum": 1, "quiet": True, "output": launch / "two"}),
            *(["--report-to", "tensorboard"] if TENSORBOARD else [])]
     dpo = ["train", *_flags({**DPO, "model": model, "data": root / "pairs.jsonl", "grad_accum": 1,
                              "output": root / "dpo-two", "quiet": True})]
