@@ -75,8 +75,7 @@ def split_task(task: str, out: Path) -> dict[str, str]:
     train_name, test_name, _ = TASKS[task]
     folder = out / "data" / task
     folder.mkdir(parents=True, exist_ok=True)
-    valid = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in validation_rows(task))
-    (folder / "valid.jsonl").write_text(valid, encoding="utf-8")
+    make_dataset.write_jsonl(folder / "valid.jsonl", validation_rows(task))
     return {"train": str(DATA / train_name), "valid": str(folder / "valid.jsonl"), "test": str(DATA / test_name)}
 
 
